@@ -1,0 +1,137 @@
+//! One error enum per concern. Messages name the resource and the numbers,
+//! so a log line alone says what ran out and by how much.
+
+use std::path::PathBuf;
+
+/// Errors from the [`crate::ports::PortAllocator`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PortError {
+    /// Every port of every range is allocated, reserved or held by another process.
+    #[error("port range {ranges} exhausted ({in_use} of {total} in use)")]
+    Exhausted {
+        /// The ranges, as `start-end[,start-end...]`.
+        ranges: String,
+        /// Ports that cannot be handed out (allocated, reserved or held elsewhere).
+        in_use: usize,
+        /// Ports in all ranges.
+        total: usize,
+    },
+    /// The port asked for is already allocated, reserved or bound by someone else.
+    #[error("port {port} is in use{}", holder.as_ref().map(|h| format!(" by {h}")).unwrap_or_default())]
+    InUse {
+        /// The port.
+        port: u16,
+        /// Who holds it, when known (an allocation name, "reserved", or a process).
+        holder: Option<String>,
+    },
+    /// The port lies outside every configured range.
+    #[error("port {port} is outside the allocator's ranges {ranges}")]
+    OutOfRange {
+        /// The port.
+        port: u16,
+        /// The ranges, as `start-end[,start-end...]`.
+        ranges: String,
+    },
+    /// Release of a port that is not allocated.
+    #[error("port {port} is not allocated")]
+    NotAllocated {
+        /// The port.
+        port: u16,
+    },
+    /// A range whose start lies after its end, or an empty list of ranges.
+    #[error("invalid port range: {0}")]
+    InvalidRange(String),
+}
+
+/// The call was rejected because the circuit is open.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("circuit {state}: call rejected, retry in {remaining_secs:.3}s")]
+pub struct CircuitOpen {
+    /// `"open"`, `"forced_open"` or `"half_open"` (all trial permits taken).
+    pub state: &'static str,
+    /// Seconds until the breaker admits trial calls again (0 when unknown).
+    pub remaining_secs: f64,
+}
+
+/// Errors from reading a topology out of a sysfs tree.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TopologyError {
+    /// A file that must exist could not be read.
+    #[error("cannot read {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file held something that is not what sysfs writes there.
+    #[error("cannot parse {path}: {detail}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What was wrong.
+        detail: String,
+    },
+    /// No usable CPU was found.
+    #[error("no usable CPU found under {0}")]
+    NoCpus(PathBuf),
+}
+
+/// Errors from the [`crate::resources::ResourceManager`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ResourceError {
+    /// The request does not fit in what is free now; the message says what was short and by how much.
+    #[error("{0}")]
+    Insufficient(String),
+    /// The request names a volume the manager does not know.
+    #[error("unknown volume '{0}'")]
+    UnknownVolume(String),
+    /// The request is malformed (negative share, storage without a volume, ...).
+    #[error("invalid resource request: {0}")]
+    InvalidRequest(String),
+    /// The grant was released already, or never came from this manager.
+    #[error("grant {0} is not held (released twice, or from another manager)")]
+    UnknownGrant(u64),
+    /// The manager's configuration is inconsistent (a reserved CPU that does not exist, ...).
+    #[error("invalid resource configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// Errors from retry policy construction.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RetryError {
+    /// A parameter is out of its domain (negative delay, multiplier below 1, ...).
+    #[error("invalid retry policy: {0}")]
+    InvalidPolicy(String),
+}
+
+/// Errors from the circuit breaker's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BreakerError {
+    /// A parameter is out of its domain.
+    #[error("invalid circuit breaker configuration: {0}")]
+    InvalidConfig(String),
+}
+
+/// Errors from the load balancer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BalanceError {
+    /// No backend is up.
+    #[error("no backend available ({total} configured, {down} down)")]
+    NoBackend {
+        /// Backends configured.
+        total: usize,
+        /// Of them, marked down.
+        down: usize,
+    },
+    /// A parameter is out of its domain (weights of the wrong length, a zero weight ...).
+    #[error("invalid load balancer configuration: {0}")]
+    InvalidConfig(String),
+}

@@ -1,0 +1,31 @@
+//! # corral-core
+//!
+//! The mechanisms of corral, a single-machine service orchestrator, as a
+//! plain Rust library with no Python anywhere in its dependency tree:
+//!
+//! - [`registry`]: a concurrent service registry with change notification;
+//! - [`ports`]: a port allocator over ranges, with a bind check;
+//! - [`breaker`]: a lock-free circuit breaker;
+//! - [`retry`]: backoff schedules and a shared retry budget;
+//! - [`balance`]: load balancing strategies over live backends;
+//! - [`topology`]: NUMA / L3 / SMT topology from sysfs;
+//! - [`resources`]: all-or-nothing CPU, memory and storage ledgers with
+//!   topology-aware placement of exclusive cores.
+//!
+//! Every type is `Send + Sync` and every method takes `&self`: share them
+//! behind an `Arc` across threads. The Python package `corral` is a thin
+//! binding over this crate.
+
+pub mod balance;
+pub mod breaker;
+pub mod clock;
+pub mod cpuset;
+pub mod error;
+pub mod ports;
+pub mod registry;
+pub mod resources;
+pub mod retry;
+pub mod rng;
+pub mod topology;
+
+pub use error::{BalanceError, BreakerError, CircuitOpen, PortError, ResourceError, RetryError, TopologyError};

@@ -1,0 +1,759 @@
+//! Resource ledgers: all-or-nothing allocation of CPU, memory and storage.
+//!
+//! CPU comes two ways. Exclusive cores are whole logical CPUs, placed inside
+//! one NUMA node when they fit, then inside one L3 cache domain, taking whole
+//! physical cores (all SMT siblings) before splitting one, and never CPU 0 by
+//! default (left to the system). Shared CPU is a fractional share
+//! (millicores) of the CPUs no one holds exclusively, with an overcommit ratio.
+//! Memory is MiB against a capacity, also per NUMA node for pinned requests.
+//! Storage is a quota on a named volume against the space its filesystem had
+//! free.
+//!
+//! One lock guards the whole ledger, so an allocation either takes everything
+//! it asked for or nothing, and a grant is released exactly once.
+//!
+//! ```
+//! use corral_core::resources::{ResourceConfig, ResourceManager, ResourceRequest};
+//! use corral_core::topology::Topology;
+//!
+//! let topo = Topology::detect().unwrap();
+//! let rm = ResourceManager::new(topo, ResourceConfig { memory_mb: Some(1024), ..Default::default() }).unwrap();
+//! let g = rm.allocate(&ResourceRequest { cpu: 0.5, memory_mb: 256, ..Default::default() }).unwrap();
+//! assert_eq!(rm.usage().memory_used_mb, 256);
+//! rm.release(g.id).unwrap();
+//! assert!(rm.release(g.id).is_err()); // exactly once
+//! ```
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use parking_lot::Mutex;
+
+use crate::cpuset::CpuSet;
+use crate::error::ResourceError;
+use crate::topology::{format_cpulist, Topology};
+
+/// How strictly exclusive cores must sit on one NUMA node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum NumaPolicy {
+    /// One node when they fit, else spread; memory is not pinned.
+    #[default]
+    None,
+    /// One node when they fit, else spread; memory is accounted on that node.
+    Prefer,
+    /// One node or fail; memory is accounted on that node.
+    Require,
+}
+
+impl NumaPolicy {
+    /// Parses `none`, `prefer`, `require`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "none" => Self::None,
+            "prefer" => Self::Prefer,
+            "require" => Self::Require,
+            _ => return None,
+        })
+    }
+}
+
+/// Which L3 domain to prefer for exclusive cores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CachePolicy {
+    /// The tightest fit (keeps large free blocks for larger requests).
+    #[default]
+    Any,
+    /// The largest L3 cache that fits (the 7950X3D's V-cache die).
+    PreferLarge,
+}
+
+impl CachePolicy {
+    /// Parses `any`, `prefer-large`.
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "any" => Self::Any,
+            "prefer-large" | "prefer_large" => Self::PreferLarge,
+            _ => return None,
+        })
+    }
+}
+
+/// What one instance asks for.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResourceRequest {
+    /// Fractional share of the shared pool, in cores (0.5 = half a core).
+    pub cpu: f64,
+    /// Exclusive logical CPUs.
+    pub cores: u32,
+    /// NUMA policy for exclusive cores and memory.
+    pub numa: NumaPolicy,
+    /// Cache policy for exclusive cores.
+    pub cache: CachePolicy,
+    /// Preferred NUMA node, when the scheduler has chosen one.
+    pub numa_node: Option<u32>,
+    /// Memory, MiB.
+    pub memory_mb: u64,
+    /// Swap allowance, MiB.
+    pub swap_mb: u64,
+    /// Storage quota, MiB, on `volume`.
+    pub storage_mb: u64,
+    /// The named volume the storage quota is taken from.
+    pub volume: Option<String>,
+}
+
+/// What an allocation granted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Grant {
+    /// Unique within its manager; used to release it.
+    pub id: u64,
+    /// Exclusive CPUs, ascending.
+    pub cpus: Vec<u32>,
+    /// The NUMA node the cores (and pinned memory) sit on, when one.
+    pub numa_node: Option<u32>,
+    /// L3 domains the cores sit in.
+    pub l3_domains: Vec<u32>,
+    /// Shared CPU, millicores.
+    pub millicores: u32,
+    /// Memory, MiB.
+    pub memory_mb: u64,
+    /// Whether the memory is accounted on `numa_node`.
+    pub memory_pinned: bool,
+    /// Swap allowance, MiB.
+    pub swap_mb: u64,
+    /// Storage quota, MiB.
+    pub storage_mb: u64,
+    /// Volume of the storage quota.
+    pub volume: Option<String>,
+}
+
+/// A named volume: a directory whose filesystem space is handed out as quotas.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeSpec {
+    /// Name used in requests.
+    pub name: String,
+    /// Directory.
+    pub path: PathBuf,
+    /// Capacity, MiB; `None` takes the filesystem's free space (statvfs) at construction.
+    pub capacity_mb: Option<u64>,
+}
+
+/// The manager's configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResourceConfig {
+    /// Memory that may be handed out, MiB; `None`: the machine's, less a system reservation of 10% (at most 1 GiB).
+    pub memory_mb: Option<u64>,
+    /// CPUs kept for the system; `None`: CPU 0 when there is more than one CPU.
+    pub reserved_cpus: Option<Vec<u32>>,
+    /// Shared-pool overcommit (1.0 = none).
+    pub cpu_overcommit: f64,
+    /// Memory overcommit (1.0 = none).
+    pub memory_overcommit: f64,
+    /// Swap that may be handed out, MiB; `None`: not accounted.
+    pub swap_mb: Option<u64>,
+    /// Named volumes.
+    pub volumes: Vec<VolumeSpec>,
+}
+
+impl Default for ResourceConfig {
+    fn default() -> Self {
+        Self {
+            memory_mb: None,
+            reserved_cpus: None,
+            cpu_overcommit: 1.0,
+            memory_overcommit: 1.0,
+            swap_mb: None,
+            volumes: Vec::new(),
+        }
+    }
+}
+
+/// Use and capacity of one volume.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VolumeUsage {
+    /// Name.
+    pub name: String,
+    /// Directory.
+    pub path: PathBuf,
+    /// Capacity, MiB.
+    pub capacity_mb: u64,
+    /// Reserved by grants, MiB.
+    pub reserved_mb: u64,
+}
+
+/// A snapshot of the ledgers.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Usage {
+    /// CPUs corral may hand out exclusively (usable, not reserved).
+    pub cpus: Vec<u32>,
+    /// Of them, held exclusively now.
+    pub exclusive_cpus: Vec<u32>,
+    /// Shared pool capacity, millicores (after overcommit).
+    pub shared_capacity_millicores: u64,
+    /// Shared pool in use, millicores.
+    pub shared_used_millicores: u64,
+    /// Memory capacity, MiB (after overcommit).
+    pub memory_capacity_mb: u64,
+    /// Memory in use, MiB.
+    pub memory_used_mb: u64,
+    /// Per NUMA node: (id, capacity MiB, pinned use MiB).
+    pub memory_by_node: Vec<(u32, u64, u64)>,
+    /// Swap in use, MiB.
+    pub swap_used_mb: u64,
+    /// Volumes.
+    pub volumes: Vec<VolumeUsage>,
+    /// Grants outstanding.
+    pub grants: usize,
+}
+
+struct Precomputed {
+    /// CPUs that may be handed out (usable less reserved).
+    usable: CpuSet,
+    reserved: Vec<u32>,
+    /// (node id, its usable CPUs, memory capacity MiB)
+    nodes: Vec<(u32, CpuSet, u64)>,
+    /// (l3 index, its usable CPUs, size KiB)
+    l3: Vec<(u32, CpuSet, u64)>,
+    /// Each core's usable threads (reserved ones included, so a core with a reserved CPU is never "whole").
+    cores: Vec<Vec<u32>>,
+    core_of: HashMap<u32, usize>,
+    l3_of: HashMap<u32, u32>,
+    memory_capacity: u64,
+    swap_capacity: Option<u64>,
+}
+
+struct Volume {
+    spec: VolumeSpec,
+    capacity_mb: u64,
+    reserved_mb: u64,
+}
+
+struct Ledger {
+    free: CpuSet,
+    shared_used: u64,
+    memory_used: u64,
+    node_memory_used: BTreeMap<u32, u64>,
+    swap_used: u64,
+    volumes: BTreeMap<String, Volume>,
+    grants: HashMap<u64, Grant>,
+    next_id: u64,
+}
+
+/// CPU, memory and storage ledgers over a topology.
+pub struct ResourceManager {
+    topology: Topology,
+    config: ResourceConfig,
+    pre: Precomputed,
+    ledger: Mutex<Ledger>,
+}
+
+impl std::fmt::Debug for ResourceManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResourceManager").field("config", &self.config).finish_non_exhaustive()
+    }
+}
+
+/// Free space of the filesystem holding `path`, MiB.
+pub fn filesystem_free_mb(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;
+    // SAFETY: statvfs is plain data; the path is a valid NUL-terminated string.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &raw mut st) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64) / (1024 * 1024))
+}
+
+/// Bytes used on disk under `path` (allocated blocks, as `du` counts them; hard links once).
+pub fn disk_usage_bytes(path: &Path) -> std::io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut seen = std::collections::HashSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = std::fs::symlink_metadata(&p)?;
+        if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
+            continue;
+        }
+        total += md.blocks() * 512;
+        if md.is_dir() {
+            for e in std::fs::read_dir(&p)? {
+                stack.push(e?.path());
+            }
+        }
+    }
+    Ok(total)
+}
+
+impl ResourceManager {
+    /// A manager over `topology`.
+    pub fn new(topology: Topology, config: ResourceConfig) -> Result<Self, ResourceError> {
+        let bad = |m: String| Err(ResourceError::InvalidConfig(m));
+        if !(config.cpu_overcommit >= 1.0 && config.cpu_overcommit.is_finite()) {
+            return bad(format!("cpu_overcommit must be >= 1, got {}", config.cpu_overcommit));
+        }
+        if !(config.memory_overcommit >= 1.0 && config.memory_overcommit.is_finite()) {
+            return bad(format!("memory_overcommit must be >= 1, got {}", config.memory_overcommit));
+        }
+        let all: CpuSet = topology.cpus().iter().collect();
+        let reserved = match &config.reserved_cpus {
+            Some(r) => {
+                for c in r {
+                    if !all.contains(*c) {
+                        return bad(format!("reserved CPU {c} is not a usable CPU ({})", format_cpulist(topology.cpus())));
+                    }
+                }
+                r.clone()
+            }
+            None if topology.cpus().len() > 1 => vec![topology.cpus()[0]],
+            None => vec![],
+        };
+        let mut usable = all.clone();
+        for c in &reserved {
+            usable.remove(*c);
+        }
+        let machine_mb = topology.memory_mb();
+        let memory_capacity = match config.memory_mb {
+            Some(m) => m,
+            None => machine_mb - (machine_mb / 10).min(1024),
+        };
+        let node_count = topology.numa_nodes().len().max(1) as u64;
+        let nodes = topology
+            .numa_nodes()
+            .iter()
+            .map(|n| {
+                let cap = if machine_mb > 0 {
+                    (u128::from(n.memory_mb) * u128::from(memory_capacity) / u128::from(machine_mb)) as u64
+                } else {
+                    memory_capacity / node_count
+                };
+                (n.id, n.cpus.iter().filter(|c| usable.contains(**c)).collect(), cap)
+            })
+            .collect();
+        let l3 = topology
+            .l3_domains()
+            .iter()
+            .map(|d| (d.id, d.cpus.iter().filter(|c| usable.contains(**c)).collect(), d.size_kb))
+            .collect();
+        let cores: Vec<Vec<u32>> = topology.cores().iter().map(|c| c.cpus.clone()).collect();
+        let mut core_of = HashMap::new();
+        let mut l3_of = HashMap::new();
+        for &c in topology.cpus() {
+            let info = topology.cpu(c).expect("usable CPUs are online");
+            core_of.insert(c, info.core as usize);
+            l3_of.insert(c, info.l3);
+        }
+        let mut volumes = BTreeMap::new();
+        for v in &config.volumes {
+            let capacity_mb = match v.capacity_mb {
+                Some(c) => c,
+                None => filesystem_free_mb(&v.path).map_err(|e| {
+                    ResourceError::InvalidConfig(format!("volume '{}': cannot stat {}: {e}", v.name, v.path.display()))
+                })?,
+            };
+            volumes.insert(v.name.clone(), Volume { spec: v.clone(), capacity_mb, reserved_mb: 0 });
+        }
+        let pre = Precomputed {
+            usable: usable.clone(),
+            reserved,
+            nodes,
+            l3,
+            cores,
+            core_of,
+            l3_of,
+            memory_capacity: (memory_capacity as f64 * config.memory_overcommit) as u64,
+            swap_capacity: config.swap_mb,
+        };
+        Ok(Self {
+            topology,
+            config,
+            pre,
+            ledger: Mutex::new(Ledger {
+                free: usable,
+                shared_used: 0,
+                memory_used: 0,
+                node_memory_used: BTreeMap::new(),
+                swap_used: 0,
+                volumes,
+                grants: HashMap::new(),
+                next_id: 1,
+            }),
+        })
+    }
+
+    /// The topology it places on.
+    pub fn topology(&self) -> &Topology {
+        &self.topology
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ResourceConfig {
+        &self.config
+    }
+
+    fn shared_capacity(&self, free_cpus: usize) -> u64 {
+        (free_cpus as f64 * 1000.0 * self.config.cpu_overcommit) as u64
+    }
+
+    fn node_capacity(&self, node: u32) -> u64 {
+        let cap = self.pre.nodes.iter().find(|n| n.0 == node).map_or(0, |n| n.2);
+        (cap as f64 * self.config.memory_overcommit) as u64
+    }
+
+    /// Allocates everything `req` asks for, or nothing.
+    pub fn allocate(&self, req: &ResourceRequest) -> Result<Grant, ResourceError> {
+        if !(req.cpu >= 0.0 && req.cpu.is_finite()) {
+            return Err(ResourceError::InvalidRequest(format!("cpu must be a non-negative number, got {}", req.cpu)));
+        }
+        if req.storage_mb > 0 && req.volume.is_none() {
+            return Err(ResourceError::InvalidRequest("storage asked without a volume".into()));
+        }
+        let millicores = (req.cpu * 1000.0).round() as u64;
+        let mut l = self.ledger.lock();
+
+        // Storage and swap first: cheap checks, no placement.
+        if let Some(name) = &req.volume {
+            let v = l.volumes.get(name).ok_or_else(|| ResourceError::UnknownVolume(name.clone()))?;
+            let free = v.capacity_mb - v.reserved_mb;
+            if req.storage_mb > free {
+                return Err(ResourceError::Insufficient(format!(
+                    "storage: asked {} MiB on volume '{name}', {free} MiB free of {} MiB",
+                    req.storage_mb, v.capacity_mb
+                )));
+            }
+        }
+        if let Some(cap) = self.pre.swap_capacity {
+            if l.swap_used + req.swap_mb > cap {
+                return Err(ResourceError::Insufficient(format!(
+                    "swap: asked {} MiB, {} MiB free of {cap} MiB",
+                    req.swap_mb,
+                    cap - l.swap_used
+                )));
+            }
+        }
+        let mem_free_total = self.pre.memory_capacity.saturating_sub(l.memory_used);
+        if req.memory_mb > mem_free_total {
+            return Err(ResourceError::Insufficient(format!(
+                "memory: asked {} MiB, {mem_free_total} MiB free in total",
+                req.memory_mb
+            )));
+        }
+
+        // Shared CPU comes from CPUs no one holds exclusively, after this request's cores.
+        let k = req.cores as usize;
+        let free_count = l.free.len();
+        if k > free_count {
+            return Err(ResourceError::Insufficient(self.cpu_shortage(&l, k)));
+        }
+        let pool_after = self.shared_capacity(free_count - k);
+        if l.shared_used + millicores > pool_after {
+            return Err(ResourceError::Insufficient(format!(
+                "cpu: asked {} millicores shared{}, {} free of {} in the shared pool",
+                millicores,
+                if k > 0 { format!(" and {k} exclusive cores") } else { String::new() },
+                pool_after.saturating_sub(l.shared_used),
+                pool_after
+            )));
+        }
+
+        let (cpus, node) = self.place(&l, req)?;
+        let pinned = req.numa != NumaPolicy::None && node.is_some();
+        if pinned {
+            let n = node.expect("pinned implies a node");
+            let used = l.node_memory_used.get(&n).copied().unwrap_or(0);
+            let cap = self.node_capacity(n);
+            if used + req.memory_mb > cap {
+                // `place` checks this for nodes it picks; reaching here means no node had room.
+                return Err(ResourceError::Insufficient(format!(
+                    "memory: asked {} MiB, {} MiB free on node {n}, {mem_free_total} MiB free in total",
+                    req.memory_mb,
+                    cap.saturating_sub(used)
+                )));
+            }
+        }
+
+        // Commit.
+        for &c in &cpus {
+            l.free.remove(c);
+        }
+        l.shared_used += millicores;
+        l.memory_used += req.memory_mb;
+        if pinned {
+            *l.node_memory_used.entry(node.expect("pinned")).or_default() += req.memory_mb;
+        }
+        l.swap_used += req.swap_mb;
+        if let Some(name) = &req.volume {
+            l.volumes.get_mut(name).expect("checked above").reserved_mb += req.storage_mb;
+        }
+        let id = l.next_id;
+        l.next_id += 1;
+        let mut l3_domains: Vec<u32> = cpus.iter().map(|c| self.pre.l3_of[c]).collect();
+        l3_domains.sort_unstable();
+        l3_domains.dedup();
+        let grant = Grant {
+            id,
+            cpus,
+            numa_node: node,
+            l3_domains,
+            millicores: millicores as u32,
+            memory_mb: req.memory_mb,
+            memory_pinned: pinned,
+            swap_mb: req.swap_mb,
+            storage_mb: req.storage_mb,
+            volume: req.volume.clone(),
+        };
+        l.grants.insert(id, grant.clone());
+        Ok(grant)
+    }
+
+    fn cpu_shortage(&self, l: &Ledger, k: usize) -> String {
+        let mut s = format!(
+            "cpu: asked {k} exclusive cores, {} free of {}",
+            l.free.len(),
+            self.pre.usable.len()
+        );
+        if !self.pre.reserved.is_empty() {
+            let _ = write!(s, " (CPU {} reserved for the system)", format_cpulist(&self.pre.reserved));
+        }
+        s
+    }
+
+    /// Chooses exclusive CPUs and the NUMA node for `req`.
+    fn place(&self, l: &Ledger, req: &ResourceRequest) -> Result<(Vec<u32>, Option<u32>), ResourceError> {
+        let k = req.cores as usize;
+        let pins_memory = req.numa != NumaPolicy::None;
+        let mem_fits = |node: u32| {
+            !pins_memory
+                || l.node_memory_used.get(&node).copied().unwrap_or(0) + req.memory_mb <= self.node_capacity(node)
+        };
+        if k == 0 {
+            if !pins_memory {
+                return Ok((Vec::new(), None));
+            }
+            // Memory only: the chosen node, else the node with the most free memory that fits.
+            let mut cands: Vec<(u32, u64)> = self
+                .pre
+                .nodes
+                .iter()
+                .map(|n| (n.0, self.node_capacity(n.0).saturating_sub(l.node_memory_used.get(&n.0).copied().unwrap_or(0))))
+                .filter(|(id, _)| mem_fits(*id))
+                .collect();
+            cands.sort_by_key(|(id, free)| (Some(*id) != req.numa_node, std::cmp::Reverse(*free)));
+            return match cands.first() {
+                Some((id, _)) => Ok((Vec::new(), Some(*id))),
+                None if req.numa == NumaPolicy::Require => Err(self.node_memory_shortage(l, req)),
+                None => Ok((Vec::new(), None)),
+            };
+        }
+        // Nodes that can hold all k cores (and the memory, when pinned): the preferred one,
+        // then the tightest fit, so large free nodes stay whole for large requests.
+        let mut fitting: Vec<(u32, usize)> = self
+            .pre
+            .nodes
+            .iter()
+            .map(|(id, cpus, _)| (*id, cpus.count_and(&l.free)))
+            .filter(|(id, free)| *free >= k && mem_fits(*id))
+            .collect();
+        fitting.sort_by_key(|(id, free)| (Some(*id) != req.numa_node, *free, *id));
+        if let Some(&(node, _)) = fitting.first() {
+            let node_cpus = &self.pre.nodes.iter().find(|n| n.0 == node).expect("known node").1;
+            let pool = node_cpus.and(&l.free);
+            return Ok((self.pick_in_l3(&pool, k, req.cache), Some(node)));
+        }
+        if req.numa == NumaPolicy::Require {
+            let any_cpu_fit = self.pre.nodes.iter().any(|(_, cpus, _)| cpus.count_and(&l.free) >= k);
+            if any_cpu_fit {
+                return Err(self.node_memory_shortage(l, req));
+            }
+            let per_node: Vec<String> = self
+                .pre
+                .nodes
+                .iter()
+                .map(|(id, cpus, _)| format!("node {id}: {}", cpus.count_and(&l.free)))
+                .collect();
+            return Err(ResourceError::Insufficient(format!(
+                "cpu: asked {k} exclusive cores on one NUMA node, no node has that many free ({})",
+                per_node.join(", ")
+            )));
+        }
+        // Spread over nodes: fill from the L3 domains with the most free CPUs.
+        Ok((self.pick_in_l3(&l.free, k, req.cache), None))
+    }
+
+    fn node_memory_shortage(&self, l: &Ledger, req: &ResourceRequest) -> ResourceError {
+        let (best_node, best_free) = self
+            .pre
+            .nodes
+            .iter()
+            .map(|n| (n.0, self.node_capacity(n.0).saturating_sub(l.node_memory_used.get(&n.0).copied().unwrap_or(0))))
+            .max_by_key(|(_, f)| *f)
+            .unwrap_or((0, 0));
+        ResourceError::Insufficient(format!(
+            "memory: asked {} MiB, {best_free} MiB free on node {best_node}, {} MiB free in total",
+            req.memory_mb,
+            self.pre.memory_capacity.saturating_sub(l.memory_used)
+        ))
+    }
+
+    /// Picks k CPUs from `pool`: one L3 domain when one fits, else across domains.
+    fn pick_in_l3(&self, pool: &CpuSet, k: usize, cache: CachePolicy) -> Vec<u32> {
+        let mut doms: Vec<(u32, usize, u64)> = self
+            .pre
+            .l3
+            .iter()
+            .map(|(id, cpus, size)| (*id, cpus.count_and(pool), *size))
+            .filter(|d| d.1 > 0)
+            .collect();
+        match cache {
+            CachePolicy::PreferLarge => doms.sort_by_key(|d| (d.1 < k, std::cmp::Reverse(d.2), d.1, d.0)),
+            CachePolicy::Any => doms.sort_by_key(|d| (d.1 < k, d.1, d.0)),
+        }
+        if doms.first().is_some_and(|d| d.1 < k) {
+            // Nothing holds all k: spread, biggest free blocks first (largest caches first when asked).
+            match cache {
+                CachePolicy::PreferLarge => doms.sort_by_key(|d| (std::cmp::Reverse(d.2), std::cmp::Reverse(d.1), d.0)),
+                CachePolicy::Any => doms.sort_by_key(|d| (std::cmp::Reverse(d.1), d.0)),
+            }
+        }
+        let mut out = Vec::with_capacity(k);
+        for (id, _, _) in doms {
+            if out.len() == k {
+                break;
+            }
+            let dom_cpus = &self.pre.l3.iter().find(|d| d.0 == id).expect("known domain").1;
+            let dpool = dom_cpus.and(pool);
+            self.pick_smt(&dpool, k - out.len(), &mut out);
+        }
+        out.sort_unstable();
+        out
+    }
+
+    /// Picks up to `want` CPUs of `pool` into `out`: whole free physical cores
+    /// first, then threads of cores already partly taken, then splits a free core.
+    fn pick_smt(&self, pool: &CpuSet, want: usize, out: &mut Vec<u32>) {
+        let mut whole: Vec<usize> = Vec::new();
+        let mut partial: Vec<(usize, usize)> = Vec::new();
+        let mut last_core = usize::MAX;
+        for c in pool.iter() {
+            let core = self.pre.core_of[&c];
+            if core == last_core {
+                continue;
+            }
+            last_core = core;
+            let threads = &self.pre.cores[core];
+            let free_here = threads.iter().filter(|t| pool.contains(**t)).count();
+            if free_here == threads.len() {
+                whole.push(core);
+            } else if free_here > 0 {
+                partial.push((core, free_here));
+            }
+        }
+        // Cores are not contiguous in CPU numbering (siblings are often n and n+8): dedup.
+        whole.sort_unstable();
+        whole.dedup();
+        partial.sort_unstable();
+        partial.dedup();
+        let mut need = want;
+        let mut used_whole = vec![false; whole.len()];
+        for (i, &core) in whole.iter().enumerate() {
+            let t = &self.pre.cores[core];
+            if need >= t.len() {
+                out.extend(t.iter().copied());
+                need -= t.len();
+                used_whole[i] = true;
+            }
+        }
+        partial.sort_by_key(|&(core, free)| (free, core));
+        for &(core, _) in &partial {
+            for &t in &self.pre.cores[core] {
+                if need > 0 && pool.contains(t) {
+                    out.push(t);
+                    need -= 1;
+                }
+            }
+        }
+        for (i, &core) in whole.iter().enumerate() {
+            if used_whole[i] {
+                continue;
+            }
+            for &t in &self.pre.cores[core] {
+                if need > 0 {
+                    out.push(t);
+                    need -= 1;
+                }
+            }
+        }
+    }
+
+    /// Returns everything a grant holds. A second release of the same grant is an error.
+    pub fn release(&self, grant_id: u64) -> Result<(), ResourceError> {
+        let mut l = self.ledger.lock();
+        let g = l.grants.remove(&grant_id).ok_or(ResourceError::UnknownGrant(grant_id))?;
+        for &c in &g.cpus {
+            l.free.insert(c);
+        }
+        l.shared_used -= u64::from(g.millicores);
+        l.memory_used -= g.memory_mb;
+        if g.memory_pinned {
+            if let Some(n) = g.numa_node {
+                *l.node_memory_used.entry(n).or_default() -= g.memory_mb;
+            }
+        }
+        l.swap_used -= g.swap_mb;
+        if let Some(v) = &g.volume {
+            if let Some(vol) = l.volumes.get_mut(v) {
+                vol.reserved_mb -= g.storage_mb;
+            }
+        }
+        Ok(())
+    }
+
+    /// The grant with this id, if outstanding.
+    pub fn grant(&self, id: u64) -> Option<Grant> {
+        self.ledger.lock().grants.get(&id).cloned()
+    }
+
+    /// Bytes used on disk in a volume now (walks the directory).
+    pub fn volume_usage_bytes(&self, name: &str) -> Result<u64, ResourceError> {
+        let path = {
+            let l = self.ledger.lock();
+            l.volumes.get(name).ok_or_else(|| ResourceError::UnknownVolume(name.into()))?.spec.path.clone()
+        };
+        disk_usage_bytes(&path).map_err(|e| ResourceError::InvalidRequest(format!("volume '{name}': {e}")))
+    }
+
+    /// A snapshot of the ledgers.
+    pub fn usage(&self) -> Usage {
+        let l = self.ledger.lock();
+        let exclusive: Vec<u32> = self.pre.usable.iter().filter(|c| !l.free.contains(*c)).collect();
+        Usage {
+            cpus: self.pre.usable.to_vec(),
+            exclusive_cpus: exclusive,
+            shared_capacity_millicores: self.shared_capacity(l.free.len()),
+            shared_used_millicores: l.shared_used,
+            memory_capacity_mb: self.pre.memory_capacity,
+            memory_used_mb: l.memory_used,
+            memory_by_node: self
+                .pre
+                .nodes
+                .iter()
+                .map(|n| (n.0, self.node_capacity(n.0), l.node_memory_used.get(&n.0).copied().unwrap_or(0)))
+                .collect(),
+            swap_used_mb: l.swap_used,
+            volumes: l
+                .volumes
+                .values()
+                .map(|v| VolumeUsage {
+                    name: v.spec.name.clone(),
+                    path: v.spec.path.clone(),
+                    capacity_mb: v.capacity_mb,
+                    reserved_mb: v.reserved_mb,
+                })
+                .collect(),
+            grants: l.grants.len(),
+        }
+    }
+}
