@@ -2,8 +2,11 @@
 //! (named) allocation over a bitmap.
 //!
 //! Dynamic allocation hands out the next free port after the last one given,
-//! wrapping around, so a port just released is not reused at once (a client
-//! of the old holder may still be connecting to it), as Nomad and Kubernetes do.
+//! wrapping around, and a released port first cools down in a short FIFO
+//! (up to 64 ports, a quarter of the range at most) before it is free again,
+//! so a port just released is not reused at once while others are free (a
+//! client of the old holder may still be connecting to it), as Nomad and
+//! Kubernetes avoid it too. When nothing else is free, the coolest port goes.
 //! An optional bind check skips ports something else on the machine holds and
 //! remembers them as held elsewhere until [`PortAllocator::refresh_external`].
 //!
@@ -20,7 +23,7 @@
 //! assert!(ports.allocate_static(20005, None).is_err());
 //! ```
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::{IpAddr, SocketAddr, TcpListener};
 
 use parking_lot::Mutex;
@@ -80,6 +83,10 @@ struct Inner {
     /// Where the next dynamic search starts.
     cursor: u16,
     free_count: usize,
+    /// Released ports waiting before they are free again, oldest first; counted in `free_count`.
+    cooling: VecDeque<u16>,
+    /// Set bit: the port is in `cooling`.
+    cool: Bits,
     /// Ports not free for a reason worth naming; dynamic allocations are not listed.
     holders: HashMap<u16, Holder>,
 }
@@ -88,6 +95,7 @@ struct Inner {
 pub struct PortAllocator {
     ranges: Vec<(u16, u16)>,
     total: usize,
+    cooling_cap: usize,
     inner: Mutex<Inner>,
 }
 
@@ -142,10 +150,13 @@ impl PortAllocator {
                 free,
                 cursor: sorted[0].0,
                 free_count,
+                cooling: VecDeque::new(),
+                cool: Bits::new(),
                 holders,
             }),
             ranges: sorted,
             total,
+            cooling_cap: (total / 4).min(64),
         })
     }
 
@@ -178,12 +189,18 @@ impl PortAllocator {
     /// The next free port after the last one handed out.
     pub fn allocate(&self) -> Result<u16, PortError> {
         let mut inner = self.inner.lock();
-        let Some(p) = inner.free.next_set(inner.cursor) else {
+        if let Some(p) = inner.free.next_set(inner.cursor) {
+            inner.free.set(p, false);
+            inner.free_count -= 1;
+            inner.cursor = p.wrapping_add(1);
+            return Ok(p);
+        }
+        // Nothing else is free: the port released longest ago.
+        let Some(p) = inner.cooling.pop_front() else {
             return Err(self.exhausted(&inner));
         };
-        inner.free.set(p, false);
+        inner.cool.set(p, false);
         inner.free_count -= 1;
-        inner.cursor = p.wrapping_add(1);
         Ok(p)
     }
 
@@ -212,6 +229,11 @@ impl PortAllocator {
             });
         }
         let mut inner = self.inner.lock();
+        if inner.cool.get(port) {
+            inner.cool.set(port, false);
+            inner.cooling.retain(|&c| c != port);
+            inner.free.set(port, true);
+        }
         if !inner.free.get(port) {
             let holder = match inner.holders.get(&port) {
                 Some(Holder::Named(n)) => Some(n.clone()),
@@ -253,7 +275,7 @@ impl PortAllocator {
     /// Returns a port to the pool. Reserved ports and ports never handed out are an error.
     pub fn release(&self, port: u16) -> Result<(), PortError> {
         let mut inner = self.inner.lock();
-        if !self.in_range(port) || inner.free.get(port) {
+        if !self.in_range(port) || inner.free.get(port) || inner.cool.get(port) {
             return Err(PortError::NotAllocated { port });
         }
         match inner.holders.get(&port) {
@@ -265,8 +287,18 @@ impl PortAllocator {
             }
             None => {}
         }
-        inner.free.set(port, true);
         inner.free_count += 1;
+        if self.cooling_cap == 0 {
+            inner.free.set(port, true);
+            return Ok(());
+        }
+        inner.cool.set(port, true);
+        inner.cooling.push_back(port);
+        if inner.cooling.len() > self.cooling_cap {
+            let oldest = inner.cooling.pop_front().expect("non-empty");
+            inner.cool.set(oldest, false);
+            inner.free.set(oldest, true);
+        }
         Ok(())
     }
 
@@ -299,7 +331,8 @@ impl PortAllocator {
 
     /// Whether `port` is currently allocated (or reserved, or held elsewhere).
     pub fn is_allocated(&self, port: u16) -> bool {
-        self.in_range(port) && !self.inner.lock().free.get(port)
+        let inner = self.inner.lock();
+        self.in_range(port) && !inner.free.get(port) && !inner.cool.get(port)
     }
 
     /// Ports that can still be handed out.
@@ -398,6 +431,16 @@ mod tests {
         assert_eq!(p.allocate().unwrap(), 101);
         assert_eq!(p.allocate().unwrap(), 102);
         assert_eq!(p.allocate().unwrap(), 100);
+        // A released port cools down while others are free.
+        let p = PortAllocator::new(&[(100, 119)], &[]).unwrap();
+        let got: Vec<u16> = (0..20).map(|_| p.allocate().unwrap()).collect();
+        p.release(got[5]).unwrap();
+        p.release(got[0]).unwrap();
+        p.release(got[1]).unwrap();
+        assert_eq!(p.available(), 3);
+        // Cooling holds 5 (a quarter of 20): the three wait, oldest handed out first when nothing else is free.
+        assert_eq!(p.allocate().unwrap(), 105);
+        assert!(!p.is_allocated(100));
     }
 
     #[test]

@@ -549,18 +549,21 @@ impl ResourceManager {
             };
         }
         // Nodes that can hold all k cores (and the memory, when pinned): the preferred one,
-        // then the tightest fit, so large free nodes stay whole for large requests.
-        let mut fitting: Vec<(u32, usize)> = self
+        // then one where a single L3 domain holds them, then the tightest fit, so large
+        // free nodes stay whole for large requests.
+        let mut fitting: Vec<(bool, u32, usize, CpuSet)> = self
             .pre
             .nodes
             .iter()
-            .map(|(id, cpus, _)| (*id, cpus.count_and(&l.free)))
-            .filter(|(id, free)| *free >= k && mem_fits(*id))
+            .filter(|(id, cpus, _)| cpus.count_and(&l.free) >= k && mem_fits(*id))
+            .map(|(id, cpus, _)| {
+                let pool = cpus.and(&l.free);
+                let l3_fits = self.pre.l3.iter().any(|d| d.1.count_and(&pool) >= k);
+                (l3_fits, *id, pool.len(), pool)
+            })
             .collect();
-        fitting.sort_by_key(|(id, free)| (Some(*id) != req.numa_node, *free, *id));
-        if let Some(&(node, _)) = fitting.first() {
-            let node_cpus = &self.pre.nodes.iter().find(|n| n.0 == node).expect("known node").1;
-            let pool = node_cpus.and(&l.free);
+        fitting.sort_by_key(|(l3_fits, id, free, _)| (Some(*id) != req.numa_node, !*l3_fits, *free, *id));
+        if let Some((_, node, _, pool)) = fitting.into_iter().next() {
             return Ok((self.pick_in_l3(&pool, k, req.cache), Some(node)));
         }
         if req.numa == NumaPolicy::Require {
@@ -589,7 +592,7 @@ impl ResourceManager {
             .nodes
             .iter()
             .map(|n| (n.0, self.node_capacity(n.0).saturating_sub(l.node_memory_used.get(&n.0).copied().unwrap_or(0))))
-            .max_by_key(|(_, f)| *f)
+            .min_by_key(|(id, f)| (std::cmp::Reverse(*f), *id))
             .unwrap_or((0, 0));
         ResourceError::Insufficient(format!(
             "memory: asked {} MiB, {best_free} MiB free on node {best_node}, {} MiB free in total",
