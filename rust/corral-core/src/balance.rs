@@ -258,6 +258,19 @@ impl<T> LoadBalancer<T> {
         Some(gone)
     }
 
+    /// Removes this very backend (by identity); returns whether it was there.
+    pub fn remove_backend(&self, target: &Arc<Backend<T>>) -> bool {
+        let _g = self.edit.lock();
+        let cur = self.set.load();
+        let Some(i) = cur.backends.iter().position(|b| Arc::ptr_eq(b, target)) else {
+            return false;
+        };
+        let mut list = cur.backends.clone();
+        list.remove(i);
+        self.set.store(Arc::new(Set::new(list)));
+        true
+    }
+
     /// The first backend matching `pred`.
     pub fn find(&self, pred: impl Fn(&T) -> bool) -> Option<Arc<Backend<T>>> {
         self.set.load().backends.iter().find(|b| pred(&b.value)).cloned()

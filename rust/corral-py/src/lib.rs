@@ -1,1 +1,30 @@
-//! placeholder
+//! `corral._core`: the PyO3 face of `corral-core`. One file per core concept,
+//! mostly conversions; every class is frozen and safe to share across threads.
+#![deny(unsafe_code)]
+// PyO3's generated code trips these pedantic lints.
+#![allow(clippy::needless_pass_by_value, clippy::unused_self, clippy::too_many_arguments)]
+
+use pyo3::prelude::*;
+
+mod balance;
+mod breaker;
+mod errors;
+mod ports;
+mod registry;
+mod resources;
+mod retry;
+mod topology;
+
+/// The native core of corral.
+#[pymodule(gil_used = false)]
+fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    registry::register(m)?;
+    ports::register(m)?;
+    breaker::register(m)?;
+    retry::register(m)?;
+    balance::register(m)?;
+    topology::register(m)?;
+    resources::register(m)?;
+    Ok(())
+}

@@ -1,0 +1,558 @@
+"""Type stubs for ``corral._core``, the native core (Rust, via PyO3).
+
+Every class here is immutable from Python (its state lives behind atomics
+and fine-grained locks in Rust) and safe to share between threads.
+"""
+
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from os import PathLike
+from typing import Any, Literal, TypeAlias, final
+
+from typing_extensions import disjoint_base
+
+__all__ = [
+    "BreakerStats",
+    "CircuitBreaker",
+    "ConnectionGuard",
+    "Grant",
+    "GuardedCall",
+    "Instance",
+    "L3Domain",
+    "LoadBalancer",
+    "NumaNode",
+    "PortAllocator",
+    "RegistryEvent",
+    "RegistryWatch",
+    "ResourceManager",
+    "ResourceRequest",
+    "RetryBudget",
+    "RetryPolicy",
+    "RetrySchedule",
+    "Retrying",
+    "ServiceRegistry",
+    "Topology",
+    "__version__",
+]
+
+__version__: str
+
+_BreakerState: TypeAlias = Literal["closed", "open", "half_open", "forced_open", "disabled"]
+_Strategy: TypeAlias = Literal["round_robin", "weighted_round_robin", "least_connections", "ip_hash", "random"]
+_ChangeKind: TypeAlias = Literal["registered", "replaced", "deregistered", "health_changed", "lagged"]
+
+# --- registry -----------------------------------------------------------------
+
+@final
+class Instance:
+    """One running instance of a service."""
+
+    def __new__(
+        cls,
+        *,
+        service: str,
+        id: str,
+        host: str,
+        port: int,
+        tags: Iterable[str] = ...,
+        meta: Mapping[str, str] = ...,
+        healthy: bool = True,
+    ) -> Instance: ...
+    @property
+    def service(self) -> str: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def tags(self) -> tuple[str, ...]: ...
+    @property
+    def meta(self) -> dict[str, str]:
+        """A fresh copy of the metadata."""
+    @property
+    def healthy(self) -> bool: ...
+    @property
+    def address(self) -> str:
+        """``host:port`` (IPv6 hosts in brackets)."""
+    def replace(
+        self,
+        *,
+        service: str | None = None,
+        id: str | None = None,
+        host: str | None = None,
+        port: int | None = None,
+        tags: Iterable[str] | None = None,
+        meta: Mapping[str, str] | None = None,
+        healthy: bool | None = None,
+    ) -> Instance:
+        """A copy with the given fields changed."""
+    def __eq__(self, other: object, /) -> bool: ...
+    def __hash__(self) -> int: ...
+
+@final
+class RegistryEvent:
+    """One change to a registry, as yielded by :meth:`ServiceRegistry.watch`."""
+
+    @property
+    def kind(self) -> _ChangeKind:
+        """What happened; ``lagged`` means changes were missed and the watcher should re-list."""
+    @property
+    def generation(self) -> int:
+        """The registry's generation right after the change (0 for ``lagged``)."""
+    @property
+    def instance(self) -> Instance | None:
+        """The instance after the change (before it, for ``deregistered``); None for ``lagged``."""
+
+@final
+class RegistryWatch:
+    """Async iterator of :class:`RegistryEvent`; holds up to 1024 unread changes."""
+
+    def __aiter__(self) -> RegistryWatch: ...
+    def __anext__(self) -> Any: ...
+
+@final
+class ServiceRegistry:
+    """A concurrent registry of service instances; every change bumps :attr:`generation`."""
+
+    def __new__(cls) -> ServiceRegistry: ...
+    def register(self, instance: Instance) -> bool:
+        """Registers an instance; True when its id was new, False when it replaced one."""
+    def deregister(self, id: str) -> Instance | None:
+        """Removes an instance and returns it; None for an unknown id."""
+    def get(self, id: str) -> Instance | None:
+        """The instance with this id."""
+    def instances(self, service: str, healthy_only: bool = False) -> list[Instance]:
+        """The instances of a service, in registration order."""
+    def set_health(self, id: str, healthy: bool) -> bool:
+        """Sets the health flag; False for an unknown id."""
+    def services(self) -> list[str]:
+        """Names of services with at least one instance, sorted."""
+    @property
+    def generation(self) -> int:
+        """Grows by one on every change."""
+    def __len__(self) -> int: ...
+    def __contains__(self, id: object, /) -> bool: ...
+    def watch(self) -> RegistryWatch:
+        """An async iterator over every change from now on."""
+
+# --- ports ----------------------------------------------------------------------
+
+@final
+class PortAllocator:
+    """Hands out ports from inclusive ranges over a bitmap.
+
+    Dynamic allocation takes the next free port after the last one given, and a released
+    port cools down before reuse. With ``check_bind`` (an IP address), each port is first
+    bound on that address, and ports other processes hold are skipped and remembered.
+    """
+
+    def __new__(
+        cls,
+        start: int = 20000,
+        end: int = 32000,
+        reserved: Iterable[int] = ...,
+        *,
+        ranges: Iterable[tuple[int, int]] | None = None,
+        check_bind: str | None = None,
+    ) -> PortAllocator: ...
+    def allocate(self, port: int | None = None, *, name: str | None = None) -> int:
+        """A free port, or exactly ``port`` (recorded under ``name``).
+
+        Raises ``PortsExhausted`` or ``PortInUse``.
+        """
+    def release(self, port: int) -> None:
+        """Returns a port; raises ``PortError`` if it is not allocated."""
+    def refresh(self, address: str = "127.0.0.1") -> int:
+        """Frees remembered externally-held ports that can now be bound; returns how many."""
+    def is_allocated(self, port: int) -> bool: ...
+    @property
+    def available(self) -> int:
+        """Ports that can still be handed out."""
+    @property
+    def capacity(self) -> int:
+        """Ports in all ranges."""
+    @property
+    def in_use(self) -> int:
+        """Ports not available."""
+    @property
+    def ranges(self) -> list[tuple[int, int]]: ...
+
+# --- breaker --------------------------------------------------------------------
+
+@final
+class BreakerStats:
+    """A snapshot of a breaker's counters."""
+
+    @property
+    def state(self) -> _BreakerState: ...
+    @property
+    def successes(self) -> int: ...
+    @property
+    def failures(self) -> int:
+        """Failed calls, slow ones included."""
+    @property
+    def slow_calls(self) -> int: ...
+    @property
+    def rejected(self) -> int: ...
+    @property
+    def ignored(self) -> int:
+        """Outcomes of excluded exceptions."""
+    @property
+    def opened(self) -> int:
+        """Times the circuit opened."""
+    @property
+    def consecutive_failures(self) -> int: ...
+    @property
+    def failure_rate(self) -> float | None:
+        """Failure rate over the sliding window, when configured and non-empty."""
+    @property
+    def open_remaining(self) -> float:
+        """Seconds until trial calls, when open."""
+
+@disjoint_base
+class CircuitBreaker:
+    """The native breaker; use :class:`corral.CircuitBreaker`, which adds async and decorator use.
+
+    Trips on ``failure_threshold`` consecutive failures (0: off) and/or a
+    ``failure_rate_threshold`` (0-1] over the last ``window_size`` calls once
+    ``minimum_calls`` were seen; calls slower than ``slow_call_duration`` seconds count
+    as failures. Stays open ``reset_timeout`` seconds, doubling on each failed trial up to
+    ``max_reset_timeout`` when given; then admits ``half_open_max_calls`` trial calls, all
+    of which must succeed to close. ``exclude`` exceptions count neither way; with
+    ``failure_on``, only those exceptions count as failures. ``BaseException``s that are
+    not ``Exception``s (KeyboardInterrupt, CancelledError) never count.
+    """
+
+    def __new__(
+        cls,
+        failure_threshold: int = 5,
+        reset_timeout: float = 30.0,
+        half_open_max_calls: int = 1,
+        failure_rate_threshold: float | None = None,
+        window_size: int = 100,
+        minimum_calls: int = 10,
+        slow_call_duration: float | None = None,
+        max_reset_timeout: float | None = None,
+        exclude: type[BaseException] | Iterable[type[BaseException]] | None = None,
+        failure_on: type[BaseException] | Iterable[type[BaseException]] | None = None,
+        *,
+        name: str | None = None,
+    ) -> CircuitBreaker: ...
+    def call(self, f: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Calls ``f(*args, **kwargs)`` under the breaker; raises ``CircuitOpenError`` when open."""
+    def allow(self) -> bool:
+        """Whether a call may run now (takes a half-open trial permit when True)."""
+    def check(self) -> None:
+        """Like :meth:`allow`, raising ``CircuitOpenError`` instead of returning False."""
+    def record_success(self, duration: float | None = None) -> None:
+        """Records a success; with ``duration`` seconds, a slow call counts as a failure."""
+    def record_failure(self, duration: float | None = None) -> None:
+        """Records a failure."""
+    def record_exception(self, exc: BaseException, duration: float | None = None) -> None:
+        """Records an exception by the breaker's exception rules."""
+    @property
+    def timed(self) -> bool:
+        """Whether calls are timed (``slow_call_duration`` is set)."""
+    @property
+    def state(self) -> _BreakerState: ...
+    @property
+    def name(self) -> str | None: ...
+    def force_open(self) -> None:
+        """Rejects every call until :meth:`reset`."""
+    def disable(self) -> None:
+        """Admits every call and counts nothing until :meth:`reset`."""
+    def reset(self) -> None:
+        """Closes the circuit and forgets its history."""
+    def trip(self) -> None:
+        """Opens the circuit now, as a trip would."""
+    def add_listener(self, listener: Callable[[str, str], object]) -> None:
+        """Calls ``listener(old_state, new_state)`` on every change (errors go to ``sys.unraisablehook``)."""
+    def stats(self) -> BreakerStats: ...
+    def __enter__(self) -> None: ...
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> bool: ...
+
+@final
+class GuardedCall:
+    """A sync function guarded by a breaker (what ``@breaker`` makes)."""
+
+    def __new__(cls, breaker: CircuitBreaker, func: Callable[..., Any]) -> GuardedCall: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, obj: object, objtype: object = None, /) -> Any: ...
+    __wrapped__: Callable[..., Any]
+    @property
+    def breaker(self) -> CircuitBreaker: ...
+
+# --- retry ----------------------------------------------------------------------
+
+@final
+class RetryPolicy:
+    """How long to wait between attempts and when to give up; build one with a constructor below.
+
+    Common keywords: ``max_delay`` caps any single delay (seconds); ``max_attempts`` counts
+    every attempt, the first included (None: no limit); ``max_elapsed`` stops retrying when
+    the next attempt would start later than that many seconds after the first;
+    ``jitter`` randomises delays (``full``: uniform in [0, d]; ``equal``: d/2 + uniform in
+    [0, d/2]); ``seed`` makes the randomness repeatable.
+    """
+
+    @staticmethod
+    def fixed(delay: float, *, max_delay: float | None = None, max_attempts: int | None = ...,
+              max_elapsed: float | None = None, jitter: Literal["none", "full", "equal"] = "none",
+              seed: int | None = None) -> RetryPolicy:
+        """The same delay every time."""
+    @staticmethod
+    def linear(initial: float, step: float, *, max_delay: float | None = None, max_attempts: int | None = ...,
+               max_elapsed: float | None = None, jitter: Literal["none", "full", "equal"] = "none",
+               seed: int | None = None) -> RetryPolicy:
+        """``initial + n * step``."""
+    @staticmethod
+    def exponential(initial: float, multiplier: float = 2.0, *, max_delay: float | None = None,
+                    max_attempts: int | None = ..., max_elapsed: float | None = None,
+                    jitter: Literal["none", "full", "equal"] = "none", seed: int | None = None) -> RetryPolicy:
+        """``initial * multiplier ** n``."""
+    @staticmethod
+    def fibonacci(initial: float, *, max_delay: float | None = None, max_attempts: int | None = ...,
+                  max_elapsed: float | None = None, jitter: Literal["none", "full", "equal"] = "none",
+                  seed: int | None = None) -> RetryPolicy:
+        """``initial * fib(n)``: 1, 1, 2, 3, 5, ..."""
+    @staticmethod
+    def decorrelated(initial: float, *, max_delay: float | None = None, max_attempts: int | None = ...,
+                     max_elapsed: float | None = None, jitter: Literal["none", "full", "equal"] = "none",
+                     seed: int | None = None) -> RetryPolicy:
+        """AWS's decorrelated jitter: ``min(max_delay, uniform(initial, 3 * previous))``."""
+    def delays(self) -> RetrySchedule:
+        """The successive delays in seconds, without sleeping."""
+    def schedule(self) -> RetrySchedule:
+        """A fresh schedule for one retried operation."""
+    @property
+    def max_attempts(self) -> int | None: ...
+    @property
+    def max_elapsed(self) -> float | None: ...
+
+@final
+class RetrySchedule(Iterator[float]):
+    """The state of one retried operation; iterating yields the delays."""
+
+    def next_delay(self, elapsed: float = 0.0) -> float | None:
+        """Seconds to wait before the next retry, given seconds since the first attempt; None: give up."""
+    @property
+    def retries(self) -> int: ...
+    def __iter__(self) -> RetrySchedule: ...
+    def __next__(self) -> float: ...
+
+@final
+class RetryBudget:
+    """A token bucket shared by many callers (Finagle's): each call deposits ``ratio`` of a retry,
+    each retry withdraws one, and ``min_per_second`` retries a second are always allowed;
+    deposits expire after ``ttl`` seconds (1-60)."""
+
+    def __new__(cls, ratio: float = 0.2, min_per_second: float = 10.0, ttl: float = 10.0) -> RetryBudget: ...
+    def deposit(self) -> None: ...
+    def try_withdraw(self) -> bool: ...
+    @property
+    def balance(self) -> float:
+        """Retries that could be made now."""
+
+@final
+class Retrying:
+    """A sync function retried by a policy (what ``@retry`` makes)."""
+
+    def __new__(
+        cls,
+        func: Callable[..., Any],
+        policy: RetryPolicy,
+        on: tuple[type[BaseException], ...],
+        retry_if_result: Callable[[Any], bool] | None = None,
+        budget: RetryBudget | None = None,
+    ) -> Retrying: ...
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+    def __get__(self, obj: object, objtype: object = None, /) -> Any: ...
+    __wrapped__: Callable[..., Any]
+
+# --- balance --------------------------------------------------------------------
+
+@final
+class ConnectionGuard:
+    """A connection slot on a backend; releases it when the ``with`` block ends, even on error."""
+
+    @property
+    def backend(self) -> Any: ...
+    def release(self) -> None:
+        """Releases the slot now (idempotent)."""
+    def __enter__(self) -> Any: ...
+    def __exit__(self, *_exc: object) -> bool: ...
+
+@final
+class LoadBalancer:
+    """Chooses among backends (any objects; ``str()`` is their identity for ``ip_hash``).
+
+    ``round_robin`` is lock-free; ``weighted_round_robin`` is nginx's smooth WRR;
+    ``least_connections`` scans up to 16 backends exactly, then uses two random choices;
+    ``ip_hash`` is rendezvous hashing (removing one of N backends moves ~1/N of keys);
+    ``random`` is uniform. Backends marked down receive nothing.
+    """
+
+    def __new__(cls, backends: Iterable[Any], strategy: _Strategy = "round_robin",
+                weights: Iterable[int] | None = None) -> LoadBalancer: ...
+    def pick(self, key: str | bytes | int | None = None) -> Any:
+        """A backend; raises ``NoBackendError`` when none is up."""
+    def connection(self, key: str | bytes | int | None = None) -> ConnectionGuard:
+        """Picks a backend and counts a connection on it until the guard is released."""
+    def mark_down(self, backend: Any) -> None: ...
+    def mark_up(self, backend: Any) -> None: ...
+    def is_up(self, backend: Any) -> bool: ...
+    def active(self, backend: Any) -> int:
+        """Connections in flight on a backend."""
+    def add(self, backend: Any, weight: int = 1) -> None: ...
+    def remove(self, backend: Any) -> None: ...
+    @property
+    def backends(self) -> list[Any]: ...
+    @property
+    def strategy(self) -> _Strategy: ...
+    def stats(self) -> list[tuple[Any, bool, int, int]]:
+        """Per backend: (backend, up, active connections, connections in total)."""
+    def __len__(self) -> int: ...
+
+# --- topology -------------------------------------------------------------------
+
+@final
+class NumaNode:
+    """A NUMA node."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def cpus(self) -> list[int]: ...
+    @property
+    def memory_mb(self) -> int: ...
+
+@final
+class L3Domain:
+    """CPUs sharing one L3 cache."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def cpus(self) -> list[int]: ...
+    @property
+    def size_kb(self) -> int: ...
+    @property
+    def numa_node(self) -> int: ...
+
+@final
+class Topology:
+    """NUMA nodes, packages, L3 domains, cores and SMT siblings, and memory, read from sysfs."""
+
+    @staticmethod
+    def detect() -> Topology:
+        """This machine: /sys, narrowed by the affinity mask and the cgroup cpuset."""
+    @staticmethod
+    def from_sysfs(root: str | PathLike[str]) -> Topology:
+        """A directory laid out like /sys (``root/devices/system/cpu``, ``.../node``)."""
+    @property
+    def cpus(self) -> list[int]:
+        """Usable CPUs: online and allowed."""
+    @property
+    def online(self) -> list[int]: ...
+    @property
+    def numa_nodes(self) -> list[NumaNode]: ...
+    @property
+    def l3_domains(self) -> list[L3Domain]: ...
+    @property
+    def cores(self) -> list[list[int]]:
+        """Physical cores, each as its usable hardware threads."""
+    @property
+    def packages(self) -> list[int]: ...
+    @property
+    def memory_mb(self) -> int: ...
+    @property
+    def threads_per_core(self) -> int: ...
+    def siblings(self, cpu: int) -> list[int]:
+        """The hardware threads of ``cpu``'s core, itself included; empty if unknown."""
+    def numa_node_of(self, cpu: int) -> int | None: ...
+    def l3_of(self, cpu: int) -> int | None: ...
+
+# --- resources ------------------------------------------------------------------
+
+@final
+class ResourceRequest:
+    """What one instance asks for: ``cpu`` (fractional share), ``cores`` (exclusive CPUs),
+    ``memory_mb``, ``swap_mb``, ``storage_mb`` on ``volume``."""
+
+    def __new__(
+        cls,
+        *,
+        cpu: float = 0.0,
+        cores: int = 0,
+        numa: Literal["none", "prefer", "require"] = "none",
+        cache: Literal["any", "prefer-large"] = "any",
+        memory_mb: int = 0,
+        swap_mb: int = 0,
+        storage_mb: int = 0,
+        volume: str | None = None,
+        numa_node: int | None = None,
+    ) -> ResourceRequest: ...
+    @property
+    def cpu(self) -> float: ...
+    @property
+    def cores(self) -> int: ...
+    @property
+    def memory_mb(self) -> int: ...
+    @property
+    def storage_mb(self) -> int: ...
+    @property
+    def volume(self) -> str | None: ...
+
+@final
+class Grant:
+    """What an allocation granted; release it exactly once."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def cpus(self) -> list[int]:
+        """Exclusive CPUs, ascending."""
+    @property
+    def numa_node(self) -> int | None: ...
+    @property
+    def l3_domains(self) -> list[int]: ...
+    @property
+    def millicores(self) -> int: ...
+    @property
+    def memory_mb(self) -> int: ...
+    @property
+    def swap_mb(self) -> int: ...
+    @property
+    def storage_mb(self) -> int: ...
+    @property
+    def volume(self) -> str | None: ...
+
+@final
+class ResourceManager:
+    """All-or-nothing CPU, memory and storage ledgers over a topology.
+
+    ``memory_mb``: what may be handed out (default: the machine's less 10%, at most 1 GiB);
+    ``reserved_cpus``: kept for the system (default: CPU 0); ``volumes``: name to a path (capacity
+    = the filesystem's free space) or a ``(path, capacity_mb)`` pair.
+    """
+
+    def __new__(
+        cls,
+        topology: Topology,
+        memory_mb: int | None = None,
+        reserved_cpus: Iterable[int] | None = None,
+        cpu_overcommit: float = 1.0,
+        memory_overcommit: float = 1.0,
+        volumes: Mapping[str, str | PathLike[str] | tuple[str | PathLike[str], int]] | None = None,
+        *,
+        swap_mb: int | None = None,
+    ) -> ResourceManager: ...
+    def allocate(self, request: ResourceRequest) -> Grant:
+        """Everything asked for, or ``InsufficientResources`` naming what was short."""
+    def release(self, grant: Grant | int) -> None:
+        """Returns a grant's resources; a second release raises ``ResourceError``."""
+    def volume_usage(self, name: str) -> int:
+        """Bytes used on disk in a volume now."""
+    def usage(self) -> dict[str, Any]:
+        """A snapshot of the ledgers."""

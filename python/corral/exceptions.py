@@ -1,0 +1,159 @@
+"""The exception tree of corral, rooted at :class:`CorralError`.
+
+The native core raises these classes directly (they are imported once by
+``corral._core``), so every error from corral, native or Python, is a
+``CorralError``. Argument errors are also ``ValueError`` (``ConfigError``) and
+I/O errors stay the builtin ``OSError`` subclasses.
+
+Exceptions raised on hot paths are created by CPython from their ``args``
+tuple alone; their attributes are properties over ``args`` so that raising
+one costs no Python-level ``__init__``.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CircuitOpenError",
+    "ConfigError",
+    "CorralError",
+    "InsufficientResources",
+    "NoBackendError",
+    "PortError",
+    "PortInUse",
+    "PortsExhausted",
+    "ResourceError",
+    "RetryExhausted",
+    "SpecError",
+    "TopologyError",
+]
+
+
+class CorralError(Exception):
+    """Base class of every error corral raises on purpose."""
+
+    @property
+    def message(self) -> str:
+        """The human-readable message."""
+        return str(self.args[0]) if self.args else ""
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ConfigError(CorralError, ValueError):
+    """An argument or configuration value is out of its domain."""
+
+
+class SpecError(ConfigError):
+    """A ``corral.yaml`` is invalid; says where: file, line and field."""
+
+    def __init__(self, message: str, file: str | None = None, line: int | None = None,
+                 field: str | None = None) -> None:
+        super().__init__(message, file, line, field)
+
+    @property
+    def file(self) -> str | None:
+        """The spec file."""
+        value: str | None = self.args[1]
+        return value
+
+    @property
+    def line(self) -> int | None:
+        """1-based line in the file, when known."""
+        value: int | None = self.args[2]
+        return value
+
+    @property
+    def field(self) -> str | None:
+        """Dotted path of the offending field, e.g. ``services.api.depends_on``."""
+        value: str | None = self.args[3]
+        return value
+
+    def __str__(self) -> str:
+        where = self.file or "<spec>"
+        if self.line is not None:
+            where = f"{where}:{self.line}"
+        field = f" {self.field}:" if self.field else ""
+        return f"{where}:{field} {self.message}"
+
+
+class CircuitOpenError(CorralError):
+    """A call was rejected because the circuit is open (or forced open, or out of half-open trials)."""
+
+    @property
+    def state(self) -> str:
+        """``open``, ``forced_open`` or ``half_open``."""
+        return str(self.args[1])
+
+    @property
+    def remaining(self) -> float:
+        """Seconds until trial calls are admitted (0 when unknown)."""
+        return float(self.args[2])
+
+
+class PortError(CorralError):
+    """A port could not be allocated or released."""
+
+
+class PortsExhausted(PortError):
+    """Every port of the allocator's ranges is in use."""
+
+    @property
+    def ranges(self) -> str:
+        """The ranges, ``start-end[,start-end...]``."""
+        return str(self.args[1])
+
+    @property
+    def in_use(self) -> int:
+        """Ports not available."""
+        return int(self.args[2])
+
+    @property
+    def total(self) -> int:
+        """Ports in all ranges."""
+        return int(self.args[3])
+
+
+class PortInUse(PortError):
+    """The port asked for is already taken."""
+
+    @property
+    def port(self) -> int:
+        """The port."""
+        return int(self.args[1])
+
+    @property
+    def holder(self) -> str | None:
+        """Who holds it, when known: an allocation name, ``reserved``, or ``pid N (name)``."""
+        value: str | None = self.args[2]
+        return value
+
+
+class ResourceError(CorralError):
+    """A resource ledger operation failed (e.g. a grant released twice)."""
+
+
+class InsufficientResources(ResourceError):
+    """The request does not fit; the message says what was short and by how much."""
+
+
+class TopologyError(CorralError):
+    """The CPU topology could not be read."""
+
+
+class NoBackendError(CorralError):
+    """The load balancer has no backend that is up."""
+
+
+class RetryExhausted(CorralError):
+    """Retries ran out while the result still asked for one (``retry_if_result``)."""
+
+    @property
+    def last_result(self) -> object:
+        """The last result returned."""
+        return self.args[1]
+
+    @property
+    def attempts(self) -> int:
+        """Attempts made."""
+        return int(self.args[2])

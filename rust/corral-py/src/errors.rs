@@ -1,0 +1,152 @@
+//! The one place where core errors become Python exceptions.
+//!
+//! The exception classes live in `corral/exceptions.py`, so they are
+//! documented, typed and can inherit from builtins (`ConfigError` is also a
+//! `ValueError`). Each is imported once and cached. Exceptions are raised as
+//! (type, args) and instantiated lazily by CPython, which keeps the rejected
+//! breaker call cheap.
+
+use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::sync::PyOnceLock;
+use pyo3::types::PyType;
+
+use corral_core::error::{BalanceError, BreakerError, CircuitOpen, PortError, ResourceError, RetryError, TopologyError};
+
+/// Cached exception classes from `corral.exceptions`, by name.
+macro_rules! exception {
+    ($fn:ident, $name:literal) => {
+        pub(crate) fn $fn(py: Python<'_>) -> &Bound<'_, PyType> {
+            static CELL: PyOnceLock<Py<PyType>> = PyOnceLock::new();
+            CELL.get_or_init(py, || {
+                py.import("corral.exceptions")
+                    .and_then(|m| m.getattr($name))
+                    .and_then(|t| t.cast_into::<PyType>().map_err(Into::into))
+                    .map(Bound::unbind)
+                    .expect(concat!("corral.exceptions defines ", $name))
+            })
+            .bind(py)
+        }
+    };
+}
+
+exception!(circuit_open_error, "CircuitOpenError");
+exception!(ports_exhausted, "PortsExhausted");
+exception!(port_in_use, "PortInUse");
+exception!(port_error, "PortError");
+exception!(insufficient_resources, "InsufficientResources");
+exception!(resource_error, "ResourceError");
+exception!(config_error, "ConfigError");
+exception!(topology_error, "TopologyError");
+exception!(no_backend_error, "NoBackendError");
+
+/// Conversion of a core error into the Python exception that documents it.
+pub(crate) trait IntoPyErr {
+    /// The Python exception.
+    fn into_pyerr(self) -> PyErr;
+}
+
+fn raise<A>(ty: fn(Python<'_>) -> &Bound<'_, PyType>, args: A) -> PyErr
+where
+    A: for<'py> IntoPyObject<'py> + Send + Sync + 'static,
+{
+    Python::attach(|py| PyErr::from_type(ty(py).clone(), args))
+}
+
+impl IntoPyErr for CircuitOpen {
+    fn into_pyerr(self) -> PyErr {
+        let msg = self.to_string();
+        raise(circuit_open_error, (msg, self.state, self.remaining_secs))
+    }
+}
+
+impl IntoPyErr for PortError {
+    fn into_pyerr(self) -> PyErr {
+        let msg = self.to_string();
+        match self {
+            PortError::Exhausted { ranges, in_use, total } => raise(ports_exhausted, (msg, ranges, in_use, total)),
+            PortError::InUse { port, holder } => raise(port_in_use, (msg, port, holder)),
+            PortError::InvalidRange(_) => raise(config_error, (msg,)),
+            _ => raise(port_error, (msg,)),
+        }
+    }
+}
+
+impl IntoPyErr for ResourceError {
+    fn into_pyerr(self) -> PyErr {
+        let msg = self.to_string();
+        match self {
+            ResourceError::Insufficient(_) => raise(insufficient_resources, (msg,)),
+            ResourceError::InvalidConfig(_) | ResourceError::InvalidRequest(_) | ResourceError::UnknownVolume(_) => {
+                raise(config_error, (msg,))
+            }
+            _ => raise(resource_error, (msg,)),
+        }
+    }
+}
+
+impl IntoPyErr for TopologyError {
+    fn into_pyerr(self) -> PyErr {
+        match self {
+            // I/O errors keep their errno so callers can catch FileNotFoundError and friends.
+            TopologyError::Io { path, source } => {
+                let e: PyErr = source.into();
+                Python::attach(|py| {
+                    let _ = e.value(py).setattr("filename", path.display().to_string());
+                });
+                e
+            }
+            other => raise(topology_error, (other.to_string(),)),
+        }
+    }
+}
+
+impl IntoPyErr for RetryError {
+    fn into_pyerr(self) -> PyErr {
+        raise(config_error, (self.to_string(),))
+    }
+}
+
+impl IntoPyErr for BreakerError {
+    fn into_pyerr(self) -> PyErr {
+        raise(config_error, (self.to_string(),))
+    }
+}
+
+impl IntoPyErr for BalanceError {
+    fn into_pyerr(self) -> PyErr {
+        let msg = self.to_string();
+        match self {
+            BalanceError::NoBackend { .. } => raise(no_backend_error, (msg,)),
+            _ => raise(config_error, (msg,)),
+        }
+    }
+}
+
+/// Shorthand: `result.py()?`.
+pub(crate) trait PyResultExt<T> {
+    fn py(self) -> PyResult<T>;
+}
+
+impl<T, E: IntoPyErr> PyResultExt<T> for Result<T, E> {
+    #[inline]
+    fn py(self) -> PyResult<T> {
+        self.map_err(IntoPyErr::into_pyerr)
+    }
+}
+
+/// A `ValueError` naming the argument and what it accepts.
+pub(crate) fn bad_arg(name: &str, got: &str, accepted: &str) -> PyErr {
+    PyValueError::new_err(format!("{name}: {got:?} is not one of {accepted}"))
+}
+
+/// A `TypeError` for a wrong argument type.
+pub(crate) fn bad_type(name: &str, expected: &str) -> PyErr {
+    PyTypeError::new_err(format!("{name} must be {expected}"))
+}
+
+/// Seconds (float) to a Duration, rejecting negatives and NaN.
+pub(crate) fn seconds(name: &str, v: f64) -> PyResult<std::time::Duration> {
+    std::time::Duration::try_from_secs_f64(v)
+        .map_err(|_| PyValueError::new_err(format!("{name} must be a non-negative number of seconds, got {v}")))
+}

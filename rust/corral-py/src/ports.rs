@@ -1,0 +1,90 @@
+//! `PortAllocator`.
+
+use std::net::IpAddr;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use corral_core::ports as core;
+
+use crate::errors::PyResultExt;
+
+/// Hands out ports from one or more ranges.
+#[pyclass(frozen, module = "corral._core")]
+pub struct PortAllocator {
+    inner: core::PortAllocator,
+    check: Option<IpAddr>,
+}
+
+fn parse_addr(a: &str) -> PyResult<IpAddr> {
+    a.parse().map_err(|_| PyValueError::new_err(format!("check_bind: {a:?} is not an IP address")))
+}
+
+#[pymethods]
+impl PortAllocator {
+    #[new]
+    #[pyo3(signature = (start = 20000, end = 32000, reserved = Vec::new(), *, ranges = None, check_bind = None))]
+    fn new(
+        start: u16,
+        end: u16,
+        reserved: Vec<u16>,
+        ranges: Option<Vec<(u16, u16)>>,
+        check_bind: Option<&str>,
+    ) -> PyResult<Self> {
+        let ranges = ranges.unwrap_or_else(|| vec![(start, end)]);
+        Ok(Self {
+            inner: core::PortAllocator::new(&ranges, &reserved).py()?,
+            check: check_bind.map(parse_addr).transpose()?,
+        })
+    }
+    /// A free port (`port=None`), or exactly `port`, recorded under `name`.
+    #[pyo3(signature = (port = None, *, name = None))]
+    fn allocate(&self, port: Option<u16>, name: Option<&str>) -> PyResult<u16> {
+        match (port, self.check) {
+            (None, None) => self.inner.allocate().py(),
+            (None, Some(a)) => self.inner.allocate_checked(a).py(),
+            (Some(p), None) => self.inner.allocate_static(p, name).py(),
+            (Some(p), Some(a)) => self.inner.allocate_static_checked(p, name, a).py(),
+        }
+    }
+    /// Returns a port.
+    fn release(&self, port: u16) -> PyResult<()> {
+        self.inner.release(port).py()
+    }
+    /// Frees ports remembered as held by other processes that can now be bound; returns how many.
+    #[pyo3(signature = (address = "127.0.0.1"))]
+    fn refresh(&self, address: &str) -> PyResult<usize> {
+        Ok(self.inner.refresh_external(parse_addr(address)?))
+    }
+    /// Whether a port is allocated, reserved or held elsewhere.
+    fn is_allocated(&self, port: u16) -> bool {
+        self.inner.is_allocated(port)
+    }
+    /// Ports that can still be handed out.
+    #[getter]
+    fn available(&self) -> usize {
+        self.inner.available()
+    }
+    /// Ports in all ranges.
+    #[getter]
+    fn capacity(&self) -> usize {
+        self.inner.capacity()
+    }
+    /// Ports not available.
+    #[getter]
+    fn in_use(&self) -> usize {
+        self.inner.in_use()
+    }
+    /// The ranges, inclusive.
+    #[getter]
+    fn ranges(&self) -> Vec<(u16, u16)> {
+        self.inner.ranges().to_vec()
+    }
+    fn __repr__(&self) -> String {
+        format!("PortAllocator(ranges={:?}, available={})", self.inner.ranges_text(), self.inner.available())
+    }
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<PortAllocator>()
+}
