@@ -61,9 +61,9 @@ def test_storage_volume(sysfs: Path, tmp_path: Path) -> None:
 
 
 def test_shared_cpu_and_overcommit(sysfs: Path) -> None:
-    rm = manager(sysfs, "no-smt", cpu_overcommit=2.0)  # 3 usable CPUs -> 6000 millicores
-    g = rm.allocate(ResourceRequest(cpu=5.5))
-    assert g.millicores == 5500
+    rm = manager(sysfs, "no-smt", cpu_overcommit=2.0)  # 4 CPUs (reserved CPU 0 included) -> 8000 millicores
+    g = rm.allocate(ResourceRequest(cpu=7.5))
+    assert g.millicores == 7500
     with pytest.raises(InsufficientResources, match="shared pool"):
         rm.allocate(ResourceRequest(cpu=1.0))
 

@@ -19,7 +19,7 @@
 //! ```
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use dashmap::DashMap;
@@ -150,6 +150,32 @@ pub struct ServiceRegistry {
     by_service: DashMap<String, ServiceEntry>,
     generation: AtomicU64,
     changes: broadcast::Sender<Change>,
+    /// Live watchers; lets a change skip the broadcast (and its lock) when nobody listens.
+    watchers: Arc<AtomicUsize>,
+}
+
+/// A subscription to a registry's changes; see [`ServiceRegistry::subscribe`].
+#[derive(Debug)]
+pub struct Watcher {
+    rx: broadcast::Receiver<Change>,
+    count: Arc<AtomicUsize>,
+}
+
+impl Watcher {
+    /// The next change; `Err(Lagged)` when changes were missed (re-list), `Err(Closed)` when the registry is gone.
+    pub async fn recv(&mut self) -> Result<Change, broadcast::error::RecvError> {
+        self.rx.recv().await
+    }
+    /// The next change if one is waiting.
+    pub fn try_recv(&mut self) -> Result<Change, broadcast::error::TryRecvError> {
+        self.rx.try_recv()
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Default for ServiceRegistry {
@@ -176,6 +202,7 @@ impl ServiceRegistry {
             by_service: DashMap::new(),
             generation: AtomicU64::new(0),
             changes,
+            watchers: Arc::new(AtomicUsize::new(0)),
         }
     }
 
@@ -210,6 +237,12 @@ impl ServiceRegistry {
     }
 
     fn add_member(&self, instance: &Arc<Instance>) {
+        // Look up before `entry` so the common case (a known service) clones no string.
+        if let Some(mut svc) = self.by_service.get_mut(&instance.service) {
+            svc.members.push(instance.clone());
+            svc.invalidate();
+            return;
+        }
         let mut svc = self.by_service.entry(instance.service.clone()).or_default();
         svc.members.push(instance.clone());
         svc.invalidate();
@@ -225,7 +258,7 @@ impl ServiceRegistry {
 
     fn publish(&self, kind: ChangeKind, instance: Arc<Instance>) {
         let generation = self.generation.fetch_add(1, Ordering::AcqRel) + 1;
-        if self.changes.receiver_count() > 0 {
+        if self.watchers.load(Ordering::Acquire) > 0 {
             // An error only means every watcher went away meanwhile.
             let _ = self.changes.send(Change {
                 generation,
@@ -327,10 +360,14 @@ impl ServiceRegistry {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// A receiver of every change from now on. A receiver that falls more than
+    /// A watcher of every change from now on. A watcher that falls more than
     /// 1024 changes behind gets `RecvError::Lagged` and should re-list.
-    pub fn subscribe(&self) -> broadcast::Receiver<Change> {
-        self.changes.subscribe()
+    pub fn subscribe(&self) -> Watcher {
+        self.watchers.fetch_add(1, Ordering::AcqRel);
+        Watcher {
+            rx: self.changes.subscribe(),
+            count: self.watchers.clone(),
+        }
     }
 }
 

@@ -4,7 +4,8 @@
 //! one NUMA node when they fit, then inside one L3 cache domain, taking whole
 //! physical cores (all SMT siblings) before splitting one, and never CPU 0 by
 //! default (left to the system). Shared CPU is a fractional share
-//! (millicores) of the CPUs no one holds exclusively, with an overcommit ratio.
+//! (millicores) of the CPUs no one holds exclusively (the system's reserved
+//! CPUs included, as in Kubernetes' static CPU manager), with an overcommit ratio.
 //! Memory is MiB against a capacity, also per NUMA node for pinned requests.
 //! Storage is a quota on a named volume against the space its filesystem had
 //! free.
@@ -188,7 +189,7 @@ pub struct Usage {
     pub cpus: Vec<u32>,
     /// Of them, held exclusively now.
     pub exclusive_cpus: Vec<u32>,
-    /// Shared pool capacity, millicores (after overcommit).
+    /// Shared pool capacity, millicores (after overcommit): CPUs not held exclusively, reserved ones included.
     pub shared_capacity_millicores: u64,
     /// Shared pool in use, millicores.
     pub shared_used_millicores: u64,
@@ -394,8 +395,9 @@ impl ResourceManager {
         &self.config
     }
 
+    /// Shared pool capacity when `free_cpus` exclusive-able CPUs are free: they and the reserved CPUs.
     fn shared_capacity(&self, free_cpus: usize) -> u64 {
-        (free_cpus as f64 * 1000.0 * self.config.cpu_overcommit) as u64
+        ((free_cpus + self.pre.reserved.len()) as f64 * 1000.0 * self.config.cpu_overcommit) as u64
     }
 
     fn node_capacity(&self, node: u32) -> u64 {

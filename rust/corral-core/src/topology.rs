@@ -214,11 +214,11 @@ impl Topology {
                 allowed = narrowed;
             }
         }
-        if t.nodes.iter().all(|n| n.memory_mb == 0) {
-            if let Some(mb) = read_opt(Path::new("/proc/meminfo")).and_then(|s| node_memory_mb(&s)) {
-                if let [only] = t.nodes.as_mut_slice() {
-                    only.memory_mb = mb;
-                }
+        // With one node, all memory is on it: /proc/meminfo is the authority (some VMs
+        // report hot-added memory there but not in node0/meminfo).
+        if let Some(mb) = read_opt(Path::new("/proc/meminfo")).and_then(|s| node_memory_mb(&s)) {
+            if let [only] = t.nodes.as_mut_slice() {
+                only.memory_mb = only.memory_mb.max(mb);
             }
         }
         t.restrict(&allowed.into_iter().collect::<Vec<_>>(), Path::new("/sys"))?;

@@ -110,10 +110,10 @@ fn memory_and_overcommit() {
 
 #[test]
 fn shared_pool_shrinks_with_exclusive_cores() {
-    let m = rm("no-smt"); // CPUs 1-3 usable
-    let s = m.allocate(&ResourceRequest { cpu: 2.5, ..Default::default() }).unwrap();
-    assert_eq!(s.millicores, 2500);
-    // One exclusive core would leave 2000 millicores for 2500 in use.
+    let m = rm("no-smt"); // CPUs 1-3 for exclusive use; the shared pool also has reserved CPU 0
+    let s = m.allocate(&ResourceRequest { cpu: 3.5, ..Default::default() }).unwrap();
+    assert_eq!(s.millicores, 3500);
+    // One exclusive core would leave 3000 millicores for 3500 in use.
     let e = m.allocate(&cores(1)).unwrap_err();
     assert!(e.to_string().contains("shared pool"), "{e}");
     m.release(s.id).unwrap();

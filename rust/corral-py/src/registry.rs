@@ -196,7 +196,7 @@ impl ServiceRegistry {
 /// Async iterator of `RegistryEvent`s.
 #[pyclass(frozen, module = "corral._core")]
 pub struct RegistryWatch {
-    rx: Arc<tokio::sync::Mutex<tokio::sync::broadcast::Receiver<core::Change>>>,
+    rx: Arc<tokio::sync::Mutex<core::Watcher>>,
 }
 
 #[pymethods]

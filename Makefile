@@ -1,0 +1,68 @@
+# corral: `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+# Debug builds for tests (fast to compile); release builds only for benchmarks.
+DEV_BUILD     := --config-settings=build-args="--profile dev"
+RELEASE_BUILD := --config-settings=build-args="--release"
+
+.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
+
+$(PY):
+	python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+venv: $(PY) ## Create .venv (reused when present)
+
+dev: venv ## Build the extension (debug) and install it editable with the dev extras
+	$(PIP) install -q -e '.[dev]' $(DEV_BUILD)
+
+dev-release: venv ## Build the extension in release mode and install it editable
+	$(PIP) install -q -e '.[dev]' $(RELEASE_BUILD)
+
+demo: dev ## Build, install into .venv and run the demo on examples/
+	$(PY) examples/orchestration_demo.py
+
+test: dev test-rust test-python typecheck bench-smoke ## Everything CI runs: cargo test, pytest, mypy --strict, stubtest, bench smoke
+
+test-rust: ## cargo test for the workspace (the core has no Python in its tree)
+	cargo test --workspace
+	@if cargo tree -p corral-core -e normal,build | grep -q pyo3; then echo "corral-core depends on pyo3"; exit 1; fi
+
+test-python: dev ## pytest
+	$(PY) -m pytest
+
+typecheck: dev ## mypy --strict and stubtest
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest corral._core
+
+bench-smoke: dev ## Build the Criterion benches and run pytest-benchmark once per case, without timing
+	cargo bench -p corral-core --no-run --profile dev
+	$(PY) -m pytest benches/python --benchmark-disable -q
+
+lint: dev ## rustfmt, clippy -D warnings, ruff, mypy --strict, stubtest
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+	$(PY) -m ruff check python tests benches examples
+	$(PY) -m mypy
+	$(PY) -m mypy.stubtest corral._core
+
+bench: bench-rust bench-python ## Both suites in release mode, then one table: operation, target, median
+	$(PY) benches/report.py bench-results/python.json
+
+bench-rust: ## Criterion benches (release)
+	cargo bench -p corral-core --bench core
+
+bench-python: dev-release ## pytest-benchmark against a release build
+	mkdir -p bench-results
+	$(PY) -m pytest benches/python -q --benchmark-json=bench-results/python.json --benchmark-columns=median,iqr,rounds
+
+clean: ## Remove build outputs and the venv
+	cargo clean
+	rm -rf $(VENV) bench-results .pytest_cache .mypy_cache python/corral/*.so
