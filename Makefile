@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(VENV)/bin/pip
 # Debug builds for tests (fast to compile); release builds only for benchmarks.
 DEV_BUILD     := --config-settings=build-args="--profile dev"
-RELEASE_BUILD := --config-settings=build-args="--release"
+RELEASE_BUILD := --config-settings=build-args="--profile release"
 
 .PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python clean
 

@@ -12,7 +12,7 @@ use corral_core::ports::PortAllocator;
 use corral_core::registry::{Instance, ServiceRegistry};
 use corral_core::resources::{ResourceConfig, ResourceManager, ResourceRequest, VolumeSpec};
 use corral_core::topology::Topology;
-use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
+use criterion::{criterion_group, criterion_main, Criterion};
 
 fn fixture(name: &str) -> Topology {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sysfs").join(name);

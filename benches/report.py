@@ -26,13 +26,15 @@ ROWS: list[tuple[str, str, str, float | None]] = [
     ("Rust: CPU + memory + storage allocation", "rust", "resources_cpu_memory_storage", 3_000),
     ("Rust: round-robin pick", "rust", "balance_round_robin", None),
     ("Rust: least-connections pick, 16", "rust", "balance_least_connections_16", None),
+    ("Python: loop + call of a no-op function (floor)", "py", "test_loop_overhead_noop_call", None),
     ("Python: guarded call breaker.call(f), closed", "py", "test_breaker_call_closed", 130),
     ("Python: rejected call, open", "py", "test_breaker_rejected_open", 350),
+    ("  baseline: Python raise + catch of KeyError", "py", "test_python_raise_catch_baseline", None),
     ("Python: @retry success path", "py", "test_retry_success", 300),
     ("Python: @retry, two failures then success", "py", "test_retry_two_failures_then_success", 1_500),
     ("Python: registry lookup", "py", "test_registry_lookup", 120),
     ("  baseline: dict + lock", "py", "test_registry_lookup_baseline_dict_lock", None),
-    ("Python: registry register", "py", "test_registry_register[1]", None),
+    ("Python: registry register", "py", "test_registry_register", None),
     ("Python: round-robin pick", "py", "test_round_robin_pick", 80),
     ("  baseline: Python round robin + lock", "py", "test_round_robin_baseline_python", None),
     ("Python: least-connections pick, 16 backends", "py", "test_least_connections_pick_16", 100),
@@ -53,7 +55,8 @@ def main() -> int:
     py: dict[str, float] = {}
     if py_json.exists():
         for b in json.loads(py_json.read_text())["benchmarks"]:
-            py[b["name"]] = b["stats"]["median"] * 1e9
+            # Each round runs extra_info["ops"] operations (see benches/python).
+            py[b["name"]] = b["stats"]["median"] * 1e9 / b.get("extra_info", {}).get("ops", 1)
     missing = 0
     print(f"{'operation':<52} {'target':>10} {'median':>10}  verdict")
     print("-" * 86)

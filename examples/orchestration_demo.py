@@ -82,7 +82,7 @@ def main() -> int:
                 [sys.executable, "-c", SERVER, str(port)],
                 env={**os.environ, "NAME": name},
                 start_new_session=True,  # its own process group, so stopping it stops all it started
-                preexec_fn=lambda c=cpus: os.sched_setaffinity(0, c),  # noqa: PLW1509
+                preexec_fn=lambda c=cpus: os.sched_setaffinity(0, c),
             )
             procs[name] = proc
             wait_listening(port)

@@ -69,6 +69,7 @@ __all__ = [
     "RetryPolicy",
     "RetrySchedule",
     "ServiceRegistry",
+    "SpecError",
     "Topology",
     "TopologyError",
     "__version__",

@@ -4,7 +4,7 @@ Every class here is immutable from Python (its state lives behind atomics
 and fine-grained locks in Rust) and safe to share between threads.
 """
 
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from os import PathLike
 from typing import Any, Literal, TypeAlias, final
 

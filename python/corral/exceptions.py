@@ -78,17 +78,25 @@ class SpecError(ConfigError):
 
 
 class CircuitOpenError(CorralError):
-    """A call was rejected because the circuit is open (or forced open, or out of half-open trials)."""
+    """A call was rejected because the circuit is open (or forced open, or out of half-open trials).
+
+    Raised with ``args == (state, remaining)``: rejections are the breaker's hot path, so the
+    message is only built when it is read.
+    """
 
     @property
     def state(self) -> str:
         """``open``, ``forced_open`` or ``half_open``."""
-        return str(self.args[1])
+        return str(self.args[0])
 
     @property
     def remaining(self) -> float:
         """Seconds until trial calls are admitted (0 when unknown)."""
-        return float(self.args[2])
+        return float(self.args[1])
+
+    @property
+    def message(self) -> str:
+        return f"circuit {self.state}: call rejected, retry in {self.remaining:.3f}s"
 
 
 class PortError(CorralError):

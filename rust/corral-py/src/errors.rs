@@ -54,9 +54,10 @@ where
 }
 
 impl IntoPyErr for CircuitOpen {
+    /// Raised on every rejected call, so it carries only `(state, remaining)`;
+    /// `CircuitOpenError.__str__` builds the message when someone reads it.
     fn into_pyerr(self) -> PyErr {
-        let msg = self.to_string();
-        raise(circuit_open_error, (msg, self.state, self.remaining_secs))
+        Python::attach(|py| PyErr::from_type(circuit_open_error(py).clone(), (self.state, self.remaining_secs)))
     }
 }
 
