@@ -66,6 +66,7 @@ def main() -> int:
     registry = ServiceRegistry()
     procs: dict[str, subprocess.Popen[bytes]] = {}
     grants = []
+    allocated_ports: list[int] = []
     try:
         for i in range(3):
             name = f"api-{i}"
@@ -77,6 +78,7 @@ def main() -> int:
                 grant = resources.allocate(ResourceRequest(cpu=0.25, memory_mb=64))
             grants.append(grant)
             port = ports.allocate()
+            allocated_ports.append(port)
             cpus = set(grant.cpus) or set(topo.cpus)
             proc = subprocess.Popen(
                 [sys.executable, "-c", SERVER, str(port)],
@@ -133,6 +135,8 @@ def main() -> int:
             print(f"{name}: stopped (exit {proc.returncode})")
         for g in grants:
             resources.release(g)
+        for p in allocated_ports:
+            ports.release(p)
         print(f"released: {resources.usage()['grants']} grants outstanding, {ports.in_use} ports in use")
 
 

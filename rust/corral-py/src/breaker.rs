@@ -360,10 +360,7 @@ impl GuardedCall {
         objtype: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let _ = objtype;
-        match obj {
-            Some(o) if !o.is_none() => slf.py().import("types")?.getattr("MethodType")?.call1((slf, o)),
-            _ => Ok(slf.clone().into_any()),
-        }
+        crate::bind_as_method(slf.as_any(), obj)
     }
     /// The breaker guarding it.
     #[getter]

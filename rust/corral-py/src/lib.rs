@@ -15,6 +15,18 @@ mod resources;
 mod retry;
 mod topology;
 
+/// `__get__` for the callable wrappers (`GuardedCall`, `Retrying`): bound to an
+/// instance they become a method, as the function they wrap would.
+pub(crate) fn bind_as_method<'py>(
+    wrapper: &Bound<'py, PyAny>,
+    obj: Option<&Bound<'py, PyAny>>,
+) -> PyResult<Bound<'py, PyAny>> {
+    match obj {
+        Some(o) if !o.is_none() => wrapper.py().import("types")?.getattr("MethodType")?.call1((wrapper, o)),
+        _ => Ok(wrapper.clone()),
+    }
+}
+
 /// The native core of corral.
 #[pymodule(gil_used = false)]
 fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {

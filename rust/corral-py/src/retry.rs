@@ -244,10 +244,7 @@ impl Retrying {
         objtype: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let _ = objtype;
-        match obj {
-            Some(o) if !o.is_none() => slf.py().import("types")?.getattr("MethodType")?.call1((slf, o)),
-            _ => Ok(slf.clone().into_any()),
-        }
+        crate::bind_as_method(slf.as_any(), obj)
     }
 
 }
