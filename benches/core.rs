@@ -15,13 +15,17 @@ use corral_core::topology::Topology;
 use criterion::{criterion_group, criterion_main, Criterion};
 
 fn fixture(name: &str) -> Topology {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sysfs").join(name);
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/sysfs")
+        .join(name);
     Topology::from_sysfs(root).expect("fixture")
 }
 
 fn breaker(c: &mut Criterion) {
     let cb = CircuitBreaker::new(BreakerConfig::default()).unwrap();
-    c.bench_function("breaker_check_closed", |b| b.iter(|| black_box(&cb).allow().is_ok()));
+    c.bench_function("breaker_check_closed", |b| {
+        b.iter(|| black_box(&cb).allow().is_ok())
+    });
     c.bench_function("breaker_call_closed", |b| {
         b.iter(|| black_box(&cb).call(|| Ok::<_, ()>(black_box(1))))
     });
@@ -39,7 +43,14 @@ fn registry(c: &mut Criterion) {
                 left -= n;
                 let reg = ServiceRegistry::new();
                 let batch: Vec<Instance> = (0..n)
-                    .map(|i| Instance::new(format!("svc-{}", i % 50), format!("id-{i}"), "127.0.0.1", 8080))
+                    .map(|i| {
+                        Instance::new(
+                            format!("svc-{}", i % 50),
+                            format!("id-{i}"),
+                            "127.0.0.1",
+                            8080,
+                        )
+                    })
                     .collect();
                 let t0 = Instant::now();
                 for inst in batch {
@@ -53,11 +64,20 @@ fn registry(c: &mut Criterion) {
     let reg = ServiceRegistry::new();
     for s in 0..50 {
         for i in 0..4 {
-            reg.register(Instance::new(format!("svc-{s}"), format!("svc-{s}-{i}"), "127.0.0.1", 8000 + i));
+            reg.register(Instance::new(
+                format!("svc-{s}"),
+                format!("svc-{s}-{i}"),
+                "127.0.0.1",
+                8000 + i,
+            ));
         }
     }
-    c.bench_function("registry_lookup_by_service", |b| b.iter(|| reg.instances(black_box("svc-17"), true)));
-    c.bench_function("registry_get_by_id", |b| b.iter(|| reg.get(black_box("svc-17-2"))));
+    c.bench_function("registry_lookup_by_service", |b| {
+        b.iter(|| reg.instances(black_box("svc-17"), true))
+    });
+    c.bench_function("registry_get_by_id", |b| {
+        b.iter(|| reg.get(black_box("svc-17-2")))
+    });
     c.bench_function("registry_1000_from_8_threads", |b| {
         b.iter_custom(|iters| {
             let mut total = Duration::ZERO;
@@ -67,7 +87,14 @@ fn registry(c: &mut Criterion) {
                 let batches: Vec<Vec<Instance>> = (0..8)
                     .map(|t| {
                         (0..125)
-                            .map(|i| Instance::new(format!("svc-{}", i % 20), format!("{t}-{i}"), "127.0.0.1", 20000))
+                            .map(|i| {
+                                Instance::new(
+                                    format!("svc-{}", i % 20),
+                                    format!("{t}-{i}"),
+                                    "127.0.0.1",
+                                    20000,
+                                )
+                            })
                             .collect()
                     })
                     .collect();
@@ -109,7 +136,10 @@ fn ports(c: &mut Criterion) {
 
 fn resources(c: &mut Criterion) {
     let rm = ResourceManager::new(fixture("ryzen-7950x3d"), ResourceConfig::default()).unwrap();
-    let req = ResourceRequest { cores: 4, ..Default::default() };
+    let req = ResourceRequest {
+        cores: 4,
+        ..Default::default()
+    };
     c.bench_function("resources_exclusive_4_cores_7950x3d", |b| {
         b.iter(|| {
             let g = rm.allocate(black_box(&req)).unwrap();
@@ -121,7 +151,11 @@ fn resources(c: &mut Criterion) {
         fixture("ryzen-7950x3d"),
         ResourceConfig {
             memory_mb: Some(60_000),
-            volumes: vec![VolumeSpec { name: "data".into(), path: dir, capacity_mb: Some(100_000) }],
+            volumes: vec![VolumeSpec {
+                name: "data".into(),
+                path: dir,
+                capacity_mb: Some(100_000),
+            }],
             ..Default::default()
         },
     )
@@ -142,10 +176,22 @@ fn resources(c: &mut Criterion) {
 }
 
 fn balance(c: &mut Criterion) {
-    let lb = LoadBalancer::new(Strategy::RoundRobin, (0..4).map(|i| (format!("b{i}"), 1)).collect()).unwrap();
-    c.bench_function("balance_round_robin", |b| b.iter(|| lb.pick_with(None, |x| x.weight)));
-    let lb = LoadBalancer::new(Strategy::LeastConnections, (0..16).map(|i| (format!("b{i}"), 1)).collect()).unwrap();
-    c.bench_function("balance_least_connections_16", |b| b.iter(|| lb.pick_with(None, |x| x.weight)));
+    let lb = LoadBalancer::new(
+        Strategy::RoundRobin,
+        (0..4).map(|i| (format!("b{i}"), 1)).collect(),
+    )
+    .unwrap();
+    c.bench_function("balance_round_robin", |b| {
+        b.iter(|| lb.pick_with(None, |x| x.weight))
+    });
+    let lb = LoadBalancer::new(
+        Strategy::LeastConnections,
+        (0..16).map(|i| (format!("b{i}"), 1)).collect(),
+    )
+    .unwrap();
+    c.bench_function("balance_least_connections_16", |b| {
+        b.iter(|| lb.pick_with(None, |x| x.weight))
+    });
 }
 
 criterion_group! {

@@ -19,18 +19,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         topo.l3_domains().len(),
         topo.memory_mb()
     );
-    let resources = ResourceManager::new(topo, ResourceConfig { memory_mb: Some(1024), ..Default::default() })?;
+    let resources = ResourceManager::new(
+        topo,
+        ResourceConfig {
+            memory_mb: Some(1024),
+            ..Default::default()
+        },
+    )?;
     let ports = PortAllocator::default();
     let registry = ServiceRegistry::new();
     let mut grants = Vec::new();
     for i in 0..3 {
-        let grant = resources.allocate(&ResourceRequest { cpu: 0.25, memory_mb: 128, ..Default::default() })?;
+        let grant = resources.allocate(&ResourceRequest {
+            cpu: 0.25,
+            memory_mb: 128,
+            ..Default::default()
+        })?;
         let port = ports.allocate()?;
-        registry.register(Instance::new("worker", format!("worker-{i}"), "127.0.0.1", port));
-        println!("worker-{i}: port {port}, {} millicores, {} MiB", grant.millicores, grant.memory_mb);
+        registry.register(Instance::new(
+            "worker",
+            format!("worker-{i}"),
+            "127.0.0.1",
+            port,
+        ));
+        println!(
+            "worker-{i}: port {port}, {} millicores, {} MiB",
+            grant.millicores, grant.memory_mb
+        );
         grants.push((grant, port));
     }
-    let backends = registry.instances("worker", true).iter().map(|i| (i.address(), 1)).collect();
+    let backends = registry
+        .instances("worker", true)
+        .iter()
+        .map(|i| (i.address(), 1))
+        .collect();
     let lb = LoadBalancer::new(Strategy::RoundRobin, backends)?;
     let breaker = CircuitBreaker::new(BreakerConfig::default())?;
     for _ in 0..4 {
@@ -42,6 +64,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         resources.release(grant.id)?;
         ports.release(port)?;
     }
-    println!("released everything: {} grants outstanding", resources.usage().grants);
+    println!(
+        "released everything: {} grants outstanding",
+        resources.usage().grants
+    );
     Ok(())
 }

@@ -190,7 +190,10 @@ impl<T: AsRef<[u8]>> LoadBalancer<T> {
 
 impl<T> LoadBalancer<T> {
     /// A balancer over `(value, hash key, weight)` triples.
-    pub fn with_keys(strategy: Strategy, backends: Vec<(T, u64, u32)>) -> Result<Self, BalanceError> {
+    pub fn with_keys(
+        strategy: Strategy,
+        backends: Vec<(T, u64, u32)>,
+    ) -> Result<Self, BalanceError> {
         let mut list = Vec::with_capacity(backends.len());
         for (value, key, weight) in backends {
             list.push(Arc::new(Self::make(value, key, weight)?));
@@ -205,7 +208,9 @@ impl<T> LoadBalancer<T> {
 
     fn make(value: T, hash_key: u64, weight: u32) -> Result<Backend<T>, BalanceError> {
         if weight == 0 {
-            return Err(BalanceError::InvalidConfig("weights must be at least 1".into()));
+            return Err(BalanceError::InvalidConfig(
+                "weights must be at least 1".into(),
+            ));
         }
         Ok(Backend {
             value,
@@ -273,7 +278,12 @@ impl<T> LoadBalancer<T> {
 
     /// The first backend matching `pred`.
     pub fn find(&self, pred: impl Fn(&T) -> bool) -> Option<Arc<Backend<T>>> {
-        self.set.load().backends.iter().find(|b| pred(&b.value)).cloned()
+        self.set
+            .load()
+            .backends
+            .iter()
+            .find(|b| pred(&b.value))
+            .cloned()
     }
 
     fn no_backend(set: &Set<T>) -> BalanceError {
@@ -286,7 +296,11 @@ impl<T> LoadBalancer<T> {
     /// Chooses a backend and runs `f` on it without touching its reference count.
     /// `key` matters only to `IpHash` (without one, it falls back to round robin).
     #[inline]
-    pub fn pick_with<R>(&self, key: Option<u64>, f: impl FnOnce(&Arc<Backend<T>>) -> R) -> Result<R, BalanceError> {
+    pub fn pick_with<R>(
+        &self,
+        key: Option<u64>,
+        f: impl FnOnce(&Arc<Backend<T>>) -> R,
+    ) -> Result<R, BalanceError> {
         let set = self.set.load();
         let bs = &set.backends;
         let n = bs.len();
@@ -351,7 +365,11 @@ impl<T> LoadBalancer<T> {
             let start = self.cursor.fetch_add(1, Ordering::Relaxed) % n;
             let mut best: Option<(usize, usize)> = None;
             for k in 0..n {
-                let i = if start + k >= n { start + k - n } else { start + k };
+                let i = if start + k >= n {
+                    start + k - n
+                } else {
+                    start + k
+                };
                 let b = &bs[i];
                 if b.is_up() {
                     let a = b.active();
@@ -365,7 +383,11 @@ impl<T> LoadBalancer<T> {
         // Power of two choices among up backends; a few tries to find up ones before scanning.
         let pick_up = || (0..4).map(|_| below(n)).find(|&i| bs[i].is_up());
         match (pick_up(), pick_up()) {
-            (Some(a), Some(b)) => Some(if bs[b].active() < bs[a].active() { b } else { a }),
+            (Some(a), Some(b)) => Some(if bs[b].active() < bs[a].active() {
+                b
+            } else {
+                a
+            }),
             (Some(a), None) | (None, Some(a)) => Some(a),
             (None, None) => bs
                 .iter()
@@ -424,7 +446,11 @@ mod tests {
 
     #[test]
     fn smooth_weighted_sequence() {
-        let l = LoadBalancer::new(Strategy::WeightedRoundRobin, vec![("a", 5), ("b", 1), ("c", 1)]).unwrap();
+        let l = LoadBalancer::new(
+            Strategy::WeightedRoundRobin,
+            vec![("a", 5), ("b", 1), ("c", 1)],
+        )
+        .unwrap();
         let got: String = (0..7).map(|_| l.pick(None).unwrap().value).collect();
         // nginx's smooth WRR for 5:1:1
         assert_eq!(got, "aabacaa");
@@ -451,7 +477,9 @@ mod tests {
 
     #[test]
     fn least_connections_p2c_large_set() {
-        let names: Vec<&'static str> = (0..64).map(|i| &*Box::leak(format!("b{i}").into_boxed_str())).collect();
+        let names: Vec<&'static str> = (0..64)
+            .map(|i| &*Box::leak(format!("b{i}").into_boxed_str()))
+            .collect();
         let l = lb(Strategy::LeastConnections, &names);
         let guards: Vec<_> = (0..640).map(|_| l.connection(None).unwrap()).collect();
         let max = l.backends().iter().map(|b| b.active()).max().unwrap();
@@ -463,23 +491,42 @@ mod tests {
 
     #[test]
     fn ip_hash_is_sticky_and_moves_about_one_nth() {
-        let names: Vec<&'static str> = (0..5).map(|i| &*Box::leak(format!("10.0.0.{i}:80").into_boxed_str())).collect();
+        let names: Vec<&'static str> = (0..5)
+            .map(|i| &*Box::leak(format!("10.0.0.{i}:80").into_boxed_str()))
+            .collect();
         let l = lb(Strategy::IpHash, &names);
-        let keys: Vec<u64> = (0..10_000).map(|i| hash_key(format!("client-{i}").as_bytes())).collect();
-        let before: Vec<_> = keys.iter().map(|k| l.pick(Some(*k)).unwrap().value).collect();
-        let again: Vec<_> = keys.iter().map(|k| l.pick(Some(*k)).unwrap().value).collect();
+        let keys: Vec<u64> = (0..10_000)
+            .map(|i| hash_key(format!("client-{i}").as_bytes()))
+            .collect();
+        let before: Vec<_> = keys
+            .iter()
+            .map(|k| l.pick(Some(*k)).unwrap().value)
+            .collect();
+        let again: Vec<_> = keys
+            .iter()
+            .map(|k| l.pick(Some(*k)).unwrap().value)
+            .collect();
         assert_eq!(before, again);
         let mut counts: HashMap<&str, usize> = HashMap::new();
         for b in &before {
             *counts.entry(b).or_default() += 1;
         }
-        assert!(counts.values().all(|c| (1500..2500).contains(c)), "{counts:?}");
+        assert!(
+            counts.values().all(|c| (1500..2500).contains(c)),
+            "{counts:?}"
+        );
         l.remove(|v| *v == names[2]);
-        let after: Vec<_> = keys.iter().map(|k| l.pick(Some(*k)).unwrap().value).collect();
+        let after: Vec<_> = keys
+            .iter()
+            .map(|k| l.pick(Some(*k)).unwrap().value)
+            .collect();
         let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
         // Only the removed backend's keys move.
         assert_eq!(moved, counts[names[2]]);
-        assert!(before.iter().zip(&after).all(|(a, b)| a == b || *a == names[2]));
+        assert!(before
+            .iter()
+            .zip(&after)
+            .all(|(a, b)| a == b || *a == names[2]));
     }
 
     #[test]

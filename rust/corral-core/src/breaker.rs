@@ -299,7 +299,9 @@ impl CircuitBreaker {
     /// A closed breaker on the given clock.
     pub fn with_clock(config: BreakerConfig, clock: Arc<dyn Clock>) -> Result<Self, BreakerError> {
         config.validate()?;
-        let window = config.failure_rate_threshold.map(|_| Window::new(config.window_size));
+        let window = config
+            .failure_rate_threshold
+            .map(|_| Window::new(config.window_size));
         Ok(Self {
             config,
             clock,
@@ -409,9 +411,9 @@ impl CircuitBreaker {
     pub fn record_ignored(&self) {
         self.ignored.fetch_add(1, Ordering::Relaxed);
         if self.state() == State::HalfOpen {
-            let _ = self.half_open_permits.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
-                n.checked_sub(1)
-            });
+            let _ = self
+                .half_open_permits
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
         }
     }
 
@@ -602,7 +604,10 @@ mod tests {
 
     #[test]
     fn consecutive_failures_trip_and_success_resets_the_run() {
-        let (b, _) = cb(BreakerConfig { failure_threshold: 3, ..Default::default() });
+        let (b, _) = cb(BreakerConfig {
+            failure_threshold: 3,
+            ..Default::default()
+        });
         b.record_failure();
         b.record_failure();
         b.record_success();
@@ -701,7 +706,10 @@ mod tests {
 
     #[test]
     fn ignored_frees_trial_permit() {
-        let (b, c) = cb(BreakerConfig { failure_threshold: 1, ..Default::default() });
+        let (b, c) = cb(BreakerConfig {
+            failure_threshold: 1,
+            ..Default::default()
+        });
         b.record_failure();
         c.advance(Duration::from_secs(30));
         b.allow().unwrap();
@@ -727,7 +735,10 @@ mod tests {
 
     #[test]
     fn forced_and_disabled() {
-        let (b, _) = cb(BreakerConfig { failure_threshold: 1, ..Default::default() });
+        let (b, _) = cb(BreakerConfig {
+            failure_threshold: 1,
+            ..Default::default()
+        });
         b.force_open();
         assert_eq!(b.allow().unwrap_err().state, "forced_open");
         b.disable();
@@ -740,7 +751,10 @@ mod tests {
 
     #[test]
     fn listeners_see_transitions() {
-        let (b, c) = cb(BreakerConfig { failure_threshold: 1, ..Default::default() });
+        let (b, c) = cb(BreakerConfig {
+            failure_threshold: 1,
+            ..Default::default()
+        });
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s2 = seen.clone();
         b.add_listener(Arc::new(move |f, t| s2.lock().push((f, t))));
@@ -760,9 +774,15 @@ mod tests {
 
     #[test]
     fn call_helper() {
-        let (b, _) = cb(BreakerConfig { failure_threshold: 1, ..Default::default() });
+        let (b, _) = cb(BreakerConfig {
+            failure_threshold: 1,
+            ..Default::default()
+        });
         assert_eq!(b.call(|| Ok::<_, ()>(7)).unwrap(), 7);
-        assert!(matches!(b.call(|| Err::<(), _>("x")), Err(CallError::Failed("x"))));
+        assert!(matches!(
+            b.call(|| Err::<(), _>("x")),
+            Err(CallError::Failed("x"))
+        ));
         let ran = AtomicUsize::new(0);
         let r = b.call(|| {
             ran.fetch_add(1, Ordering::Relaxed);
@@ -774,7 +794,11 @@ mod tests {
 
     #[test]
     fn invalid_configs() {
-        assert!(CircuitBreaker::new(BreakerConfig { half_open_max_calls: 0, ..Default::default() }).is_err());
+        assert!(CircuitBreaker::new(BreakerConfig {
+            half_open_max_calls: 0,
+            ..Default::default()
+        })
+        .is_err());
         assert!(CircuitBreaker::new(BreakerConfig {
             failure_rate_threshold: Some(1.5),
             ..Default::default()

@@ -15,7 +15,9 @@ impl CpuSet {
     /// Whether `cpu` is in the set.
     #[inline]
     pub fn contains(&self, cpu: u32) -> bool {
-        self.words.get(cpu as usize / 64).is_some_and(|w| w >> (cpu % 64) & 1 == 1)
+        self.words
+            .get(cpu as usize / 64)
+            .is_some_and(|w| w >> (cpu % 64) & 1 == 1)
     }
 
     /// Adds `cpu`.
@@ -47,14 +49,23 @@ impl CpuSet {
     /// Size of the intersection, without building it.
     #[inline]
     pub fn count_and(&self, other: &CpuSet) -> usize {
-        self.words.iter().zip(&other.words).map(|(a, b)| (a & b).count_ones() as usize).sum()
+        self.words
+            .iter()
+            .zip(&other.words)
+            .map(|(a, b)| (a & b).count_ones() as usize)
+            .sum()
     }
 
     /// The intersection.
     #[must_use]
     pub fn and(&self, other: &CpuSet) -> CpuSet {
         CpuSet {
-            words: self.words.iter().zip(&other.words).map(|(a, b)| a & b).collect(),
+            words: self
+                .words
+                .iter()
+                .zip(&other.words)
+                .map(|(a, b)| a & b)
+                .collect(),
         }
     }
 

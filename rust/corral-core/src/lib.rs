@@ -28,4 +28,6 @@ pub mod retry;
 pub mod rng;
 pub mod topology;
 
-pub use error::{BalanceError, BreakerError, CircuitOpen, PortError, ResourceError, RetryError, TopologyError};
+pub use error::{
+    BalanceError, BreakerError, CircuitOpen, PortError, ResourceError, RetryError, TopologyError,
+};

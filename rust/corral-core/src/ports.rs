@@ -127,7 +127,9 @@ impl PortAllocator {
                 return Err(PortError::InvalidRange(format!("{a}-{b}: start after end")));
             }
             if a == 0 {
-                return Err(PortError::InvalidRange(format!("{a}-{b}: port 0 is not allocatable")));
+                return Err(PortError::InvalidRange(format!(
+                    "{a}-{b}: port 0 is not allocatable"
+                )));
             }
             for p in a..=b {
                 free.set(p, true);
@@ -420,7 +422,10 @@ mod tests {
             p.allocate().unwrap();
         }
         let e = p.allocate().unwrap_err();
-        assert_eq!(e.to_string(), "port range 20000-20002 exhausted (3 of 3 in use)");
+        assert_eq!(
+            e.to_string(),
+            "port range 20000-20002 exhausted (3 of 3 in use)"
+        );
     }
 
     #[test]
@@ -468,10 +473,19 @@ mod tests {
             p.allocate_static(105, None).unwrap_err().to_string(),
             "port 105 is in use by reserved"
         );
-        assert!(matches!(p.allocate_static(99, None), Err(PortError::OutOfRange { .. })));
-        assert!(matches!(p.release(105), Err(PortError::NotAllocated { .. })));
+        assert!(matches!(
+            p.allocate_static(99, None),
+            Err(PortError::OutOfRange { .. })
+        ));
+        assert!(matches!(
+            p.release(105),
+            Err(PortError::NotAllocated { .. })
+        ));
         p.release(101).unwrap();
-        assert!(matches!(p.release(101), Err(PortError::NotAllocated { .. })));
+        assert!(matches!(
+            p.release(101),
+            Err(PortError::NotAllocated { .. })
+        ));
         assert_eq!(p.available(), 10);
     }
 

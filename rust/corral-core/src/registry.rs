@@ -253,7 +253,8 @@ impl ServiceRegistry {
             svc.members.retain(|m| m.id != id);
             svc.invalidate();
         }
-        self.by_service.remove_if(service, |_, s| s.members.is_empty());
+        self.by_service
+            .remove_if(service, |_, s| s.members.is_empty());
     }
 
     fn publish(&self, kind: ChangeKind, instance: Arc<Instance>) {
@@ -442,6 +443,9 @@ mod tests {
     #[test]
     fn address_brackets_ipv6() {
         assert_eq!(Instance::new("a", "1", "::1", 80).address(), "[::1]:80");
-        assert_eq!(Instance::new("a", "1", "127.0.0.1", 80).address(), "127.0.0.1:80");
+        assert_eq!(
+            Instance::new("a", "1", "127.0.0.1", 80).address(),
+            "127.0.0.1:80"
+        );
     }
 }

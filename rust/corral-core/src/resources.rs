@@ -250,7 +250,9 @@ pub struct ResourceManager {
 
 impl std::fmt::Debug for ResourceManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResourceManager").field("config", &self.config).finish_non_exhaustive()
+        f.debug_struct("ResourceManager")
+            .field("config", &self.config)
+            .finish_non_exhaustive()
     }
 }
 
@@ -294,17 +296,26 @@ impl ResourceManager {
     pub fn new(topology: Topology, config: ResourceConfig) -> Result<Self, ResourceError> {
         let bad = |m: String| Err(ResourceError::InvalidConfig(m));
         if !(config.cpu_overcommit >= 1.0 && config.cpu_overcommit.is_finite()) {
-            return bad(format!("cpu_overcommit must be >= 1, got {}", config.cpu_overcommit));
+            return bad(format!(
+                "cpu_overcommit must be >= 1, got {}",
+                config.cpu_overcommit
+            ));
         }
         if !(config.memory_overcommit >= 1.0 && config.memory_overcommit.is_finite()) {
-            return bad(format!("memory_overcommit must be >= 1, got {}", config.memory_overcommit));
+            return bad(format!(
+                "memory_overcommit must be >= 1, got {}",
+                config.memory_overcommit
+            ));
         }
         let all: CpuSet = topology.cpus().iter().collect();
         let reserved = match &config.reserved_cpus {
             Some(r) => {
                 for c in r {
                     if !all.contains(*c) {
-                        return bad(format!("reserved CPU {c} is not a usable CPU ({})", format_cpulist(topology.cpus())));
+                        return bad(format!(
+                            "reserved CPU {c} is not a usable CPU ({})",
+                            format_cpulist(topology.cpus())
+                        ));
                     }
                 }
                 r.clone()
@@ -327,17 +338,28 @@ impl ResourceManager {
             .iter()
             .map(|n| {
                 let cap = if machine_mb > 0 {
-                    (u128::from(n.memory_mb) * u128::from(memory_capacity) / u128::from(machine_mb)) as u64
+                    (u128::from(n.memory_mb) * u128::from(memory_capacity) / u128::from(machine_mb))
+                        as u64
                 } else {
                     memory_capacity / node_count
                 };
-                (n.id, n.cpus.iter().filter(|c| usable.contains(**c)).collect(), cap)
+                (
+                    n.id,
+                    n.cpus.iter().filter(|c| usable.contains(**c)).collect(),
+                    cap,
+                )
             })
             .collect();
         let l3 = topology
             .l3_domains()
             .iter()
-            .map(|d| (d.id, d.cpus.iter().filter(|c| usable.contains(**c)).collect(), d.size_kb))
+            .map(|d| {
+                (
+                    d.id,
+                    d.cpus.iter().filter(|c| usable.contains(**c)).collect(),
+                    d.size_kb,
+                )
+            })
             .collect();
         let cores: Vec<Vec<u32>> = topology.cores().iter().map(|c| c.cpus.clone()).collect();
         let mut core_of = HashMap::new();
@@ -352,10 +374,21 @@ impl ResourceManager {
             let capacity_mb = match v.capacity_mb {
                 Some(c) => c,
                 None => filesystem_free_mb(&v.path).map_err(|e| {
-                    ResourceError::InvalidConfig(format!("volume '{}': cannot stat {}: {e}", v.name, v.path.display()))
+                    ResourceError::InvalidConfig(format!(
+                        "volume '{}': cannot stat {}: {e}",
+                        v.name,
+                        v.path.display()
+                    ))
                 })?,
             };
-            volumes.insert(v.name.clone(), Volume { spec: v.clone(), capacity_mb, reserved_mb: 0 });
+            volumes.insert(
+                v.name.clone(),
+                Volume {
+                    spec: v.clone(),
+                    capacity_mb,
+                    reserved_mb: 0,
+                },
+            );
         }
         let pre = Precomputed {
             usable: usable.clone(),
@@ -401,24 +434,37 @@ impl ResourceManager {
     }
 
     fn node_capacity(&self, node: u32) -> u64 {
-        let cap = self.pre.nodes.iter().find(|n| n.0 == node).map_or(0, |n| n.2);
+        let cap = self
+            .pre
+            .nodes
+            .iter()
+            .find(|n| n.0 == node)
+            .map_or(0, |n| n.2);
         (cap as f64 * self.config.memory_overcommit) as u64
     }
 
     /// Allocates everything `req` asks for, or nothing.
     pub fn allocate(&self, req: &ResourceRequest) -> Result<Grant, ResourceError> {
         if !(req.cpu >= 0.0 && req.cpu.is_finite()) {
-            return Err(ResourceError::InvalidRequest(format!("cpu must be a non-negative number, got {}", req.cpu)));
+            return Err(ResourceError::InvalidRequest(format!(
+                "cpu must be a non-negative number, got {}",
+                req.cpu
+            )));
         }
         if req.storage_mb > 0 && req.volume.is_none() {
-            return Err(ResourceError::InvalidRequest("storage asked without a volume".into()));
+            return Err(ResourceError::InvalidRequest(
+                "storage asked without a volume".into(),
+            ));
         }
         let millicores = (req.cpu * 1000.0).round() as u64;
         let mut l = self.ledger.lock();
 
         // Storage and swap first: cheap checks, no placement.
         if let Some(name) = &req.volume {
-            let v = l.volumes.get(name).ok_or_else(|| ResourceError::UnknownVolume(name.clone()))?;
+            let v = l
+                .volumes
+                .get(name)
+                .ok_or_else(|| ResourceError::UnknownVolume(name.clone()))?;
             let free = v.capacity_mb - v.reserved_mb;
             if req.storage_mb > free {
                 return Err(ResourceError::Insufficient(format!(
@@ -455,7 +501,11 @@ impl ResourceManager {
             return Err(ResourceError::Insufficient(format!(
                 "cpu: asked {} millicores shared{}, {} free of {} in the shared pool",
                 millicores,
-                if k > 0 { format!(" and {k} exclusive cores") } else { String::new() },
+                if k > 0 {
+                    format!(" and {k} exclusive cores")
+                } else {
+                    String::new()
+                },
                 pool_after.saturating_sub(l.shared_used),
                 pool_after
             )));
@@ -518,18 +568,27 @@ impl ResourceManager {
             self.pre.usable.len()
         );
         if !self.pre.reserved.is_empty() {
-            let _ = write!(s, " (CPU {} reserved for the system)", format_cpulist(&self.pre.reserved));
+            let _ = write!(
+                s,
+                " (CPU {} reserved for the system)",
+                format_cpulist(&self.pre.reserved)
+            );
         }
         s
     }
 
     /// Chooses exclusive CPUs and the NUMA node for `req`.
-    fn place(&self, l: &Ledger, req: &ResourceRequest) -> Result<(Vec<u32>, Option<u32>), ResourceError> {
+    fn place(
+        &self,
+        l: &Ledger,
+        req: &ResourceRequest,
+    ) -> Result<(Vec<u32>, Option<u32>), ResourceError> {
         let k = req.cores as usize;
         let pins_memory = req.numa != NumaPolicy::None;
         let mem_fits = |node: u32| {
             !pins_memory
-                || l.node_memory_used.get(&node).copied().unwrap_or(0) + req.memory_mb <= self.node_capacity(node)
+                || l.node_memory_used.get(&node).copied().unwrap_or(0) + req.memory_mb
+                    <= self.node_capacity(node)
         };
         if k == 0 {
             if !pins_memory {
@@ -540,7 +599,13 @@ impl ResourceManager {
                 .pre
                 .nodes
                 .iter()
-                .map(|n| (n.0, self.node_capacity(n.0).saturating_sub(l.node_memory_used.get(&n.0).copied().unwrap_or(0))))
+                .map(|n| {
+                    (
+                        n.0,
+                        self.node_capacity(n.0)
+                            .saturating_sub(l.node_memory_used.get(&n.0).copied().unwrap_or(0)),
+                    )
+                })
                 .filter(|(id, _)| mem_fits(*id))
                 .collect();
             cands.sort_by_key(|(id, free)| (Some(*id) != req.numa_node, std::cmp::Reverse(*free)));
@@ -564,12 +629,18 @@ impl ResourceManager {
                 (l3_fits, *id, pool.len(), pool)
             })
             .collect();
-        fitting.sort_by_key(|(l3_fits, id, free, _)| (Some(*id) != req.numa_node, !*l3_fits, *free, *id));
+        fitting.sort_by_key(|(l3_fits, id, free, _)| {
+            (Some(*id) != req.numa_node, !*l3_fits, *free, *id)
+        });
         if let Some((_, node, _, pool)) = fitting.into_iter().next() {
             return Ok((self.pick_in_l3(&pool, k, req.cache), Some(node)));
         }
         if req.numa == NumaPolicy::Require {
-            let any_cpu_fit = self.pre.nodes.iter().any(|(_, cpus, _)| cpus.count_and(&l.free) >= k);
+            let any_cpu_fit = self
+                .pre
+                .nodes
+                .iter()
+                .any(|(_, cpus, _)| cpus.count_and(&l.free) >= k);
             if any_cpu_fit {
                 return Err(self.node_memory_shortage(l, req));
             }
@@ -593,7 +664,13 @@ impl ResourceManager {
             .pre
             .nodes
             .iter()
-            .map(|n| (n.0, self.node_capacity(n.0).saturating_sub(l.node_memory_used.get(&n.0).copied().unwrap_or(0))))
+            .map(|n| {
+                (
+                    n.0,
+                    self.node_capacity(n.0)
+                        .saturating_sub(l.node_memory_used.get(&n.0).copied().unwrap_or(0)),
+                )
+            })
             .min_by_key(|(id, f)| (std::cmp::Reverse(*f), *id))
             .unwrap_or((0, 0));
         ResourceError::Insufficient(format!(
@@ -613,13 +690,17 @@ impl ResourceManager {
             .filter(|d| d.1 > 0)
             .collect();
         match cache {
-            CachePolicy::PreferLarge => doms.sort_by_key(|d| (d.1 < k, std::cmp::Reverse(d.2), d.1, d.0)),
+            CachePolicy::PreferLarge => {
+                doms.sort_by_key(|d| (d.1 < k, std::cmp::Reverse(d.2), d.1, d.0))
+            }
             CachePolicy::Any => doms.sort_by_key(|d| (d.1 < k, d.1, d.0)),
         }
         if doms.first().is_some_and(|d| d.1 < k) {
             // Nothing holds all k: spread, biggest free blocks first (largest caches first when asked).
             match cache {
-                CachePolicy::PreferLarge => doms.sort_by_key(|d| (std::cmp::Reverse(d.2), std::cmp::Reverse(d.1), d.0)),
+                CachePolicy::PreferLarge => {
+                    doms.sort_by_key(|d| (std::cmp::Reverse(d.2), std::cmp::Reverse(d.1), d.0))
+                }
                 CachePolicy::Any => doms.sort_by_key(|d| (std::cmp::Reverse(d.1), d.0)),
             }
         }
@@ -628,7 +709,13 @@ impl ResourceManager {
             if out.len() == k {
                 break;
             }
-            let dom_cpus = &self.pre.l3.iter().find(|d| d.0 == id).expect("known domain").1;
+            let dom_cpus = &self
+                .pre
+                .l3
+                .iter()
+                .find(|d| d.0 == id)
+                .expect("known domain")
+                .1;
             let dpool = dom_cpus.and(pool);
             self.pick_smt(&dpool, k - out.len(), &mut out);
         }
@@ -696,7 +783,10 @@ impl ResourceManager {
     /// Returns everything a grant holds. A second release of the same grant is an error.
     pub fn release(&self, grant_id: u64) -> Result<(), ResourceError> {
         let mut l = self.ledger.lock();
-        let g = l.grants.remove(&grant_id).ok_or(ResourceError::UnknownGrant(grant_id))?;
+        let g = l
+            .grants
+            .remove(&grant_id)
+            .ok_or(ResourceError::UnknownGrant(grant_id))?;
         for &c in &g.cpus {
             l.free.insert(c);
         }
@@ -725,15 +815,26 @@ impl ResourceManager {
     pub fn volume_usage_bytes(&self, name: &str) -> Result<u64, ResourceError> {
         let path = {
             let l = self.ledger.lock();
-            l.volumes.get(name).ok_or_else(|| ResourceError::UnknownVolume(name.into()))?.spec.path.clone()
+            l.volumes
+                .get(name)
+                .ok_or_else(|| ResourceError::UnknownVolume(name.into()))?
+                .spec
+                .path
+                .clone()
         };
-        disk_usage_bytes(&path).map_err(|e| ResourceError::InvalidRequest(format!("volume '{name}': {e}")))
+        disk_usage_bytes(&path)
+            .map_err(|e| ResourceError::InvalidRequest(format!("volume '{name}': {e}")))
     }
 
     /// A snapshot of the ledgers.
     pub fn usage(&self) -> Usage {
         let l = self.ledger.lock();
-        let exclusive: Vec<u32> = self.pre.usable.iter().filter(|c| !l.free.contains(*c)).collect();
+        let exclusive: Vec<u32> = self
+            .pre
+            .usable
+            .iter()
+            .filter(|c| !l.free.contains(*c))
+            .collect();
         Usage {
             cpus: self.pre.usable.to_vec(),
             exclusive_cpus: exclusive,
@@ -745,7 +846,13 @@ impl ResourceManager {
                 .pre
                 .nodes
                 .iter()
-                .map(|n| (n.0, self.node_capacity(n.0), l.node_memory_used.get(&n.0).copied().unwrap_or(0)))
+                .map(|n| {
+                    (
+                        n.0,
+                        self.node_capacity(n.0),
+                        l.node_memory_used.get(&n.0).copied().unwrap_or(0),
+                    )
+                })
                 .collect(),
             swap_used_mb: l.swap_used,
             volumes: l

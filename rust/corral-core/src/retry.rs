@@ -205,7 +205,10 @@ impl Schedule {
         let d = match self.policy.backoff {
             Backoff::Fixed { delay } => delay,
             Backoff::Linear { initial, step } => initial.saturating_add(step.saturating_mul(n)),
-            Backoff::Exponential { initial, multiplier } => {
+            Backoff::Exponential {
+                initial,
+                multiplier,
+            } => {
                 let secs = initial.as_secs_f64() * multiplier.powi(n.min(1000) as i32);
                 Duration::try_from_secs_f64(secs).unwrap_or(Duration::MAX)
             }
@@ -218,7 +221,9 @@ impl Schedule {
                 let hi = self.prev.saturating_mul(3).as_secs_f64();
                 let lo = initial.as_secs_f64();
                 let pick = lo + self.rng.next_f64() * (hi - lo).max(0.0);
-                let d = Duration::try_from_secs_f64(pick).unwrap_or(Duration::MAX).min(cap);
+                let d = Duration::try_from_secs_f64(pick)
+                    .unwrap_or(Duration::MAX)
+                    .min(cap);
                 self.prev = d;
                 return d;
             }
@@ -309,7 +314,9 @@ impl RetryBudget {
         clock: Arc<dyn Clock>,
     ) -> Result<Self, RetryError> {
         if !(0.0..=1000.0).contains(&ratio) {
-            return Err(RetryError::InvalidPolicy(format!("budget ratio must be in [0, 1000], got {ratio}")));
+            return Err(RetryError::InvalidPolicy(format!(
+                "budget ratio must be in [0, 1000], got {ratio}"
+            )));
         }
         if min_per_second < 0.0 || !min_per_second.is_finite() {
             return Err(RetryError::InvalidPolicy(format!(
@@ -318,7 +325,9 @@ impl RetryBudget {
         }
         let ttl_secs = ttl.as_secs_f64().ceil() as u64;
         if !(1..=60).contains(&ttl_secs) {
-            return Err(RetryError::InvalidPolicy(format!("budget ttl must be 1 to 60 s, got {ttl:?}")));
+            return Err(RetryError::InvalidPolicy(format!(
+                "budget ttl must be 1 to 60 s, got {ttl:?}"
+            )));
         }
         Ok(Self {
             ratio,
@@ -378,22 +387,41 @@ mod tests {
     #[test]
     fn kinds() {
         let i = Duration::from_millis(10);
-        let take = |b: Backoff| RetryPolicy::new(b).max_attempts(Some(6)).delays().collect::<Vec<_>>();
+        let take = |b: Backoff| {
+            RetryPolicy::new(b)
+                .max_attempts(Some(6))
+                .delays()
+                .collect::<Vec<_>>()
+        };
         assert_eq!(take(Backoff::Fixed { delay: i }), ms(&[10; 5]));
-        assert_eq!(take(Backoff::Linear { initial: i, step: i }), ms(&[10, 20, 30, 40, 50]));
         assert_eq!(
-            take(Backoff::Exponential { initial: i, multiplier: 3.0 }),
+            take(Backoff::Linear {
+                initial: i,
+                step: i
+            }),
+            ms(&[10, 20, 30, 40, 50])
+        );
+        assert_eq!(
+            take(Backoff::Exponential {
+                initial: i,
+                multiplier: 3.0
+            }),
             ms(&[10, 30, 90, 270, 810])
         );
-        assert_eq!(take(Backoff::Fibonacci { initial: i }), ms(&[10, 10, 20, 30, 50]));
+        assert_eq!(
+            take(Backoff::Fibonacci { initial: i }),
+            ms(&[10, 10, 20, 30, 50])
+        );
     }
 
     #[test]
     fn decorrelated_stays_in_bounds_and_is_seedable() {
-        let p = RetryPolicy::new(Backoff::Decorrelated { initial: Duration::from_millis(10) })
-            .max_attempts(Some(50))
-            .max_delay(Some(Duration::from_millis(500)))
-            .seed(Some(7));
+        let p = RetryPolicy::new(Backoff::Decorrelated {
+            initial: Duration::from_millis(10),
+        })
+        .max_attempts(Some(50))
+        .max_delay(Some(Duration::from_millis(500)))
+        .seed(Some(7));
         let a: Vec<_> = p.delays().collect();
         let b: Vec<_> = p.delays().collect();
         assert_eq!(a, b);
@@ -409,7 +437,10 @@ mod tests {
     fn jitter_bounds() {
         let base = Duration::from_millis(100);
         for (j, lo) in [(Jitter::Full, Duration::ZERO), (Jitter::Equal, base / 2)] {
-            let p = RetryPolicy::new(Backoff::Fixed { delay: base }).jitter(j).max_attempts(Some(200)).seed(Some(1));
+            let p = RetryPolicy::new(Backoff::Fixed { delay: base })
+                .jitter(j)
+                .max_attempts(Some(200))
+                .seed(Some(1));
             let ds: Vec<_> = p.delays().collect();
             assert!(ds.iter().all(|d| *d >= lo && *d <= base));
             assert!(ds.iter().any(|d| *d != ds[0]), "jitter varies");
@@ -418,9 +449,11 @@ mod tests {
 
     #[test]
     fn max_elapsed_stops() {
-        let p = RetryPolicy::new(Backoff::Fixed { delay: Duration::from_secs(1) })
-            .max_attempts(None)
-            .max_elapsed(Some(Duration::from_millis(2500)));
+        let p = RetryPolicy::new(Backoff::Fixed {
+            delay: Duration::from_secs(1),
+        })
+        .max_attempts(None)
+        .max_elapsed(Some(Duration::from_millis(2500)));
         let mut s = p.schedule();
         assert!(s.next_delay(Duration::ZERO).is_some());
         assert!(s.next_delay(Duration::from_millis(1000)).is_some());
@@ -453,8 +486,18 @@ mod tests {
 
     #[test]
     fn invalid() {
-        assert!(RetryPolicy::new(Backoff::Exponential { initial: Duration::ZERO, multiplier: 0.5 }).validate().is_err());
-        assert!(RetryPolicy::new(Backoff::Fixed { delay: Duration::ZERO }).max_attempts(Some(0)).validate().is_err());
+        assert!(RetryPolicy::new(Backoff::Exponential {
+            initial: Duration::ZERO,
+            multiplier: 0.5
+        })
+        .validate()
+        .is_err());
+        assert!(RetryPolicy::new(Backoff::Fixed {
+            delay: Duration::ZERO
+        })
+        .max_attempts(Some(0))
+        .validate()
+        .is_err());
         assert!(RetryBudget::new(-1.0, 1.0, Duration::from_secs(1)).is_err());
     }
 }

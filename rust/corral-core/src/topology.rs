@@ -114,7 +114,11 @@ pub fn format_cpulist(cpus: &[u32]) -> String {
         while j + 1 < v.len() && v[j + 1] == v[j] + 1 {
             j += 1;
         }
-        out.push(if i == j { v[i].to_string() } else { format!("{}-{}", v[i], v[j]) });
+        out.push(if i == j {
+            v[i].to_string()
+        } else {
+            format!("{}-{}", v[i], v[j])
+        });
         i = j + 1;
     }
     out.join(",")
@@ -164,7 +168,8 @@ fn node_memory_mb(text: &str) -> Option<u64> {
 fn affinity() -> Option<Vec<u32>> {
     // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
     let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw mut set) };
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw mut set) };
     if rc != 0 {
         return None;
     }
@@ -189,7 +194,12 @@ fn cgroup_cpuset(fs_root: &Path) -> Option<Vec<u32>> {
         if controllers.is_empty() {
             candidates.push(fs_root.join(rel).join("cpuset.cpus.effective"));
         } else if controllers.split(',').any(|c| c == "cpuset") {
-            candidates.push(fs_root.join("cpuset").join(rel).join("cpuset.effective_cpus"));
+            candidates.push(
+                fs_root
+                    .join("cpuset")
+                    .join(rel)
+                    .join("cpuset.effective_cpus"),
+            );
             candidates.push(fs_root.join("cpuset").join(rel).join("cpuset.cpus"));
         }
     }
@@ -206,10 +216,16 @@ impl Topology {
         let mut t = Self::read_tree(Path::new("/sys"))?;
         let mut allowed: BTreeSet<u32> = t.online.iter().copied().collect();
         if let Some(a) = affinity() {
-            allowed = allowed.intersection(&a.into_iter().collect()).copied().collect();
+            allowed = allowed
+                .intersection(&a.into_iter().collect())
+                .copied()
+                .collect();
         }
         if let Some(c) = cgroup_cpuset(Path::new("/sys/fs/cgroup")) {
-            let narrowed: BTreeSet<u32> = allowed.intersection(&c.into_iter().collect()).copied().collect();
+            let narrowed: BTreeSet<u32> = allowed
+                .intersection(&c.into_iter().collect())
+                .copied()
+                .collect();
             if !narrowed.is_empty() {
                 allowed = narrowed;
             }
@@ -268,14 +284,19 @@ impl Topology {
         let mut node_mem: BTreeMap<u32, u64> = BTreeMap::new();
         if let Ok(entries) = fs::read_dir(&node_dir) {
             for e in entries.flatten() {
-                let Some(id) = e.file_name().to_str().and_then(|n| n.strip_prefix("node")?.parse::<u32>().ok())
+                let Some(id) = e
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.strip_prefix("node")?.parse::<u32>().ok())
                 else {
                     continue;
                 };
                 for c in read_list(&e.path().join("cpulist"))? {
                     node_of.insert(c, id);
                 }
-                let mem = read_opt(&e.path().join("meminfo")).and_then(|s| node_memory_mb(&s)).unwrap_or(0);
+                let mem = read_opt(&e.path().join("meminfo"))
+                    .and_then(|s| node_memory_mb(&s))
+                    .unwrap_or(0);
                 node_mem.insert(id, mem);
             }
         }
@@ -304,7 +325,9 @@ impl Topology {
                         && read_opt(&p.join("type")).is_none_or(|t| t.trim() != "Instruction")
                     {
                         let shared = read_list(&p.join("shared_cpu_list"))?;
-                        let size = read_opt(&p.join("size")).and_then(|s| parse_size_kb(&s)).unwrap_or(0);
+                        let size = read_opt(&p.join("size"))
+                            .and_then(|s| parse_size_kb(&s))
+                            .unwrap_or(0);
                         l3_of.insert(c, (shared, size));
                     }
                 }
@@ -319,30 +342,59 @@ impl Topology {
         let mut info = BTreeMap::new();
         for &c in &online {
             let (package, sibs) = &core_key[&c];
-            let sibs: Vec<u32> = sibs.iter().copied().filter(|s| online.contains(s)).collect();
+            let sibs: Vec<u32> = sibs
+                .iter()
+                .copied()
+                .filter(|s| online.contains(s))
+                .collect();
             let core = *core_index.entry(sibs.clone()).or_insert_with(|| {
-                cores.push(Core { id: cores.len() as u32, package: *package, cpus: sibs.clone() });
+                cores.push(Core {
+                    id: cores.len() as u32,
+                    package: *package,
+                    cpus: sibs.clone(),
+                });
                 cores.len() as u32 - 1
             });
             let numa_node = node_of.get(&c).copied().unwrap_or(0);
             // Without L3 information, a NUMA node is the cache domain.
             let (shared, size) = l3_of.get(&c).cloned().unwrap_or_else(|| {
-                let same: Vec<u32> =
-                    online.iter().copied().filter(|o| node_of.get(o).copied().unwrap_or(0) == numa_node).collect();
+                let same: Vec<u32> = online
+                    .iter()
+                    .copied()
+                    .filter(|o| node_of.get(o).copied().unwrap_or(0) == numa_node)
+                    .collect();
                 (same, 0)
             });
             let shared: Vec<u32> = shared.into_iter().filter(|s| online.contains(s)).collect();
             let l3id = *l3_index.entry(shared.clone()).or_insert_with(|| {
-                l3.push(L3Domain { id: l3.len() as u32, cpus: shared.clone(), size_kb: size, numa_node });
+                l3.push(L3Domain {
+                    id: l3.len() as u32,
+                    cpus: shared.clone(),
+                    size_kb: size,
+                    numa_node,
+                });
                 l3.len() as u32 - 1
             });
-            info.insert(c, CpuInfo { id: c, core, package: *package, numa_node, l3: l3id });
+            info.insert(
+                c,
+                CpuInfo {
+                    id: c,
+                    core,
+                    package: *package,
+                    numa_node,
+                    l3: l3id,
+                },
+            );
         }
         let nodes = node_mem
             .iter()
             .map(|(&id, &memory_mb)| NumaNode {
                 id,
-                cpus: online.iter().copied().filter(|c| info[c].numa_node == id).collect(),
+                cpus: online
+                    .iter()
+                    .copied()
+                    .filter(|c| info[c].numa_node == id)
+                    .collect(),
                 memory_mb,
             })
             .collect();
@@ -437,7 +489,10 @@ mod tests {
 
     #[test]
     fn cpulists() {
-        assert_eq!(parse_cpulist("0-3,8,10-11\n").unwrap(), vec![0, 1, 2, 3, 8, 10, 11]);
+        assert_eq!(
+            parse_cpulist("0-3,8,10-11\n").unwrap(),
+            vec![0, 1, 2, 3, 8, 10, 11]
+        );
         assert_eq!(parse_cpulist("").unwrap(), Vec::<u32>::new());
         assert!(parse_cpulist("3-1").is_none());
         assert!(parse_cpulist("a").is_none());
@@ -448,7 +503,10 @@ mod tests {
     fn sizes() {
         assert_eq!(parse_size_kb("98304K"), Some(98304));
         assert_eq!(parse_size_kb("96M"), Some(98304));
-        assert_eq!(node_memory_mb("Node 0 MemTotal:       32768000 kB\n"), Some(32000));
+        assert_eq!(
+            node_memory_mb("Node 0 MemTotal:       32768000 kB\n"),
+            Some(32000)
+        );
     }
 
     #[test]
@@ -456,6 +514,9 @@ mod tests {
         let t = Topology::detect().unwrap();
         assert!(!t.cpus().is_empty());
         assert!(t.memory_mb() > 0);
-        assert_eq!(t.numa_nodes().iter().map(|n| n.cpus.len()).sum::<usize>(), t.cpus().len());
+        assert_eq!(
+            t.numa_nodes().iter().map(|n| n.cpus.len()).sum::<usize>(),
+            t.cpus().len()
+        );
     }
 }

@@ -70,7 +70,11 @@ fn half_open_admits_exactly_the_permitted_trials_across_threads() {
     let clock = ManualClock::new();
     let cb = Arc::new(
         CircuitBreaker::with_clock(
-            BreakerConfig { failure_threshold: 1, half_open_max_calls: 3, ..Default::default() },
+            BreakerConfig {
+                failure_threshold: 1,
+                half_open_max_calls: 3,
+                ..Default::default()
+            },
             clock.clone(),
         )
         .unwrap(),
@@ -99,14 +103,24 @@ fn half_open_admits_exactly_the_permitted_trials_across_threads() {
 
 #[test]
 fn many_threads_counting() {
-    let cb = Arc::new(CircuitBreaker::new(BreakerConfig { failure_threshold: 1_000_000, ..Default::default() }).unwrap());
+    let cb = Arc::new(
+        CircuitBreaker::new(BreakerConfig {
+            failure_threshold: 1_000_000,
+            ..Default::default()
+        })
+        .unwrap(),
+    );
     let hs: Vec<_> = (0..8)
         .map(|i| {
             let cb = cb.clone();
             std::thread::spawn(move || {
                 for j in 0..10_000 {
                     cb.allow().unwrap();
-                    if (i + j) % 2 == 0 { cb.record_success() } else { cb.record_failure() }
+                    if (i + j) % 2 == 0 {
+                        cb.record_success()
+                    } else {
+                        cb.record_failure()
+                    }
                 }
             })
         })

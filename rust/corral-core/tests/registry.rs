@@ -13,7 +13,12 @@ fn thousand_registrations_from_eight_threads() {
             std::thread::spawn(move || {
                 for i in 0..125 {
                     let svc = format!("svc-{}", i % 10);
-                    reg.register(Instance::new(svc, format!("{t}-{i}"), "127.0.0.1", 20000 + i));
+                    reg.register(Instance::new(
+                        svc,
+                        format!("{t}-{i}"),
+                        "127.0.0.1",
+                        20000 + i,
+                    ));
                     let _ = reg.instances("svc-3", true);
                 }
             })
@@ -24,7 +29,11 @@ fn thousand_registrations_from_eight_threads() {
     }
     assert_eq!(reg.len(), 1000);
     assert_eq!(reg.generation(), 1000);
-    let total: usize = reg.services().iter().map(|s| reg.instances(s, false).len()).sum();
+    let total: usize = reg
+        .services()
+        .iter()
+        .map(|s| reg.instances(s, false).len())
+        .sum();
     assert_eq!(total, 1000);
     assert_eq!(reg.instances("svc-0", false).len(), 8 * 13);
 }

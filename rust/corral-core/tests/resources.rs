@@ -17,7 +17,10 @@ fn rm(name: &str) -> ResourceManager {
 }
 
 fn cores(n: u32) -> ResourceRequest {
-    ResourceRequest { cores: n, ..Default::default() }
+    ResourceRequest {
+        cores: n,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -49,7 +52,13 @@ fn whole_physical_cores_before_splitting() {
 #[test]
 fn prefer_large_cache_on_7950x3d() {
     let m = rm("ryzen-7950x3d");
-    let g = m.allocate(&ResourceRequest { cores: 4, cache: CachePolicy::PreferLarge, ..Default::default() }).unwrap();
+    let g = m
+        .allocate(&ResourceRequest {
+            cores: 4,
+            cache: CachePolicy::PreferLarge,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(g.l3_domains, vec![0], "the 96 MiB CCD");
     // Without the preference, the tightest fit also avoids splitting domains.
     let g2 = m.allocate(&cores(4)).unwrap();
@@ -72,11 +81,25 @@ fn numa_require_fails_with_per_node_counts() {
     let _a = m.allocate(&cores(10)).unwrap();
     let _b = m.allocate(&cores(10)).unwrap();
     let e = m
-        .allocate(&ResourceRequest { cores: 8, numa: NumaPolicy::Require, ..Default::default() })
+        .allocate(&ResourceRequest {
+            cores: 8,
+            numa: NumaPolicy::Require,
+            ..Default::default()
+        })
         .unwrap_err();
-    assert!(e.to_string().starts_with("cpu: asked 8 exclusive cores on one NUMA node"), "{e}");
+    assert!(
+        e.to_string()
+            .starts_with("cpu: asked 8 exclusive cores on one NUMA node"),
+        "{e}"
+    );
     // Prefer spreads instead.
-    let g = m.allocate(&ResourceRequest { cores: 8, numa: NumaPolicy::Prefer, ..Default::default() }).unwrap();
+    let g = m
+        .allocate(&ResourceRequest {
+            cores: 8,
+            numa: NumaPolicy::Prefer,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(g.numa_node, None);
     assert_eq!(g.cpus.len(), 8);
 }
@@ -85,33 +108,69 @@ fn numa_require_fails_with_per_node_counts() {
 fn numa_memory_is_accounted_per_node() {
     let m = ResourceManager::new(
         fixture("dual-socket"),
-        ResourceConfig { memory_mb: Some(2000), ..Default::default() },
+        ResourceConfig {
+            memory_mb: Some(2000),
+            ..Default::default()
+        },
     )
     .unwrap();
-    let req = |mb| ResourceRequest { cores: 2, numa: NumaPolicy::Require, memory_mb: mb, ..Default::default() };
+    let req = |mb| ResourceRequest {
+        cores: 2,
+        numa: NumaPolicy::Require,
+        memory_mb: mb,
+        ..Default::default()
+    };
     let a = m.allocate(&req(700)).unwrap();
     let b = m.allocate(&req(700)).unwrap();
-    assert_ne!(a.numa_node, b.numa_node, "the second does not fit on the first node");
+    assert_ne!(
+        a.numa_node, b.numa_node,
+        "the second does not fit on the first node"
+    );
     let e = m.allocate(&req(500)).unwrap_err();
-    assert_eq!(e.to_string(), "memory: asked 500 MiB, 300 MiB free on node 0, 600 MiB free in total");
+    assert_eq!(
+        e.to_string(),
+        "memory: asked 500 MiB, 300 MiB free on node 0, 600 MiB free in total"
+    );
 }
 
 #[test]
 fn memory_and_overcommit() {
     let m = ResourceManager::new(
         fixture("no-smt"),
-        ResourceConfig { memory_mb: Some(1000), memory_overcommit: 1.5, ..Default::default() },
+        ResourceConfig {
+            memory_mb: Some(1000),
+            memory_overcommit: 1.5,
+            ..Default::default()
+        },
     )
     .unwrap();
-    let _g = m.allocate(&ResourceRequest { memory_mb: 1400, ..Default::default() }).unwrap();
-    let e = m.allocate(&ResourceRequest { memory_mb: 200, ..Default::default() }).unwrap_err();
-    assert_eq!(e.to_string(), "memory: asked 200 MiB, 100 MiB free in total");
+    let _g = m
+        .allocate(&ResourceRequest {
+            memory_mb: 1400,
+            ..Default::default()
+        })
+        .unwrap();
+    let e = m
+        .allocate(&ResourceRequest {
+            memory_mb: 200,
+            ..Default::default()
+        })
+        .unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "memory: asked 200 MiB, 100 MiB free in total"
+    );
 }
 
 #[test]
 fn shared_pool_shrinks_with_exclusive_cores() {
     let m = rm("no-smt"); // CPUs 1-3 for exclusive use; the shared pool also has reserved CPU 0
-    let s = m.allocate(&ResourceRequest { cpu: 3.5, ..Default::default() }).unwrap();
+    let s = m
+        .allocate(&ResourceRequest {
+            cpu: 3.5,
+            ..Default::default()
+        })
+        .unwrap();
     assert_eq!(s.millicores, 3500);
     // One exclusive core would leave 3000 millicores for 3500 in use.
     let e = m.allocate(&cores(1)).unwrap_err();
@@ -126,17 +185,32 @@ fn storage_quota_against_volume() {
     let m = ResourceManager::new(
         fixture("no-smt"),
         ResourceConfig {
-            volumes: vec![VolumeSpec { name: "data".into(), path: dir.path().into(), capacity_mb: Some(100) }],
+            volumes: vec![VolumeSpec {
+                name: "data".into(),
+                path: dir.path().into(),
+                capacity_mb: Some(100),
+            }],
             ..Default::default()
         },
     )
     .unwrap();
-    let st = |mb| ResourceRequest { storage_mb: mb, volume: Some("data".into()), ..Default::default() };
+    let st = |mb| ResourceRequest {
+        storage_mb: mb,
+        volume: Some("data".into()),
+        ..Default::default()
+    };
     m.allocate(&st(60)).unwrap();
     let e = m.allocate(&st(50)).unwrap_err();
-    assert_eq!(e.to_string(), "storage: asked 50 MiB on volume 'data', 40 MiB free of 100 MiB");
+    assert_eq!(
+        e.to_string(),
+        "storage: asked 50 MiB on volume 'data', 40 MiB free of 100 MiB"
+    );
     assert!(matches!(
-        m.allocate(&ResourceRequest { storage_mb: 1, volume: Some("nope".into()), ..Default::default() }),
+        m.allocate(&ResourceRequest {
+            storage_mb: 1,
+            volume: Some("nope".into()),
+            ..Default::default()
+        }),
         Err(ResourceError::UnknownVolume(_))
     ));
     std::fs::write(dir.path().join("f"), vec![1u8; 64 * 1024]).unwrap();
@@ -149,7 +223,11 @@ fn volume_capacity_defaults_to_statvfs() {
     let m = ResourceManager::new(
         fixture("no-smt"),
         ResourceConfig {
-            volumes: vec![VolumeSpec { name: "d".into(), path: dir.path().into(), capacity_mb: None }],
+            volumes: vec![VolumeSpec {
+                name: "d".into(),
+                path: dir.path().into(),
+                capacity_mb: None,
+            }],
             ..Default::default()
         },
     )
@@ -161,11 +239,21 @@ fn volume_capacity_defaults_to_statvfs() {
 fn all_or_nothing() {
     let m = ResourceManager::new(
         fixture("ryzen-7800x3d"),
-        ResourceConfig { memory_mb: Some(100), ..Default::default() },
+        ResourceConfig {
+            memory_mb: Some(100),
+            ..Default::default()
+        },
     )
     .unwrap();
     let before = m.usage();
-    assert!(m.allocate(&ResourceRequest { cores: 2, cpu: 1.0, memory_mb: 500, ..Default::default() }).is_err());
+    assert!(m
+        .allocate(&ResourceRequest {
+            cores: 2,
+            cpu: 1.0,
+            memory_mb: 500,
+            ..Default::default()
+        })
+        .is_err());
     assert_eq!(m.usage(), before);
 }
 
@@ -174,18 +262,35 @@ fn release_exactly_once() {
     let m = rm("no-smt");
     let g = m.allocate(&cores(1)).unwrap();
     m.release(g.id).unwrap();
-    assert_eq!(m.release(g.id).unwrap_err(), ResourceError::UnknownGrant(g.id));
+    assert_eq!(
+        m.release(g.id).unwrap_err(),
+        ResourceError::UnknownGrant(g.id)
+    );
 }
 
 #[test]
 fn concurrent_allocate_release_keeps_totals() {
-    let m = std::sync::Arc::new(ResourceManager::new(fixture("dual-socket"), ResourceConfig { memory_mb: Some(10_000), ..Default::default() }).unwrap());
+    let m = std::sync::Arc::new(
+        ResourceManager::new(
+            fixture("dual-socket"),
+            ResourceConfig {
+                memory_mb: Some(10_000),
+                ..Default::default()
+            },
+        )
+        .unwrap(),
+    );
     let hs: Vec<_> = (0..8)
         .map(|i| {
             let m = m.clone();
             std::thread::spawn(move || {
                 for j in 0..500 {
-                    let req = ResourceRequest { cores: 1 + (i + j) % 3, cpu: 0.1, memory_mb: 10, ..Default::default() };
+                    let req = ResourceRequest {
+                        cores: 1 + (i + j) % 3,
+                        cpu: 0.1,
+                        memory_mb: 10,
+                        ..Default::default()
+                    };
                     if let Ok(g) = m.allocate(&req) {
                         m.release(g.id).unwrap();
                     }
@@ -198,19 +303,35 @@ fn concurrent_allocate_release_keeps_totals() {
     }
     let u = m.usage();
     assert!(u.exclusive_cpus.is_empty());
-    assert_eq!((u.memory_used_mb, u.shared_used_millicores, u.grants), (0, 0, 0));
+    assert_eq!(
+        (u.memory_used_mb, u.shared_used_millicores, u.grants),
+        (0, 0, 0)
+    );
 }
 
 #[derive(Debug, Clone)]
 enum Op {
-    Alloc { cores: u32, milli: u32, mem: u64, numa: u8, large: bool },
+    Alloc {
+        cores: u32,
+        milli: u32,
+        mem: u64,
+        numa: u8,
+        large: bool,
+    },
     Release(usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        (0u32..6, 0u32..3000, 0u64..3000, 0u8..3, any::<bool>())
-            .prop_map(|(cores, milli, mem, numa, large)| Op::Alloc { cores, milli, mem, numa, large }),
+        (0u32..6, 0u32..3000, 0u64..3000, 0u8..3, any::<bool>()).prop_map(
+            |(cores, milli, mem, numa, large)| Op::Alloc {
+                cores,
+                milli,
+                mem,
+                numa,
+                large
+            }
+        ),
         (0usize..16).prop_map(Op::Release),
     ]
 }

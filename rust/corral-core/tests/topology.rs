@@ -23,7 +23,10 @@ fn ryzen_7950x3d_has_two_cache_domains() {
     assert_eq!(t.cores().len(), 16);
     let sizes: Vec<u64> = t.l3_domains().iter().map(|d| d.size_kb / 1024).collect();
     assert_eq!(sizes, vec![96, 32]);
-    assert_eq!(t.l3_domains()[0].cpus, [(0..8).collect::<Vec<u32>>(), (16..24).collect()].concat());
+    assert_eq!(
+        t.l3_domains()[0].cpus,
+        [(0..8).collect::<Vec<u32>>(), (16..24).collect()].concat()
+    );
     assert_eq!(t.cpu(20).unwrap().l3, 0);
     assert_eq!(t.cpu(9).unwrap().l3, 1);
 }
@@ -34,7 +37,10 @@ fn dual_socket() {
     assert_eq!(t.packages(), &[0, 1]);
     assert_eq!(t.numa_nodes().len(), 2);
     assert_eq!(t.l3_domains().len(), 4);
-    assert_eq!(t.numa_nodes()[1].cpus, [(8..16).collect::<Vec<u32>>(), (24..32).collect()].concat());
+    assert_eq!(
+        t.numa_nodes()[1].cpus,
+        [(8..16).collect::<Vec<u32>>(), (24..32).collect()].concat()
+    );
     assert!(t.l3_domains().iter().all(|d| d.cpus.len() == 8));
     assert_eq!(t.l3_domains()[2].numa_node, 1);
 }
@@ -50,7 +56,8 @@ fn no_smt() {
 
 #[test]
 fn cpuset_narrows_allowed_cpus() {
-    let src = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../tests/fixtures/sysfs/no-smt");
+    let src = std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../tests/fixtures/sysfs/no-smt");
     let dir = tempfile::tempdir().unwrap();
     copy_tree(&src, dir.path());
     std::fs::create_dir_all(dir.path().join("fs/cgroup")).unwrap();
@@ -63,7 +70,11 @@ fn cpuset_narrows_allowed_cpus() {
 #[test]
 fn missing_tree_is_a_clear_error() {
     let e = corral_core::topology::Topology::from_sysfs("/nonexistent/sys").unwrap_err();
-    assert!(e.to_string().contains("/nonexistent/sys/devices/system/cpu"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("/nonexistent/sys/devices/system/cpu"),
+        "{e}"
+    );
 }
 
 fn copy_tree(from: &std::path::Path, to: &std::path::Path) {

@@ -42,7 +42,10 @@ impl LoadBalancer {
                 return Ok(cand);
             }
         }
-        Err(pyo3::exceptions::PyKeyError::new_err(format!("no backend {}", b.repr()?)))
+        Err(pyo3::exceptions::PyKeyError::new_err(format!(
+            "no backend {}",
+            b.repr()?
+        )))
     }
 
     fn key(key: Option<&Bound<'_, PyAny>>) -> PyResult<Option<u64>> {
@@ -54,9 +57,17 @@ impl LoadBalancer {
 impl LoadBalancer {
     #[new]
     #[pyo3(signature = (backends, strategy = "round_robin", weights = None))]
-    fn new(backends: &Bound<'_, PyAny>, strategy: &str, weights: Option<Vec<u32>>) -> PyResult<Self> {
+    fn new(
+        backends: &Bound<'_, PyAny>,
+        strategy: &str,
+        weights: Option<Vec<u32>>,
+    ) -> PyResult<Self> {
         let strat = Strategy::parse(strategy).ok_or_else(|| {
-            bad_arg("strategy", strategy, "'round_robin', 'weighted_round_robin', 'least_connections', 'ip_hash', 'random'")
+            bad_arg(
+                "strategy",
+                strategy,
+                "'round_robin', 'weighted_round_robin', 'least_connections', 'ip_hash', 'random'",
+            )
         })?;
         let items: Vec<Bound<'_, PyAny>> = backends.try_iter()?.collect::<PyResult<_>>()?;
         if let Some(w) = &weights {
@@ -74,20 +85,26 @@ impl LoadBalancer {
             list.push((key_hash(&b)?, b.unbind(), w));
         }
         let list = list.into_iter().map(|(k, v, w)| (v, k, w)).collect();
-        Ok(Self { inner: Lb::with_keys(strat, list).py()? })
+        Ok(Self {
+            inner: Lb::with_keys(strat, list).py()?,
+        })
     }
 
     /// A backend. `key` (a client address, a user id ...) matters to `ip_hash`.
     #[pyo3(signature = (key = None))]
     fn pick(&self, py: Python<'_>, key: Option<&Bound<'_, PyAny>>) -> PyResult<Py<PyAny>> {
-        self.inner.pick_with(Self::key(key)?, |b| b.value.clone_ref(py)).py()
+        self.inner
+            .pick_with(Self::key(key)?, |b| b.value.clone_ref(py))
+            .py()
     }
 
     /// A context manager that picks a backend and counts a connection on it until the block ends.
     #[pyo3(signature = (key = None))]
     fn connection(&self, key: Option<&Bound<'_, PyAny>>) -> PyResult<ConnectionGuard> {
         let g = self.inner.connection(Self::key(key)?).py()?;
-        Ok(ConnectionGuard { guard: Mutex::new(Some(g)) })
+        Ok(ConnectionGuard {
+            guard: Mutex::new(Some(g)),
+        })
     }
 
     /// Stops sending traffic to a backend.
@@ -115,7 +132,9 @@ impl LoadBalancer {
     /// Adds a backend (up).
     #[pyo3(signature = (backend, weight = 1))]
     fn add(&self, backend: &Bound<'_, PyAny>, weight: u32) -> PyResult<()> {
-        self.inner.add(backend.clone().unbind(), key_hash(backend)?, weight).py()
+        self.inner
+            .add(backend.clone().unbind(), key_hash(backend)?, weight)
+            .py()
     }
 
     /// Removes a backend; connections in flight keep their guard.
@@ -128,7 +147,11 @@ impl LoadBalancer {
     /// The backends, in order.
     #[getter]
     fn backends(&self, py: Python<'_>) -> Vec<Py<PyAny>> {
-        self.inner.backends().iter().map(|b| b.value.clone_ref(py)).collect()
+        self.inner
+            .backends()
+            .iter()
+            .map(|b| b.value.clone_ref(py))
+            .collect()
     }
 
     /// The strategy's name.
@@ -142,7 +165,14 @@ impl LoadBalancer {
         self.inner
             .backends()
             .iter()
-            .map(|b| (b.value.clone_ref(py), b.is_up(), b.active(), b.connections()))
+            .map(|b| {
+                (
+                    b.value.clone_ref(py),
+                    b.is_up(),
+                    b.active(),
+                    b.connections(),
+                )
+            })
             .collect()
     }
 

@@ -32,7 +32,11 @@ thread_local! {
     static WITH_STARTS: RefCell<Vec<(usize, Instant)>> = const { RefCell::new(Vec::new()) };
 }
 
-fn as_tuple(py: Python<'_>, name: &str, v: Option<&Bound<'_, PyAny>>) -> PyResult<Option<Py<PyTuple>>> {
+fn as_tuple(
+    py: Python<'_>,
+    name: &str,
+    v: Option<&Bound<'_, PyAny>>,
+) -> PyResult<Option<Py<PyTuple>>> {
     let Some(v) = v else { return Ok(None) };
     let t = if let Ok(t) = v.cast::<PyTuple>() {
         t.clone()
@@ -42,9 +46,15 @@ fn as_tuple(py: Python<'_>, name: &str, v: Option<&Bound<'_, PyAny>>) -> PyResul
         PyTuple::new(py, v.try_iter()?.collect::<PyResult<Vec<_>>>()?)?
     };
     for item in t.iter() {
-        let ok = item.cast::<PyType>().is_ok_and(|ty| ty.is_subclass_of::<pyo3::exceptions::PyBaseException>().unwrap_or(false));
+        let ok = item.cast::<PyType>().is_ok_and(|ty| {
+            ty.is_subclass_of::<pyo3::exceptions::PyBaseException>()
+                .unwrap_or(false)
+        });
         if !ok {
-            return Err(crate::errors::bad_type(name, "an exception class or a tuple of them"));
+            return Err(crate::errors::bad_type(
+                name,
+                "an exception class or a tuple of them",
+            ));
         }
     }
     Ok((!t.is_empty()).then(|| t.unbind()))
@@ -53,9 +63,15 @@ fn as_tuple(py: Python<'_>, name: &str, v: Option<&Bound<'_, PyAny>>) -> PyResul
 impl CircuitBreaker {
     /// Records an exception raised by a guarded call, by its class.
     fn classify(&self, py: Python<'_>, err: &PyErr, elapsed: Option<Duration>) {
-        let ignored = self.exclude.as_ref().is_some_and(|ex| err.is_instance(py, ex.bind(py).as_any()))
+        let ignored = self
+            .exclude
+            .as_ref()
+            .is_some_and(|ex| err.is_instance(py, ex.bind(py).as_any()))
             || !err.is_instance_of::<PyException>(py)
-            || self.failure_on.as_ref().is_some_and(|f| !err.is_instance(py, f.bind(py).as_any()));
+            || self
+                .failure_on
+                .as_ref()
+                .is_some_and(|f| !err.is_instance(py, f.bind(py).as_any()));
         if ignored {
             self.inner.record_ignored();
         } else {
@@ -126,8 +142,12 @@ impl CircuitBreaker {
             failure_rate_threshold,
             window_size,
             minimum_calls,
-            slow_call_duration: slow_call_duration.map(|s| seconds("slow_call_duration", s)).transpose()?,
-            max_reset_timeout: max_reset_timeout.map(|s| seconds("max_reset_timeout", s)).transpose()?,
+            slow_call_duration: slow_call_duration
+                .map(|s| seconds("slow_call_duration", s))
+                .transpose()?,
+            max_reset_timeout: max_reset_timeout
+                .map(|s| seconds("max_reset_timeout", s))
+                .transpose()?,
         };
         Ok(Self {
             timed: config.slow_call_duration.is_some(),
@@ -182,7 +202,12 @@ impl CircuitBreaker {
 
     /// Records an exception a guarded call raised, as the breaker's exception rules say.
     #[pyo3(signature = (exc, duration = None))]
-    fn record_exception(&self, py: Python<'_>, exc: &Bound<'_, PyAny>, duration: Option<f64>) -> PyResult<()> {
+    fn record_exception(
+        &self,
+        py: Python<'_>,
+        exc: &Bound<'_, PyAny>,
+        duration: Option<f64>,
+    ) -> PyResult<()> {
         let err = PyErr::from_value(exc.clone());
         let d = duration.map(|d| seconds("duration", d)).transpose()?;
         self.classify(py, &err, d);
@@ -226,13 +251,14 @@ impl CircuitBreaker {
 
     /// Calls `fn(old_state, new_state)` on every state change.
     fn add_listener(&self, listener: Py<PyAny>) {
-        self.inner.add_listener(Arc::new(move |from: State, to: State| {
-            Python::attach(|py| {
-                if let Err(e) = listener.call1(py, (from.as_str(), to.as_str())) {
-                    e.write_unraisable(py, Some(listener.bind(py)));
-                }
-            });
-        }));
+        self.inner
+            .add_listener(Arc::new(move |from: State, to: State| {
+                Python::attach(|py| {
+                    if let Err(e) = listener.call1(py, (from.as_str(), to.as_str())) {
+                        e.write_unraisable(py, Some(listener.bind(py)));
+                    }
+                });
+            }));
     }
 
     /// A snapshot of the counters.
@@ -292,7 +318,11 @@ impl CircuitBreaker {
     }
 
     fn __repr__(&self) -> String {
-        format!("CircuitBreaker(name={:?}, state={:?})", self.name, self.inner.state().as_str())
+        format!(
+            "CircuitBreaker(name={:?}, state={:?})",
+            self.name,
+            self.inner.state().as_str()
+        )
     }
 }
 
@@ -351,7 +381,9 @@ impl GuardedCall {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        self.breaker.get().guarded(py, self.func.bind(py), args, kwargs)
+        self.breaker
+            .get()
+            .guarded(py, self.func.bind(py), args, kwargs)
     }
     /// Binds like a function when used as a method.
     fn __get__<'py>(

@@ -11,7 +11,9 @@ use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 
-use corral_core::error::{BalanceError, BreakerError, CircuitOpen, PortError, ResourceError, RetryError, TopologyError};
+use corral_core::error::{
+    BalanceError, BreakerError, CircuitOpen, PortError, ResourceError, RetryError, TopologyError,
+};
 
 /// Cached exception classes from `corral.exceptions`, by name.
 macro_rules! exception {
@@ -57,7 +59,12 @@ impl IntoPyErr for CircuitOpen {
     /// Raised on every rejected call, so it carries only `(state, remaining)`;
     /// `CircuitOpenError.__str__` builds the message when someone reads it.
     fn into_pyerr(self) -> PyErr {
-        Python::attach(|py| PyErr::from_type(circuit_open_error(py).clone(), (self.state, self.remaining_secs)))
+        Python::attach(|py| {
+            PyErr::from_type(
+                circuit_open_error(py).clone(),
+                (self.state, self.remaining_secs),
+            )
+        })
     }
 }
 
@@ -65,7 +72,11 @@ impl IntoPyErr for PortError {
     fn into_pyerr(self) -> PyErr {
         let msg = self.to_string();
         match self {
-            PortError::Exhausted { ranges, in_use, total } => raise(ports_exhausted, (msg, ranges, in_use, total)),
+            PortError::Exhausted {
+                ranges,
+                in_use,
+                total,
+            } => raise(ports_exhausted, (msg, ranges, in_use, total)),
             PortError::InUse { port, holder } => raise(port_in_use, (msg, port, holder)),
             PortError::InvalidRange(_) => raise(config_error, (msg,)),
             _ => raise(port_error, (msg,)),
@@ -78,9 +89,9 @@ impl IntoPyErr for ResourceError {
         let msg = self.to_string();
         match self {
             ResourceError::Insufficient(_) => raise(insufficient_resources, (msg,)),
-            ResourceError::InvalidConfig(_) | ResourceError::InvalidRequest(_) | ResourceError::UnknownVolume(_) => {
-                raise(config_error, (msg,))
-            }
+            ResourceError::InvalidConfig(_)
+            | ResourceError::InvalidRequest(_)
+            | ResourceError::UnknownVolume(_) => raise(config_error, (msg,)),
             _ => raise(resource_error, (msg,)),
         }
     }
@@ -148,6 +159,9 @@ pub(crate) fn bad_type(name: &str, expected: &str) -> PyErr {
 
 /// Seconds (float) to a Duration, rejecting negatives and NaN.
 pub(crate) fn seconds(name: &str, v: f64) -> PyResult<std::time::Duration> {
-    std::time::Duration::try_from_secs_f64(v)
-        .map_err(|_| PyValueError::new_err(format!("{name} must be a non-negative number of seconds, got {v}")))
+    std::time::Duration::try_from_secs_f64(v).map_err(|_| {
+        PyValueError::new_err(format!(
+            "{name} must be a non-negative number of seconds, got {v}"
+        ))
+    })
 }

@@ -2,7 +2,11 @@
 //! mostly conversions; every class is frozen and safe to share across threads.
 #![deny(unsafe_code)]
 // PyO3's generated code trips these pedantic lints.
-#![allow(clippy::needless_pass_by_value, clippy::unused_self, clippy::too_many_arguments)]
+#![allow(
+    clippy::needless_pass_by_value,
+    clippy::unused_self,
+    clippy::too_many_arguments
+)]
 
 use pyo3::prelude::*;
 
@@ -22,7 +26,11 @@ pub(crate) fn bind_as_method<'py>(
     obj: Option<&Bound<'py, PyAny>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     match obj {
-        Some(o) if !o.is_none() => wrapper.py().import("types")?.getattr("MethodType")?.call1((wrapper, o)),
+        Some(o) if !o.is_none() => wrapper
+            .py()
+            .import("types")?
+            .getattr("MethodType")?
+            .call1((wrapper, o)),
         _ => Ok(wrapper.clone()),
     }
 }

@@ -17,7 +17,8 @@ pub struct PortAllocator {
 }
 
 fn parse_addr(a: &str) -> PyResult<IpAddr> {
-    a.parse().map_err(|_| PyValueError::new_err(format!("check_bind: {a:?} is not an IP address")))
+    a.parse()
+        .map_err(|_| PyValueError::new_err(format!("check_bind: {a:?} is not an IP address")))
 }
 
 #[pymethods]
@@ -81,7 +82,11 @@ impl PortAllocator {
         self.inner.ranges().to_vec()
     }
     fn __repr__(&self) -> String {
-        format!("PortAllocator(ranges={:?}, available={})", self.inner.ranges_text(), self.inner.available())
+        format!(
+            "PortAllocator(ranges={:?}, available={})",
+            self.inner.ranges_text(),
+            self.inner.available()
+        )
     }
 }
 

@@ -30,7 +30,15 @@ impl PyInstance {
         healthy: bool,
     ) -> Self {
         Self {
-            inner: Arc::new(core::Instance { service, id, host, port, tags, meta, healthy }),
+            inner: Arc::new(core::Instance {
+                service,
+                id,
+                host,
+                port,
+                tags,
+                meta,
+                healthy,
+            }),
         }
     }
     #[getter]
@@ -96,7 +104,9 @@ impl PyInstance {
         }
     }
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
-        other.cast::<PyInstance>().is_ok_and(|o| *o.get().inner == *self.inner)
+        other
+            .cast::<PyInstance>()
+            .is_ok_and(|o| *o.get().inner == *self.inner)
     }
     fn __hash__(&self) -> u64 {
         corral_core::rng::stable_hash(self.inner.id.as_bytes())
@@ -105,13 +115,19 @@ impl PyInstance {
         let i = &self.inner;
         format!(
             "Instance(service={:?}, id={:?}, host={:?}, port={}, healthy={})",
-            i.service, i.id, i.host, i.port, if i.healthy { "True" } else { "False" }
+            i.service,
+            i.id,
+            i.host,
+            i.port,
+            if i.healthy { "True" } else { "False" }
         )
     }
 }
 
 fn wrap(inner: &Arc<core::Instance>) -> PyInstance {
-    PyInstance { inner: inner.clone() }
+    PyInstance {
+        inner: inner.clone(),
+    }
 }
 
 /// A change to the registry, as yielded by `watch()`.
@@ -133,7 +149,10 @@ impl RegistryEvent {
     fn __repr__(&self, py: Python<'_>) -> String {
         let id = self.instance.as_ref().map(|i| i.get().inner.id.clone());
         let _ = py;
-        format!("RegistryEvent(kind={:?}, generation={}, id={:?})", self.kind, self.generation, id)
+        format!(
+            "RegistryEvent(kind={:?}, generation={}, id={:?})",
+            self.kind, self.generation, id
+        )
     }
 }
 
@@ -147,11 +166,14 @@ pub struct ServiceRegistry {
 impl ServiceRegistry {
     #[new]
     fn new() -> Self {
-        Self { inner: Arc::new(core::ServiceRegistry::new()) }
+        Self {
+            inner: Arc::new(core::ServiceRegistry::new()),
+        }
     }
     /// Registers an instance; returns True when its id was new (False: it replaced one).
     fn register(&self, instance: &Bound<'_, PyInstance>) -> bool {
-        self.inner.register(core::Instance::clone(&instance.get().inner))
+        self.inner
+            .register(core::Instance::clone(&instance.get().inner))
     }
     /// Removes an instance; returns it, or None when the id is unknown.
     fn deregister(&self, id: &str) -> Option<PyInstance> {
@@ -164,7 +186,11 @@ impl ServiceRegistry {
     /// The instances of a service, in registration order.
     #[pyo3(signature = (service, healthy_only = false))]
     fn instances(&self, service: &str, healthy_only: bool) -> Vec<PyInstance> {
-        self.inner.instances(service, healthy_only).iter().map(wrap).collect()
+        self.inner
+            .instances(service, healthy_only)
+            .iter()
+            .map(wrap)
+            .collect()
     }
     /// Sets an instance's health; returns False when the id is unknown.
     fn set_health(&self, id: &str, healthy: bool) -> bool {
@@ -214,7 +240,11 @@ impl RegistryWatch {
                     generation: change.generation,
                     instance: Some(Py::new(py, wrap(&change.instance))?),
                 }),
-                Err(RecvError::Lagged(_)) => Ok(RegistryEvent { kind: "lagged", generation: 0, instance: None }),
+                Err(RecvError::Lagged(_)) => Ok(RegistryEvent {
+                    kind: "lagged",
+                    generation: 0,
+                    instance: None,
+                }),
                 Err(RecvError::Closed) => Err(PyStopAsyncIteration::new_err(())),
             })
         })

@@ -33,14 +33,18 @@ impl ResourceRequest {
         numa_node: Option<u32>,
     ) -> PyResult<Self> {
         if !(cpu >= 0.0 && cpu.is_finite()) {
-            return Err(pyo3::exceptions::PyValueError::new_err(format!("cpu must be a non-negative number, got {cpu}")));
+            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                "cpu must be a non-negative number, got {cpu}"
+            )));
         }
         Ok(Self {
             inner: core::ResourceRequest {
                 cpu,
                 cores,
-                numa: NumaPolicy::parse(numa).ok_or_else(|| bad_arg("numa", numa, "'none', 'prefer', 'require'"))?,
-                cache: CachePolicy::parse(cache).ok_or_else(|| bad_arg("cache", cache, "'any', 'prefer-large'"))?,
+                numa: NumaPolicy::parse(numa)
+                    .ok_or_else(|| bad_arg("numa", numa, "'none', 'prefer', 'require'"))?,
+                cache: CachePolicy::parse(cache)
+                    .ok_or_else(|| bad_arg("cache", cache, "'any', 'prefer-large'"))?,
                 numa_node,
                 memory_mb,
                 swap_mb,
@@ -139,9 +143,16 @@ impl ResourceManager {
                 } else if let Ok(p) = val.extract::<PathBuf>() {
                     (p, None)
                 } else {
-                    return Err(bad_type(&format!("volumes[{name:?}]"), "a path or a (path, capacity_mb) pair"));
+                    return Err(bad_type(
+                        &format!("volumes[{name:?}]"),
+                        "a path or a (path, capacity_mb) pair",
+                    ));
                 };
-                specs.push(VolumeSpec { name, path, capacity_mb });
+                specs.push(VolumeSpec {
+                    name,
+                    path,
+                    capacity_mb,
+                });
             }
         }
         let config = core::ResourceConfig {
@@ -152,7 +163,9 @@ impl ResourceManager {
             swap_mb,
             volumes: specs,
         };
-        Ok(Self { inner: core::ResourceManager::new((*topology.get().inner).clone(), config).py()? })
+        Ok(Self {
+            inner: core::ResourceManager::new((*topology.get().inner).clone(), config).py()?,
+        })
     }
 
     /// Allocates everything the request asks for, or raises and allocates nothing.
@@ -198,7 +211,11 @@ impl ResourceManager {
         d.set_item("shared_used_millicores", u.shared_used_millicores)?;
         d.set_item("memory_capacity_mb", u.memory_capacity_mb)?;
         d.set_item("memory_used_mb", u.memory_used_mb)?;
-        let nodes: HashMap<u32, (u64, u64)> = u.memory_by_node.iter().map(|(n, c, used)| (*n, (*c, *used))).collect();
+        let nodes: HashMap<u32, (u64, u64)> = u
+            .memory_by_node
+            .iter()
+            .map(|(n, c, used)| (*n, (*c, *used)))
+            .collect();
         d.set_item("memory_by_node", nodes)?;
         d.set_item("swap_used_mb", u.swap_used_mb)?;
         let vols = PyDict::new(py);

@@ -29,7 +29,8 @@ fn build(
     jitter: &str,
     seed: Option<u64>,
 ) -> PyResult<RetryPolicy> {
-    let jitter = Jitter::parse(jitter).ok_or_else(|| bad_arg("jitter", jitter, "'none', 'full', 'equal'"))?;
+    let jitter = Jitter::parse(jitter)
+        .ok_or_else(|| bad_arg("jitter", jitter, "'none', 'full', 'equal'"))?;
     let inner = core::RetryPolicy::new(backoff)
         .jitter(jitter)
         .max_delay(max_delay.map(|d| seconds("max_delay", d)).transpose()?)
@@ -45,34 +46,104 @@ impl RetryPolicy {
     /// The same delay every time.
     #[staticmethod]
     #[pyo3(signature = (delay, *, max_delay = None, max_attempts = Some(3), max_elapsed = None, jitter = "none", seed = None))]
-    fn fixed(delay: f64, max_delay: Option<f64>, max_attempts: Option<u32>, max_elapsed: Option<f64>, jitter: &str, seed: Option<u64>) -> PyResult<Self> {
-        build(Backoff::Fixed { delay: seconds("delay", delay)? }, max_delay, max_attempts, max_elapsed, jitter, seed)
+    fn fixed(
+        delay: f64,
+        max_delay: Option<f64>,
+        max_attempts: Option<u32>,
+        max_elapsed: Option<f64>,
+        jitter: &str,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        build(
+            Backoff::Fixed {
+                delay: seconds("delay", delay)?,
+            },
+            max_delay,
+            max_attempts,
+            max_elapsed,
+            jitter,
+            seed,
+        )
     }
     /// `initial + n * step`.
     #[staticmethod]
     #[pyo3(signature = (initial, step, *, max_delay = None, max_attempts = Some(3), max_elapsed = None, jitter = "none", seed = None))]
-    fn linear(initial: f64, step: f64, max_delay: Option<f64>, max_attempts: Option<u32>, max_elapsed: Option<f64>, jitter: &str, seed: Option<u64>) -> PyResult<Self> {
-        let b = Backoff::Linear { initial: seconds("initial", initial)?, step: seconds("step", step)? };
+    fn linear(
+        initial: f64,
+        step: f64,
+        max_delay: Option<f64>,
+        max_attempts: Option<u32>,
+        max_elapsed: Option<f64>,
+        jitter: &str,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        let b = Backoff::Linear {
+            initial: seconds("initial", initial)?,
+            step: seconds("step", step)?,
+        };
         build(b, max_delay, max_attempts, max_elapsed, jitter, seed)
     }
     /// `initial * multiplier ** n`.
     #[staticmethod]
     #[pyo3(signature = (initial, multiplier = 2.0, *, max_delay = None, max_attempts = Some(3), max_elapsed = None, jitter = "none", seed = None))]
-    fn exponential(initial: f64, multiplier: f64, max_delay: Option<f64>, max_attempts: Option<u32>, max_elapsed: Option<f64>, jitter: &str, seed: Option<u64>) -> PyResult<Self> {
-        let b = Backoff::Exponential { initial: seconds("initial", initial)?, multiplier };
+    fn exponential(
+        initial: f64,
+        multiplier: f64,
+        max_delay: Option<f64>,
+        max_attempts: Option<u32>,
+        max_elapsed: Option<f64>,
+        jitter: &str,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        let b = Backoff::Exponential {
+            initial: seconds("initial", initial)?,
+            multiplier,
+        };
         build(b, max_delay, max_attempts, max_elapsed, jitter, seed)
     }
     /// `initial * fib(n)`: 1, 1, 2, 3, 5, ...
     #[staticmethod]
     #[pyo3(signature = (initial, *, max_delay = None, max_attempts = Some(3), max_elapsed = None, jitter = "none", seed = None))]
-    fn fibonacci(initial: f64, max_delay: Option<f64>, max_attempts: Option<u32>, max_elapsed: Option<f64>, jitter: &str, seed: Option<u64>) -> PyResult<Self> {
-        build(Backoff::Fibonacci { initial: seconds("initial", initial)? }, max_delay, max_attempts, max_elapsed, jitter, seed)
+    fn fibonacci(
+        initial: f64,
+        max_delay: Option<f64>,
+        max_attempts: Option<u32>,
+        max_elapsed: Option<f64>,
+        jitter: &str,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        build(
+            Backoff::Fibonacci {
+                initial: seconds("initial", initial)?,
+            },
+            max_delay,
+            max_attempts,
+            max_elapsed,
+            jitter,
+            seed,
+        )
     }
     /// AWS's decorrelated jitter: `min(max_delay, uniform(initial, 3 * previous))`.
     #[staticmethod]
     #[pyo3(signature = (initial, *, max_delay = None, max_attempts = Some(3), max_elapsed = None, jitter = "none", seed = None))]
-    fn decorrelated(initial: f64, max_delay: Option<f64>, max_attempts: Option<u32>, max_elapsed: Option<f64>, jitter: &str, seed: Option<u64>) -> PyResult<Self> {
-        build(Backoff::Decorrelated { initial: seconds("initial", initial)? }, max_delay, max_attempts, max_elapsed, jitter, seed)
+    fn decorrelated(
+        initial: f64,
+        max_delay: Option<f64>,
+        max_attempts: Option<u32>,
+        max_elapsed: Option<f64>,
+        jitter: &str,
+        seed: Option<u64>,
+    ) -> PyResult<Self> {
+        build(
+            Backoff::Decorrelated {
+                initial: seconds("initial", initial)?,
+            },
+            max_delay,
+            max_attempts,
+            max_elapsed,
+            jitter,
+            seed,
+        )
     }
     /// The successive delays in seconds, without sleeping (endless without `max_attempts`).
     fn delays(&self) -> RetrySchedule {
@@ -80,7 +151,9 @@ impl RetryPolicy {
     }
     /// A fresh schedule for one retried operation.
     fn schedule(&self) -> RetrySchedule {
-        RetrySchedule { inner: Mutex::new(self.inner.schedule()) }
+        RetrySchedule {
+            inner: Mutex::new(self.inner.schedule()),
+        }
     }
     /// Total attempts allowed, or None.
     #[getter]
@@ -93,7 +166,10 @@ impl RetryPolicy {
         self.inner.max_elapsed.map(|d| d.as_secs_f64())
     }
     fn __repr__(&self) -> String {
-        format!("RetryPolicy({:?}, max_attempts={:?})", self.inner.backoff, self.inner.max_attempts)
+        format!(
+            "RetryPolicy({:?}, max_attempts={:?})",
+            self.inner.backoff, self.inner.max_attempts
+        )
     }
 }
 
@@ -135,7 +211,11 @@ impl RetryBudget {
     #[new]
     #[pyo3(signature = (ratio = 0.2, min_per_second = 10.0, ttl = 10.0))]
     fn new(ratio: f64, min_per_second: f64, ttl: f64) -> PyResult<Self> {
-        Ok(Self { inner: Arc::new(core::RetryBudget::new(ratio, min_per_second, seconds("ttl", ttl)?).py()?) })
+        Ok(Self {
+            inner: Arc::new(
+                core::RetryBudget::new(ratio, min_per_second, seconds("ttl", ttl)?).py()?,
+            ),
+        })
     }
     /// Records one call (a first attempt).
     fn deposit(&self) {
@@ -163,8 +243,15 @@ pub struct Retrying {
 }
 
 fn exhausted(py: Python<'_>, last: Py<PyAny>, attempts: u32) -> PyErr {
-    match py.import("corral.exceptions").and_then(|m| m.getattr("RetryExhausted")) {
-        Ok(t) => match t.call1((format!("gave up after {attempts} attempts: the result still asked for a retry"), last, attempts)) {
+    match py
+        .import("corral.exceptions")
+        .and_then(|m| m.getattr("RetryExhausted"))
+    {
+        Ok(t) => match t.call1((
+            format!("gave up after {attempts} attempts: the result still asked for a retry"),
+            last,
+            attempts,
+        )) {
             Ok(v) => PyErr::from_value(v),
             Err(e) => e,
         },
@@ -214,14 +301,18 @@ impl Retrying {
                     _ => return Ok(v),
                 },
                 Err(e) => {
-                    if !e.is_instance_of::<PyException>(py) || !e.is_instance(py, self.on.bind(py).as_any()) {
+                    if !e.is_instance_of::<PyException>(py)
+                        || !e.is_instance(py, self.on.bind(py).as_any())
+                    {
                         return Err(e);
                     }
                     (Some(e), None)
                 }
             };
             let elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
-            let delay = schedule.get_or_insert_with(|| self.policy.schedule()).next_delay(elapsed);
+            let delay = schedule
+                .get_or_insert_with(|| self.policy.schedule())
+                .next_delay(elapsed);
             let allowed = delay.is_some() && self.budget.as_ref().is_none_or(|b| b.try_withdraw());
             let Some(delay) = delay.filter(|_| allowed) else {
                 return Err(match err {
@@ -246,7 +337,6 @@ impl Retrying {
         let _ = objtype;
         crate::bind_as_method(slf.as_any(), obj)
     }
-
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

@@ -23,7 +23,12 @@ pub struct NumaNode {
 #[pymethods]
 impl NumaNode {
     fn __repr__(&self) -> String {
-        format!("NumaNode(id={}, cpus={:?}, memory_mb={})", self.id, core::format_cpulist(&self.cpus), self.memory_mb)
+        format!(
+            "NumaNode(id={}, cpus={:?}, memory_mb={})",
+            self.id,
+            core::format_cpulist(&self.cpus),
+            self.memory_mb
+        )
     }
 }
 
@@ -64,12 +69,16 @@ impl Topology {
     /// Reads this machine (/sys, the affinity mask and the cgroup cpuset).
     #[staticmethod]
     fn detect() -> PyResult<Self> {
-        Ok(Self { inner: Arc::new(core::Topology::detect().py()?) })
+        Ok(Self {
+            inner: Arc::new(core::Topology::detect().py()?),
+        })
     }
     /// Reads a directory laid out like /sys.
     #[staticmethod]
     fn from_sysfs(root: PathBuf) -> PyResult<Self> {
-        Ok(Self { inner: Arc::new(core::Topology::from_sysfs(root).py()?) })
+        Ok(Self {
+            inner: Arc::new(core::Topology::from_sysfs(root).py()?),
+        })
     }
     /// Usable CPU ids (online and allowed).
     #[getter]
@@ -87,7 +96,11 @@ impl Topology {
         self.inner
             .numa_nodes()
             .iter()
-            .map(|n| NumaNode { id: n.id, cpus: n.cpus.clone(), memory_mb: n.memory_mb })
+            .map(|n| NumaNode {
+                id: n.id,
+                cpus: n.cpus.clone(),
+                memory_mb: n.memory_mb,
+            })
             .collect()
     }
     /// L3 cache domains.
@@ -96,7 +109,12 @@ impl Topology {
         self.inner
             .l3_domains()
             .iter()
-            .map(|d| L3Domain { id: d.id, cpus: d.cpus.clone(), size_kb: d.size_kb, numa_node: d.numa_node })
+            .map(|d| L3Domain {
+                id: d.id,
+                cpus: d.cpus.clone(),
+                size_kb: d.size_kb,
+                numa_node: d.numa_node,
+            })
             .collect()
     }
     /// Physical cores, each as the list of its usable hardware threads.
