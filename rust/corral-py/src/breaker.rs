@@ -61,6 +61,16 @@ fn as_tuple(
 }
 
 impl CircuitBreaker {
+    /// The manual `record_success` / `record_failure`: timed when a duration is given.
+    fn record_outcome(&self, failed: bool, duration: Option<f64>) -> PyResult<()> {
+        match duration {
+            Some(d) => self.inner.record_timed(failed, seconds("duration", d)?),
+            None if failed => self.inner.record_failure(),
+            None => self.inner.record_success(),
+        }
+        Ok(())
+    }
+
     /// Records an exception raised by a guarded call, by its class.
     fn classify(&self, py: Python<'_>, err: &PyErr, elapsed: Option<Duration>) {
         let ignored = self
@@ -183,21 +193,13 @@ impl CircuitBreaker {
     /// Records a success; with `duration` (seconds), a slow one counts as a failure.
     #[pyo3(signature = (duration = None))]
     fn record_success(&self, duration: Option<f64>) -> PyResult<()> {
-        match duration {
-            Some(d) => self.inner.record_timed(false, seconds("duration", d)?),
-            None => self.inner.record_success(),
-        }
-        Ok(())
+        self.record_outcome(false, duration)
     }
 
     /// Records a failure.
     #[pyo3(signature = (duration = None))]
     fn record_failure(&self, duration: Option<f64>) -> PyResult<()> {
-        match duration {
-            Some(d) => self.inner.record_timed(true, seconds("duration", d)?),
-            None => self.inner.record_failure(),
-        }
-        Ok(())
+        self.record_outcome(true, duration)
     }
 
     /// Records an exception a guarded call raised, as the breaker's exception rules say.

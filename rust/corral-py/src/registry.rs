@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 use tokio::sync::broadcast::error::RecvError;
 
-use corral_core::registry::{self as core, ChangeKind};
+use corral_core::registry as core;
 
 /// One instance of a service.
 #[pyclass(frozen, module = "corral._core", name = "Instance")]
@@ -146,9 +146,8 @@ pub struct RegistryEvent {
 
 #[pymethods]
 impl RegistryEvent {
-    fn __repr__(&self, py: Python<'_>) -> String {
+    fn __repr__(&self) -> String {
         let id = self.instance.as_ref().map(|i| i.get().inner.id.clone());
-        let _ = py;
         format!(
             "RegistryEvent(kind={:?}, generation={}, id={:?})",
             self.kind, self.generation, id
@@ -249,11 +248,6 @@ impl RegistryWatch {
             })
         })
     }
-}
-
-#[allow(dead_code)]
-fn _kinds_are_covered(k: ChangeKind) -> &'static str {
-    k.as_str()
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
