@@ -135,3 +135,68 @@ pub enum BalanceError {
     #[error("invalid load balancer configuration: {0}")]
     InvalidConfig(String),
 }
+
+/// Errors from starting and signalling processes ([`crate::process`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProcessError {
+    /// The command line is empty.
+    #[error("empty command")]
+    EmptyCommand,
+    /// The program could not be started (not found, not executable, bad working directory,
+    /// affinity or cgroup refused before exec).
+    #[error("cannot start {program}: {source}")]
+    Spawn {
+        /// The program (argv\[0\]).
+        program: String,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CPU in the affinity set does not exist on this machine.
+    #[error("CPU {cpu} is beyond the affinity mask's size ({max})")]
+    BadCpu {
+        /// The CPU asked for.
+        cpu: usize,
+        /// CPUs a mask can hold.
+        max: usize,
+    },
+    /// The log file could not be opened.
+    #[error("cannot open log file {path}: {source}")]
+    Log {
+        /// The log file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A signal could not be sent.
+    #[error("cannot send signal {signal} to process group {pgid}: {source}")]
+    Signal {
+        /// The process group.
+        pgid: u32,
+        /// The signal number.
+        signal: i32,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Errors from the cgroup memory controller ([`crate::cgroup`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CgroupError {
+    /// No usable memory controller (no cgroupfs, read-only, controller not delegated).
+    #[error("cgroup memory limits unavailable: {0}")]
+    Unavailable(String),
+    /// A cgroup file or directory could not be written.
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file or directory.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+}

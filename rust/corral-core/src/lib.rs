@@ -10,7 +10,11 @@
 //! - [`balance`]: load balancing strategies over live backends;
 //! - [`topology`]: NUMA / L3 / SMT topology from sysfs;
 //! - [`resources`]: all-or-nothing CPU, memory and storage ledgers with
-//!   topology-aware placement of exclusive cores.
+//!   topology-aware placement of exclusive cores;
+//! - [`process`]: process supervision (own process group, CPU affinity and
+//!   cgroup set before exec, rotated logs, exits and probe results as events);
+//! - [`probe`]: HTTP, TCP and exec health probes with Kubernetes semantics;
+//! - [`cgroup`]: memory limits through cgroup v2 or v1.
 //!
 //! Every type is `Send + Sync` and every method takes `&self`: share them
 //! behind an `Arc` across threads. The Python package `corral` is a thin
@@ -18,10 +22,13 @@
 
 pub mod balance;
 pub mod breaker;
+pub mod cgroup;
 pub mod clock;
 pub mod cpuset;
 pub mod error;
 pub mod ports;
+pub mod probe;
+pub mod process;
 pub mod registry;
 pub mod resources;
 pub mod retry;
@@ -29,5 +36,6 @@ pub mod rng;
 pub mod topology;
 
 pub use error::{
-    BalanceError, BreakerError, CircuitOpen, PortError, ResourceError, RetryError, TopologyError,
+    BalanceError, BreakerError, CgroupError, CircuitOpen, PortError, ProcessError, ResourceError,
+    RetryError, TopologyError,
 };

@@ -1,0 +1,324 @@
+//! Health probes with the semantics Kubernetes defines.
+//!
+//! A [`Check`] is one attempt: an HTTP GET whose status must be 200-399, a
+//! TCP connect, or a command that must exit 0, each bounded by a timeout.
+//! A [`ProbeSpec`] repeats a check every `period` after `initial_delay` and
+//! turns results into a verdict with `success_threshold` consecutive
+//! successes or `failure_threshold` consecutive failures. [`Health`] runs the
+//! three kinds of an instance together: the startup probe gates readiness and
+//! liveness; readiness starts "not ready" and reports every change; liveness
+//! reports once, when it fails.
+//!
+//! ```
+//! use corral_core::probe::{Check, run_check};
+//! use std::time::Duration;
+//!
+//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//! let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+//! let port = listener.local_addr().unwrap().port();
+//! let ok = rt.block_on(run_check(&Check::Tcp { host: "127.0.0.1".into(), port }, Duration::from_secs(1)));
+//! assert!(ok.is_ok());
+//! ```
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc::UnboundedSender;
+use tokio::time::{Instant, MissedTickBehavior};
+
+/// One probe attempt.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Check {
+    /// `GET path` on `host:port`; a status of 200-399 is a success.
+    Http {
+        /// Host to connect to (an IP address or a name).
+        host: String,
+        /// TCP port.
+        port: u16,
+        /// Request path, starting with `/`.
+        path: String,
+    },
+    /// A TCP connection that opens is a success.
+    Tcp {
+        /// Host to connect to.
+        host: String,
+        /// TCP port.
+        port: u16,
+    },
+    /// A command that exits 0 is a success; it runs in its own process group, killed on timeout.
+    Exec {
+        /// The command line.
+        argv: Vec<String>,
+        /// Extra environment.
+        env: Vec<(String, String)>,
+    },
+}
+
+/// Which of an instance's probes a result comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ProbeKind {
+    /// Gates the other two until it first succeeds; failing it restarts the instance.
+    Startup,
+    /// Decides whether the instance receives traffic and unblocks dependents.
+    Readiness,
+    /// Failing it restarts the instance.
+    Liveness,
+}
+
+impl ProbeKind {
+    /// The lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProbeKind::Startup => "startup",
+            ProbeKind::Readiness => "readiness",
+            ProbeKind::Liveness => "liveness",
+        }
+    }
+}
+
+/// A check repeated on a schedule, with Kubernetes' thresholds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeSpec {
+    /// What to try.
+    pub check: Check,
+    /// Wait before the first attempt, from the process start.
+    pub initial_delay: Duration,
+    /// Time between attempts.
+    pub period: Duration,
+    /// Bound on one attempt.
+    pub timeout: Duration,
+    /// Consecutive successes that make a failing probe succeed (1 for startup and liveness).
+    pub success_threshold: u32,
+    /// Consecutive failures that make a probe fail.
+    pub failure_threshold: u32,
+}
+
+/// The probes of one instance.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Health {
+    /// Runs first; readiness and liveness wait for its success.
+    pub startup: Option<ProbeSpec>,
+    /// Reported on every change, starting from "not ready".
+    pub readiness: Option<ProbeSpec>,
+    /// Reported once, when it fails.
+    pub liveness: Option<ProbeSpec>,
+}
+
+/// A verdict of one probe of one instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProbeResult {
+    /// The probe.
+    pub kind: ProbeKind,
+    /// Success or failure after the thresholds.
+    pub ok: bool,
+    /// What the last attempt saw ("HTTP 503", "connection refused", "exit status 1").
+    pub message: String,
+}
+
+/// Runs one attempt of `check`, bounded by `timeout`; `Err` says why it failed.
+pub async fn run_check(check: &Check, timeout: Duration) -> Result<String, String> {
+    match tokio::time::timeout(timeout, attempt(check)).await {
+        Ok(r) => r,
+        Err(_) => Err(format!("timed out after {}ms", timeout.as_millis())),
+    }
+}
+
+async fn attempt(check: &Check) -> Result<String, String> {
+    match check {
+        Check::Tcp { host, port } => {
+            let s = TcpStream::connect((host.as_str(), *port))
+                .await
+                .map_err(|e| e.to_string())?;
+            drop(s);
+            Ok(format!("connected to {host}:{port}"))
+        }
+        Check::Http { host, port, path } => http_get(host, *port, path).await,
+        Check::Exec { argv, env } => exec(argv, env).await,
+    }
+}
+
+async fn http_get(host: &str, port: u16, path: &str) -> Result<String, String> {
+    let mut s = TcpStream::connect((host, port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nUser-Agent: corral-probe\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
+    // Only the status line matters; read until it is complete.
+    let mut buf = [0u8; 256];
+    let mut len = 0;
+    while !buf[..len].contains(&b'\n') && len < buf.len() {
+        let n = s.read(&mut buf[len..]).await.map_err(|e| e.to_string())?;
+        if n == 0 {
+            break;
+        }
+        len += n;
+    }
+    let line = String::from_utf8_lossy(&buf[..len]);
+    let line = line.lines().next().unwrap_or("");
+    let status: u16 = line
+        .strip_prefix("HTTP/")
+        .and_then(|rest| rest.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .ok_or_else(|| format!("not an HTTP response: {line:?}"))?;
+    if (200..400).contains(&status) {
+        Ok(format!("HTTP {status}"))
+    } else {
+        Err(format!("HTTP {status}"))
+    }
+}
+
+async fn exec(argv: &[String], env: &[(String, String)]) -> Result<String, String> {
+    let Some((prog, args)) = argv.split_first() else {
+        return Err("empty command".into());
+    };
+    let mut cmd = tokio::process::Command::new(prog);
+    cmd.args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .process_group(0)
+        .kill_on_drop(true);
+    let mut child = cmd.spawn().map_err(|e| format!("cannot run {prog}: {e}"))?;
+    let pgid = child.id();
+    // If the timeout cancels this future, the guard kills what the command started.
+    let guard = KillGroupOnDrop(pgid);
+    let status = child.wait().await.map_err(|e| e.to_string())?;
+    std::mem::forget(guard);
+    if status.success() {
+        Ok("exit status 0".into())
+    } else {
+        Err(status.to_string())
+    }
+}
+
+struct KillGroupOnDrop(Option<u32>);
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        if let Some(pgid) = self.0 {
+            let _ = crate::process::signal_group(pgid, libc::SIGKILL);
+        }
+    }
+}
+
+/// Runs the probes of one instance until they end (liveness failed, startup failed) or the
+/// task is aborted, sending each verdict tagged with `id` on `tx`.
+///
+/// `started` is when the process started; initial delays count from it.
+pub async fn run_health<I: Clone + Send + 'static>(
+    health: Health,
+    started: Instant,
+    id: I,
+    tx: UnboundedSender<(I, ProbeResult)>,
+) {
+    let send = |r: ProbeResult| tx.send((id.clone(), r)).is_ok();
+    if let Some(spec) = &health.startup {
+        let (ok, message) = until_verdict(spec, started, false).await;
+        if !send(ProbeResult {
+            kind: ProbeKind::Startup,
+            ok,
+            message,
+        }) || !ok
+        {
+            return;
+        }
+    }
+    // Readiness and liveness start once startup succeeded (or at once without one).
+    let now = Instant::now();
+    let base = if health.startup.is_some() {
+        now
+    } else {
+        started
+    };
+    let readiness = async {
+        if let Some(spec) = &health.readiness {
+            readiness_loop(spec, base, &send).await;
+        }
+    };
+    let liveness = async {
+        if let Some(spec) = &health.liveness {
+            let (_, message) = until_verdict(spec, base, true).await;
+            send(ProbeResult {
+                kind: ProbeKind::Liveness,
+                ok: false,
+                message,
+            });
+        }
+    };
+    tokio::join!(readiness, liveness);
+}
+
+fn ticker(spec: &ProbeSpec, base: Instant) -> tokio::time::Interval {
+    let mut t = tokio::time::interval_at(
+        base + spec.initial_delay,
+        spec.period.max(Duration::from_millis(1)),
+    );
+    t.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    t
+}
+
+/// Startup: returns at the first success (`stop_on_success`) or after `failure_threshold`
+/// consecutive failures. Liveness (`!stop_on_success`): returns only on failure.
+async fn until_verdict(spec: &ProbeSpec, base: Instant, liveness: bool) -> (bool, String) {
+    let mut t = ticker(spec, base);
+    let mut failures = 0;
+    loop {
+        t.tick().await;
+        match run_check(&spec.check, spec.timeout).await {
+            Ok(m) => {
+                failures = 0;
+                if !liveness {
+                    return (true, m);
+                }
+            }
+            Err(m) => {
+                failures += 1;
+                if failures >= spec.failure_threshold.max(1) {
+                    return (false, m);
+                }
+            }
+        }
+    }
+}
+
+async fn readiness_loop(spec: &ProbeSpec, base: Instant, send: &impl Fn(ProbeResult) -> bool) {
+    let mut t = ticker(spec, base);
+    let (mut ready, mut successes, mut failures) = (false, 0u32, 0u32);
+    loop {
+        t.tick().await;
+        let r = run_check(&spec.check, spec.timeout).await;
+        let (ok, message) = match r {
+            Ok(m) => (true, m),
+            Err(m) => (false, m),
+        };
+        if ok {
+            successes += 1;
+            failures = 0;
+        } else {
+            failures += 1;
+            successes = 0;
+        }
+        let flip = if ready {
+            failures >= spec.failure_threshold.max(1)
+        } else {
+            successes >= spec.success_threshold.max(1)
+        };
+        if flip {
+            ready = !ready;
+            if !send(ProbeResult {
+                kind: ProbeKind::Readiness,
+                ok: ready,
+                message,
+            }) {
+                return;
+            }
+        }
+    }
+}

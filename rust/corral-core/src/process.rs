@@ -1,0 +1,525 @@
+//! Process supervision: the mechanism under corral's lifecycle engine.
+//!
+//! [`Supervisor::spawn`] starts a command in its own process group, with its
+//! CPU affinity and cgroup set in the child *before* exec (so every thread it
+//! ever creates inherits them), its stdout and stderr written to a log file
+//! that rotates by size, and a task that reports its exit. Health probes run
+//! on the same runtime ([`Supervisor::start_health`]). Exits and probe
+//! verdicts arrive on one queue ([`Supervisor::next_event`]), so the policy
+//! above sees nothing while nothing changes.
+//!
+//! ```
+//! use corral_core::process::{Event, ProcessSpec, Supervisor};
+//!
+//! let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+//! let sup = Supervisor::new(rt.handle().clone());
+//! let spec = ProcessSpec { argv: vec!["sh".into(), "-c".into(), "exit 3".into()], ..Default::default() };
+//! let child = sup.spawn("job-0", &spec).unwrap();
+//! match rt.block_on(sup.next_event()) {
+//!     Some(Event::Exited { id, pid, code, .. }) => {
+//!         assert_eq!((id.as_str(), pid, code), ("job-0", child.pid, Some(3)));
+//!     }
+//!     other => panic!("{other:?}"),
+//! }
+//! ```
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+
+use dashmap::DashMap;
+use parking_lot::Mutex;
+use tokio::io::AsyncReadExt;
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::task::AbortHandle;
+
+use crate::error::ProcessError;
+use crate::probe::{run_health, Health, ProbeKind, ProbeResult};
+
+/// Where a process's output goes: `path`, rotated to `path.1` .. `path.<keep>` past `max_bytes`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogConfig {
+    /// The live log file.
+    pub path: PathBuf,
+    /// Size at which the file rotates (0: never).
+    pub max_bytes: u64,
+    /// Rotated files kept.
+    pub keep: usize,
+}
+
+/// How to start a process.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProcessSpec {
+    /// Program and arguments; the program is looked up in `PATH`.
+    pub argv: Vec<String>,
+    /// Environment variables, added to the inherited environment (or alone with `clear_env`).
+    pub env: Vec<(String, String)>,
+    /// Start from an empty environment.
+    pub clear_env: bool,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// CPUs the process (and all its threads and children) may run on; empty: unchanged.
+    pub cpus: Vec<usize>,
+    /// A cgroup directory the child joins before exec (see [`crate::cgroup`]).
+    pub cgroup: Option<PathBuf>,
+    /// Output log; `None` discards output.
+    pub log: Option<LogConfig>,
+}
+
+/// A started process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Spawned {
+    /// Its pid, which is also its process group id.
+    pub pid: u32,
+    /// Its start time in clock ticks since boot (`/proc/<pid>/stat` field 22), which tells
+    /// a recycled pid from the original.
+    pub start_time: u64,
+}
+
+/// What the supervisor reports.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// A process started with [`Supervisor::spawn`] exited.
+    Exited {
+        /// The id it was spawned under.
+        id: String,
+        /// Its pid.
+        pid: u32,
+        /// Exit code, when it exited.
+        code: Option<i32>,
+        /// Signal number, when a signal ended it.
+        signal: Option<i32>,
+    },
+    /// A probe of an instance reached a verdict.
+    Probe {
+        /// The id health was started under.
+        id: String,
+        /// The verdict.
+        result: ProbeResult,
+    },
+}
+
+/// Starts and watches processes; see the [module docs](self).
+pub struct Supervisor {
+    handle: Handle,
+    tx: mpsc::UnboundedSender<Event>,
+    rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
+    health: DashMap<String, AbortHandle>,
+    probe_tx: mpsc::UnboundedSender<(String, ProbeResult)>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("health_tasks", &self.health.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Supervisor {
+    /// A supervisor whose tasks run on `handle` (which needs its IO and time drivers).
+    pub fn new(handle: Handle) -> Arc<Self> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let (probe_tx, mut probe_rx) = mpsc::unbounded_channel::<(String, ProbeResult)>();
+        let fwd = tx.clone();
+        handle.spawn(async move {
+            while let Some((id, result)) = probe_rx.recv().await {
+                if fwd.send(Event::Probe { id, result }).is_err() {
+                    break;
+                }
+            }
+        });
+        Arc::new(Supervisor {
+            handle,
+            tx,
+            rx: tokio::sync::Mutex::new(rx),
+            health: DashMap::new(),
+            probe_tx,
+        })
+    }
+
+    /// Starts `spec` under `id`; its exit is reported as [`Event::Exited`].
+    pub fn spawn(&self, id: &str, spec: &ProcessSpec) -> Result<Spawned, ProcessError> {
+        let (program, args) = spec.argv.split_first().ok_or(ProcessError::EmptyCommand)?;
+        let mut cmd = std::process::Command::new(program);
+        cmd.args(args).stdin(Stdio::null()).process_group(0);
+        if spec.clear_env {
+            cmd.env_clear();
+        }
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+        if let Some(cwd) = &spec.cwd {
+            cmd.current_dir(cwd);
+        }
+        let log = match &spec.log {
+            Some(cfg) => {
+                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+                Some(Arc::new(Mutex::new(RotatingLog::open(cfg)?)))
+            }
+            None => {
+                cmd.stdout(Stdio::null()).stderr(Stdio::null());
+                None
+            }
+        };
+        let affinity = cpu_set(&spec.cpus)?;
+        // Opened here, written in the child: joining the cgroup before exec means no
+        // allocation of the new program escapes the limit. CLOEXEC closes it at exec.
+        let procs = match &spec.cgroup {
+            Some(dir) => {
+                let p = dir.join("cgroup.procs");
+                let f = OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&p)
+                    .map_err(|e| ProcessError::Spawn {
+                        program: program.clone(),
+                        source: with_path(e, &p),
+                    })?;
+                Some(f)
+            }
+            None => None,
+        };
+        let procs_fd = procs.as_ref().map(AsRawFd::as_raw_fd);
+        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+        // system calls (sched_setaffinity, getpid, write) on memory prepared before fork.
+        #[allow(unsafe_code)]
+        unsafe {
+            cmd.pre_exec(move || {
+                if let Some(set) = &affinity {
+                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                if let Some(fd) = procs_fd {
+                    let mut buf = [0u8; 16];
+                    let digits = format_pid(libc::getpid() as u32, &mut buf);
+                    if libc::write(fd, digits.as_ptr().cast(), digits.len()) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let _guard = self.handle.enter();
+        let mut child = tokio::process::Command::from(cmd)
+            .spawn()
+            .map_err(|source| ProcessError::Spawn {
+                program: program.clone(),
+                source,
+            })?;
+        drop(procs);
+        let pid = child.id().unwrap_or(0);
+        let start_time = start_time(pid).unwrap_or(0);
+        if let Some(log) = log {
+            if let Some(out) = child.stdout.take() {
+                self.handle.spawn(copy_to_log(out, log.clone()));
+            }
+            if let Some(err) = child.stderr.take() {
+                self.handle.spawn(copy_to_log(err, log));
+            }
+        }
+        let tx = self.tx.clone();
+        let id = id.to_owned();
+        self.handle.spawn(async move {
+            let (code, signal) = match child.wait().await {
+                Ok(st) => (st.code(), st.signal()),
+                Err(_) => (None, None),
+            };
+            let _ = tx.send(Event::Exited {
+                id,
+                pid,
+                code,
+                signal,
+            });
+        });
+        Ok(Spawned { pid, start_time })
+    }
+
+    /// Starts the probes of `health` for the instance `id`, replacing any running for it.
+    /// Initial delays count from now.
+    pub fn start_health(&self, id: &str, health: Health) {
+        let task = self.handle.spawn(run_health(
+            health,
+            tokio::time::Instant::now(),
+            id.to_owned(),
+            self.probe_tx.clone(),
+        ));
+        if let Some(old) = self.health.insert(id.to_owned(), task.abort_handle()) {
+            old.abort();
+        }
+    }
+
+    /// Stops the probes of `id`; returns whether any ran.
+    pub fn stop_health(&self, id: &str) -> bool {
+        self.health.remove(id).map(|(_, h)| h.abort()).is_some()
+    }
+
+    /// The next event, waiting for one; `None` never happens while the supervisor lives.
+    pub async fn next_event(&self) -> Option<Event> {
+        self.rx.lock().await.recv().await
+    }
+
+    /// Events already queued, without waiting (at most `max`).
+    pub fn drain(&self, max: usize) -> Vec<Event> {
+        let mut out = Vec::new();
+        if let Ok(mut rx) = self.rx.try_lock() {
+            while out.len() < max {
+                match rx.try_recv() {
+                    Ok(e) => out.push(e),
+                    Err(_) => break,
+                }
+            }
+        }
+        out
+    }
+}
+
+impl ProbeResult {
+    /// Shorthand for the probe's name.
+    pub fn kind_name(&self) -> &'static str {
+        self.kind.as_str()
+    }
+}
+
+impl ProbeKind {
+    /// Parses `startup`, `readiness` or `liveness`.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "startup" => Some(ProbeKind::Startup),
+            "readiness" => Some(ProbeKind::Readiness),
+            "liveness" => Some(ProbeKind::Liveness),
+            _ => None,
+        }
+    }
+}
+
+/// Sends `signal` to the process group `pgid`; `Ok(false)` when the group no longer exists.
+pub fn signal_group(pgid: u32, signal: i32) -> Result<bool, ProcessError> {
+    if pgid <= 1 {
+        // killpg(0) and killpg(1) would hit our own group or everything: never.
+        return Ok(false);
+    }
+    // SAFETY: killpg has no memory preconditions.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::killpg(pgid as libc::pid_t, signal) };
+    if rc == 0 {
+        return Ok(true);
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ESRCH) {
+        Ok(false)
+    } else {
+        Err(ProcessError::Signal {
+            pgid,
+            signal,
+            source: e,
+        })
+    }
+}
+
+/// Whether any process of group `pgid` is alive (zombies included: they still hold the group).
+pub fn group_alive(pgid: u32) -> bool {
+    signal_group(pgid, 0).unwrap_or(true)
+}
+
+/// Pids in process group `pgid` that are not zombies, read from `/proc`.
+pub fn group_members(pgid: u32) -> Vec<u32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| stat_fields(pid).is_some_and(|f| f.pgrp == pgid && f.state != 'Z'))
+        .collect()
+}
+
+/// A process's start time in clock ticks since boot, or `None` when it is gone.
+pub fn start_time(pid: u32) -> Option<u64> {
+    stat_fields(pid).map(|f| f.start_time)
+}
+
+struct Stat {
+    state: char,
+    pgrp: u32,
+    start_time: u64,
+}
+
+fn stat_fields(pid: u32) -> Option<Stat> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: parse after the last ')'.
+    let rest = &s[s.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); pgrp is field 5, starttime field 22.
+    Some(Stat {
+        state: f.first()?.chars().next()?,
+        pgrp: f.get(2)?.parse().ok()?,
+        start_time: f.get(19)?.parse().ok()?,
+    })
+}
+
+fn cpu_set(cpus: &[usize]) -> Result<Option<libc::cpu_set_t>, ProcessError> {
+    if cpus.is_empty() {
+        return Ok(None);
+    }
+    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
+    #[allow(unsafe_code)]
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
+    for &cpu in cpus {
+        if cpu >= max {
+            return Err(ProcessError::BadCpu { cpu, max });
+        }
+        // SAFETY: cpu < the set's size, checked above.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::CPU_SET(cpu, &mut set);
+        }
+    }
+    Ok(Some(set))
+}
+
+/// Decimal digits of `pid` in `buf`, without allocating (this runs between fork and exec).
+fn format_pid(mut pid: u32, buf: &mut [u8; 16]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (pid % 10) as u8;
+        pid /= 10;
+        if pid == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
+fn with_path(e: std::io::Error, p: &Path) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
+}
+
+async fn copy_to_log(mut src: impl tokio::io::AsyncRead + Unpin, log: Arc<Mutex<RotatingLog>>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        match src.read(&mut buf).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => log.lock().write(&buf[..n]),
+        }
+    }
+}
+
+/// A log file that rotates by size: `path` -> `path.1` -> ... -> `path.<keep>`.
+#[derive(Debug)]
+pub struct RotatingLog {
+    cfg: LogConfig,
+    file: File,
+    size: u64,
+}
+
+impl RotatingLog {
+    /// Opens (appends to) the log file, creating its directory.
+    pub fn open(cfg: &LogConfig) -> Result<Self, ProcessError> {
+        let err = |source| ProcessError::Log {
+            path: cfg.path.clone(),
+            source,
+        };
+        if let Some(dir) = cfg.path.parent() {
+            std::fs::create_dir_all(dir).map_err(err)?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&cfg.path)
+            .map_err(err)?;
+        let size = file.metadata().map_err(err)?.len();
+        Ok(RotatingLog {
+            cfg: cfg.clone(),
+            file,
+            size,
+        })
+    }
+
+    /// Appends `data`, rotating first when it would pass the size limit. I/O errors are
+    /// dropped: a full disk must not stop the process whose output this is.
+    pub fn write(&mut self, data: &[u8]) {
+        if self.cfg.max_bytes > 0
+            && self.size > 0
+            && self.size + data.len() as u64 > self.cfg.max_bytes
+        {
+            self.rotate();
+        }
+        if self.file.write_all(data).is_ok() {
+            self.size += data.len() as u64;
+        }
+    }
+
+    fn rotate(&mut self) {
+        let name = |i: usize| {
+            let mut p = self.cfg.path.clone().into_os_string();
+            p.push(format!(".{i}"));
+            PathBuf::from(p)
+        };
+        if self.cfg.keep == 0 {
+            let _ = self.file.set_len(0);
+        } else {
+            let _ = std::fs::remove_file(name(self.cfg.keep));
+            for i in (1..self.cfg.keep).rev() {
+                let _ = std::fs::rename(name(i), name(i + 1));
+            }
+            let _ = std::fs::rename(&self.cfg.path, name(1));
+        }
+        if let Ok(f) = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.cfg.path)
+        {
+            self.file = f;
+        }
+        self.size = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_digits() {
+        let mut b = [0u8; 16];
+        assert_eq!(format_pid(0, &mut b), b"0");
+        assert_eq!(format_pid(4_194_304, &mut b), b"4194304");
+    }
+
+    #[test]
+    fn log_rotates_by_size_and_keeps_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            path: dir.path().join("a.log"),
+            max_bytes: 10,
+            keep: 2,
+        };
+        let mut log = RotatingLog::open(&cfg).unwrap();
+        for chunk in [&b"aaaaaaaa"[..], b"bbbbbbbb", b"cccccccc", b"dddddddd"] {
+            log.write(chunk);
+        }
+        let read = |s: &str| std::fs::read_to_string(dir.path().join(s)).unwrap();
+        assert_eq!(read("a.log"), "dddddddd");
+        assert_eq!(read("a.log.1"), "cccccccc");
+        assert_eq!(read("a.log.2"), "bbbbbbbb");
+        assert!(!dir.path().join("a.log.3").exists());
+    }
+
+    #[test]
+    fn stat_of_self_has_our_group() {
+        let pid = std::process::id();
+        let st = stat_fields(pid).unwrap();
+        // SAFETY: getpgrp has no preconditions.
+        #[allow(unsafe_code)]
+        let pgrp = unsafe { libc::getpgrp() } as u32;
+        assert_eq!(st.pgrp, pgrp);
+        assert!(st.start_time > 0);
+    }
+}

@@ -1,0 +1,256 @@
+//! Real processes and real sockets: spawn, affinity, logs, group signals, probes.
+
+use std::io::{Read, Write};
+use std::net::TcpListener;
+use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_core::probe::{run_check, Check, Health, ProbeKind, ProbeSpec};
+use corral_core::process::{
+    group_alive, group_members, signal_group, Event, LogConfig, ProcessSpec, Supervisor,
+};
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn next(rt: &tokio::runtime::Runtime, sup: &Supervisor) -> Event {
+    rt.block_on(async { tokio::time::timeout(Duration::from_secs(10), sup.next_event()).await })
+        .expect("no event within 10s")
+        .unwrap()
+}
+
+fn sh(script: &str) -> Vec<String> {
+    vec!["sh".into(), "-c".into(), script.into()]
+}
+
+#[test]
+fn affinity_env_cwd_and_log_reach_the_child() {
+    let rt = runtime();
+    let sup = Supervisor::new(rt.handle().clone());
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("logs/x.log");
+    let spec = ProcessSpec {
+        argv: sh("grep Cpus_allowed_list /proc/self/status; echo \"$GREETING\"; pwd; echo err >&2"),
+        env: vec![("GREETING".into(), "hello".into())],
+        cwd: Some(dir.path().to_path_buf()),
+        cpus: vec![0],
+        log: Some(LogConfig {
+            path: log.clone(),
+            max_bytes: 1 << 20,
+            keep: 1,
+        }),
+        ..Default::default()
+    };
+    let child = sup.spawn("x-0", &spec).unwrap();
+    assert!(child.start_time > 0);
+    let Event::Exited { code, .. } = next(&rt, &sup) else {
+        panic!()
+    };
+    assert_eq!(code, Some(0));
+    // The copier may finish a moment after the exit.
+    std::thread::sleep(Duration::from_millis(100));
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(out.contains("Cpus_allowed_list:\t0\n"), "{out}");
+    assert!(out.contains("hello\n"), "{out}");
+    assert!(out.contains(dir.path().to_str().unwrap()), "{out}");
+    assert!(out.contains("err\n"), "{out}");
+}
+
+#[test]
+fn missing_program_is_a_spawn_error() {
+    let rt = runtime();
+    let sup = Supervisor::new(rt.handle().clone());
+    let spec = ProcessSpec {
+        argv: vec!["/nonexistent/corral-test".into()],
+        ..Default::default()
+    };
+    let err = sup.spawn("y", &spec).unwrap_err().to_string();
+    assert!(
+        err.contains("cannot start /nonexistent/corral-test"),
+        "{err}"
+    );
+}
+
+#[test]
+fn signal_reaches_the_whole_group() {
+    let rt = runtime();
+    let sup = Supervisor::new(rt.handle().clone());
+    // The shell starts a grandchild in the same group; both must die from one signal.
+    let spec = ProcessSpec {
+        argv: sh("sleep 30 & wait"),
+        ..Default::default()
+    };
+    let child = sup.spawn("g", &spec).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while group_members(child.pid).len() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "grandchild never started"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(signal_group(child.pid, libc::SIGTERM).unwrap());
+    let Event::Exited { signal, .. } = next(&rt, &sup) else {
+        panic!()
+    };
+    assert_eq!(signal, Some(libc::SIGTERM));
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while group_alive(child.pid) {
+        assert!(std::time::Instant::now() < deadline, "group still alive");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert!(!signal_group(child.pid, libc::SIGTERM).unwrap());
+}
+
+/// A tiny HTTP server whose status can be changed while it runs.
+fn http_server(status: Arc<AtomicU16>) -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    std::thread::spawn(move || {
+        for mut s in l.incoming().flatten() {
+            let mut buf = [0u8; 512];
+            let _ = s.read(&mut buf);
+            let code = status.load(Ordering::SeqCst);
+            let _ = write!(s, "HTTP/1.1 {code} X\r\nContent-Length: 0\r\n\r\n");
+        }
+    });
+    port
+}
+
+#[test]
+fn checks_follow_their_definitions() {
+    let rt = runtime();
+    let status = Arc::new(AtomicU16::new(204));
+    let port = http_server(status.clone());
+    let http = Check::Http {
+        host: "127.0.0.1".into(),
+        port,
+        path: "/health".into(),
+    };
+    let t = Duration::from_secs(2);
+    assert_eq!(rt.block_on(run_check(&http, t)), Ok("HTTP 204".into()));
+    status.store(302, Ordering::SeqCst);
+    assert!(
+        rt.block_on(run_check(&http, t)).is_ok(),
+        "3xx counts as success"
+    );
+    status.store(503, Ordering::SeqCst);
+    assert_eq!(rt.block_on(run_check(&http, t)), Err("HTTP 503".into()));
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert!(rt
+        .block_on(run_check(
+            &Check::Tcp {
+                host: "127.0.0.1".into(),
+                port: closed
+            },
+            t
+        ))
+        .is_err());
+    let exec = |s: &str| Check::Exec {
+        argv: sh(s),
+        env: vec![],
+    };
+    assert!(rt.block_on(run_check(&exec("exit 0"), t)).is_ok());
+    assert_eq!(
+        rt.block_on(run_check(&exec("exit 2"), t)),
+        Err("exit status: 2".into())
+    );
+    let slow = rt.block_on(run_check(&exec("sleep 5"), Duration::from_millis(100)));
+    assert_eq!(slow, Err("timed out after 100ms".into()));
+}
+
+#[test]
+fn readiness_reports_changes_and_liveness_its_failure() {
+    let rt = runtime();
+    let sup = Supervisor::new(rt.handle().clone());
+    let status = Arc::new(AtomicU16::new(200));
+    let port = http_server(status.clone());
+    let probe = |threshold_ok, threshold_fail| ProbeSpec {
+        check: Check::Http {
+            host: "127.0.0.1".into(),
+            port,
+            path: "/".into(),
+        },
+        initial_delay: Duration::ZERO,
+        period: Duration::from_millis(20),
+        timeout: Duration::from_secs(1),
+        success_threshold: threshold_ok,
+        failure_threshold: threshold_fail,
+    };
+    let health = Health {
+        startup: Some(probe(1, 3)),
+        readiness: Some(probe(2, 2)),
+        liveness: Some(probe(1, 5)),
+    };
+    sup.start_health("api-0", health);
+    let mut seen = vec![];
+    let mut expect = |rt: &tokio::runtime::Runtime, kind, ok| {
+        let Event::Probe { id, result } = next(rt, &sup) else {
+            panic!()
+        };
+        assert_eq!(
+            (id.as_str(), result.kind, result.ok),
+            ("api-0", kind, ok),
+            "{result:?}"
+        );
+        seen.push(result);
+    };
+    expect(&rt, ProbeKind::Startup, true);
+    expect(&rt, ProbeKind::Readiness, true);
+    status.store(500, Ordering::SeqCst);
+    // Readiness (threshold 2) goes down before liveness (threshold 5) fails.
+    expect(&rt, ProbeKind::Readiness, false);
+    expect(&rt, ProbeKind::Liveness, false);
+    assert_eq!(seen[3].message, "HTTP 500");
+    assert!(sup.stop_health("api-0"));
+    assert!(!sup.stop_health("api-0"));
+}
+
+#[test]
+fn failing_startup_ends_the_probes() {
+    let rt = runtime();
+    let sup = Supervisor::new(rt.handle().clone());
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spec = ProbeSpec {
+        check: Check::Tcp {
+            host: "127.0.0.1".into(),
+            port: closed,
+        },
+        initial_delay: Duration::ZERO,
+        period: Duration::from_millis(10),
+        timeout: Duration::from_millis(500),
+        success_threshold: 1,
+        failure_threshold: 3,
+    };
+    sup.start_health(
+        "w",
+        Health {
+            startup: Some(spec.clone()),
+            readiness: Some(spec),
+            liveness: None,
+        },
+    );
+    let Event::Probe { result, .. } = next(&rt, &sup) else {
+        panic!()
+    };
+    assert_eq!((result.kind, result.ok), (ProbeKind::Startup, false));
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        sup.drain(10).is_empty(),
+        "readiness must not run after a failed startup"
+    );
+}
