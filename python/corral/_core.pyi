@@ -4,8 +4,9 @@ Every class here is immutable from Python (its state lives behind atomics
 and fine-grained locks in Rust) and safe to share between threads.
 """
 
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from os import PathLike
+from pathlib import Path
 from typing import Any, Literal, TypeAlias, final
 
 from typing_extensions import disjoint_base
@@ -556,3 +557,133 @@ class ResourceManager:
         """Bytes used on disk in a volume now."""
     def usage(self) -> dict[str, Any]:
         """A snapshot of the ledgers."""
+
+# --- probe ------------------------------------------------------------------------
+
+@final
+class ProbeSpec:
+    """One health probe: an HTTP GET (status 200-399), a TCP connect or a command (exit 0),
+    repeated every ``period`` after ``initial_delay``, each attempt bounded by ``timeout``,
+    with Kubernetes' success and failure thresholds."""
+
+    def __new__(
+        cls,
+        kind: Literal["http", "tcp", "exec"],
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        path: str = "/",
+        argv: Sequence[str] = (),
+        env: Sequence[tuple[str, str]] = (),
+        initial_delay: float = 0.0,
+        period: float = 10.0,
+        timeout: float = 1.0,
+        success_threshold: int = 1,
+        failure_threshold: int = 3,
+    ) -> ProbeSpec: ...
+    @property
+    def kind(self) -> Literal["http", "tcp", "exec"]: ...
+    @property
+    def period(self) -> float: ...
+    @property
+    def timeout(self) -> float: ...
+    def check(self) -> Awaitable[tuple[bool, str]]:
+        """One attempt now: ``(ok, message)``."""
+
+# --- process ----------------------------------------------------------------------
+
+@final
+class ProcessEvent:
+    """A process exit (``kind == "exited"``: ``pid``, ``code`` or ``signal``) or a probe
+    verdict (``kind == "probe"``: ``probe``, ``ok``, ``message``), for instance ``id``."""
+
+    @property
+    def kind(self) -> Literal["exited", "probe"]: ...
+    @property
+    def id(self) -> str: ...
+    @property
+    def pid(self) -> int | None: ...
+    @property
+    def code(self) -> int | None: ...
+    @property
+    def signal(self) -> int | None: ...
+    @property
+    def probe(self) -> Literal["startup", "readiness", "liveness"] | None: ...
+    @property
+    def ok(self) -> bool | None: ...
+    @property
+    def message(self) -> str | None: ...
+
+@final
+class Supervisor:
+    """Starts processes (own process group; CPU affinity and cgroup set before exec; output
+    to a size-rotated log) and runs their probes on the shared tokio runtime. Exits and probe
+    verdicts arrive, in order, from ``next_event``."""
+
+    def __new__(cls) -> Supervisor: ...
+    def spawn(
+        self,
+        id: str,
+        argv: Sequence[str],
+        *,
+        env: Sequence[tuple[str, str]] | None = None,
+        clear_env: bool = False,
+        cwd: str | PathLike[str] | None = None,
+        cpus: Sequence[int] = (),
+        cgroup: str | PathLike[str] | None = None,
+        log: str | PathLike[str] | None = None,
+        log_max_bytes: int = 10485760,
+        log_keep: int = 3,
+    ) -> tuple[int, int]:
+        """Starts ``argv``; returns ``(pid, start_time)``. Raises ``OSError`` subclasses
+        (``FileNotFoundError`` for a missing program) naming the program."""
+    def start_health(
+        self,
+        id: str,
+        *,
+        startup: ProbeSpec | None = None,
+        readiness: ProbeSpec | None = None,
+        liveness: ProbeSpec | None = None,
+    ) -> None:
+        """Runs the probes of ``id``: startup first, then readiness (reported on every change,
+        starting not ready) and liveness (reported once, when it fails)."""
+    def stop_health(self, id: str) -> bool:
+        """Stops the probes of ``id``; returns whether any ran."""
+    def next_event(self) -> Awaitable[ProcessEvent | None]:
+        """The next event, waiting for one."""
+    def drain(self, max: int = 4096) -> list[ProcessEvent]:
+        """Events already queued, without waiting."""
+
+def signal_group(pgid: int, signal: int) -> bool:
+    """Sends ``signal`` to process group ``pgid``; False when no process of it is left."""
+
+def group_alive(pgid: int) -> bool:
+    """Whether any process (zombies included) of group ``pgid`` exists."""
+
+def group_members(pgid: int) -> list[int]:
+    """Live pids in process group ``pgid``."""
+
+def process_start_time(pid: int) -> int | None:
+    """``pid``'s start time in clock ticks since boot (tells a recycled pid apart)."""
+
+# --- cgroup -----------------------------------------------------------------------
+
+@final
+class Cgroups:
+    """Memory limits through cgroup v2 (``memory.max``/``low``/``swap.max``) or v1
+    (``memory.limit_in_bytes``/``soft_limit_in_bytes``/``memsw``)."""
+
+    @staticmethod
+    def detect(mount: str | PathLike[str] = "/sys/fs/cgroup", parent: str = "corral") -> Cgroups:
+        """Inspects ``mount`` and prepares ``parent`` below it; never raises."""
+    @property
+    def mode(self) -> Literal["v2", "v1", "unavailable"]: ...
+    @property
+    def reason(self) -> str | None:
+        """Why limits are unavailable."""
+    @property
+    def base(self) -> Path: ...
+    def create(self, name: str, *, max: int | None = None, low: int | None = None, swap: int | None = None) -> Path:
+        """Creates cgroup ``name`` with limits in bytes; returns its directory."""
+    def remove(self, path: str | PathLike[str]) -> bool:
+        """Removes an empty instance cgroup; returns whether it went."""

@@ -12,11 +12,16 @@ one costs no Python-level ``__init__``.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 __all__ = [
+    "AgentError",
     "CircuitOpenError",
     "ConfigError",
     "CorralError",
+    "DeploymentError",
     "InsufficientResources",
+    "LifecycleError",
     "NoBackendError",
     "PortError",
     "PortInUse",
@@ -48,8 +53,15 @@ class SpecError(ConfigError):
     """A ``corral.yaml`` is invalid; says where: file, line and field."""
 
     def __init__(self, message: str, file: str | None = None, line: int | None = None,
-                 field: str | None = None) -> None:
+                 field: str | None = None, *, more: Sequence[SpecError] = ()) -> None:
         super().__init__(message, file, line, field)
+        self.more: tuple[SpecError, ...] = tuple(more)
+        """Further problems found in the same file, in file order."""
+
+    @property
+    def all(self) -> tuple[SpecError, ...]:
+        """This problem and the others found with it."""
+        return (self, *self.more)
 
     @property
     def file(self) -> str | None:
@@ -75,6 +87,18 @@ class SpecError(ConfigError):
             where = f"{where}:{self.line}"
         field = f" {self.field}:" if self.field else ""
         return f"{where}:{field} {self.message}"
+
+
+class LifecycleError(CorralError):
+    """An instance was asked for a transition its state machine does not allow (a bug)."""
+
+
+class DeploymentError(CorralError):
+    """``up`` could not bring the deployment to its conditions; what it started was rolled back."""
+
+
+class AgentError(CorralError):
+    """The background agent of a deployment is not reachable, or is already running."""
 
 
 class CircuitOpenError(CorralError):

@@ -12,7 +12,8 @@ use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 
 use corral_core::error::{
-    BalanceError, BreakerError, CircuitOpen, PortError, ResourceError, RetryError, TopologyError,
+    BalanceError, BreakerError, CgroupError, CircuitOpen, PortError, ProcessError, ResourceError,
+    RetryError, TopologyError,
 };
 
 /// Cached exception classes from `corral.exceptions`, by name.
@@ -133,6 +134,34 @@ impl IntoPyErr for BalanceError {
             _ => raise(config_error, (msg,)),
         }
     }
+}
+
+impl IntoPyErr for ProcessError {
+    fn into_pyerr(self) -> PyErr {
+        let msg = self.to_string();
+        match self {
+            // The OSError subclass follows the errno (FileNotFoundError, PermissionError, ...);
+            // the message names the program, file or process group.
+            ProcessError::Spawn { source, .. }
+            | ProcessError::Log { source, .. }
+            | ProcessError::Signal { source, .. } => os_error(&source, msg),
+            _ => raise(config_error, (msg,)),
+        }
+    }
+}
+
+impl IntoPyErr for CgroupError {
+    fn into_pyerr(self) -> PyErr {
+        let msg = self.to_string();
+        match self {
+            CgroupError::Write { source, .. } => os_error(&source, msg),
+            _ => raise(resource_error, (msg,)),
+        }
+    }
+}
+
+fn os_error(source: &std::io::Error, msg: String) -> PyErr {
+    std::io::Error::new(source.kind(), msg).into()
 }
 
 /// Shorthand: `result.py()?`.

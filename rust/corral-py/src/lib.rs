@@ -12,8 +12,11 @@ use pyo3::prelude::*;
 
 mod balance;
 mod breaker;
+mod cgroup;
 mod errors;
 mod ports;
+mod probe;
+mod process;
 mod registry;
 mod resources;
 mod retry;
@@ -46,5 +49,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     balance::register(m)?;
     topology::register(m)?;
     resources::register(m)?;
+    probe::register(m)?;
+    process::register(m)?;
+    cgroup::register(m)?;
     Ok(())
 }

@@ -1,0 +1,208 @@
+"""Planning: dependency phases, then placement of every instance on the machine.
+
+Placement goes in priority order (higher first, then by phase), each instance through the
+native ledgers: exclusive cores NUMA-, L3- and SMT-aware, shared CPU, memory, swap and storage,
+and ports from the allocator. It is all or nothing: if one instance does not fit, everything
+placed so far is released and the error names the instance and what was short.
+
+``binpack`` and ``spread`` choose the NUMA node of shared-CPU instances with memory on
+machines with several nodes: binpack fills the fullest node that still fits, spread the
+emptiest. Subclass :class:`Scheduler` and override :meth:`Scheduler.choose_node` to change it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from corral._core import Grant, PortAllocator, ResourceManager, ResourceRequest, Topology
+from corral.exceptions import CorralError, PortError, PortInUse, SpecError
+from corral.spec import DeploymentSpec, ServiceSpec
+
+__all__ = ["Placement", "Plan", "Scheduler", "phases", "volume_paths"]
+
+MiB = 1 << 20
+
+
+def phases(spec: DeploymentSpec) -> list[list[str]]:
+    """Services by dependency level: level 0 depends on nothing, level n on levels below n."""
+    level: dict[str, int] = {}
+
+    def depth(name: str) -> int:
+        if name not in level:
+            deps = spec.services[name].depends_on
+            level[name] = 1 + max((depth(d) for d in deps), default=-1)
+        return level[name]
+
+    for name in spec.services:
+        depth(name)
+    out: list[list[str]] = [[] for _ in range(max(level.values(), default=-1) + 1)]
+    for name in spec.services:
+        out[level[name]].append(name)
+    for p in out:
+        p.sort(key=lambda n: (-spec.services[n].priority, n))
+    return out
+
+
+def volume_paths(spec: DeploymentSpec, base: Path) -> dict[str, Path]:
+    """Each service's storage directory, resolved against the spec's directory."""
+    out = {}
+    for name, svc in spec.services.items():
+        st = svc.resources.storage
+        if st is not None:
+            out[name] = (base / st.path).resolve()
+    return out
+
+
+@dataclass
+class Placement:
+    """Where one instance goes and what it holds."""
+
+    id: str
+    service: str
+    index: int
+    ports: dict[str, int] = field(default_factory=dict)
+    cpus: list[int] = field(default_factory=list)
+    numa_node: int | None = None
+    millicores: int = 0
+    memory_mb: int = 0
+    swap_mb: int = 0
+    storage_mb: int = 0
+    volume: str | None = None
+    grant: Grant | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "id": self.id, "service": self.service, "index": self.index, "ports": self.ports,
+            "cpus": self.cpus, "numa_node": self.numa_node, "cpu": self.millicores / 1000,
+            "memory_mb": self.memory_mb, "swap_mb": self.swap_mb, "storage_mb": self.storage_mb,
+            "volume": self.volume,
+        }
+
+
+@dataclass
+class Plan:
+    """Phases and placements of one deployment."""
+
+    phases: list[list[str]]
+    placements: dict[str, list[Placement]]
+
+    def instances(self) -> Iterator[Placement]:
+        """Every placement, phase by phase."""
+        for phase in self.phases:
+            for svc in phase:
+                yield from self.placements.get(svc, [])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {
+            "phases": self.phases,
+            "services": {s: [p.to_dict() for p in ps] for s, ps in self.placements.items()},
+        }
+
+
+class Scheduler:
+    """Places instances through the ledgers and the port allocator (see the module docs)."""
+
+    def __init__(self, topology: Topology, resources: ResourceManager, ports: PortAllocator,
+                 policy: str = "binpack", host: str = "127.0.0.1") -> None:
+        self.topology = topology
+        self.resources = resources
+        self.ports = ports
+        self.policy = policy
+        self.host = host
+        self._outside: set[int] = set()
+
+    def plan(self, spec: DeploymentSpec, file: str = "corral.yaml",
+             volumes: dict[str, Path] | None = None) -> Plan:
+        """Places every instance, or releases everything and raises :class:`SpecError`
+        pointing at the service that does not fit."""
+        order = phases(spec)
+        rank = {s: i for i, p in enumerate(order) for s in p}
+        services = sorted(spec.services, key=lambda s: (-spec.services[s].priority, rank[s], s))
+        placements: dict[str, list[Placement]] = {s: [] for p in order for s in p}
+        try:
+            for name in services:
+                svc = spec.services[name]
+                for i in range(svc.replicas):
+                    placements[name].append(self.place_one(name, i, svc, (volumes or {}).get(name)))
+        except CorralError as e:
+            self.release(Plan(order, placements))
+            field = f"services.{name}.ports" if isinstance(e, PortError) else f"services.{name}.resources"
+            raise SpecError(f"{name}-{i} does not fit: {e}", file, None, field) from None
+        return Plan(order, placements)
+
+    def place_one(self, name: str, index: int, svc: ServiceSpec, volume: Path | None) -> Placement:
+        """One instance: resources, then ports (all released again if the ports fail)."""
+        r = svc.resources
+        req_memory = math.ceil((r.memory or 0) / MiB)
+        node = self.choose_node(req_memory) if not r.cores and req_memory else None
+        request = ResourceRequest(
+            cpu=r.cpu or 0.0, cores=r.cores or 0, numa=r.numa, cache=r.cache, memory_mb=req_memory,
+            swap_mb=math.ceil((r.swap or 0) / MiB), storage_mb=math.ceil((r.storage.size if r.storage else 0) / MiB),
+            volume=str(volume) if volume is not None else None, numa_node=node,
+        )
+        grant = self.resources.allocate(request)
+        p = Placement(id=f"{name}-{index}", service=name, index=index, cpus=grant.cpus,
+                      numa_node=grant.numa_node, millicores=grant.millicores, memory_mb=grant.memory_mb,
+                      swap_mb=grant.swap_mb, storage_mb=grant.storage_mb, volume=grant.volume, grant=grant)
+        try:
+            for pname, want in svc.ports.items():
+                p.ports[pname] = self._port(want, f"{p.id}.{pname}")
+        except CorralError:
+            self.release_one(p)
+            raise
+        return p
+
+    def choose_node(self, memory_mb: int) -> int | None:
+        """NUMA node for a shared-CPU instance with memory (None: let the ledger decide)."""
+        nodes = self.resources.usage().get("memory_by_node", [])
+        if len(nodes) < 2:
+            return None
+        fits = [(cap - used, nid) for nid, cap, used in nodes if cap - used >= memory_mb]
+        if not fits:
+            return None
+        best: int = (min(fits) if self.policy == "binpack" else max(fits))[1]
+        return best
+
+    def _port(self, want: str | int, name: str) -> int:
+        if want == "auto":
+            return self.ports.allocate(name=name)
+        port = int(want)
+        if any(lo <= port <= hi for lo, hi in self.ports.ranges):
+            return self.ports.allocate(port, name=name)
+        # Outside the allocator's ranges: only a bind tells whether it is free.
+        if port in self._outside:
+            raise PortInUse(f"port {port} is in use by another instance", port, None)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind((self.host, port))
+            except OSError as e:
+                raise PortInUse(f"port {port} is in use ({os.strerror(e.errno or 0)})", port, None) from None
+        self._outside.add(port)
+        return port
+
+    def release_one(self, p: Placement) -> None:
+        """Returns an instance's grant and ports (each exactly once)."""
+        if p.grant is not None:
+            self.resources.release(p.grant)
+            p.grant = None
+        for port in p.ports.values():
+            if port in self._outside:
+                self._outside.discard(port)
+            elif self.ports.is_allocated(port):
+                self.ports.release(port)
+        p.ports = {}
+
+    def release(self, plan: Plan) -> None:
+        """Returns everything a plan holds."""
+        for ps in plan.placements.values():
+            for p in ps:
+                self.release_one(p)

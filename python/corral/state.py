@@ -1,0 +1,261 @@
+"""The state database: deployments, instances and the event log, in SQLite (WAL).
+
+The agent writes; anyone reads, so ``corral status`` and ``corral events`` answer while the
+agent is down. Writes are queued and committed together (one transaction per batch), which
+keeps a 200-instance bring-up from paying one fsync per transition.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import closing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["DeploymentRow", "EventRow", "InstanceRow", "StateStore"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS deployments (
+    name TEXT PRIMARY KEY,
+    spec TEXT NOT NULL,
+    status TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    agent_pid INTEGER,
+    agent_start INTEGER,
+    socket TEXT,
+    started_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    phases TEXT NOT NULL DEFAULT '[]'
+);
+CREATE TABLE IF NOT EXISTS instances (
+    id TEXT NOT NULL,
+    deployment TEXT NOT NULL,
+    service TEXT NOT NULL,
+    idx INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    healthy INTEGER NOT NULL DEFAULT 0,
+    pid INTEGER,
+    pid_start INTEGER,
+    ports TEXT NOT NULL DEFAULT '{}',
+    cpus TEXT NOT NULL DEFAULT '[]',
+    exclusive INTEGER NOT NULL DEFAULT 0,
+    numa_node INTEGER,
+    millicores INTEGER NOT NULL DEFAULT 0,
+    memory_mb INTEGER NOT NULL DEFAULT 0,
+    restarts INTEGER NOT NULL DEFAULT 0,
+    exit_code INTEGER,
+    reason TEXT NOT NULL DEFAULT '',
+    since REAL NOT NULL,
+    log TEXT,
+    PRIMARY KEY (deployment, id)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    deployment TEXT NOT NULL,
+    instance TEXT,
+    service TEXT,
+    old TEXT,
+    new TEXT,
+    reason TEXT NOT NULL DEFAULT ''
+);
+"""
+
+
+@dataclass
+class DeploymentRow:
+    """One deployment."""
+
+    name: str
+    spec: str
+    status: str
+    message: str = ""
+    agent_pid: int | None = None
+    agent_start: int | None = None
+    socket: str | None = None
+    started_at: float = field(default_factory=time.time)
+    updated_at: float = field(default_factory=time.time)
+    phases: list[list[str]] = field(default_factory=list)
+
+
+@dataclass
+class InstanceRow:
+    """One instance as last recorded."""
+
+    id: str
+    deployment: str
+    service: str
+    idx: int
+    state: str
+    healthy: bool = False
+    pid: int | None = None
+    pid_start: int | None = None
+    ports: dict[str, int] = field(default_factory=dict)
+    cpus: list[int] = field(default_factory=list)
+    exclusive: bool = False
+    numa_node: int | None = None
+    millicores: int = 0
+    memory_mb: int = 0
+    restarts: int = 0
+    exit_code: int | None = None
+    reason: str = ""
+    since: float = field(default_factory=time.time)
+    log: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``status --json`` shape of an instance."""
+        return {
+            "id": self.id, "state": self.state, "healthy": self.healthy, "pid": self.pid,
+            "ports": self.ports, "cpus": self.cpus, "exclusive": self.exclusive, "numa_node": self.numa_node,
+            "cpu": self.millicores / 1000, "memory_mb": self.memory_mb, "restarts": self.restarts,
+            "exit_code": self.exit_code, "reason": self.reason, "since": self.since,
+        }
+
+
+@dataclass(frozen=True)
+class EventRow:
+    """One entry of the event log."""
+
+    seq: int
+    at: float
+    deployment: str
+    instance: str | None
+    service: str | None
+    old: str | None
+    new: str | None
+    reason: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return {"seq": self.seq, "at": self.at, "deployment": self.deployment, "instance": self.instance,
+                "service": self.service, "from": self.old, "to": self.new, "reason": self.reason}
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    db = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA busy_timeout = 10000")
+    return db
+
+
+class StateStore:
+    """The database at ``<state_dir>/state.db``."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = _connect(self.path)
+        self._db.execute("PRAGMA journal_mode = WAL")
+        self._db.execute("PRAGMA synchronous = NORMAL")
+        self._db.executescript(_SCHEMA)
+        self._instances: dict[tuple[str, str], InstanceRow] = {}
+        self._events: list[tuple[float, str, str | None, str | None, str | None, str | None, str]] = []
+
+    # --- writes (queued) ---------------------------------------------------------------
+
+    def put_instance(self, row: InstanceRow) -> None:
+        """Queues the latest row of an instance (later puts of the same instance win)."""
+        self._instances[(row.deployment, row.id)] = row
+
+    def add_event(self, deployment: str, instance: str | None, service: str | None, old: str | None,
+                  new: str | None, reason: str, at: float | None = None) -> None:
+        """Queues an event."""
+        self._events.append((at or time.time(), deployment, instance, service, old, new, reason))
+
+    @property
+    def dirty(self) -> bool:
+        """Whether writes are queued."""
+        return bool(self._instances or self._events)
+
+    def flush(self) -> None:
+        """Commits the queued writes in one transaction."""
+        if not self.dirty:
+            return
+        rows, events = list(self._instances.values()), self._events
+        self._instances, self._events = {}, []
+        with self._tx():
+            self._db.executemany(
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                [(r.id, r.deployment, r.service, r.idx, r.state, int(r.healthy), r.pid, r.pid_start,
+                  json.dumps(r.ports), json.dumps(r.cpus), int(r.exclusive), r.numa_node, r.millicores, r.memory_mb, r.restarts,
+                  r.exit_code, r.reason, r.since, r.log) for r in rows])
+            self._db.executemany(
+                "INSERT INTO events (at, deployment, instance, service, old, new, reason) VALUES (?,?,?,?,?,?,?)",
+                events)
+
+    def put_deployment(self, row: DeploymentRow) -> None:
+        """Writes a deployment row now (rare: start, status changes, end)."""
+        row.updated_at = time.time()
+        with self._tx():
+            self._db.execute(
+                "INSERT OR REPLACE INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?)",
+                (row.name, row.spec, row.status, row.message, row.agent_pid, row.agent_start, row.socket,
+                 row.started_at, row.updated_at, json.dumps(row.phases)))
+
+    def clear_instances(self, deployment: str) -> None:
+        """Forgets the instances of a deployment (a new ``up`` starts from a clean table)."""
+        self.flush()
+        with self._tx():
+            self._db.execute("DELETE FROM instances WHERE deployment = ?", (deployment,))
+
+    def close(self) -> None:
+        """Flushes and closes."""
+        self.flush()
+        self._db.close()
+
+    def _tx(self) -> _Tx:
+        return _Tx(self._db)
+
+    # --- reads (work without the agent) ------------------------------------------------
+
+    @staticmethod
+    def exists(path: str | Path) -> bool:
+        """Whether a database is there."""
+        return Path(path).is_file()
+
+    @staticmethod
+    def read_deployments(path: str | Path) -> list[DeploymentRow]:
+        """Every deployment recorded."""
+        with closing(_connect(Path(path))) as db:
+            rows = db.execute("SELECT * FROM deployments ORDER BY started_at").fetchall()
+        return [DeploymentRow(name=r[0], spec=r[1], status=r[2], message=r[3], agent_pid=r[4], agent_start=r[5],
+                              socket=r[6], started_at=r[7], updated_at=r[8], phases=json.loads(r[9])) for r in rows]
+
+    @staticmethod
+    def read_instances(path: str | Path, deployment: str) -> list[InstanceRow]:
+        """The instances of a deployment, by service then index."""
+        with closing(_connect(Path(path))) as db:
+            rows = db.execute("SELECT * FROM instances WHERE deployment = ? ORDER BY service, idx",
+                              (deployment,)).fetchall()
+        return [InstanceRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], json.loads(r[8]),
+                            json.loads(r[9]), bool(r[10]), r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18])
+                for r in rows]
+
+    @staticmethod
+    def read_events(path: str | Path, after: int = 0, limit: int = 10000) -> list[EventRow]:
+        """Events with ``seq > after``, oldest first."""
+        with closing(_connect(Path(path))) as db:
+            rows = db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
+        return [EventRow(*r) for r in rows]
+
+    @staticmethod
+    def iter_tail(path: str | Path, n: int) -> Iterator[EventRow]:
+        """The last ``n`` events, oldest first."""
+        with closing(_connect(Path(path))) as db:
+            rows = db.execute("SELECT * FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?) ORDER BY seq",
+                              (n,)).fetchall()
+        return (EventRow(*r) for r in rows)
+
+
+class _Tx:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")

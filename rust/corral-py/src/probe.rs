@@ -1,0 +1,107 @@
+//! Health probe specifications and one-off checks.
+
+use corral_core::probe::{Check, ProbeSpec as CoreSpec, run_check};
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::errors::{bad_arg, seconds};
+
+/// One probe: what to check and on which schedule.
+#[pyclass(frozen, module = "corral._core")]
+pub struct ProbeSpec {
+    pub(crate) inner: CoreSpec,
+    kind: &'static str,
+}
+
+#[pymethods]
+impl ProbeSpec {
+    #[new]
+    #[pyo3(signature = (kind, *, host = "127.0.0.1".to_owned(), port = 0, path = "/".to_owned(),
+        argv = Vec::new(), env = Vec::new(), initial_delay = 0.0, period = 10.0, timeout = 1.0,
+        success_threshold = 1, failure_threshold = 3))]
+    fn new(
+        kind: &str,
+        host: String,
+        port: u16,
+        path: String,
+        argv: Vec<String>,
+        env: Vec<(String, String)>,
+        initial_delay: f64,
+        period: f64,
+        timeout: f64,
+        success_threshold: u32,
+        failure_threshold: u32,
+    ) -> PyResult<Self> {
+        let (check, kind) = match kind {
+            "http" => (Check::Http { host, port, path }, "http"),
+            "tcp" => (Check::Tcp { host, port }, "tcp"),
+            "exec" => {
+                if argv.is_empty() {
+                    return Err(PyValueError::new_err("exec probe needs a command (argv)"));
+                }
+                (Check::Exec { argv, env }, "exec")
+            }
+            other => return Err(bad_arg("kind", other, "'http', 'tcp', 'exec'")),
+        };
+        if success_threshold == 0 || failure_threshold == 0 {
+            return Err(PyValueError::new_err("probe thresholds must be at least 1"));
+        }
+        let period = seconds("period", period)?;
+        if period.is_zero() {
+            return Err(PyValueError::new_err("period must be positive"));
+        }
+        Ok(ProbeSpec {
+            inner: CoreSpec {
+                check,
+                initial_delay: seconds("initial_delay", initial_delay)?,
+                period,
+                timeout: seconds("timeout", timeout)?,
+                success_threshold,
+                failure_threshold,
+            },
+            kind,
+        })
+    }
+
+    /// `http`, `tcp` or `exec`.
+    #[getter]
+    fn kind(&self) -> &'static str {
+        self.kind
+    }
+
+    #[getter]
+    fn period(&self) -> f64 {
+        self.inner.period.as_secs_f64()
+    }
+
+    #[getter]
+    fn timeout(&self) -> f64 {
+        self.inner.timeout.as_secs_f64()
+    }
+
+    /// One attempt, now: `(ok, message)`. Awaitable.
+    fn check<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let check = self.inner.check.clone();
+        let timeout = self.inner.timeout;
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            Ok(match run_check(&check, timeout).await {
+                Ok(m) => (true, m),
+                Err(m) => (false, m),
+            })
+        })
+    }
+
+    fn __repr__(&self) -> String {
+        let what = match &self.inner.check {
+            Check::Http { host, port, path } => format!("http://{host}:{port}{path}"),
+            Check::Tcp { host, port } => format!("tcp {host}:{port}"),
+            Check::Exec { argv, .. } => format!("exec {argv:?}"),
+        };
+        format!("ProbeSpec({what}, period={:?})", self.inner.period)
+    }
+}
+
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<ProbeSpec>()
+}

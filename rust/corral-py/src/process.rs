@@ -1,0 +1,191 @@
+//! The process supervisor: spawn, signal, events.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use corral_core::probe::Health;
+use corral_core::process::{self as core, Event, LogConfig, ProcessSpec};
+use pyo3::prelude::*;
+
+use crate::errors::PyResultExt;
+use crate::probe::ProbeSpec;
+
+/// Starts processes and reports their exits and probe verdicts as `ProcessEvent`s.
+#[pyclass(frozen, module = "corral._core")]
+pub struct Supervisor {
+    inner: Arc<core::Supervisor>,
+}
+
+/// An exit (`kind == "exited"`) or a probe verdict (`kind == "probe"`).
+#[pyclass(frozen, get_all, module = "corral._core")]
+pub struct ProcessEvent {
+    kind: &'static str,
+    id: String,
+    pid: Option<u32>,
+    code: Option<i32>,
+    signal: Option<i32>,
+    probe: Option<&'static str>,
+    ok: Option<bool>,
+    message: Option<String>,
+}
+
+#[pymethods]
+impl ProcessEvent {
+    fn __repr__(&self) -> String {
+        match self.kind {
+            "exited" => format!(
+                "ProcessEvent(exited {} pid={} code={} signal={})",
+                self.id,
+                opt(self.pid),
+                opt(self.code),
+                opt(self.signal)
+            ),
+            _ => format!(
+                "ProcessEvent(probe {} {} ok={} {:?})",
+                self.id,
+                self.probe.unwrap_or("?"),
+                opt(self.ok),
+                self.message.as_deref().unwrap_or("")
+            ),
+        }
+    }
+}
+
+fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
+    v.map_or_else(|| "None".to_owned(), |v| v.to_string())
+}
+
+fn convert(e: Event) -> ProcessEvent {
+    match e {
+        Event::Exited { id, pid, code, signal } => ProcessEvent {
+            kind: "exited",
+            id,
+            pid: Some(pid),
+            code,
+            signal,
+            probe: None,
+            ok: None,
+            message: None,
+        },
+        Event::Probe { id, result } => ProcessEvent {
+            kind: "probe",
+            id,
+            pid: None,
+            code: None,
+            signal: None,
+            probe: Some(result.kind.as_str()),
+            ok: Some(result.ok),
+            message: Some(result.message),
+        },
+    }
+}
+
+#[pymethods]
+impl Supervisor {
+    #[new]
+    fn new() -> Self {
+        let handle = pyo3_async_runtimes::tokio::get_runtime().handle().clone();
+        Supervisor { inner: core::Supervisor::new(handle) }
+    }
+
+    /// Starts `argv` under `id`; returns `(pid, start_time)`. The pid is also its process group.
+    #[pyo3(signature = (id, argv, *, env = None, clear_env = false, cwd = None, cpus = Vec::new(),
+        cgroup = None, log = None, log_max_bytes = 10 << 20, log_keep = 3))]
+    fn spawn(
+        &self,
+        py: Python<'_>,
+        id: &str,
+        argv: Vec<String>,
+        env: Option<Vec<(String, String)>>,
+        clear_env: bool,
+        cwd: Option<PathBuf>,
+        cpus: Vec<usize>,
+        cgroup: Option<PathBuf>,
+        log: Option<PathBuf>,
+        log_max_bytes: u64,
+        log_keep: usize,
+    ) -> PyResult<(u32, u64)> {
+        let spec = ProcessSpec {
+            argv,
+            env: env.unwrap_or_default(),
+            clear_env,
+            cwd,
+            cpus,
+            cgroup,
+            log: log.map(|path| LogConfig { path, max_bytes: log_max_bytes, keep: log_keep }),
+        };
+        // fork + exec take a while in a large process; let other Python threads run.
+        let s = py.detach(|| self.inner.spawn(id, &spec)).py()?;
+        Ok((s.pid, s.start_time))
+    }
+
+    /// Runs the given probes for instance `id` (replacing any it had); initial delays count from now.
+    #[pyo3(signature = (id, *, startup = None, readiness = None, liveness = None))]
+    fn start_health(
+        &self,
+        id: &str,
+        startup: Option<PyRef<'_, ProbeSpec>>,
+        readiness: Option<PyRef<'_, ProbeSpec>>,
+        liveness: Option<PyRef<'_, ProbeSpec>>,
+    ) {
+        let spec = |p: Option<PyRef<'_, ProbeSpec>>| p.map(|p| p.inner.clone());
+        self.inner.start_health(
+            id,
+            Health { startup: spec(startup), readiness: spec(readiness), liveness: spec(liveness) },
+        );
+    }
+
+    /// Stops the probes of `id`; returns whether any ran.
+    fn stop_health(&self, id: &str) -> bool {
+        self.inner.stop_health(id)
+    }
+
+    /// Awaitable: the next event.
+    fn next_event<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
+        let sup = self.inner.clone();
+        pyo3_async_runtimes::tokio::future_into_py(py, async move {
+            let e = sup.next_event().await;
+            Ok(e.map(convert))
+        })
+    }
+
+    /// Events already queued, without waiting.
+    #[pyo3(signature = (max = 4096))]
+    fn drain(&self, max: usize) -> Vec<ProcessEvent> {
+        self.inner.drain(max).into_iter().map(convert).collect()
+    }
+}
+
+/// Sends `signal` to process group `pgid`; False when the group is gone.
+#[pyfunction]
+fn signal_group(pgid: u32, signal: i32) -> PyResult<bool> {
+    core::signal_group(pgid, signal).py()
+}
+
+/// Whether any process of group `pgid` exists.
+#[pyfunction]
+fn group_alive(pgid: u32) -> bool {
+    core::group_alive(pgid)
+}
+
+/// Live (non-zombie) pids of group `pgid`.
+#[pyfunction]
+fn group_members(pgid: u32) -> Vec<u32> {
+    core::group_members(pgid)
+}
+
+/// Start time of `pid` in clock ticks since boot, or None if it is gone.
+#[pyfunction]
+fn process_start_time(pid: u32) -> Option<u64> {
+    core::start_time(pid)
+}
+
+pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_class::<Supervisor>()?;
+    m.add_class::<ProcessEvent>()?;
+    m.add_function(wrap_pyfunction!(signal_group, m)?)?;
+    m.add_function(wrap_pyfunction!(group_alive, m)?)?;
+    m.add_function(wrap_pyfunction!(group_members, m)?)?;
+    m.add_function(wrap_pyfunction!(process_start_time, m)?)?;
+    Ok(())
+}
