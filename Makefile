@@ -26,8 +26,10 @@ dev: venv ## Build the extension (debug) and install it editable with the dev ex
 dev-release: venv ## Build the extension in release mode and install it editable
 	$(PIP) install -q -e '.[dev]' $(RELEASE_BUILD)
 
-demo: dev ## Build, install into .venv and run the demo on examples/
-	$(PY) examples/orchestration_demo.py
+# The demo stack stops by itself after DEMO_FOR (Ctrl-C stops it sooner); DEMO_FOR= runs until Ctrl-C.
+DEMO_FOR ?= 20s
+demo: dev ## Build, install into .venv and run the demo stack (examples/stack) in the foreground
+	$(VENV)/bin/corral up examples/stack/corral.yaml $(if $(DEMO_FOR),--run-for $(DEMO_FOR))
 
 test: dev test-rust test-python typecheck bench-smoke ## Everything CI runs: cargo test, pytest, mypy --strict, stubtest, bench smoke
 

@@ -196,7 +196,7 @@ class Deployment:
     def make_plan(self) -> Plan:
         """Places every instance without starting anything (raises SpecError when it does not fit)."""
         if self.plan is None:
-            self.plan = self.scheduler.plan(self.spec, str(self.file), self._volumes)
+            self.plan = self.scheduler.plan(self.spec, self._volumes)
         return self.plan
 
     async def up(self) -> None:
@@ -353,6 +353,7 @@ class Deployment:
     def _start(self, inst: _Instance, reason: str) -> None:
         assert self._sup is not None
         inst.timer = None
+        inst.reason = ""
         inst.life.to(State.STARTING, reason)
         inst.kill_cause, inst.kill_detail, inst.exit_code = None, "", None
         env = self._environment(inst)
@@ -361,25 +362,11 @@ class Deployment:
         cwd = (self.base / svc.working_dir) if svc.working_dir else self.base
         cpus = inst.p.cpus or self._shared_cpus()
         inst.affinity = list(cpus)
-        policy = RetryPolicy.exponential(0.05, max_attempts=3)
-        last: Exception | None = None
-        for delay in [0.0, *policy.delays()]:
-            if delay:
-                time.sleep(min(delay, 0.2))
-            try:
-                pid, start = self._sup.spawn(inst.id, argv, env=env, cwd=cwd, cpus=cpus, cgroup=inst.cgroup,
-                                             log=inst.log, log_max_bytes=self._log_max, log_keep=self._log_keep)
-                break
-            except FileNotFoundError as e:
-                last = e
-                break  # a missing program or directory will not appear by retrying
-            except OSError as e:
-                last = e
-        else:
-            pid = 0
-        if last is not None and not pid:
-            self._on_exit(inst, Exit(inst.id, inst.p.service, None, None, "spawn", 0.0, 0.0, str(last)))
+        spawned = self._spawn(inst, argv, env, cwd, cpus)
+        if isinstance(spawned, Exception):
+            self._on_exit(inst, Exit(inst.id, inst.p.service, None, None, "spawn", 0.0, 0.0, str(spawned)))
             return
+        pid, start = spawned
         inst.pid, inst.pid_start = pid, start
         inst.started_at = time.monotonic()
         inst.healthy_since = None
@@ -390,6 +377,25 @@ class Deployment:
             self._healthy(inst, "running, no readiness probe")
         if any(probes.values()):
             self._sup.start_health(inst.id, **probes)
+
+    def _spawn(self, inst: _Instance, argv: list[str], env: list[tuple[str, str]], cwd: Path,
+               cpus: list[int]) -> tuple[int, int] | OSError:
+        """Spawns with retries on transient errors (EAGAIN, ENOMEM); a missing program or
+        directory fails at once."""
+        assert self._sup is not None
+        last: OSError | None = None
+        for delay in [0.0, *RetryPolicy.exponential(0.05, max_attempts=3).delays()]:
+            if delay:
+                time.sleep(delay)
+            try:
+                return self._sup.spawn(inst.id, argv, env=env, cwd=cwd, cpus=cpus, cgroup=inst.cgroup,
+                                       log=inst.log, log_max_bytes=self._log_max, log_keep=self._log_keep)
+            except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
+                return e
+            except OSError as e:
+                last = e
+        assert last is not None
+        return last
 
     def _environment(self, inst: _Instance) -> list[tuple[str, str]]:
         svc, ports = inst.svc, inst.p.ports
@@ -502,7 +508,6 @@ class Deployment:
             if inst.state is State.STOPPING:
                 inst.reason = "stopped"
                 inst.life.to(State.STOPPED, _exit_text(ev))
-                self._remove_cgroup(inst)
                 self.registry.deregister(inst.id)
                 return
             cause = inst.kill_cause or "exit"
@@ -588,9 +593,8 @@ class Deployment:
 
     def _shared_cpus(self) -> list[int]:
         """CPUs not given exclusively to anyone: where shared-CPU instances may run."""
-        usage = self.resources.usage()
-        exclusive = set(usage.get("exclusive_cpus", []))
-        return [c for c in usage.get("cpus", []) if c not in exclusive]
+        exclusive = set(self.resources.usage().get("exclusive_cpus", []))
+        return [c for c in self.topology.online if c not in exclusive]
 
     def _setup_cgroups(self) -> None:
         """One memory cgroup per instance that asks for memory; a warning, once, when the

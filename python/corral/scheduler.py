@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from corral._core import Grant, PortAllocator, ResourceManager, ResourceRequest, Topology
-from corral.exceptions import CorralError, PortError, PortInUse, SpecError
+from corral.exceptions import CorralError, PortError, PortInUse
 from corral.spec import DeploymentSpec, ServiceSpec
 
 __all__ = ["Placement", "Plan", "Scheduler", "phases", "volume_paths"]
@@ -119,8 +119,7 @@ class Scheduler:
         self.host = host
         self._outside: set[int] = set()
 
-    def plan(self, spec: DeploymentSpec, file: str = "corral.yaml",
-             volumes: dict[str, Path] | None = None) -> Plan:
+    def plan(self, spec: DeploymentSpec, volumes: dict[str, Path] | None = None) -> Plan:
         """Places every instance, or releases everything and raises :class:`SpecError`
         pointing at the service that does not fit."""
         order = phases(spec)
@@ -134,8 +133,8 @@ class Scheduler:
                     placements[name].append(self.place_one(name, i, svc, (volumes or {}).get(name)))
         except CorralError as e:
             self.release(Plan(order, placements))
-            field = f"services.{name}.ports" if isinstance(e, PortError) else f"services.{name}.resources"
-            raise SpecError(f"{name}-{i} does not fit: {e}", file, None, field) from None
+            where = "ports" if isinstance(e, PortError) else "resources"
+            raise spec.error(("services", name, where), f"{name}-{i} does not fit: {e}") from None
         return Plan(order, placements)
 
     def place_one(self, name: str, index: int, svc: ServiceSpec, volume: Path | None) -> Placement:
@@ -162,10 +161,10 @@ class Scheduler:
 
     def choose_node(self, memory_mb: int) -> int | None:
         """NUMA node for a shared-CPU instance with memory (None: let the ledger decide)."""
-        nodes = self.resources.usage().get("memory_by_node", [])
+        nodes: dict[int, tuple[int, int]] = self.resources.usage().get("memory_by_node", {})
         if len(nodes) < 2:
             return None
-        fits = [(cap - used, nid) for nid, cap, used in nodes if cap - used >= memory_mb]
+        fits = [(cap - used, nid) for nid, (cap, used) in nodes.items() if cap - used >= memory_mb]
         if not fits:
             return None
         best: int = (min(fits) if self.policy == "binpack" else max(fits))[1]

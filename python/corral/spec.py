@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from corral.exceptions import SpecError
 
@@ -276,6 +276,14 @@ class DeploymentSpec(_Model):
     services: dict[Annotated[str, Field(pattern=_NAME)], ServiceSpec]
     scheduler: Literal["binpack", "spread"] = "binpack"
     port_range: tuple[int, int] = (20000, 32000)
+    _source: _Source | None = PrivateAttr(default=None)
+
+    def error(self, loc: tuple[str | int, ...], message: str) -> SpecError:
+        """A :class:`SpecError` at ``loc`` (e.g. ``("services", "api", "resources")``), with the
+        file and line it came from when the spec was loaded from text."""
+        if self._source is None:
+            return SpecError(message, None, None, ".".join(map(str, loc)))
+        return self._source.error(loc, message)
 
     @model_validator(mode="after")
     def _range(self) -> DeploymentSpec:
@@ -388,6 +396,7 @@ def parse_spec(text: str, file: str = "corral.yaml") -> DeploymentSpec:
     problems = list(_cross_check(spec, src))
     if problems:
         raise _combine(problems)
+    spec._source = src
     return spec
 
 

@@ -1,0 +1,5 @@
+"""``python -m corral``: the command line."""
+
+from corral.cli import main
+
+main()

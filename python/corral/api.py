@@ -1,0 +1,226 @@
+"""The control API: HTTP/1.1 with JSON over a Unix socket in the state directory.
+
+The socket is created with mode 0600, so only its owner can control the deployment. The
+agent (:func:`run_agent`) serves it; the CLI is its client (:class:`ControlClient`).
+
+Routes: ``GET /v1/status``, ``GET /v1/up`` (waits until ``up`` has finished: ``ok`` and the
+reason), ``GET /v1/events?after=N``, ``POST /v1/restart?service=NAME``, ``POST /v1/down``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http.client
+import json
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from corral.engine import Deployment
+from corral.exceptions import AgentError, CorralError, DeploymentError
+
+__all__ = ["ControlClient", "ControlServer", "run_agent", "socket_path"]
+
+
+def socket_path(state_dir: Path) -> Path:
+    """Where the agent of a state directory listens."""
+    return state_dir / "agent.sock"
+
+
+Handler = Callable[[dict[str, list[str]]], Awaitable[tuple[int, Any]]]
+
+
+class ControlServer:
+    """Serves the control API of one deployment."""
+
+    def __init__(self, deployment: Deployment, path: Path) -> None:
+        self.deployment = deployment
+        self.path = path
+        self.up_task: asyncio.Task[None] | None = None
+        self.stop = asyncio.Event()
+        self.stopped = asyncio.Event()
+        self._server: asyncio.AbstractServer | None = None
+        self._routes: dict[tuple[str, str], Handler] = {
+            ("GET", "/v1/status"): self._status,
+            ("GET", "/v1/up"): self._up,
+            ("GET", "/v1/events"): self._events,
+            ("POST", "/v1/restart"): self._restart,
+            ("POST", "/v1/down"): self._down,
+        }
+
+    async def start(self) -> None:
+        """Binds the socket, owner-only from the first moment (umask, then chmod to be sure)."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+        old = os.umask(0o177)
+        try:
+            self._server = await asyncio.start_unix_server(self._serve, path=str(self.path))
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def close(self) -> None:
+        """Stops serving and removes the socket."""
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+            lines = head.decode("latin-1").split("\r\n")
+            method, target, _ = lines[0].split(" ", 2)
+            length = 0
+            for h in lines[1:]:
+                k, _, v = h.partition(":")
+                if k.strip().lower() == "content-length":
+                    length = int(v.strip())
+            if length:
+                await reader.readexactly(length)
+            url = urlsplit(target)
+            handler = self._routes.get((method, url.path))
+            if handler is None:
+                code, body = 404, {"error": f"no route {method} {url.path}"}
+            else:
+                try:
+                    code, body = await handler(parse_qs(url.query))
+                except CorralError as e:
+                    code, body = 409, {"error": str(e)}
+            data = json.dumps(body).encode()
+            writer.write(f"HTTP/1.1 {code} {http.client.responses.get(code, '')}\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
+            await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            writer.close()
+
+    async def _status(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
+        return 200, self.deployment.status().to_dict()
+
+    async def _up(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
+        if self.up_task is None:
+            return 409, {"ok": False, "error": "up has not started"}
+        try:
+            await asyncio.shield(self.up_task)
+        except DeploymentError as e:
+            return 200, {"ok": False, "error": str(e)}
+        except asyncio.CancelledError:
+            return 200, {"ok": False, "error": "up was interrupted"}
+        return 200, {"ok": True, "status": self.deployment.status().to_dict()}
+
+    async def _events(self, q: dict[str, list[str]]) -> tuple[int, Any]:
+        after = int(q.get("after", ["0"])[0])
+        events = [t.to_dict() for t in self.deployment.events()]
+        return 200, {"events": events[after:]}
+
+    async def _restart(self, q: dict[str, list[str]]) -> tuple[int, Any]:
+        service = q.get("service", [""])[0]
+        if service not in self.deployment.spec.services:
+            return 404, {"error": f"unknown service {service!r}"}
+        await self.deployment.restart(service)
+        return 200, {"ok": True, "service": service}
+
+    async def _down(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
+        self.stop.set()
+        await self.stopped.wait()
+        return 200, {"ok": True}
+
+
+async def run_agent(deployment: Deployment, *, run_for: float | None = None,
+                    on_up: Callable[[Deployment], None] | None = None) -> int:
+    """Brings ``deployment`` up, serves the control API and supervises until ``down``
+    (API), SIGINT or SIGTERM, or ``run_for`` seconds. Returns the exit code: 0, or 1 when
+    ``up`` failed (everything it started is rolled back). Errors found before anything
+    started (a spec that does not fit, an agent already running) are raised."""
+    server = ControlServer(deployment, socket_path(deployment.state_dir))
+    await server.start()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, server.stop.set)
+    try:
+        server.up_task = asyncio.create_task(deployment.up(), name="corral-up")
+        stop_wait = asyncio.create_task(server.stop.wait())
+        await asyncio.wait([server.up_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
+        if not server.up_task.done():
+            # Interrupted during bring-up: cancelling up rolls back what it started.
+            server.up_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, DeploymentError):
+                await server.up_task
+            return 1
+        exc = server.up_task.exception()
+        if isinstance(exc, DeploymentError):
+            return 1
+        if exc is not None:
+            raise exc
+        if on_up is not None:
+            on_up(deployment)
+        if run_for is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop_wait, run_for)
+        else:
+            await stop_wait
+        await deployment.down()
+        return 0
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+        server.stopped.set()
+        # Let a pending /v1/down answer before the socket goes.
+        await asyncio.sleep(0.05)
+        await server.close()
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(str(self._path))
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+
+
+class ControlClient:
+    """Talks to the agent of a state directory."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = socket_path(state_dir)
+
+    def available(self) -> bool:
+        """Whether an agent answers."""
+        try:
+            self.request("GET", "/v1/status", timeout=2.0)
+            return True
+        except AgentError:
+            return False
+
+    def request(self, method: str, target: str, timeout: float = 30.0) -> Any:
+        """A JSON request; raises :class:`AgentError` when no agent answers."""
+        conn = _UnixConnection(self.path, timeout)
+        try:
+            conn.request(method, target)
+            resp = conn.getresponse()
+            body = json.loads(resp.read() or b"null")
+        except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
+            raise AgentError(f"no agent at {self.path} ({e.__class__.__name__}: {e})") from None
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            msg = body.get("error") if isinstance(body, dict) else body
+            raise CorralError(str(msg))
+        return body
