@@ -360,7 +360,7 @@ class Deployment:
         svc = inst.svc
         argv = [substitute_ports(a, inst.p.ports) for a in svc.argv()]
         cwd = (self.base / svc.working_dir) if svc.working_dir else self.base
-        cpus = inst.p.cpus or self._shared_cpus()
+        cpus = inst.p.cpus or self._shared_cpus(inst.p.numa_node)
         inst.affinity = list(cpus)
         spawned = self._spawn(inst, argv, env, cwd, cpus)
         if isinstance(spawned, Exception):
@@ -591,10 +591,15 @@ class Deployment:
 
     # --- resources ------------------------------------------------------------------
 
-    def _shared_cpus(self) -> list[int]:
-        """CPUs not given exclusively to anyone: where shared-CPU instances may run."""
+    def _shared_cpus(self, node: int | None) -> list[int]:
+        """CPUs not given exclusively to anyone, on ``node`` when one was chosen and has any:
+        where a shared-CPU instance may run."""
         exclusive = set(self.resources.usage().get("exclusive_cpus", []))
-        return [c for c in self.topology.online if c not in exclusive]
+        shared = [c for c in self.topology.online if c not in exclusive]
+        if node is not None:
+            on_node = [c for c in shared if self.topology.numa_node_of(c) == node]
+            return on_node or shared
+        return shared
 
     def _setup_cgroups(self) -> None:
         """One memory cgroup per instance that asks for memory; a warning, once, when the

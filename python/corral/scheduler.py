@@ -142,8 +142,11 @@ class Scheduler:
         r = svc.resources
         req_memory = math.ceil((r.memory or 0) / MiB)
         node = self.choose_node(req_memory) if not r.cores and req_memory else None
+        # A chosen node is a preference the ledger accounts the memory on (and the engine
+        # keeps the instance's threads on that node's shared CPUs).
+        numa = "prefer" if node is not None and r.numa == "none" else r.numa
         request = ResourceRequest(
-            cpu=r.cpu or 0.0, cores=r.cores or 0, numa=r.numa, cache=r.cache, memory_mb=req_memory,
+            cpu=r.cpu or 0.0, cores=r.cores or 0, numa=numa, cache=r.cache, memory_mb=req_memory,
             swap_mb=math.ceil((r.swap or 0) / MiB), storage_mb=math.ceil((r.storage.size if r.storage else 0) / MiB),
             volume=str(volume) if volume is not None else None, numa_node=node,
         )

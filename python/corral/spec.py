@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from corral.exceptions import SpecError
 
@@ -82,6 +82,22 @@ def parse_size(value: object) -> int:
     raise ValueError(f"expected a size such as 256Mi or 2Gi, got {value!r}")
 
 
+def _port_value(value: object) -> object:
+    if value == "auto":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    raise ValueError(f"expected 'auto' or a port number 1-65535, got {value!r}")
+
+
+def _port_ref(value: object) -> object:
+    if isinstance(value, str) and value != "auto":
+        return value
+    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+        return value
+    raise ValueError(f"expected a port name or a number 1-65535, got {value!r}")
+
+
 Duration: TypeAlias = Annotated[float, BeforeValidator(parse_duration)]
 Size: TypeAlias = Annotated[int, BeforeValidator(parse_size)]
 
@@ -92,7 +108,7 @@ class _Model(BaseModel):
 
 # --- health --------------------------------------------------------------------------
 
-PortRef: TypeAlias = str | Annotated[int, Field(ge=1, le=65535)]
+PortRef: TypeAlias = Annotated[str | int, BeforeValidator(_port_ref)]
 
 
 class HttpCheck(_Model):
@@ -234,7 +250,7 @@ class ServiceSpec(_Model):
     working_dir: str | None = None
     replicas: int = Field(default=1, ge=0, le=10000)
     depends_on: dict[str, Condition] = Field(default_factory=dict)
-    ports: dict[str, Literal["auto"] | Annotated[int, Field(ge=1, le=65535)]] = Field(default_factory=dict)
+    ports: dict[str, Annotated[Literal["auto"] | int, BeforeValidator(_port_value)]] = Field(default_factory=dict)
     resources: Resources = Resources()
     health: HealthSpec = HealthSpec()
     restart: RestartSpec = RestartSpec()
@@ -250,12 +266,15 @@ class ServiceSpec(_Model):
             data = {**data, "depends_on": {str(d): "started" for d in data["depends_on"]}}
         return data
 
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | str) -> list[str] | str:
+        if not (v.strip() if isinstance(v, str) else v):
+            raise ValueError("command must not be empty")
+        return v
+
     @model_validator(mode="after")
-    def _command(self) -> ServiceSpec:
-        if isinstance(self.command, list) and not self.command:
-            raise ValueError("command must not be empty")
-        if isinstance(self.command, str) and not self.command.strip():
-            raise ValueError("command must not be empty")
+    def _fixed_ports(self) -> ServiceSpec:
         if self.replicas > 1:
             fixed = [n for n, p in self.ports.items() if p != "auto"]
             if fixed:
