@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -20,7 +22,7 @@ def test_happy_path_and_history() -> None:
     assert [t.new for t in seen] == path
     assert [t.old for t in seen] == [State.PENDING, *path[:-1]]
     assert seen[3].reason == "to healthy" and seen[3].instance == "api-0" and seen[3].service == "api"
-    assert all(a.at <= b.at for a, b in zip(seen, seen[1:], strict=False))
+    assert all(a.at <= b.at for a, b in itertools.pairwise(seen))
 
 
 @pytest.mark.parametrize(("start", "bad"), [

@@ -1,13 +1,19 @@
 """corral: orchestrate services on one machine, with a Rust core.
 
 The mechanisms (registry, ports, circuit breaker, retries, load balancing,
-topology and resource ledgers) are native; this package is their typed face.
+topology and resource ledgers, process supervision, probes, cgroups) are
+native; this package is their typed face, plus the engine that deploys a
+``corral.yaml`` (:class:`Deployment`). The engine's modules (and pydantic) load
+on first use, so ``import corral`` for the mechanisms alone stays cheap.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from corral._core import (
     BreakerStats,
+    Cgroups,
     ConnectionGuard,
     Grant,
     Instance,
@@ -15,6 +21,8 @@ from corral._core import (
     LoadBalancer,
     NumaNode,
     PortAllocator,
+    ProbeSpec,
+    ProcessEvent,
     RegistryEvent,
     ResourceManager,
     ResourceRequest,
@@ -22,15 +30,19 @@ from corral._core import (
     RetryPolicy,
     RetrySchedule,
     ServiceRegistry,
+    Supervisor,
     Topology,
     __version__,
 )
 from corral.breaker import CircuitBreaker
 from corral.exceptions import (
+    AgentError,
     CircuitOpenError,
     ConfigError,
     CorralError,
+    DeploymentError,
     InsufficientResources,
+    LifecycleError,
     NoBackendError,
     PortError,
     PortInUse,
@@ -42,36 +54,82 @@ from corral.exceptions import (
 )
 from corral.retry import retry
 
+if TYPE_CHECKING:
+    from corral.engine import Deployment, DeploymentStatus, InstanceStatus
+    from corral.lifecycle import Lifecycle, State, Transition
+    from corral.recovery import BackoffRestart, RestartStrategy, RollbackStrategy
+    from corral.scheduler import Plan, Scheduler
+    from corral.spec import DeploymentSpec, load_spec
+
+_LAZY = {
+    "Deployment": "corral.engine", "DeploymentStatus": "corral.engine", "InstanceStatus": "corral.engine",
+    "Lifecycle": "corral.lifecycle", "State": "corral.lifecycle", "Transition": "corral.lifecycle",
+    "BackoffRestart": "corral.recovery", "RestartStrategy": "corral.recovery", "RollbackStrategy": "corral.recovery",
+    "Plan": "corral.scheduler", "Scheduler": "corral.scheduler",
+    "DeploymentSpec": "corral.spec", "load_spec": "corral.spec",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'corral' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
 __all__ = [
+    "AgentError",
+    "BackoffRestart",
     "BreakerStats",
+    "Cgroups",
     "CircuitBreaker",
     "CircuitOpenError",
     "ConfigError",
     "ConnectionGuard",
     "CorralError",
+    "Deployment",
+    "DeploymentError",
+    "DeploymentSpec",
+    "DeploymentStatus",
     "Grant",
     "Instance",
+    "InstanceStatus",
     "InsufficientResources",
     "L3Domain",
+    "Lifecycle",
+    "LifecycleError",
     "LoadBalancer",
     "NoBackendError",
     "NumaNode",
+    "Plan",
     "PortAllocator",
     "PortError",
     "PortInUse",
     "PortsExhausted",
+    "ProbeSpec",
+    "ProcessEvent",
     "RegistryEvent",
     "ResourceError",
     "ResourceManager",
     "ResourceRequest",
+    "RestartStrategy",
     "RetryBudget",
     "RetryExhausted",
     "RetryPolicy",
     "RetrySchedule",
+    "RollbackStrategy",
+    "Scheduler",
     "ServiceRegistry",
     "SpecError",
+    "State",
+    "Supervisor",
     "Topology",
     "TopologyError",
+    "Transition",
     "__version__",
+    "load_spec",
     "retry",
 ]

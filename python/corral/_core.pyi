@@ -13,6 +13,7 @@ from typing_extensions import disjoint_base
 
 __all__ = [
     "BreakerStats",
+    "Cgroups",
     "CircuitBreaker",
     "ConnectionGuard",
     "Grant",
@@ -22,6 +23,8 @@ __all__ = [
     "LoadBalancer",
     "NumaNode",
     "PortAllocator",
+    "ProbeSpec",
+    "ProcessEvent",
     "RegistryEvent",
     "RegistryWatch",
     "ResourceManager",
@@ -31,8 +34,13 @@ __all__ = [
     "RetrySchedule",
     "Retrying",
     "ServiceRegistry",
+    "Supervisor",
     "Topology",
     "__version__",
+    "group_alive",
+    "group_members",
+    "process_start_time",
+    "signal_group",
 ]
 
 __version__: str
@@ -564,17 +572,18 @@ class ResourceManager:
 class ProbeSpec:
     """One health probe: an HTTP GET (status 200-399), a TCP connect or a command (exit 0),
     repeated every ``period`` after ``initial_delay``, each attempt bounded by ``timeout``,
-    with Kubernetes' success and failure thresholds."""
+    with Kubernetes' success and failure thresholds. ``host`` defaults to ``127.0.0.1`` and
+    ``path`` to ``/``; ``argv`` and ``env`` are for ``exec``."""
 
     def __new__(
         cls,
         kind: Literal["http", "tcp", "exec"],
         *,
-        host: str = "127.0.0.1",
+        host: str = ...,
         port: int = 0,
-        path: str = "/",
-        argv: Sequence[str] = (),
-        env: Sequence[tuple[str, str]] = (),
+        path: str = ...,
+        argv: Sequence[str] = ...,
+        env: Sequence[tuple[str, str]] = ...,
         initial_delay: float = 0.0,
         period: float = 10.0,
         timeout: float = 1.0,
@@ -629,13 +638,14 @@ class Supervisor:
         env: Sequence[tuple[str, str]] | None = None,
         clear_env: bool = False,
         cwd: str | PathLike[str] | None = None,
-        cpus: Sequence[int] = (),
+        cpus: Sequence[int] = ...,
         cgroup: str | PathLike[str] | None = None,
         log: str | PathLike[str] | None = None,
-        log_max_bytes: int = 10485760,
+        log_max_bytes: int = ...,
         log_keep: int = 3,
     ) -> tuple[int, int]:
-        """Starts ``argv``; returns ``(pid, start_time)``. Raises ``OSError`` subclasses
+        """Starts ``argv``; returns ``(pid, start_time)``. ``log`` rotates past ``log_max_bytes``
+        (default 10 MiB), keeping ``log_keep`` old files. Raises ``OSError`` subclasses
         (``FileNotFoundError`` for a missing program) naming the program."""
     def start_health(
         self,
@@ -674,8 +684,9 @@ class Cgroups:
     (``memory.limit_in_bytes``/``soft_limit_in_bytes``/``memsw``)."""
 
     @staticmethod
-    def detect(mount: str | PathLike[str] = "/sys/fs/cgroup", parent: str = "corral") -> Cgroups:
-        """Inspects ``mount`` and prepares ``parent`` below it; never raises."""
+    def detect(mount: str | PathLike[str] = ..., parent: str = ...) -> Cgroups:
+        """Inspects ``mount`` (default ``/sys/fs/cgroup``) and prepares ``parent`` (default
+        ``corral``) below it; never raises."""
     @property
     def mode(self) -> Literal["v2", "v1", "unavailable"]: ...
     @property

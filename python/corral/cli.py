@@ -27,7 +27,7 @@ from rich.table import Table
 from corral.api import ControlClient, run_agent, socket_path
 from corral.engine import Deployment, default_state_dir
 from corral.exceptions import AgentError, CorralError, SpecError
-from corral.lifecycle import State, Transition
+from corral.lifecycle import Transition
 from corral.spec import load_spec
 from corral.state import EventRow, InstanceRow, StateStore
 
@@ -162,7 +162,7 @@ def _up_detached(spec: Path, sd: Path, timeout: float) -> int:
         time.sleep(0.005)
     try:
         res = client.request("GET", "/v1/up", timeout=timeout)
-    except (AgentError, CorralError) as e:
+    except (AgentError, CorralError):
         code = agent.wait(timeout=30)
         _print_log_tail(log)
         return code or 1
@@ -239,7 +239,8 @@ class _LiveView:
     def __init__(self, d: Deployment) -> None:
         self.d = d
         self.note = ""
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"))
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"))
         self.task = self.progress.add_task("services up", total=len(d.spec.services))
         self.live = Live(self.render(), console=out, refresh_per_second=4, transient=False)
 

@@ -120,7 +120,8 @@ class _Instance:
         return InstanceRow(
             id=self.id, deployment=deployment, service=self.p.service, idx=self.p.index, state=self.state.value,
             healthy=self.state is State.HEALTHY, pid=self.pid, pid_start=self.pid_start, ports=dict(self.p.ports),
-            cpus=list(self.affinity), exclusive=bool(self.p.cpus), numa_node=self.p.numa_node, millicores=self.p.millicores,
+            cpus=list(self.affinity), exclusive=bool(self.p.cpus), numa_node=self.p.numa_node,
+            millicores=self.p.millicores,
             memory_mb=self.p.memory_mb, restarts=self.restarts, exit_code=self.exit_code, reason=self.reason,
             since=self.life.since, log=str(self.log) if self.log else None)
 
@@ -146,7 +147,8 @@ class Deployment:
         self.topology = topology or Topology.detect()
         volumes = volume_paths(spec, self.base)
         self._volumes = volumes
-        self.resources = ResourceManager(self.topology, volumes={str(p): (str(p), _free_mb(p)) for p in volumes.values()})
+        self.resources = ResourceManager(self.topology,
+                                         volumes={str(p): (str(p), _free_mb(p)) for p in volumes.values()})
         lo, hi = spec.port_range
         self.ports = PortAllocator(lo, hi, check_bind=host)
         self.scheduler = scheduler(self.topology, self.resources, self.ports, spec.scheduler, host)
@@ -282,6 +284,7 @@ class Deployment:
             inst.restarts += 1
             self._start(inst, "restart requested")
             await self._wait(partial(_settled, inst), inst.svc.start_timeout)
+        self._flush()
 
     def status(self) -> DeploymentStatus:
         """The deployment now."""
@@ -312,31 +315,38 @@ class Deployment:
 
     async def _bring_up(self, name: str) -> None:
         svc = self.spec.services[name]
+        t0 = asyncio.get_running_loop().time()
         for dep, cond in svc.depends_on.items():
-            await self._wait_condition(dep, cond, waiter=name)
+            # A dependency's own deadline fires first and names the real culprit; the
+            # dependent's wait only bounds conditions that may never come ("completed").
+            left = self._deadline(dep) + svc.start_timeout - (asyncio.get_running_loop().time() - t0)
+            await self._wait_condition(dep, cond, waiter=name, timeout=left)
         for inst in self._by_service[name]:
             self._start(inst, "dependencies met" if svc.depends_on else "phase 0")
-        await self._wait_condition(name, "up", waiter=None)
+        await self._wait_condition(name, "up", waiter=None, timeout=svc.start_timeout)
 
-    async def _wait_condition(self, name: str, cond: str, waiter: str | None) -> None:
-        insts = self._by_service[name]
+    def _deadline(self, name: str) -> float:
+        """Seconds after ``up`` began by which ``name`` must be up: its start timeout after
+        the latest deadline of its dependencies."""
         svc = self.spec.services[name]
+        return svc.start_timeout + max((self._deadline(d) for d in svc.depends_on), default=0.0)
+
+    async def _wait_condition(self, name: str, cond: str, waiter: str | None, timeout: float) -> None:
+        insts = self._by_service[name]
         want = {"started": _STARTED, "healthy": _UP, "completed": frozenset({State.COMPLETED}), "up": _UP}[cond]
+        who = f"{waiter} needs {name} {cond}, but " if waiter else ""
 
         def met() -> bool:
             bad = next((i for i in insts if i.state is State.FAILED
                         or (cond == "completed" and i.state is State.COMPLETED and i.exit_code != 0)), None)
             if bad is not None:
-                who = f"{waiter} needs {name} {cond}, but " if waiter else ""
                 raise DeploymentError(f"{who}{bad.id} failed: {bad.reason}")
             return all(i.state in want for i in insts)
 
-        # The service's own start deadline bounds the wait for it; a dependent waits as long as
-        # the dependency may take, so the dependency's deadline is the one that fires.
-        if not await self._wait(met, svc.start_timeout):
+        if not await self._wait(met, timeout):
             states = ", ".join(f"{i.id} {i.state.value}" + (f" ({i.reason})" if i.reason else "") for i in insts)
-            raise DeploymentError(f"{name} not {cond if cond != 'up' else 'up'} within "
-                                  f"{svc.start_timeout:g}s: {states}")
+            what = f"{name} not up within {timeout:g}s" if waiter is None else f"{who}it did not get there in time"
+            raise DeploymentError(f"{what}: {states}")
 
     async def _wait(self, pred: Callable[[], bool], timeout: float) -> bool:
         deadline = asyncio.get_running_loop().time() + timeout

@@ -17,14 +17,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 from corral.exceptions import LifecycleError
 
 __all__ = ["TRANSITIONS", "Lifecycle", "State", "Transition"]
 
 
-class State(str, Enum):
+class State(StrEnum):
     """Where an instance is in its life."""
 
     PENDING = "pending"
@@ -95,7 +95,7 @@ class Transition:
 class Lifecycle:
     """The state machine of one instance; ``listener`` hears every transition."""
 
-    __slots__ = ("_listener", "history_limit", "history", "instance", "service", "since", "state")
+    __slots__ = ("_listener", "history", "history_limit", "instance", "service", "since", "state")
 
     def __init__(self, instance: str, service: str,
                  listener: Callable[[Transition], None] | None = None) -> None:

@@ -180,7 +180,8 @@ class StateStore:
             self._db.executemany(
                 "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(r.id, r.deployment, r.service, r.idx, r.state, int(r.healthy), r.pid, r.pid_start,
-                  json.dumps(r.ports), json.dumps(r.cpus), int(r.exclusive), r.numa_node, r.millicores, r.memory_mb, r.restarts,
+                  json.dumps(r.ports), json.dumps(r.cpus), int(r.exclusive), r.numa_node, r.millicores, r.memory_mb,
+                  r.restarts,
                   r.exit_code, r.reason, r.since, r.log) for r in rows])
             self._db.executemany(
                 "INSERT INTO events (at, deployment, instance, service, old, new, reason) VALUES (?,?,?,?,?,?,?)",
@@ -219,17 +220,14 @@ class StateStore:
     @staticmethod
     def read_deployments(path: str | Path) -> list[DeploymentRow]:
         """Every deployment recorded."""
-        with closing(_connect(Path(path))) as db:
-            rows = db.execute("SELECT * FROM deployments ORDER BY started_at").fetchall()
+        rows = _read(path, "SELECT * FROM deployments ORDER BY started_at", ())
         return [DeploymentRow(name=r[0], spec=r[1], status=r[2], message=r[3], agent_pid=r[4], agent_start=r[5],
                               socket=r[6], started_at=r[7], updated_at=r[8], phases=json.loads(r[9])) for r in rows]
 
     @staticmethod
     def read_instances(path: str | Path, deployment: str) -> list[InstanceRow]:
         """The instances of a deployment, by service then index."""
-        with closing(_connect(Path(path))) as db:
-            rows = db.execute("SELECT * FROM instances WHERE deployment = ? ORDER BY service, idx",
-                              (deployment,)).fetchall()
+        rows = _read(path, "SELECT * FROM instances WHERE deployment = ? ORDER BY service, idx", (deployment,))
         return [InstanceRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], json.loads(r[8]),
                             json.loads(r[9]), bool(r[10]), r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18])
                 for r in rows]
@@ -237,17 +235,25 @@ class StateStore:
     @staticmethod
     def read_events(path: str | Path, after: int = 0, limit: int = 10000) -> list[EventRow]:
         """Events with ``seq > after``, oldest first."""
-        with closing(_connect(Path(path))) as db:
-            rows = db.execute("SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit)).fetchall()
+        rows = _read(path, "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
         return [EventRow(*r) for r in rows]
 
     @staticmethod
     def iter_tail(path: str | Path, n: int) -> Iterator[EventRow]:
         """The last ``n`` events, oldest first."""
-        with closing(_connect(Path(path))) as db:
-            rows = db.execute("SELECT * FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?) ORDER BY seq",
-                              (n,)).fetchall()
+        rows = _read(path, "SELECT * FROM (SELECT * FROM events ORDER BY seq DESC LIMIT ?) ORDER BY seq", (n,))
         return (EventRow(*r) for r in rows)
+
+
+def _read(path: str | Path, sql: str, args: tuple[Any, ...]) -> list[Any]:
+    """Rows of a query; none while the agent has not created the schema yet."""
+    with closing(_connect(Path(path))) as db:
+        try:
+            return db.execute(sql, args).fetchall()
+        except sqlite3.OperationalError as e:
+            if "no such table" in str(e):
+                return []
+            raise
 
 
 class _Tx:

@@ -19,7 +19,9 @@ impl Cgroups {
     #[staticmethod]
     #[pyo3(signature = (mount = PathBuf::from("/sys/fs/cgroup"), parent = "corral".to_owned()))]
     fn detect(mount: PathBuf, parent: String) -> Self {
-        Cgroups { inner: Core::detect(&mount, &parent) }
+        Cgroups {
+            inner: Core::detect(&mount, &parent),
+        }
     }
 
     /// `"v2"`, `"v1"` or `"unavailable"`.
@@ -49,8 +51,16 @@ impl Cgroups {
 
     /// Creates the cgroup `name` with limits in bytes; returns its directory.
     #[pyo3(signature = (name, *, max = None, low = None, swap = None))]
-    fn create(&self, name: &str, max: Option<u64>, low: Option<u64>, swap: Option<u64>) -> PyResult<PathBuf> {
-        self.inner.create(name, &MemoryLimits { max, low, swap }).py()
+    fn create(
+        &self,
+        name: &str,
+        max: Option<u64>,
+        low: Option<u64>,
+        swap: Option<u64>,
+    ) -> PyResult<PathBuf> {
+        self.inner
+            .create(name, &MemoryLimits { max, low, swap })
+            .py()
     }
 
     /// Removes an instance cgroup once empty; returns whether it went.

@@ -1,6 +1,6 @@
 //! Health probe specifications and one-off checks.
 
-use corral_core::probe::{Check, ProbeSpec as CoreSpec, run_check};
+use corral_core::probe::{run_check, Check, ProbeSpec as CoreSpec};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
@@ -100,7 +100,6 @@ impl ProbeSpec {
         format!("ProbeSpec({what}, period={:?})", self.inner.period)
     }
 }
-
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ProbeSpec>()

@@ -57,7 +57,12 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
 
 fn convert(e: Event) -> ProcessEvent {
     match e {
-        Event::Exited { id, pid, code, signal } => ProcessEvent {
+        Event::Exited {
+            id,
+            pid,
+            code,
+            signal,
+        } => ProcessEvent {
             kind: "exited",
             id,
             pid: Some(pid),
@@ -85,7 +90,9 @@ impl Supervisor {
     #[new]
     fn new() -> Self {
         let handle = pyo3_async_runtimes::tokio::get_runtime().handle().clone();
-        Supervisor { inner: core::Supervisor::new(handle) }
+        Supervisor {
+            inner: core::Supervisor::new(handle),
+        }
     }
 
     /// Starts `argv` under `id`; returns `(pid, start_time)`. The pid is also its process group.
@@ -112,7 +119,11 @@ impl Supervisor {
             cwd,
             cpus,
             cgroup,
-            log: log.map(|path| LogConfig { path, max_bytes: log_max_bytes, keep: log_keep }),
+            log: log.map(|path| LogConfig {
+                path,
+                max_bytes: log_max_bytes,
+                keep: log_keep,
+            }),
         };
         // fork + exec take a while in a large process; let other Python threads run.
         let s = py.detach(|| self.inner.spawn(id, &spec)).py()?;
@@ -131,7 +142,11 @@ impl Supervisor {
         let spec = |p: Option<PyRef<'_, ProbeSpec>>| p.map(|p| p.inner.clone());
         self.inner.start_health(
             id,
-            Health { startup: spec(startup), readiness: spec(readiness), liveness: spec(liveness) },
+            Health {
+                startup: spec(startup),
+                readiness: spec(readiness),
+                liveness: spec(liveness),
+            },
         );
     }
 

@@ -1,0 +1,217 @@
+"""End-to-end through the command line: up -d, status, logs, restart, events, down; the agent
+dying; a failing up. Real processes, the real Unix socket, the real SQLite file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from corral.state import StateStore
+from tests.e2e import alive, cpus_allowed, env_without_state, kill_groups, listening, wait_until, write_spec
+
+pytestmark = pytest.mark.timeout(120)
+
+STACK = """
+    name: clistack
+    services:
+      kv:
+        command: ["{py}", "{server}"]
+        ports: {http: auto}
+        health:
+          readiness: {http: {port: http, path: /health}, period: 100ms}
+      job:
+        command: ["sh", "-c", "echo migrated $CORRAL_KV_ADDR"]
+        depends_on: {kv: healthy}
+      api:
+        replicas: 2
+        command: ["{py}", "{server}"]
+        depends_on: {kv: healthy, job: completed}
+        ports: {http: auto}
+        resources: {cpu: 0.2}
+        health:
+          readiness: {tcp: {port: http}, period: 100ms}
+      worker:
+        command: ["sleep", "300"]
+        depends_on: {api: started}
+        resources: {cores: 1}
+"""
+
+
+def corral(*args: str, cwd: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "corral", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env_without_state())
+
+
+@pytest.fixture
+def stack(tmp_path: Path) -> Iterator[Path]:
+    """A spec directory; on teardown `corral down`, then SIGKILL any group still recorded alive."""
+    write_spec(tmp_path, STACK)
+    yield tmp_path
+    corral("down", cwd=tmp_path)
+    db = tmp_path / ".corral" / "state.db"
+    if db.exists():
+        for d in StateStore.read_deployments(db):
+            kill_groups([i.pid for i in StateStore.read_instances(db, d.name) if i.pid])
+            if d.agent_pid and alive(d.agent_pid):
+                os.kill(d.agent_pid, signal.SIGKILL)
+
+
+def status(cwd: Path) -> dict:  # type: ignore[type-arg]
+    r = corral("status", "--json", cwd=cwd)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)  # type: ignore[no-any-return]
+
+
+def test_up_detached_status_logs_restart_events_down(stack: Path) -> None:
+    r = corral("up", "-d", cwd=stack)
+    assert r.returncode == 0, r.stderr + r.stdout
+    assert "clistack: up (5 instances" in r.stdout
+    sock = stack / ".corral" / "agent.sock"
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
+    st = status(stack)
+    assert st["status"] == "up" and st["agent_running"]
+    svcs = st["services"]
+    assert [i["state"] for i in svcs["api"]] == ["healthy", "healthy"]
+    assert svcs["job"][0]["state"] == "completed" and svcs["job"][0]["exit_code"] == 0
+    for key in ("id", "state", "healthy", "pid", "ports", "cpus", "restarts"):
+        assert key in svcs["api"][0]
+    worker = svcs["worker"][0]
+    assert cpus_allowed(worker["pid"]) == worker["cpus"] and worker["exclusive"]
+    for inst in svcs["api"] + svcs["kv"]:
+        assert listening(inst["ports"]["http"])
+        assert cpus_allowed(inst["pid"]) == inst["cpus"]
+
+    logs = corral("logs", "job", cwd=stack)
+    kv_port = svcs["kv"][0]["ports"]["http"]
+    assert logs.returncode == 0 and f"migrated 127.0.0.1:{kv_port}" in logs.stdout
+    api_logs = corral("logs", "api", "-n", "1", cwd=stack)
+    assert "api-0 | listening on" in api_logs.stdout and "api-1 | listening on" in api_logs.stdout
+    assert corral("logs", "nope", cwd=stack).returncode == 2
+
+    old = [i["pid"] for i in svcs["api"]]
+    r = corral("restart", "api", cwd=stack)
+    assert r.returncode == 0, r.stderr
+    after = status(stack)["services"]["api"]
+    assert [i["restarts"] for i in after] == [1, 1] and {i["pid"] for i in after}.isdisjoint(old)
+    assert not any(alive(p) for p in old)
+
+    ev = corral("events", "-n", "500", cwd=stack)
+    assert "api-0" in ev.stdout and "restart requested" in ev.stdout and "placed -> starting" in ev.stdout
+
+    all_pids = [i["pid"] for insts in status(stack)["services"].values() for i in insts]
+    agent = status(stack)["agent_pid"]
+    r = corral("down", cwd=stack)
+    assert r.returncode == 0 and "down" in r.stdout
+    for pid in [*all_pids, agent]:
+        wait_until(lambda p=pid: not alive(p), 5, f"pid {pid} gone")  # type: ignore[misc]
+    assert not sock.exists()
+    st = status(stack)
+    assert st["status"] == "down" and not st["agent_running"]
+    assert {i["state"] for insts in st["services"].values() for i in insts} == {"stopped"}
+
+
+def test_status_answers_while_the_agent_is_down_and_down_cleans_up(stack: Path) -> None:
+    assert corral("up", "-d", cwd=stack).returncode == 0
+    st = status(stack)
+    os.kill(st["agent_pid"], signal.SIGKILL)
+    wait_until(lambda: not alive(st["agent_pid"]), 5, "agent gone")
+    again = status(stack)
+    assert not again["agent_running"]
+    assert again["services"]["api"][0]["pid"] == st["services"]["api"][0]["pid"]
+    r = corral("down", cwd=stack)
+    assert r.returncode == 0 and "no agent running; stopped" in r.stdout
+    for insts in st["services"].values():
+        for i in insts:
+            if i["state"] != "completed":
+                wait_until(lambda p=i["pid"]: not alive(p), 5, f"{i['id']} gone")  # type: ignore[misc]
+    # With no agent, a second up starts cleanly.
+    assert corral("up", "-d", cwd=stack).returncode == 0
+    assert status(stack)["status"] == "up"
+
+
+def test_a_second_up_is_refused_while_the_agent_runs(stack: Path) -> None:
+    assert corral("up", "-d", cwd=stack).returncode == 0
+    r = corral("up", "-d", cwd=stack)
+    assert r.returncode == 1 and "already running" in r.stderr
+
+
+def test_failing_up_detached_exits_1_and_rolls_back(tmp_path: Path) -> None:
+    write_spec(tmp_path, f"""
+        name: broken
+        services:
+          db:
+            command: ["{{py}}", "{{server}}"]
+            env: {{READY_FILE: "{tmp_path}/never"}}
+            ports: {{http: auto}}
+            start_timeout: 1s
+            health:
+              readiness: {{http: {{port: http, path: /health}}, period: 100ms}}
+          web:
+            command: ["sleep", "300"]
+        """)
+    r = corral("up", "-d", cwd=tmp_path)
+    assert r.returncode == 1, r
+    assert "db not up within 1s: db-0 running" in r.stderr and "Traceback" not in r.stderr
+    db = tmp_path / ".corral" / "state.db"
+    insts = StateStore.read_instances(db, "broken")
+    assert insts and all(i.state == "stopped" for i in insts)
+    for i in insts:
+        assert i.pid and not alive(i.pid)
+    assert StateStore.read_deployments(db)[-1].status == "failed"
+
+
+def test_foreground_up_runs_for_a_while_and_stops(stack: Path) -> None:
+    r = corral("up", "--run-for", "1s", cwd=stack, timeout=90)
+    assert r.returncode == 0, r.stderr
+    assert "clistack: up (5 instances)" in r.stdout and "clistack: down" in r.stdout
+    assert "worker-0" in r.stdout and "-> healthy" in r.stdout
+    insts = StateStore.read_instances(stack / ".corral" / "state.db", "clistack")
+    for i in insts:
+        assert i.pid and not alive(i.pid)
+
+
+def test_foreground_up_stops_cleanly_on_sigterm(stack: Path) -> None:
+    p = subprocess.Popen([sys.executable, "-m", "corral", "up"], cwd=stack, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env_without_state())
+    try:
+        wait_until(lambda: (stack / ".corral" / "state.db").exists()
+                   and any(d.status == "up" for d in StateStore.read_deployments(stack / ".corral" / "state.db")),
+                   30, "up")
+        pids = [i.pid for i in StateStore.read_instances(stack / ".corral" / "state.db", "clistack") if i.pid]
+        p.send_signal(signal.SIGTERM)
+        _out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, err
+    for pid in pids:
+        assert not alive(pid)
+
+
+def test_plan_prints_phases_and_placements(stack: Path) -> None:
+    r = corral("plan", "--json", cwd=stack)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["phases"] == [["kv"], ["job"], ["api"], ["worker"]]
+    assert len(doc["services"]["worker"][0]["cpus"]) == 1
+    text = corral("plan", cwd=stack)
+    assert "phase 0: kv" in text.stdout and "worker-0" in text.stdout
+    assert not (stack / ".corral" / "agent.sock").exists()
+
+
+def test_commands_without_a_deployment(tmp_path: Path) -> None:
+    write_spec(tmp_path, STACK)
+    for cmd in (["status"], ["events"], ["logs", "api"]):
+        r = corral(*cmd, cwd=tmp_path)
+        assert r.returncode == 1 and "no deployment in" in r.stderr, (cmd, r)
+    r = corral("restart", "api", cwd=tmp_path)
+    assert r.returncode == 1 and "no agent running" in r.stderr
+    assert corral("down", cwd=tmp_path).stdout.strip() == "nothing running"

@@ -1,0 +1,37 @@
+"""The SQLite state file: WAL, batched writes, readers that need no agent."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from corral.state import DeploymentRow, InstanceRow, StateStore
+
+
+def test_writes_are_batched_and_readable_from_another_connection(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    store = StateStore(db)
+    assert sqlite3.connect(db).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.put_deployment(DeploymentRow(name="shop", spec="/x/corral.yaml", status="up", phases=[["a"], ["b"]]))
+    row = InstanceRow(id="a-0", deployment="shop", service="a", idx=0, state="running", pid=42, ports={"http": 1},
+                      cpus=[3], exclusive=True)
+    store.put_instance(row)
+    store.add_event("shop", "a-0", "a", "starting", "running", "pid 42")
+    assert StateStore.read_instances(db, "shop") == [], "queued, not yet committed"
+    row.state = "healthy"
+    store.put_instance(row)
+    store.flush()
+    got = StateStore.read_instances(db, "shop")
+    assert len(got) == 1 and got[0].state == "healthy" and got[0].cpus == [3] and got[0].exclusive
+    assert got[0].to_dict()["ports"] == {"http": 1}
+    (ev,) = StateStore.read_events(db)
+    assert (ev.instance, ev.old, ev.new, ev.reason) == ("a-0", "starting", "running", "pid 42")
+    (dep,) = StateStore.read_deployments(db)
+    assert dep.status == "up" and dep.phases == [["a"], ["b"]]
+    store.close()
+
+
+def test_readers_before_the_schema_exists(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    sqlite3.connect(db).close()
+    assert StateStore.read_deployments(db) == [] and StateStore.read_events(db) == []
