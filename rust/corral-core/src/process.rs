@@ -166,8 +166,6 @@ impl Supervisor {
             }
         };
         let affinity = cpu_set(&spec.cpus)?;
-        // Opened here, written in the child: joining the cgroup before exec means no
-        // allocation of the new program escapes the limit. CLOEXEC closes it at exec.
         let procs = match &spec.cgroup {
             Some(dir) => {
                 let p = dir.join("cgroup.procs");
@@ -184,35 +182,49 @@ impl Supervisor {
             }
             None => None,
         };
-        let procs_fd = procs.as_ref().map(AsRawFd::as_raw_fd);
-        // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-        // system calls (sched_setaffinity, getpid, write) on memory prepared before fork.
-        #[allow(unsafe_code)]
-        unsafe {
-            cmd.pre_exec(move || {
-                if let Some(set) = &affinity {
-                    if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
+        // Two ways to get the affinity (and cgroup) in place before exec:
+        // - with a cgroup to join, a pre_exec hook in the forked child writes its pid to the
+        //   cgroup and sets the mask (fork copies the page tables of this, possibly large,
+        //   process: ~1 ms);
+        // - otherwise the child inherits the mask of the thread that spawns it, so this thread
+        //   takes the mask for the moment of the spawn and the spawn stays on posix_spawn
+        //   (vfork-like, no page table copy: several times faster).
+        let mut restore = None;
+        if let Some(f) = &procs {
+            let fd = f.as_raw_fd();
+            // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
+            // system calls (sched_setaffinity, getpid, write) on memory prepared before fork.
+            #[allow(unsafe_code)]
+            unsafe {
+                cmd.pre_exec(move || {
+                    if let Some(set) = &affinity {
+                        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set)
+                            != 0
+                        {
+                            return Err(std::io::Error::last_os_error());
+                        }
                     }
-                }
-                if let Some(fd) = procs_fd {
                     let mut buf = [0u8; 16];
                     let digits = format_pid(libc::getpid() as u32, &mut buf);
                     if libc::write(fd, digits.as_ptr().cast(), digits.len()) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
-                }
-                Ok(())
-            });
-        }
-        let _guard = self.handle.enter();
-        let mut child = tokio::process::Command::from(cmd)
-            .spawn()
-            .map_err(|source| ProcessError::Spawn {
+                    Ok(())
+                });
+            }
+        } else if let Some(set) = &affinity {
+            restore = Some(ThreadMask::set(set).map_err(|source| ProcessError::Spawn {
                 program: program.clone(),
                 source,
-            })?;
+            })?);
+        }
+        let _guard = self.handle.enter();
+        let spawned = tokio::process::Command::from(cmd).spawn();
+        drop(restore);
+        let mut child = spawned.map_err(|source| ProcessError::Spawn {
+            program: program.clone(),
+            source,
+        })?;
         drop(procs);
         let pid = child.id().unwrap_or(0);
         let start_time = start_time(pid).unwrap_or(0);
@@ -295,6 +307,36 @@ impl ProbeKind {
             "readiness" => Some(ProbeKind::Readiness),
             "liveness" => Some(ProbeKind::Liveness),
             _ => None,
+        }
+    }
+}
+
+/// The calling thread's CPU mask, replaced until dropped.
+struct ThreadMask(libc::cpu_set_t);
+
+impl ThreadMask {
+    fn set(mask: &libc::cpu_set_t) -> std::io::Result<Self> {
+        let size = std::mem::size_of::<libc::cpu_set_t>();
+        // SAFETY: both calls get a pointer to a cpu_set_t of the size passed.
+        #[allow(unsafe_code)]
+        unsafe {
+            let mut old: libc::cpu_set_t = std::mem::zeroed();
+            if libc::sched_getaffinity(0, size, &raw mut old) != 0
+                || libc::sched_setaffinity(0, size, mask) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(ThreadMask(old))
+        }
+    }
+}
+
+impl Drop for ThreadMask {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const self.0);
         }
     }
 }

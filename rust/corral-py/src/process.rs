@@ -14,6 +14,8 @@ use crate::probe::ProbeSpec;
 #[pyclass(frozen, module = "corral._core")]
 pub struct Supervisor {
     inner: Arc<core::Supervisor>,
+    /// Dropping the sender ends the supervisor's thread (and with it its tasks).
+    _stop: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
 }
 
 /// An exit (`kind == "exited"`) or a probe verdict (`kind == "probe"`).
@@ -88,11 +90,29 @@ fn convert(e: Event) -> ProcessEvent {
 #[pymethods]
 impl Supervisor {
     #[new]
-    fn new() -> Self {
-        let handle = pyo3_async_runtimes::tokio::get_runtime().handle().clone();
-        Supervisor {
+    fn new() -> PyResult<Self> {
+        // The supervisor's tasks (exit waits, log copies, probes) run on a runtime of their
+        // own, on one thread: hundreds of probes a second then cost one thread's wake-ups,
+        // not the work-stealing hand-offs of a multi-threaded runtime, and they never queue
+        // behind the caller's own async work. Only `next_event` runs on the shared runtime.
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start the supervisor runtime: {e}")))?;
+        let handle = rt.handle().clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("corral-supervisor".into())
+            .spawn(move || {
+                rt.block_on(async {
+                    let _ = stop_rx.await;
+                });
+            })
+            .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start the supervisor thread: {e}")))?;
+        Ok(Supervisor {
             inner: core::Supervisor::new(handle),
-        }
+            _stop: parking_lot::Mutex::new(Some(stop_tx)),
+        })
     }
 
     /// Starts `argv` under `id`; returns `(pid, start_time)`. The pid is also its process group.

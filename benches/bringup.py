@@ -1,0 +1,192 @@
+"""`make bench-bringup`: 200 instances of a tiny TCP server under `corral up -d`.
+
+Measured from outside, the way a user sees it:
+- from starting `corral up -d` until every port accepts (polled by this script);
+- until `up -d` returns with everything healthy;
+- from `kill -9` of an instance until its port accepts again (backoff 0), median of several;
+- the agent's CPU time per minute while it supervises the 200 idly, probes included;
+- the agent's memory (RSS, and its peak);
+- from starting `corral down` until no process of the stack is left.
+
+Each instance has a fixed or an auto port, `readiness: tcp` every 1 s and `restart: always`.
+Results go to bench-results/bringup.json and a table with the targets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+SERVER = ROOT / "target" / "release" / "examples" / "tiny_server"
+CORRAL = [sys.executable, "-m", "corral"]
+TICK = os.sysconf("SC_CLK_TCK")
+
+TARGETS = {
+    "all_listening_s": 0.5,
+    "up_returns_s": 1.5,
+    "restart_listening_s": 0.1,
+    "down_s": 0.5,
+    "idle_cpu_pct": 1.0,
+    "agent_rss_mib": 64.0,
+}
+
+
+def spec(n: int, fixed: int, base_port: int) -> str:
+    lines = ["name: bringup", "port_range: [20000, 31999]", "services:"]
+    for i in range(fixed):
+        lines += [f"  fixed{i}:", f"    command: [\"{SERVER}\"]", f"    ports: {{tcp: {base_port + i}}}",
+                  "    health: {readiness: {tcp: {port: tcp}, period: 1s}}",
+                  "    restart: {policy: always, initial: 0s}"]
+    lines += ["  auto:", f"    replicas: {n - fixed}", f"    command: [\"{SERVER}\"]", "    ports: {tcp: auto}",
+              "    health: {readiness: {tcp: {port: tcp}, period: 1s}}",
+              "    restart: {policy: always, initial: 0s}"]
+    return "\n".join(lines) + "\n"
+
+
+def accepts(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.2)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+def ports_from_state(db: Path) -> list[int]:
+    try:
+        with sqlite3.connect(db, timeout=5) as c:
+            rows = c.execute("SELECT ports FROM instances").fetchall()
+    except sqlite3.OperationalError:
+        return []
+    return [p for (ports,) in rows for p in json.loads(ports).values()]
+
+
+def instances(db: Path) -> list[tuple[str, int, dict[str, int]]]:
+    with sqlite3.connect(db, timeout=5) as c:
+        rows = c.execute("SELECT id, pid, ports FROM instances ORDER BY id").fetchall()
+    return [(i, p, json.loads(ports)) for i, p, ports in rows]
+
+
+def cpu_ticks(pid: int) -> int:
+    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return int(f[11]) + int(f[12])  # utime + stime (fields 14, 15)
+
+
+def rss_mib(pid: int) -> tuple[float, float]:
+    vals = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        k, _, v = line.partition(":")
+        if k in ("VmRSS", "VmHWM"):
+            vals[k] = int(v.split()[0]) / 1024
+    return vals["VmRSS"], vals["VmHWM"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--instances", type=int, default=200)
+    ap.add_argument("--fixed", type=int, default=50, help="how many get a fixed port (the rest: auto)")
+    ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle supervision to measure")
+    ap.add_argument("--kills", type=int, default=9)
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bringup.json")
+    args = ap.parse_args()
+    if not SERVER.exists():
+        sys.exit(f"{SERVER} is missing: cargo build --release -p corral-core --example tiny_server")
+
+    work = Path(tempfile.mkdtemp(prefix="corral-bringup-"))
+    (work / "corral.yaml").write_text(spec(args.instances, args.fixed, 24000))
+    state = work / ".corral"
+    db = state / "state.db"
+    env = {**os.environ, "CORRAL_STATE_DIR": str(state)}
+    res: dict[str, float] = {}
+    try:
+        t0 = time.perf_counter()
+        up = subprocess.Popen([*CORRAL, "up", "-d"], cwd=work, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True)
+        pending: set[int] = set(range(24000, 24000 + args.fixed))
+        known = False
+        while pending or not known:
+            if not known:
+                ports = ports_from_state(db) if db.exists() else []
+                if len(ports) == args.instances:
+                    pending |= set(ports)
+                    known = True
+            pending = {p for p in pending if not accepts(p)}
+            if up.poll() is not None and up.returncode != 0:
+                sys.exit(f"up -d failed: {up.stderr.read()}")
+            if time.perf_counter() - t0 > 60:
+                sys.exit(f"{len(pending)} ports still not listening after 60 s")
+        res["all_listening_s"] = time.perf_counter() - t0
+        out, err = up.communicate(timeout=120)
+        res["up_returns_s"] = time.perf_counter() - t0
+        if up.returncode != 0:
+            sys.exit(f"up -d failed: {err}")
+        agent = int(json.loads(subprocess.run([*CORRAL, "status", "--json"], cwd=work, env=env, capture_output=True,
+                                              text=True, check=True).stdout)["agent_pid"])
+
+        # Restart after kill -9, backoff 0: until the port accepts again.
+        times = []
+        for iid, pid, ports in instances(db)[: args.kills]:
+            port = next(iter(ports.values()))
+            t = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            while accepts(port):  # the old listener may linger for a moment
+                if time.perf_counter() - t > 5:
+                    break
+            while not accepts(port):
+                if time.perf_counter() - t > 10:
+                    sys.exit(f"{iid} did not come back")
+                time.sleep(0.0005)
+            times.append(time.perf_counter() - t)
+        res["restart_listening_s"] = statistics.median(times)
+        res["restart_listening_max_s"] = max(times)
+
+        # Idle supervision: agent CPU over the window, probes included.
+        time.sleep(2.0)
+        c0, w0 = cpu_ticks(agent), time.perf_counter()
+        time.sleep(args.idle)
+        c1, w1 = cpu_ticks(agent), time.perf_counter()
+        res["idle_cpu_pct"] = 100.0 * (c1 - c0) / TICK / (w1 - w0)
+        res["idle_cpu_s_per_min"] = 60.0 * (c1 - c0) / TICK / (w1 - w0)
+        res["agent_rss_mib"], res["agent_peak_rss_mib"] = rss_mib(agent)
+
+        pids = [pid for _, pid, _ in instances(db)]
+        t = time.perf_counter()
+        subprocess.run([*CORRAL, "down"], cwd=work, env=env, capture_output=True, check=True, timeout=120)
+        res["down_command_s"] = time.perf_counter() - t
+        while any(alive(p) for p in pids):
+            time.sleep(0.001)
+        res["down_s"] = time.perf_counter() - t
+    finally:
+        subprocess.run([*CORRAL, "down"], cwd=work, env=env, capture_output=True, timeout=120)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"instances": args.instances, "idle_window_s": args.idle, **res}, indent=2))
+    print(f"\n{args.instances} instances of tiny_server (readiness tcp 1s, restart always), {os.cpu_count()} CPUs")
+    print(f"{'measure':<28}{'target':>10}{'measured':>12}")
+    rows = [("every port listening", "all_listening_s", "s"), ("up -d returned", "up_returns_s", "s"),
+            ("listening again after kill", "restart_listening_s", "s"), ("down, no process left", "down_s", "s"),
+            ("agent CPU, idle", "idle_cpu_pct", "%"), ("agent memory (RSS)", "agent_rss_mib", "MiB")]
+    for label, key, unit in rows:
+        print(f"{label:<28}{TARGETS[key]:>9g}{unit}{res[key]:>11.3f}{unit}")
+    print(f"(restart max {res['restart_listening_max_s']:.3f}s over {args.kills}; down command "
+          f"{res['down_command_s']:.3f}s; agent peak RSS {res['agent_peak_rss_mib']:.1f}MiB)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
