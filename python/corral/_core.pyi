@@ -25,6 +25,7 @@ __all__ = [
     "PortAllocator",
     "ProbeSpec",
     "ProcessEvent",
+    "ProcessSpec",
     "RegistryEvent",
     "RegistryWatch",
     "ResourceManager",
@@ -624,6 +625,29 @@ class ProcessEvent:
     def message(self) -> str | None: ...
 
 @final
+class ProcessSpec:
+    """How to start one process, for :meth:`Supervisor.spawn_many` (the keywords of
+    :meth:`Supervisor.spawn`)."""
+
+    def __new__(
+        cls,
+        argv: Sequence[str],
+        *,
+        env: Sequence[tuple[str, str]] | None = None,
+        clear_env: bool = False,
+        cwd: str | PathLike[str] | None = None,
+        cpus: Sequence[int] = ...,
+        cgroup: str | PathLike[str] | None = None,
+        log: str | PathLike[str] | None = None,
+        log_max_bytes: int = ...,
+        log_keep: int = 3,
+    ) -> ProcessSpec: ...
+    @property
+    def argv(self) -> list[str]: ...
+    @property
+    def cpus(self) -> list[int]: ...
+
+@final
 class Supervisor:
     """Starts processes (own process group; CPU affinity and cgroup set before exec; output
     to a size-rotated log) and runs their probes on the shared tokio runtime. Exits and probe
@@ -647,6 +671,9 @@ class Supervisor:
         """Starts ``argv``; returns ``(pid, start_time)``. ``log`` rotates past ``log_max_bytes``
         (default 10 MiB), keeping ``log_keep`` old files. Raises ``OSError`` subclasses
         (``FileNotFoundError`` for a missing program) naming the program."""
+    def spawn_many(self, items: Sequence[tuple[str, ProcessSpec]], *, threads: int = 2) -> list[tuple[int, int] | OSError]:
+        """Starts ``(id, spec)`` pairs on up to ``threads`` threads; each result is
+        ``(pid, start_time)`` or the ``OSError`` that spawn raised, in the order given."""
     def start_health(
         self,
         id: str,

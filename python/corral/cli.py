@@ -27,7 +27,7 @@ from corral.api import ControlClient, run_agent, socket_path
 from corral.engine import Deployment, default_state_dir
 from corral.exceptions import AgentError, CorralError, SpecError
 from corral.lifecycle import Transition
-from corral.spec import load_spec
+from corral.spec import DeploymentSpec, load_spec
 from corral.state import EventRow, InstanceRow, StateStore
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -126,19 +126,19 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
             _fail(f"--run-for: {e}", 2)
     sd = _state_dir(spec, state_dir)
     try:
-        load_spec(spec)
+        parsed = load_spec(spec)
     except SpecError as e:
         _spec_errors(e)
     client = ControlClient(sd)
     if client.available():
         _fail(f"a corral agent is already running for {sd} (run 'corral down' first)", 1)
     if detach:
-        raise typer.Exit(_up_detached(spec, sd, timeout))
-    d = _deployment(spec, state_dir)
+        raise typer.Exit(_up_detached(spec, parsed, sd, timeout))
+    d = Deployment(parsed, file=spec, state_dir=sd)
     raise typer.Exit(_up_foreground(d, seconds))
 
 
-def _up_detached(spec: Path, sd: Path, timeout: float) -> int:
+def _up_detached(spec: Path, parsed: DeploymentSpec, sd: Path, timeout: float) -> int:
     sd.mkdir(parents=True, exist_ok=True)
     log = sd / "agent.log"
     sock = socket_path(sd)
@@ -151,7 +151,7 @@ def _up_detached(spec: Path, sd: Path, timeout: float) -> int:
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _become_agent(spec, sd, log)
+        _become_agent(spec, parsed, sd, log)
     client = ControlClient(sd)
     deadline = time.monotonic() + timeout
     while not sock.exists():
@@ -178,7 +178,7 @@ def _up_detached(spec: Path, sd: Path, timeout: float) -> int:
     return 0
 
 
-def _become_agent(spec: Path, sd: Path, log: Path) -> NoReturn:
+def _become_agent(spec: Path, parsed: DeploymentSpec, sd: Path, log: Path) -> NoReturn:
     """The forked child: a new session, output to the agent log, then the agent until down."""
     code = 1
     try:
@@ -190,7 +190,7 @@ def _become_agent(spec: Path, sd: Path, log: Path) -> NoReturn:
         os.dup2(fd, 2)
         os.close(fd)
         os.close(null)
-        d = Deployment.from_file(spec, state_dir=sd)
+        d = Deployment(parsed, file=spec, state_dir=sd)
         code = asyncio.run(run_agent(d))
     except SpecError as e:
         for one in e.all:

@@ -34,6 +34,7 @@ from corral._core import (
     PortAllocator,
     ProbeSpec,
     ProcessEvent,
+    ProcessSpec,
     ResourceManager,
     RetryPolicy,
     ServiceRegistry,
@@ -57,6 +58,8 @@ log = logging.getLogger("corral")
 InstanceStatus = InstanceRow
 """The status of one instance (``id``, ``state``, ``healthy``, ``pid``, ``ports``, ``cpus``, ``restarts``...)."""
 
+_SPAWN_THREADS = 2
+_PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError)
 _STARTED = frozenset({State.RUNNING, State.HEALTHY, State.UNHEALTHY, State.COMPLETED})
 _UP = frozenset({State.HEALTHY, State.COMPLETED})
 
@@ -170,6 +173,9 @@ class Deployment:
         self._subscribers: list[asyncio.Queue[Transition]] = []
         self._history: list[Transition] = []
         self._down = False
+        self._shared: dict[int | None, list[int]] = {}
+        self._dirty: set[str] = set()
+        self._to_start: list[_Instance] = []
         self.warnings: list[str] = []
 
     @classmethod
@@ -321,8 +327,7 @@ class Deployment:
             # dependent's wait only bounds conditions that may never come ("completed").
             left = self._deadline(dep) + svc.start_timeout - (asyncio.get_running_loop().time() - t0)
             await self._wait_condition(dep, cond, waiter=name, timeout=left)
-        for inst in self._by_service[name]:
-            self._start(inst, "dependencies met" if svc.depends_on else "phase 0")
+        self._start_many(self._by_service[name], "dependencies met" if svc.depends_on else "phase 0")
         await self._wait_condition(name, "up", waiter=None, timeout=svc.start_timeout)
 
     def _deadline(self, name: str) -> float:
@@ -361,50 +366,73 @@ class Deployment:
     # --- one instance ---------------------------------------------------------------
 
     def _start(self, inst: _Instance, reason: str) -> None:
+        self._start_many([inst], reason)
+
+    def _start_many(self, insts: list[_Instance], reason: str) -> None:
+        """Queues instances to start; everything queued in one turn of the event loop starts
+        together (services of a phase become ready in the same turn), so their spawns share
+        the native threads of one ``spawn_many``."""
+        for inst in insts:
+            inst.timer = None
+            inst.reason = ""
+            inst.life.to(State.STARTING, reason)
+        self._to_start.extend(insts)
+        if len(self._to_start) == len(insts):
+            asyncio.get_running_loop().call_soon(self._spawn_queued)
+
+    def _spawn_queued(self) -> None:
         assert self._sup is not None
-        inst.timer = None
-        inst.reason = ""
-        inst.life.to(State.STARTING, reason)
-        inst.kill_cause, inst.kill_detail, inst.exit_code = None, "", None
-        env = self._environment(inst)
-        svc = inst.svc
-        argv = [substitute_ports(a, inst.p.ports) for a in svc.argv()]
-        cwd = (self.base / svc.working_dir) if svc.working_dir else self.base
-        cpus = inst.p.cpus or self._shared_cpus(inst.p.numa_node)
-        inst.affinity = list(cpus)
-        spawned = self._spawn(inst, argv, env, cwd, cpus)
-        if isinstance(spawned, Exception):
-            self._on_exit(inst, Exit(inst.id, inst.p.service, None, None, "spawn", 0.0, 0.0, str(spawned)))
+        insts, self._to_start = self._to_start, []
+        insts = [i for i in insts if i.state is State.STARTING]
+        batch: list[tuple[_Instance, list[tuple[str, str]], ProcessSpec]] = []
+        for inst in insts:
+            inst.kill_cause, inst.kill_detail, inst.exit_code = None, "", None
+            env = self._environment(inst)
+            svc = inst.svc
+            argv = [substitute_ports(a, inst.p.ports) for a in svc.argv()]
+            cwd = (self.base / svc.working_dir) if svc.working_dir else self.base
+            inst.affinity = inst.p.cpus or self._shared_cpus(inst.p.numa_node)
+            spec = ProcessSpec(argv, env=env, cwd=cwd, cpus=inst.affinity, cgroup=inst.cgroup, log=inst.log,
+                               log_max_bytes=self._log_max, log_keep=self._log_keep)
+            batch.append((inst, env, spec))
+        if not batch:
             return
+        results = self._sup.spawn_many([(i.id, spec) for i, _, spec in batch], threads=_SPAWN_THREADS)
+        for (inst, env, spec), res in zip(batch, results, strict=True):
+            if isinstance(res, OSError) and not isinstance(res, _PERMANENT):
+                res = self._spawn_again(inst, spec)
+            if isinstance(res, OSError):
+                self._on_exit(inst, Exit(inst.id, inst.p.service, None, None, "spawn", 0.0, 0.0, str(res)))
+            else:
+                self._running(inst, res, env)
+
+    def _running(self, inst: _Instance, spawned: tuple[int, int], env: list[tuple[str, str]]) -> None:
+        assert self._sup is not None
         pid, start = spawned
         inst.pid, inst.pid_start = pid, start
         inst.started_at = time.monotonic()
         inst.healthy_since = None
         inst.exited = asyncio.Event()
-        inst.life.to(State.RUNNING, f"pid {pid}" + (f", cpus {_cpulist(cpus)}" if inst.p.cpus else ""))
+        inst.life.to(State.RUNNING, f"pid {pid}" + (f", cpus {_cpulist(inst.affinity)}" if inst.p.cpus else ""))
         probes = self._probes(inst, env)
         if probes["startup"] is None and probes["readiness"] is None:
             self._healthy(inst, "running, no readiness probe")
         if any(probes.values()):
             self._sup.start_health(inst.id, **probes)
 
-    def _spawn(self, inst: _Instance, argv: list[str], env: list[tuple[str, str]], cwd: Path,
-               cpus: list[int]) -> tuple[int, int] | OSError:
-        """Spawns with retries on transient errors (EAGAIN, ENOMEM); a missing program or
-        directory fails at once."""
+    def _spawn_again(self, inst: _Instance, spec: ProcessSpec) -> tuple[int, int] | OSError:
+        """Retries a spawn that failed for a transient reason (EAGAIN, ENOMEM) on the retry
+        policy's schedule; a missing program or directory is not retried."""
         assert self._sup is not None
-        last: OSError | None = None
-        for delay in [0.0, *RetryPolicy.exponential(0.05, max_attempts=3).delays()]:
-            if delay:
-                time.sleep(delay)
-            try:
-                return self._sup.spawn(inst.id, argv, env=env, cwd=cwd, cpus=cpus, cgroup=inst.cgroup,
-                                       log=inst.log, log_max_bytes=self._log_max, log_keep=self._log_keep)
-            except (FileNotFoundError, PermissionError, NotADirectoryError) as e:
-                return e
-            except OSError as e:
-                last = e
-        assert last is not None
+        last: OSError = OSError("spawn failed")
+        for delay in RetryPolicy.exponential(0.05, max_attempts=3).delays():
+            time.sleep(delay)
+            (res,) = self._sup.spawn_many([(inst.id, spec)], threads=1)
+            if not isinstance(res, OSError):
+                return res
+            last = res
+            if isinstance(res, _PERMANENT):
+                break
         return last
 
     def _environment(self, inst: _Instance) -> list[tuple[str, str]]:
@@ -478,7 +506,12 @@ class Deployment:
             inst.timer.cancel()
             inst.timer = None
         self.restart_strategy.forget(inst.id)
-        if inst.state.alive and inst.pid is not None and not inst.exited.is_set():
+        if inst.state is State.STARTING and inst in self._to_start:
+            # Queued, not spawned yet: it never runs.
+            self._to_start.remove(inst)
+            inst.life.to(State.STOPPING, reason)
+            inst.life.to(State.STOPPED, "stopped before it was spawned")
+        elif inst.state.alive and inst.pid is not None and not inst.exited.is_set():
             if inst.state is not State.STOPPING:
                 inst.life.to(State.STOPPING, reason)
                 self._signal(inst)
@@ -570,9 +603,7 @@ class Deployment:
             del self._history[:1000]
         if self._store is not None:
             self._store.add_event(self.name, t.instance, t.service, t.old.value, t.new.value, t.reason, t.at)
-            inst = self._instances.get(t.instance)
-            if inst is not None:
-                self._store.put_instance(inst.row(self.name))
+            self._dirty.add(t.instance)
         for q in self._subscribers:
             q.put_nowait(t)
         self._tick.set()
@@ -597,13 +628,23 @@ class Deployment:
     def _flush(self) -> None:
         self._flush_handle = None
         if self._store is not None:
+            for iid in self._dirty:
+                self._store.put_instance(self._instances[iid].row(self.name))
+            self._dirty.clear()
             self._store.flush()
 
     # --- resources ------------------------------------------------------------------
 
     def _shared_cpus(self, node: int | None) -> list[int]:
         """CPUs not given exclusively to anyone, on ``node`` when one was chosen and has any:
-        where a shared-CPU instance may run."""
+        where a shared-CPU instance may run. Placement happens once, before anything starts,
+        so the answer per node is computed once."""
+        cached = self._shared.get(node)
+        if cached is None:
+            cached = self._shared[node] = self._compute_shared(node)
+        return cached
+
+    def _compute_shared(self, node: int | None) -> list[int]:
         exclusive = set(self.resources.usage().get("exclusive_cpus", []))
         shared = [c for c in self.topology.online if c not in exclusive]
         if node is not None:
@@ -697,9 +738,7 @@ class Deployment:
             self._pump = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
-            self._flush_handle = None
-        if self._store is not None:
-            self._store.flush()
+        self._flush()
 
 
 def _settled(inst: _Instance) -> bool:

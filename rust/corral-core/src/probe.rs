@@ -288,7 +288,11 @@ fn epoch() -> Instant {
 
 impl Ticker {
     fn new(spec: &ProbeSpec, base: Instant) -> Self {
-        Ticker { next: base + spec.initial_delay, period: spec.period.max(Duration::from_millis(1)), first: true }
+        Ticker {
+            next: base + spec.initial_delay,
+            period: spec.period.max(Duration::from_millis(1)),
+            first: true,
+        }
     }
 
     async fn tick(&mut self) {
@@ -297,8 +301,12 @@ impl Ticker {
         if self.first {
             self.first = false;
             let e = epoch();
-            let since = (self.next + self.period).saturating_duration_since(e).as_nanos();
-            let grid = (self.period / 10).clamp(Duration::from_millis(1), MAX_PHASE_GRID).as_nanos();
+            let since = (self.next + self.period)
+                .saturating_duration_since(e)
+                .as_nanos();
+            let grid = (self.period / 10)
+                .clamp(Duration::from_millis(1), MAX_PHASE_GRID)
+                .as_nanos();
             self.next = e + Duration::from_nanos(((since + grid / 2) / grid * grid) as u64);
         } else {
             self.next += self.period;

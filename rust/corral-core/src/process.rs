@@ -253,6 +253,39 @@ impl Supervisor {
         Ok(Spawned { pid, start_time })
     }
 
+    /// Starts several processes, on up to `threads` threads at once (each spawn waits for
+    /// its exec; spawning in parallel hides that wait). Results come in the order given.
+    pub fn spawn_many(
+        &self,
+        items: &[(String, ProcessSpec)],
+        threads: usize,
+    ) -> Vec<Result<Spawned, ProcessError>> {
+        let threads = threads.clamp(1, items.len().max(1));
+        if threads == 1 {
+            return items
+                .iter()
+                .map(|(id, spec)| self.spawn(id, spec))
+                .collect();
+        }
+        let chunk = items.len().div_ceil(threads);
+        std::thread::scope(|scope| {
+            let handles: Vec<_> = items
+                .chunks(chunk)
+                .map(|part| {
+                    scope.spawn(move || {
+                        part.iter()
+                            .map(|(id, spec)| self.spawn(id, spec))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .flat_map(|h| h.join().expect("spawn thread panicked"))
+                .collect()
+        })
+    }
+
     /// Starts the probes of `health` for the instance `id`, replacing any running for it.
     /// Initial delays count from now.
     pub fn start_health(&self, id: &str, health: Health) {

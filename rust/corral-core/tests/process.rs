@@ -49,12 +49,19 @@ fn affinity_env_cwd_and_log_reach_the_child() {
     };
     let mask = || {
         let st = std::fs::read_to_string("/proc/thread-self/status").unwrap();
-        st.lines().find(|l| l.starts_with("Cpus_allowed_list")).unwrap().to_owned()
+        st.lines()
+            .find(|l| l.starts_with("Cpus_allowed_list"))
+            .unwrap()
+            .to_owned()
     };
     let before = mask();
     let child = sup.spawn("x-0", &spec).unwrap();
     assert!(child.start_time > 0);
-    assert_eq!(mask(), before, "the spawning thread gets its own CPU mask back");
+    assert_eq!(
+        mask(),
+        before,
+        "the spawning thread gets its own CPU mask back"
+    );
     let Event::Exited { code, .. } = next(&rt, &sup) else {
         panic!()
     };

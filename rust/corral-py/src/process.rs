@@ -7,7 +7,7 @@ use corral_core::probe::Health;
 use corral_core::process::{self as core, Event, LogConfig, ProcessSpec};
 use pyo3::prelude::*;
 
-use crate::errors::PyResultExt;
+use crate::errors::{IntoPyErr, PyResultExt};
 use crate::probe::ProbeSpec;
 
 /// Starts processes and reports their exits and probe verdicts as `ProcessEvent`s.
@@ -16,6 +16,56 @@ pub struct Supervisor {
     inner: Arc<core::Supervisor>,
     /// Dropping the sender ends the supervisor's thread (and with it its tasks).
     _stop: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+}
+
+/// How to start one process (for `Supervisor.spawn_many`).
+#[pyclass(frozen, module = "corral._core", name = "ProcessSpec")]
+pub struct PyProcessSpec {
+    inner: ProcessSpec,
+}
+
+#[pymethods]
+impl PyProcessSpec {
+    #[new]
+    #[pyo3(signature = (argv, *, env = None, clear_env = false, cwd = None, cpus = Vec::new(),
+        cgroup = None, log = None, log_max_bytes = 10 << 20, log_keep = 3))]
+    fn new(
+        argv: Vec<String>,
+        env: Option<Vec<(String, String)>>,
+        clear_env: bool,
+        cwd: Option<PathBuf>,
+        cpus: Vec<usize>,
+        cgroup: Option<PathBuf>,
+        log: Option<PathBuf>,
+        log_max_bytes: u64,
+        log_keep: usize,
+    ) -> Self {
+        PyProcessSpec {
+            inner: ProcessSpec {
+                argv,
+                env: env.unwrap_or_default(),
+                clear_env,
+                cwd,
+                cpus,
+                cgroup,
+                log: log.map(|path| LogConfig {
+                    path,
+                    max_bytes: log_max_bytes,
+                    keep: log_keep,
+                }),
+            },
+        }
+    }
+
+    #[getter]
+    fn argv(&self) -> Vec<String> {
+        self.inner.argv.clone()
+    }
+
+    #[getter]
+    fn cpus(&self) -> Vec<usize> {
+        self.inner.cpus.clone()
+    }
 }
 
 /// An exit (`kind == "exited"`) or a probe verdict (`kind == "probe"`).
@@ -98,7 +148,11 @@ impl Supervisor {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start the supervisor runtime: {e}")))?;
+            .map_err(|e| {
+                pyo3::exceptions::PyOSError::new_err(format!(
+                    "cannot start the supervisor runtime: {e}"
+                ))
+            })?;
         let handle = rt.handle().clone();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         std::thread::Builder::new()
@@ -108,7 +162,11 @@ impl Supervisor {
                     let _ = stop_rx.await;
                 });
             })
-            .map_err(|e| pyo3::exceptions::PyOSError::new_err(format!("cannot start the supervisor thread: {e}")))?;
+            .map_err(|e| {
+                pyo3::exceptions::PyOSError::new_err(format!(
+                    "cannot start the supervisor thread: {e}"
+                ))
+            })?;
         Ok(Supervisor {
             inner: core::Supervisor::new(handle),
             _stop: parking_lot::Mutex::new(Some(stop_tx)),
@@ -148,6 +206,32 @@ impl Supervisor {
         // fork + exec take a while in a large process; let other Python threads run.
         let s = py.detach(|| self.inner.spawn(id, &spec)).py()?;
         Ok((s.pid, s.start_time))
+    }
+
+    /// Starts `(id, ProcessSpec)` pairs, several at a time; returns `(pid, start_time)` or the
+    /// `OSError` of each, in order.
+    #[pyo3(signature = (items, *, threads = 2))]
+    fn spawn_many(
+        &self,
+        py: Python<'_>,
+        items: Vec<(String, PyRef<'_, PyProcessSpec>)>,
+        threads: usize,
+    ) -> Vec<Py<PyAny>> {
+        let items: Vec<(String, ProcessSpec)> = items
+            .into_iter()
+            .map(|(id, s)| (id, s.inner.clone()))
+            .collect();
+        let results = py.detach(|| self.inner.spawn_many(&items, threads));
+        results
+            .into_iter()
+            .map(|r| match r {
+                Ok(s) => (s.pid, s.start_time)
+                    .into_pyobject(py)
+                    .map(|t| t.into_any().unbind())
+                    .expect("tuple"),
+                Err(e) => e.into_pyerr().into_value(py).into_any(),
+            })
+            .collect()
     }
 
     /// Runs the given probes for instance `id` (replacing any it had); initial delays count from now.
@@ -218,6 +302,7 @@ fn process_start_time(pid: u32) -> Option<u64> {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Supervisor>()?;
     m.add_class::<ProcessEvent>()?;
+    m.add_class::<PyProcessSpec>()?;
     m.add_function(wrap_pyfunction!(signal_group, m)?)?;
     m.add_function(wrap_pyfunction!(group_alive, m)?)?;
     m.add_function(wrap_pyfunction!(group_members, m)?)?;
