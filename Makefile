@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 DEV_BUILD     := --config-settings=build-args="--profile dev"
 RELEASE_BUILD := --config-settings=build-args="--profile release"
 
-.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python clean
+.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python bench-bringup clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -57,6 +57,10 @@ lint: dev ## rustfmt, clippy -D warnings, ruff, mypy --strict, stubtest
 
 bench: bench-rust bench-python ## Both suites in release mode, then one table: operation, target, median
 	$(PY) benches/report.py bench-results/python.json
+
+bench-bringup: dev-release ## 200 instances under corral up -d: bring-up, restart, down, idle CPU, memory
+	cargo build --release -p corral-core --example tiny_server
+	$(PY) benches/bringup.py $(BRINGUP_ARGS)
 
 bench-rust: ## Criterion benches (release)
 	cargo bench -p corral-core --bench core

@@ -133,7 +133,7 @@ def main() -> int:
             if time.perf_counter() - t0 > 60:
                 sys.exit(f"{len(pending)} ports still not listening after 60 s")
         res["all_listening_s"] = time.perf_counter() - t0
-        out, err = up.communicate(timeout=120)
+        _, err = up.communicate(timeout=120)
         res["up_returns_s"] = time.perf_counter() - t0
         if up.returncode != 0:
             sys.exit(f"up -d failed: {err}")

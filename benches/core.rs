@@ -24,10 +24,10 @@ fn fixture(name: &str) -> Topology {
 fn breaker(c: &mut Criterion) {
     let cb = CircuitBreaker::new(BreakerConfig::default()).unwrap();
     c.bench_function("breaker_check_closed", |b| {
-        b.iter(|| black_box(&cb).allow().is_ok())
+        b.iter(|| black_box(&cb).allow().is_ok());
     });
     c.bench_function("breaker_call_closed", |b| {
-        b.iter(|| black_box(&cb).call(|| Ok::<_, ()>(black_box(1))))
+        b.iter(|| black_box(&cb).call(|| Ok::<_, ()>(black_box(1))));
     });
 }
 
@@ -73,10 +73,10 @@ fn registry(c: &mut Criterion) {
         }
     }
     c.bench_function("registry_lookup_by_service", |b| {
-        b.iter(|| reg.instances(black_box("svc-17"), true))
+        b.iter(|| reg.instances(black_box("svc-17"), true));
     });
     c.bench_function("registry_get_by_id", |b| {
-        b.iter(|| reg.get(black_box("svc-17-2")))
+        b.iter(|| reg.get(black_box("svc-17-2")));
     });
     c.bench_function("registry_1000_from_8_threads", |b| {
         b.iter_custom(|iters| {
@@ -182,7 +182,7 @@ fn balance(c: &mut Criterion) {
     )
     .unwrap();
     c.bench_function("balance_round_robin", |b| {
-        b.iter(|| lb.pick_with(None, |x| x.weight))
+        b.iter(|| lb.pick_with(None, |x| x.weight));
     });
     let lb = LoadBalancer::new(
         Strategy::LeastConnections,
@@ -190,7 +190,7 @@ fn balance(c: &mut Criterion) {
     )
     .unwrap();
     c.bench_function("balance_least_connections_16", |b| {
-        b.iter(|| lb.pick_with(None, |x| x.weight))
+        b.iter(|| lb.pick_with(None, |x| x.weight));
     });
 }
 

@@ -215,3 +215,29 @@ def test_commands_without_a_deployment(tmp_path: Path) -> None:
     r = corral("restart", "api", cwd=tmp_path)
     assert r.returncode == 1 and "no agent running" in r.stderr
     assert corral("down", cwd=tmp_path).stdout.strip() == "nothing running"
+
+
+def test_foreground_up_on_a_terminal_shows_the_live_table(stack: Path) -> None:
+    import pty
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(stack)
+        os.environ.pop("CORRAL_STATE_DIR", None)
+        os.environ["COLUMNS"] = "160"
+        os.execv(sys.executable, [sys.executable, "-m", "corral", "up", "--run-for", "1500ms"])
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _, status = os.waitpid(pid, 0)
+    screen = b"".join(chunks).decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, screen[-2000:]
+    assert "services up" in screen and "4/4" in screen, screen[-2000:]
+    assert "worker-0" in screen and "healthy" in screen and "(excl)" in screen
+    assert "clistack: down" in screen

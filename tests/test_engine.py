@@ -383,3 +383,36 @@ async def test_rolling_restart_and_async_context_manager(tmp_path: Path) -> None
         assert [i.restarts for i in d.status().services["web"]] == [1, 1]
     for pid in new:
         assert not alive(pid)
+
+
+async def test_env_file_working_dir_shell_volume_and_log_rotation(tmp_path: Path,
+                                                                   deployments: list[Deployment]) -> None:
+    (tmp_path / "app.env").write_text("# settings\nexport GREETING='hello there'\nLEVEL=debug\n")
+    (tmp_path / "sub").mkdir()
+    spec = write_spec(tmp_path, """
+        name: misc
+        logs: {max_size: 2Ki, keep: 2}
+        services:
+          job:
+            command: 'echo "$GREETING/$LEVEL/$OVERRIDE" > out.txt; pwd >> out.txt; echo $CORRAL_VOLUME >> out.txt;
+              i=0; while [ $i -lt 200 ]; do echo "line $i of some log output"; i=$((i+1)); done'
+            shell: true
+            env_file: app.env
+            env: {LEVEL: info, OVERRIDE: "x"}
+            working_dir: sub
+            resources: {storage: {size: 1Mi, path: ./vol}}
+            restart: {policy: "no"}
+        """)
+    d = Deployment.from_file(spec)
+    deployments.append(d)
+    await d.up()
+    await await_until(lambda: _state(d, "job") == "completed", what="job completed")
+    lines = (tmp_path / "sub" / "out.txt").read_text().splitlines()
+    assert lines == ["hello there/info/x", str(tmp_path / "sub"), str(tmp_path / "vol")]
+    assert (tmp_path / "vol").is_dir(), "the volume directory is created before start"
+    logs = d.state_dir / "logs"
+    await await_until(lambda: (logs / "job-0.log.2").exists(), 5, "rotation")
+    assert not (logs / "job-0.log.3").exists()
+    for f in ("job-0.log", "job-0.log.1", "job-0.log.2"):
+        assert (logs / f).stat().st_size <= 2048
+    assert "line 199 of some log output" in (logs / "job-0.log").read_text()

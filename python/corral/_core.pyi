@@ -671,7 +671,9 @@ class Supervisor:
         """Starts ``argv``; returns ``(pid, start_time)``. ``log`` rotates past ``log_max_bytes``
         (default 10 MiB), keeping ``log_keep`` old files. Raises ``OSError`` subclasses
         (``FileNotFoundError`` for a missing program) naming the program."""
-    def spawn_many(self, items: Sequence[tuple[str, ProcessSpec]], *, threads: int = 2) -> list[tuple[int, int] | OSError]:
+    def spawn_many(
+        self, items: Sequence[tuple[str, ProcessSpec]], *, threads: int = 2
+    ) -> list[tuple[int, int] | OSError]:
         """Starts ``(id, spec)`` pairs on up to ``threads`` threads; each result is
         ``(pid, start_time)`` or the ``OSError`` that spawn raised, in the order given."""
     def start_health(

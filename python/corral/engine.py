@@ -140,8 +140,7 @@ class Deployment:
     def __init__(self, spec: DeploymentSpec, *, file: str | Path = "corral.yaml", state_dir: str | Path | None = None,
                  restart_strategy: RestartStrategy | None = None, rollback: RollbackStrategy | None = None,
                  scheduler: type[Scheduler] = Scheduler, topology: Topology | None = None,
-                 cgroup_root: str | Path | None = None, host: str = "127.0.0.1",
-                 log_max_bytes: int = 10 << 20, log_keep: int = 3) -> None:
+                 cgroup_root: str | Path | None = None, host: str = "127.0.0.1") -> None:
         self.spec = spec
         self.file = Path(file)
         self.base = self.file.resolve().parent
@@ -160,7 +159,7 @@ class Deployment:
         self.rollback = rollback or RollbackStrategy()
         self._cgroup_root = Path(cgroup_root or os.environ.get("CORRAL_CGROUP_ROOT", "/sys/fs/cgroup"))
         self._cgroups: Cgroups | None = None
-        self._log_max, self._log_keep = log_max_bytes, log_keep
+        self._log_max, self._log_keep = spec.logs.max_size, spec.logs.keep
         self.plan: Plan | None = None
         self._instances: dict[str, _Instance] = {}
         self._by_service: dict[str, list[_Instance]] = {}
@@ -220,6 +219,8 @@ class Deployment:
         self._row.agent_pid = os.getpid()
         self._row.agent_start = process_start_time(os.getpid())
         self._store.clear_instances(self.name)
+        for path in self._volumes.values():
+            path.mkdir(parents=True, exist_ok=True)
         self._store.put_deployment(self._row)
         self._event(None, None, None, "starting", f"up {self.file.name}: {sum(1 for _ in plan.instances())} instances "
                     f"in {len(plan.phases)} phases")

@@ -33,6 +33,7 @@ __all__ = [
     "DeploymentSpec",
     "HealthSpec",
     "HttpCheck",
+    "LogSpec",
     "Probe",
     "Resources",
     "RestartSpec",
@@ -297,10 +298,18 @@ class ServiceSpec(_Model):
         return ["/bin/sh", "-c", self.command] if self.shell else shlex.split(self.command)
 
 
+class LogSpec(_Model):
+    """Where instance output goes: ``<state dir>/logs/<instance>.log``, rotated by size."""
+
+    max_size: Size = 10 << 20
+    keep: int = Field(default=3, ge=0, le=100)
+
+
 class DeploymentSpec(_Model):
     """A whole ``corral.yaml``."""
 
     name: Annotated[str, Field(pattern=_NAME)]
+    logs: LogSpec = LogSpec()
     services: dict[Annotated[str, Field(pattern=_NAME)], ServiceSpec]
     scheduler: Literal["binpack", "spread"] = "binpack"
     port_range: tuple[int, int] = (20000, 32000)

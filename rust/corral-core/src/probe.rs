@@ -174,29 +174,31 @@ async fn http_get(host: &str, port: u16, path: &str) -> Result<String, String> {
     }
 }
 
-/// Closes a probe connection with a reset (SO_LINGER 0), as HAProxy does for its checks: no
-/// FIN exchange and no TIME_WAIT socket left per probe. With 200 instances probed every
-/// second, an orderly close would keep ~12 000 sockets in TIME_WAIT (eating ephemeral
+/// Closes a probe connection with a reset (`SO_LINGER` 0), as `HAProxy` does for its checks:
+/// no FIN exchange and no `TIME_WAIT` socket left per probe. With 200 instances probed every
+/// second, an orderly close would keep ~12 000 sockets in `TIME_WAIT` (eating ephemeral
 /// ports) and cost the agent the kernel's extra packets.
-fn abort(s: TcpStream) {
+fn abort(stream: TcpStream) {
     #[allow(deprecated)]
-    let _ = s.set_linger(Some(Duration::ZERO));
-    drop(s);
+    let _ = stream.set_linger(Some(Duration::ZERO));
+    drop(stream);
 }
 
 async fn exec(argv: &[String], env: &[(String, String)]) -> Result<String, String> {
-    let Some((prog, args)) = argv.split_first() else {
+    let Some((program, rest)) = argv.split_first() else {
         return Err("empty command".into());
     };
-    let mut cmd = tokio::process::Command::new(prog);
-    cmd.args(args)
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(rest)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .process_group(0)
         .kill_on_drop(true);
-    let mut child = cmd.spawn().map_err(|e| format!("cannot run {prog}: {e}"))?;
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {program}: {e}"))?;
     let pgid = child.id();
     // If the timeout cancels this future, the guard kills what the command started.
     let guard = KillGroupOnDrop(pgid);

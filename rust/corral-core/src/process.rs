@@ -155,15 +155,12 @@ impl Supervisor {
         if let Some(cwd) = &spec.cwd {
             cmd.current_dir(cwd);
         }
-        let log = match &spec.log {
-            Some(cfg) => {
-                cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
-                Some(Arc::new(Mutex::new(RotatingLog::open(cfg)?)))
-            }
-            None => {
-                cmd.stdout(Stdio::null()).stderr(Stdio::null());
-                None
-            }
+        let log = if let Some(cfg) = &spec.log {
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+            Some(Arc::new(Mutex::new(RotatingLog::open(cfg)?)))
+        } else {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+            None
         };
         let affinity = cpu_set(&spec.cpus)?;
         let procs = match &spec.cgroup {
@@ -176,7 +173,7 @@ impl Supervisor {
                     .open(&p)
                     .map_err(|e| ProcessError::Spawn {
                         program: program.clone(),
-                        source: with_path(e, &p),
+                        source: with_path(&e, &p),
                     })?;
                 Some(f)
             }
@@ -472,7 +469,7 @@ fn format_pid(mut pid: u32, buf: &mut [u8; 16]) -> &[u8] {
     &buf[i..]
 }
 
-fn with_path(e: std::io::Error, p: &Path) -> std::io::Error {
+fn with_path(e: &std::io::Error, p: &Path) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
 }
 
@@ -517,15 +514,31 @@ impl RotatingLog {
         })
     }
 
-    /// Appends `data`, rotating first when it would pass the size limit. I/O errors are
-    /// dropped: a full disk must not stop the process whose output this is.
-    pub fn write(&mut self, data: &[u8]) {
-        if self.cfg.max_bytes > 0
-            && self.size > 0
-            && self.size + data.len() as u64 > self.cfg.max_bytes
-        {
+    /// Appends `data`, rotating whenever the file would pass its size limit; a chunk is split
+    /// at its last line break that still fits (or hard, for a line longer than the limit), so
+    /// no file grows past `max_bytes`. I/O errors are dropped: a full disk must not stop the
+    /// process whose output this is.
+    pub fn write(&mut self, mut data: &[u8]) {
+        let max = self.cfg.max_bytes;
+        while !data.is_empty() {
+            let room = max.saturating_sub(self.size);
+            if max == 0 || data.len() as u64 <= room {
+                self.append(data);
+                return;
+            }
+            let fits = &data[..room as usize];
+            let cut = match fits.iter().rposition(|&b| b == b'\n') {
+                Some(i) => i + 1,
+                None if self.size == 0 => fits.len(),
+                None => 0,
+            };
+            self.append(&data[..cut]);
+            data = &data[cut..];
             self.rotate();
         }
+    }
+
+    fn append(&mut self, data: &[u8]) {
         if self.file.write_all(data).is_ok() {
             self.size += data.len() as u64;
         }
@@ -585,6 +598,23 @@ mod tests {
         assert_eq!(read("a.log.1"), "cccccccc");
         assert_eq!(read("a.log.2"), "bbbbbbbb");
         assert!(!dir.path().join("a.log.3").exists());
+    }
+
+    #[test]
+    fn a_large_chunk_splits_at_line_breaks() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = LogConfig {
+            path: dir.path().join("b.log"),
+            max_bytes: 10,
+            keep: 3,
+        };
+        let mut log = RotatingLog::open(&cfg).unwrap();
+        log.write(b"one\ntwo\nthree\nfour-is-long-line\n");
+        let read = |s: &str| std::fs::read_to_string(dir.path().join(s)).unwrap();
+        assert_eq!(read("b.log.3"), "one\ntwo\n");
+        assert_eq!(read("b.log.2"), "three\n");
+        assert_eq!(read("b.log.1"), "four-is-lo");
+        assert_eq!(read("b.log"), "ng-line\n");
     }
 
     #[test]

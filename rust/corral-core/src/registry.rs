@@ -111,12 +111,15 @@ pub struct Change {
     pub instance: Arc<Instance>,
 }
 
+/// An immutable list of instances, shared with readers.
+type Snapshot = Arc<[Arc<Instance>]>;
+
 /// A service's members and its cached, lazily rebuilt snapshots.
 #[derive(Default)]
 struct ServiceEntry {
     members: Vec<Arc<Instance>>,
     /// (all, healthy only); `None` after a change until the next lookup.
-    cache: Mutex<Option<(Arc<[Arc<Instance>]>, Arc<[Arc<Instance>]>)>>,
+    cache: Mutex<Option<(Snapshot, Snapshot)>>,
 }
 
 impl ServiceEntry {

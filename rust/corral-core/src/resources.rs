@@ -691,7 +691,7 @@ impl ResourceManager {
             .collect();
         match cache {
             CachePolicy::PreferLarge => {
-                doms.sort_by_key(|d| (d.1 < k, std::cmp::Reverse(d.2), d.1, d.0))
+                doms.sort_by_key(|d| (d.1 < k, std::cmp::Reverse(d.2), d.1, d.0));
             }
             CachePolicy::Any => doms.sort_by_key(|d| (d.1 < k, d.1, d.0)),
         }
@@ -699,7 +699,7 @@ impl ResourceManager {
             // Nothing holds all k: spread, biggest free blocks first (largest caches first when asked).
             match cache {
                 CachePolicy::PreferLarge => {
-                    doms.sort_by_key(|d| (std::cmp::Reverse(d.2), std::cmp::Reverse(d.1), d.0))
+                    doms.sort_by_key(|d| (std::cmp::Reverse(d.2), std::cmp::Reverse(d.1), d.0));
                 }
                 CachePolicy::Any => doms.sort_by_key(|d| (std::cmp::Reverse(d.1), d.0)),
             }

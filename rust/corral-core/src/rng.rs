@@ -1,9 +1,9 @@
-//! A small, seedable pseudo-random generator (SplitMix64) for jitter and
+//! A small, seedable pseudo-random generator (`SplitMix64`) for jitter and
 //! load-balancer choices; not for anything security-related.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
-/// SplitMix64: one u64 of state, passes BigCrush, seedable for deterministic tests.
+/// `SplitMix64`: one u64 of state, passes `BigCrush`, seedable for deterministic tests.
 #[derive(Debug, Clone)]
 pub struct Rng(u64);
 
@@ -44,7 +44,7 @@ impl Rng {
     }
 }
 
-/// A stable 64-bit hash of bytes (FNV-1a, then a SplitMix64 finaliser for avalanche).
+/// A stable 64-bit hash of bytes (FNV-1a, then a `SplitMix64` finaliser for avalanche).
 /// Stable across processes and runs, unlike `std`'s `RandomState`.
 pub fn stable_hash(bytes: &[u8]) -> u64 {
     let mut h: u64 = 0xcbf2_9ce4_8422_2325;
@@ -55,7 +55,7 @@ pub fn stable_hash(bytes: &[u8]) -> u64 {
     mix(h)
 }
 
-/// SplitMix64's finaliser: spreads every input bit over the output.
+/// `SplitMix64`'s finaliser: spreads every input bit over the output.
 pub fn mix(mut z: u64) -> u64 {
     z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
     z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);

@@ -155,7 +155,7 @@ fn parse_size_kb(s: &str) -> Option<u64> {
     num.parse::<u64>().ok().map(|n| n * mult)
 }
 
-/// Reads "Node N MemTotal: X kB" from a node's meminfo, in MiB.
+/// Reads `Node N MemTotal: X kB` from a node's meminfo, in MiB.
 fn node_memory_mb(text: &str) -> Option<u64> {
     text.lines()
         .find(|l| l.contains("MemTotal:"))
@@ -256,23 +256,22 @@ impl Topology {
 
     fn read_tree(root: &Path) -> Result<Self, TopologyError> {
         let cpu_dir = root.join("devices/system/cpu");
-        let online = match read_opt(&cpu_dir.join("online")) {
-            Some(s) => parse_cpulist(&s).ok_or_else(|| TopologyError::Parse {
+        let online = if let Some(s) = read_opt(&cpu_dir.join("online")) {
+            parse_cpulist(&s).ok_or_else(|| TopologyError::Parse {
                 path: cpu_dir.join("online"),
                 detail: format!("not a CPU list: {:?}", s.trim()),
-            })?,
-            None => {
-                let entries = fs::read_dir(&cpu_dir).map_err(|source| TopologyError::Io {
-                    path: cpu_dir.clone(),
-                    source,
-                })?;
-                let mut v: Vec<u32> = entries
-                    .flatten()
-                    .filter_map(|e| e.file_name().to_str()?.strip_prefix("cpu")?.parse().ok())
-                    .collect();
-                v.sort_unstable();
-                v
-            }
+            })?
+        } else {
+            let entries = fs::read_dir(&cpu_dir).map_err(|source| TopologyError::Io {
+                path: cpu_dir.clone(),
+                source,
+            })?;
+            let mut v: Vec<u32> = entries
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_prefix("cpu")?.parse().ok())
+                .collect();
+            v.sort_unstable();
+            v
         };
         if online.is_empty() {
             return Err(TopologyError::NoCpus(cpu_dir));

@@ -57,9 +57,8 @@ proptest! {
         }
         for (f, t) in log.lock().iter() {
             let legal = matches!((f, t),
-                (State::Closed, State::Open) | (State::Open, State::HalfOpen) |
-                (State::HalfOpen, State::Open) | (State::HalfOpen, State::Closed) |
-                (_, State::ForcedOpen) | (_, State::Closed) | (_, State::Disabled));
+                (State::Closed | State::HalfOpen, State::Open) | (State::Open, State::HalfOpen) |
+                (_, State::ForcedOpen | State::Closed | State::Disabled));
             prop_assert!(legal, "illegal transition {:?} -> {:?}", f, t);
         }
     }
@@ -117,9 +116,9 @@ fn many_threads_counting() {
                 for j in 0..10_000 {
                     cb.allow().unwrap();
                     if (i + j) % 2 == 0 {
-                        cb.record_success()
+                        cb.record_success();
                     } else {
-                        cb.record_failure()
+                        cb.record_failure();
                     }
                 }
             })

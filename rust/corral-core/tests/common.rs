@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use corral_core::topology::Topology;
 
-/// A committed fake sysfs tree (see tests/fixtures/make_sysfs.py at the repository root).
+/// A committed fake sysfs tree (see `tests/fixtures/make_sysfs.py` at the repository root).
 pub fn fixture(name: &str) -> Topology {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("../../tests/fixtures/sysfs")

@@ -355,8 +355,7 @@ proptest! {
                         ..Default::default()
                     };
                     let before = m.usage();
-                    match m.allocate(&req) {
-                        Ok(g) => {
+                    if let Ok(g) = m.allocate(&req) {
                             prop_assert_eq!(g.cpus.len(), cores as usize);
                             prop_assert!(!g.cpus.contains(&0), "CPU 0 is reserved");
                             if numa == NumaPolicy::Require && cores > 0 {
@@ -371,8 +370,8 @@ proptest! {
                                 prop_assert_eq!(g.l3_domains.len(), 1, "{:?} before {:?}", g, before.exclusive_cpus);
                             }
                             held.push(g);
-                        }
-                        Err(_) => prop_assert_eq!(m.usage(), before, "a failed allocation changes nothing"),
+                    } else {
+                        prop_assert_eq!(m.usage(), before, "a failed allocation changes nothing");
                     }
                 }
                 Op::Release(i) => {

@@ -3,7 +3,7 @@
 //! The exception classes live in `corral/exceptions.py`, so they are
 //! documented, typed and can inherit from builtins (`ConfigError` is also a
 //! `ValueError`). Each is imported once and cached. Exceptions are raised as
-//! (type, args) and instantiated lazily by CPython, which keeps the rejected
+//! (type, args) and instantiated lazily by `CPython`, which keeps the rejected
 //! breaker call cheap.
 
 use pyo3::exceptions::{PyTypeError, PyValueError};

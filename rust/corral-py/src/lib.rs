@@ -1,4 +1,4 @@
-//! `corral._core`: the PyO3 face of `corral-core`. One file per core concept,
+//! `corral._core`: the `PyO3` face of `corral-core`. One file per core concept,
 //! mostly conversions; every class is frozen and safe to share across threads.
 #![deny(unsafe_code)]
 // PyO3's generated code trips these pedantic lints.

@@ -184,7 +184,7 @@ impl ResourceManager {
         })
     }
 
-    /// Returns everything a grant holds (a Grant or its id); a second release raises ResourceError.
+    /// Returns everything a grant holds (a `Grant` or its id); a second release raises `ResourceError`.
     fn release(&self, grant: &Bound<'_, PyAny>) -> PyResult<()> {
         let id = if let Ok(g) = grant.cast::<Grant>() {
             g.get().id
