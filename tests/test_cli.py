@@ -241,3 +241,22 @@ def test_foreground_up_on_a_terminal_shows_the_live_table(stack: Path) -> None:
     assert "services up" in screen and "4/4" in screen, screen[-2000:]
     assert "worker-0" in screen and "healthy" in screen and "(excl)" in screen
     assert "clistack: down" in screen
+
+
+def test_events_follow_prints_new_transitions(stack: Path) -> None:
+    assert corral("up", "-d", cwd=stack).returncode == 0
+    follower = subprocess.Popen([sys.executable, "-m", "corral", "events", "-f", "-n", "1"], cwd=stack,
+                                stdout=subprocess.PIPE, text=True, env=env_without_state())
+    try:
+        assert follower.stdout is not None
+        # The newest past event comes first; once it is out, the follower is following.
+        assert "every service meets its condition" in follower.stdout.readline()
+        assert corral("restart", "worker", cwd=stack).returncode == 0
+        lines: list[str] = []
+        while not any("worker-0" in x and "-> healthy" in x for x in lines):
+            lines.append(follower.stdout.readline())
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+    text = "".join(lines)
+    assert "worker-0" in text and "stopping" in text and "restart requested" in text

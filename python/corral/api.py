@@ -18,11 +18,13 @@ import signal
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from corral.engine import Deployment
 from corral.exceptions import AgentError, CorralError, DeploymentError
+
+if TYPE_CHECKING:  # the client side (status, down, logs) never loads the engine
+    from corral.engine import Deployment
 
 __all__ = ["ControlClient", "ControlServer", "run_agent", "socket_path"]
 

@@ -15,22 +15,27 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console, Group
-from rich.live import Live
-from rich.progress import BarColumn, Progress, TextColumn
-from rich.table import Table
+from rich.console import Console
 
 from corral.api import ControlClient, run_agent, socket_path
-from corral.engine import Deployment, default_state_dir
 from corral.exceptions import AgentError, CorralError, SpecError
-from corral.lifecycle import Transition
-from corral.spec import DeploymentSpec, load_spec
-from corral.state import EventRow, InstanceRow, StateStore
+from corral.state import EventRow, InstanceRow, StateStore, default_state_dir
+
+# The engine (and pydantic under the spec) loads only for commands that deploy or validate:
+# status, logs, events, restart and down answer without it.
+if TYPE_CHECKING:
+    from rich.console import Group
+    from rich.table import Table
+
+    from corral.engine import Deployment
+    from corral.lifecycle import Transition
+    from corral.spec import DeploymentSpec
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="Orchestrate services on one machine: placement, health, restarts, discovery.")
 # Lines are never wrapped: logs and error messages are read by scripts and grep too.
 out = Console(highlight=False, soft_wrap=True)
@@ -58,6 +63,8 @@ def _state_dir(spec: Path, state_dir: Path | None) -> Path:
 
 
 def _deployment(spec: Path, state_dir: Path | None) -> Deployment:
+    from corral.engine import Deployment
+
     try:
         return Deployment.from_file(spec, state_dir=_state_dir(spec, state_dir))
     except SpecError as e:
@@ -70,6 +77,8 @@ def _deployment(spec: Path, state_dir: Path | None) -> Deployment:
 @app.command()
 def validate(spec: SpecArg = DEFAULT_SPEC) -> None:
     """Check a spec without placing or starting anything."""
+    from corral.spec import load_spec
+
     try:
         s = load_spec(spec)
     except SpecError as e:
@@ -82,6 +91,8 @@ def validate(spec: SpecArg = DEFAULT_SPEC) -> None:
 def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
          as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Show the phases and where every instance would go, without starting anything."""
+    from rich.table import Table
+
     d = _deployment(spec, state_dir)
     try:
         p = d.make_plan()
@@ -124,6 +135,9 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
             seconds = parse_duration(run_for)
         except ValueError as e:
             _fail(f"--run-for: {e}", 2)
+    from corral.engine import Deployment
+    from corral.spec import load_spec
+
     sd = _state_dir(spec, state_dir)
     try:
         parsed = load_spec(spec)
@@ -180,6 +194,8 @@ def _up_detached(spec: Path, parsed: DeploymentSpec, sd: Path, timeout: float) -
 
 def _become_agent(spec: Path, parsed: DeploymentSpec, sd: Path, log: Path) -> NoReturn:
     """The forked child: a new session, output to the agent log, then the agent until down."""
+    from corral.engine import Deployment
+
     code = 1
     try:
         os.setsid()
@@ -264,6 +280,9 @@ class _LiveView:
     """The live table and progress bar of a foreground ``up``."""
 
     def __init__(self, d: Deployment) -> None:
+        from rich.live import Live
+        from rich.progress import BarColumn, Progress, TextColumn
+
         self.d = d
         self.note = ""
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
@@ -272,6 +291,8 @@ class _LiveView:
         self.live = Live(self.render(), console=out, refresh_per_second=4, transient=False)
 
     def render(self) -> Group:
+        from rich.console import Group
+
         st = self.d.status()
         done = sum(1 for insts in st.services.values() if all(i.state in ("healthy", "completed") for i in insts))
         self.progress.update(self.task, completed=done)
@@ -292,6 +313,8 @@ _STATE_STYLE = {"healthy": "green", "completed": "cyan", "running": "yellow", "s
 
 
 def _status_table(services: Any) -> Table:
+    from rich.table import Table
+
     t = Table("instance", "state", "pid", "ports", "cpus", "restarts", "reason", box=None)
     for insts in services:
         for i in insts:
@@ -426,7 +449,7 @@ def events(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
     sd = _state_dir(spec, state_dir)
     _deployments(sd)
     db = sd / "state.db"
-    last = 0
+    last = StateStore.last_seq(db)
     for e in StateStore.iter_tail(db, lines):
         _print_event(e)
         last = e.seq

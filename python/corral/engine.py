@@ -49,7 +49,7 @@ from corral.lifecycle import Lifecycle, State, Transition
 from corral.recovery import BackoffRestart, Decision, Exit, RestartStrategy, RollbackStrategy
 from corral.scheduler import Placement, Plan, Scheduler, volume_paths
 from corral.spec import DeploymentSpec, Probe, ServiceSpec, load_spec, read_env_file, substitute_ports
-from corral.state import DeploymentRow, InstanceRow, StateStore
+from corral.state import DeploymentRow, InstanceRow, StateStore, default_state_dir
 
 __all__ = ["Deployment", "DeploymentStatus", "InstanceStatus", "default_state_dir"]
 
@@ -62,12 +62,6 @@ _SPAWN_THREADS = 2
 _PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError)
 _STARTED = frozenset({State.RUNNING, State.HEALTHY, State.UNHEALTHY, State.COMPLETED})
 _UP = frozenset({State.HEALTHY, State.COMPLETED})
-
-
-def default_state_dir(spec_file: str | Path) -> Path:
-    """``$CORRAL_STATE_DIR``, else ``.corral/`` beside the spec."""
-    env = os.environ.get("CORRAL_STATE_DIR")
-    return Path(env) if env else Path(spec_file).resolve().parent / ".corral"
 
 
 @dataclass

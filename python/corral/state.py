@@ -8,6 +8,7 @@ keeps a 200-instance bring-up from paying one fsync per transition.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -16,7 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DeploymentRow", "EventRow", "InstanceRow", "StateStore"]
+__all__ = ["DeploymentRow", "EventRow", "InstanceRow", "StateStore", "default_state_dir"]
+
+
+def default_state_dir(spec_file: str | Path) -> Path:
+    """``$CORRAL_STATE_DIR``, else ``.corral/`` beside the spec."""
+    env = os.environ.get("CORRAL_STATE_DIR")
+    return Path(env) if env else Path(spec_file).resolve().parent / ".corral"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS deployments (
@@ -237,6 +244,12 @@ class StateStore:
         """Events with ``seq > after``, oldest first."""
         rows = _read(path, "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
         return [EventRow(*r) for r in rows]
+
+    @staticmethod
+    def last_seq(path: str | Path) -> int:
+        """The sequence number of the newest event (0 when none)."""
+        rows = _read(path, "SELECT COALESCE(MAX(seq), 0) FROM events", ())
+        return int(rows[0][0]) if rows else 0
 
     @staticmethod
     def iter_tail(path: str | Path, n: int) -> Iterator[EventRow]:
