@@ -203,7 +203,10 @@ class Deployment:
     async def up(self) -> None:
         """Starts every service in dependency order and returns when each meets its condition
         (healthy, or completed for one-shot jobs). On failure, rolls back and raises
-        :class:`~corral.exceptions.DeploymentError`."""
+        :class:`~corral.exceptions.DeploymentError`. A deployment comes up once: after
+        ``down``, make a new one."""
+        if self._instances or self._down:
+            raise CorralError(f"deployment {self.name!r} was already brought up; create a new Deployment")
         self._open_store()
         assert self._store is not None
         self._clean_stale()
@@ -731,6 +734,9 @@ class Deployment:
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
+        # Dropping the supervisor ends its thread once the processes are gone.
+        if self._down:
+            self._sup = None
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         self._flush()
