@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 
 from corral.api import ControlClient, run_agent, socket_path
 from corral.exceptions import AgentError, CorralError, SpecError
@@ -27,7 +26,7 @@ from corral.state import EventRow, InstanceRow, StateStore, default_state_dir
 # The engine (and pydantic under the spec) loads only for commands that deploy or validate:
 # status, logs, events, restart and down answer without it.
 if TYPE_CHECKING:
-    from rich.console import Group
+    from rich.console import Console, Group
     from rich.table import Table
 
     from corral.engine import Deployment
@@ -37,9 +36,25 @@ if TYPE_CHECKING:
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Orchestrate services on one machine: placement, health, restarts, discovery.")
-# Lines are never wrapped: logs and error messages are read by scripts and grep too.
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+class _LazyConsole:
+    """A rich console created on first use: `up -d` forks its agent before anything is
+    printed, and the agent never needs rich, so its import stays off that path."""
+
+    def __init__(self, stderr: bool) -> None:
+        self._stderr = stderr
+        self._console: Console | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        if self._console is None:
+            from rich.console import Console
+
+            # Lines are never wrapped: logs and error messages are read by scripts and grep too.
+            self._console = Console(stderr=self._stderr, highlight=False, soft_wrap=True)
+        return getattr(self._console, name)
+
+
+out: Console = _LazyConsole(stderr=False)  # type: ignore[assignment]
+err: Console = _LazyConsole(stderr=True)  # type: ignore[assignment]
 
 SpecArg = Annotated[Path, typer.Argument(help="The spec file.", show_default=True)]
 StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State directory (default: .corral/ beside the "
