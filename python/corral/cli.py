@@ -44,17 +44,28 @@ class _LazyConsole:
         self._stderr = stderr
         self._console: Console | None = None
 
-    def __getattr__(self, name: str) -> Any:
+    def get(self) -> Console:
+        """The console itself."""
         if self._console is None:
             from rich.console import Console
 
             # Lines are never wrapped: logs and error messages are read by scripts and grep too.
             self._console = Console(stderr=self._stderr, highlight=False, soft_wrap=True)
-        return getattr(self._console, name)
+        return self._console
+
+    def print(self, *objects: Any, **kwargs: Any) -> None:
+        self.get().print(*objects, **kwargs)
+
+    def print_json(self, text: str) -> None:
+        self.get().print_json(text)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.get().is_terminal
 
 
-out: Console = _LazyConsole(stderr=False)  # type: ignore[assignment]
-err: Console = _LazyConsole(stderr=True)  # type: ignore[assignment]
+out = _LazyConsole(stderr=False)
+err = _LazyConsole(stderr=True)
 
 SpecArg = Annotated[Path, typer.Argument(help="The spec file.", show_default=True)]
 StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State directory (default: .corral/ beside the "
@@ -303,7 +314,7 @@ class _LiveView:
         self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
                                  TextColumn("{task.completed}/{task.total}"))
         self.task = self.progress.add_task("services up", total=len(d.spec.services))
-        self.live = Live(self.render(), console=out, refresh_per_second=4, transient=False)
+        self.live = Live(self.render(), console=out.get(), refresh_per_second=4, transient=False)
 
     def render(self) -> Group:
         from rich.console import Group
