@@ -260,3 +260,25 @@ def test_events_follow_prints_new_transitions(stack: Path) -> None:
         follower.wait(timeout=10)
     text = "".join(lines)
     assert "worker-0" in text and "stopping" in text and "restart requested" in text
+
+
+def test_logs_follow_prints_new_output(tmp_path: Path) -> None:
+    write_spec(tmp_path, """
+        name: ticker
+        services:
+          tick:
+            command: ["sh", "-c", "i=0; while true; do echo tick $i; i=$((i+1)); sleep 0.1; done"]
+        """)
+    assert corral("up", "-d", cwd=tmp_path).returncode == 0
+    follower = subprocess.Popen([sys.executable, "-m", "corral", "logs", "tick", "-f", "-n", "1"], cwd=tmp_path,
+                                stdout=subprocess.PIPE, text=True, env=env_without_state())
+    try:
+        assert follower.stdout is not None
+        seen = [follower.stdout.readline() for _ in range(5)]
+    finally:
+        follower.terminate()
+        follower.wait(timeout=10)
+        assert corral("down", cwd=tmp_path).returncode == 0
+    numbers = [int(x.split()[1]) for x in seen]
+    assert all(x.startswith("tick ") for x in seen)
+    assert numbers == list(range(numbers[0], numbers[0] + 5)), "consecutive lines, none lost or repeated"

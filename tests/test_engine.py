@@ -416,3 +416,21 @@ async def test_env_file_working_dir_shell_volume_and_log_rotation(tmp_path: Path
     for f in ("job-0.log", "job-0.log.1", "job-0.log.2"):
         assert (logs / f).stat().st_size <= 2048
     assert "line 199 of some log output" in (logs / "job-0.log").read_text()
+
+
+async def test_a_cgroup_that_cannot_be_joined_runs_the_instance_without_its_limit(
+        tmp_path: Path, deployments: list[Deployment]) -> None:
+    root = _fake_cgroup_v2(tmp_path / "cgroupfs")
+    # Fake: cgroup.procs as a directory, so joining fails the way a container that lets
+    # us create cgroups but not move processes would.
+    (root / "corral" / "stuck" / "web-0" / "cgroup.procs").mkdir(parents=True)
+    spec = write_spec(tmp_path, """
+        name: stuck
+        services:
+          web: {command: ["sleep", "60"], resources: {memory: 32Mi}}
+        """)
+    d = Deployment.from_file(spec, cgroup_root=root)
+    deployments.append(d)
+    await d.up()
+    assert _state(d, "web") == "healthy"
+    assert len(d.warnings) == 1 and "memory limit of web-0 not enforced: cannot join" in d.warnings[0]

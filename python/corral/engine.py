@@ -311,10 +311,6 @@ class Deployment:
         finally:
             self._subscribers.remove(q)
 
-    async def wait_forever(self) -> None:
-        """Supervises until cancelled."""
-        await asyncio.Event().wait()
-
     # --- bring-up -------------------------------------------------------------------
 
     async def _bring_up(self, name: str) -> None:
@@ -397,6 +393,8 @@ class Deployment:
             return
         results = self._sup.spawn_many([(i.id, spec) for i, _, spec in batch], threads=_SPAWN_THREADS)
         for (inst, env, spec), res in zip(batch, results, strict=True):
+            if isinstance(res, OSError) and inst.cgroup is not None:
+                res = self._spawn_without_cgroup(inst, spec, res)
             if isinstance(res, OSError) and not isinstance(res, _PERMANENT):
                 res = self._spawn_again(inst, spec)
             if isinstance(res, OSError):
@@ -417,6 +415,21 @@ class Deployment:
             self._healthy(inst, "running, no readiness probe")
         if any(probes.values()):
             self._sup.start_health(inst.id, **probes)
+
+    def _spawn_without_cgroup(self, inst: _Instance, spec: ProcessSpec,
+                              error: OSError) -> tuple[int, int] | OSError:
+        """A spawn with a cgroup failed: if it works without, the cgroup was the problem (a
+        container may let us create cgroups but not move processes into them), so the
+        instance runs without its memory limit, with a warning, rather than not at all."""
+        assert self._sup is not None
+        bare = ProcessSpec(spec.argv, env=spec.env, cwd=spec.cwd, cpus=spec.cpus, log=inst.log,
+                           log_max_bytes=self._log_max, log_keep=self._log_keep)
+        (res,) = self._sup.spawn_many([(inst.id, bare)], threads=1)
+        if isinstance(res, OSError):
+            return error
+        self._warn(f"memory limit of {inst.id} not enforced: cannot join {inst.cgroup}: {error}")
+        inst.cgroup = None
+        return res
 
     def _spawn_again(self, inst: _Instance, spec: ProcessSpec) -> tuple[int, int] | OSError:
         """Retries a spawn that failed for a transient reason (EAGAIN, ENOMEM) on the retry

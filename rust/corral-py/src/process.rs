@@ -66,6 +66,16 @@ impl PyProcessSpec {
     fn cpus(&self) -> Vec<usize> {
         self.inner.cpus.clone()
     }
+
+    #[getter]
+    fn env(&self) -> Vec<(String, String)> {
+        self.inner.env.clone()
+    }
+
+    #[getter]
+    fn cwd(&self) -> Option<PathBuf> {
+        self.inner.cwd.clone()
+    }
 }
 
 /// An exit (`kind == "exited"`) or a probe verdict (`kind == "probe"`).
