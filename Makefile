@@ -58,8 +58,11 @@ lint: dev ## rustfmt, clippy -D warnings, ruff, mypy --strict, stubtest
 bench: bench-rust bench-python ## Both suites in release mode, then one table: operation, target, median
 	$(PY) benches/report.py bench-results/python.json
 
-bench-bringup: dev-release ## 200 instances under corral up -d: bring-up, restart, down, idle CPU, memory
+# supervisord runs the same workload in the same run as the reference (the machine is noisy).
+BRINGUP_ARGS ?= --baseline
+bench-bringup: dev-release ## 200 instances under corral up -d (and supervisord): bring-up, restart, down, idle CPU, memory
 	cargo build --release -p corral-core --example tiny_server
+	$(PIP) install -q supervisor
 	$(PY) benches/bringup.py $(BRINGUP_ARGS)
 
 bench-rust: ## Criterion benches (release)

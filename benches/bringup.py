@@ -10,6 +10,10 @@ Measured from outside, the way a user sees it:
 
 Each instance has a fixed or an auto port, `readiness: tcp` every 1 s and `restart: always`.
 Results go to bench-results/bringup.json and a table with the targets.
+
+With `--baseline`, supervisord (the issue's reference, `pip install supervisor`) runs the same
+200 servers in the same run, without health probes (it has none), and the table gains its
+column: this machine is shared and noisy, so the ratio is the figure to trust.
 """
 
 from __future__ import annotations
@@ -96,6 +100,78 @@ def alive(pid: int) -> bool:
         return False
 
 
+def supervisord_baseline(n: int, idle: float, kills: int) -> dict[str, float]:
+    """The same workload under supervisord: every port listening, back after kill -9,
+    stopped, idle CPU, memory. Ports are fixed (supervisord allocates none)."""
+    work = Path(tempfile.mkdtemp(prefix="corral-supervisord-"))
+    base = 26000
+    conf = ["[supervisord]", f"logfile={work}/supervisord.log", f"pidfile={work}/supervisord.pid", "nodaemon=true",
+            "[unix_http_server]", f"file={work}/supervisor.sock",
+            "[rpcinterface:supervisor]",
+            "supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface",
+            "[supervisorctl]", f"serverurl=unix://{work}/supervisor.sock"]
+    for i in range(n):
+        conf += [f"[program:s{i}]", f"command={SERVER}", f"environment=PORT={base + i}", "startsecs=0",
+                 "autorestart=true", "stdout_logfile=NONE", "stderr_logfile=NONE", "stopwaitsecs=10"]
+    (work / "supervisord.conf").write_text("\n".join(conf) + "\n")
+    bindir = Path(sys.executable).parent
+    res: dict[str, float] = {}
+    ports = set(range(base, base + n))
+    t0 = time.perf_counter()
+    sd = subprocess.Popen([bindir / "supervisord", "-c", work / "supervisord.conf"], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+    try:
+        while ports:
+            ports = {p for p in ports if not accepts(p, 0.01)}
+            time.sleep(0.002)
+            if time.perf_counter() - t0 > 60:
+                raise RuntimeError("supervisord: ports not listening after 60 s")
+        res["all_listening_s"] = time.perf_counter() - t0
+        times = []
+        for i in range(kills):
+            port = base + i
+            pid = next(int(p) for p in os.listdir("/proc") if p.isdigit() and _environ_port(int(p)) == port)
+            t = time.perf_counter()
+            os.kill(pid, signal.SIGKILL)
+            while accepts(port, 0.01) and time.perf_counter() - t < 5:
+                pass
+            while not accepts(port, 0.01):
+                if time.perf_counter() - t > 10:
+                    raise RuntimeError("supervisord: no restart")
+                time.sleep(0.0005)
+            times.append(time.perf_counter() - t)
+        res["restart_listening_s"] = statistics.median(times)
+        time.sleep(2.0)
+        c0, w0 = cpu_ticks(sd.pid), time.perf_counter()
+        time.sleep(idle)
+        res["idle_cpu_pct"] = 100.0 * (cpu_ticks(sd.pid) - c0) / TICK / (time.perf_counter() - w0)
+        res["agent_rss_mib"], _ = rss_mib(sd.pid)
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _environ_port(int(p)) in range(base, base + n)]
+        t = time.perf_counter()
+        sd.send_signal(signal.SIGTERM)  # supervisord stops every program, then exits
+        while any(alive(p) for p in pids):
+            time.sleep(0.001)
+        res["down_s"] = time.perf_counter() - t
+    finally:
+        if sd.poll() is None:
+            sd.send_signal(signal.SIGTERM)
+        sd.wait(timeout=60)
+    return res
+
+
+def _environ_port(pid: int) -> int | None:
+    try:
+        if os.readlink(f"/proc/{pid}/exe") != str(SERVER):
+            return None
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    for kv in env:
+        if kv.startswith(b"PORT="):
+            return int(kv[5:])
+    return None
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--instances", type=int, default=200)
@@ -103,6 +179,7 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle supervision to measure")
     ap.add_argument("--kills", type=int, default=9)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bringup.json")
+    ap.add_argument("--baseline", action="store_true", help="also run supervisord on the same workload")
     args = ap.parse_args()
     if not SERVER.exists():
         sys.exit(f"{SERVER} is missing: cargo build --release -p corral-core --example tiny_server")
@@ -186,15 +263,19 @@ def main() -> int:
     finally:
         subprocess.run([*CORRAL, "down"], cwd=work, env=env, capture_output=True, timeout=120)
 
+    base = supervisord_baseline(args.instances, args.idle, args.kills) if args.baseline else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"instances": args.instances, "idle_window_s": args.idle, **res}, indent=2))
+    args.out.write_text(json.dumps({"instances": args.instances, "idle_window_s": args.idle, **res,
+                                    "supervisord": base}, indent=2))
     print(f"\n{args.instances} instances of tiny_server (readiness tcp 1s, restart always), {os.cpu_count()} CPUs")
-    print(f"{'measure':<28}{'target':>10}{'measured':>12}")
+    head = f"{'measure':<28}{'target':>10}{'corral':>12}"
+    print(head + (f"{'supervisord':>14}" if base else ""))
     rows = [("every port listening", "all_listening_s", "s"), ("up -d returned", "up_returns_s", "s"),
             ("listening again after kill", "restart_listening_s", "s"), ("down, no process left", "down_s", "s"),
             ("agent CPU, idle", "idle_cpu_pct", "%"), ("agent memory (RSS)", "agent_rss_mib", "MiB")]
     for label, key, unit in rows:
-        print(f"{label:<28}{TARGETS[key]:>9g}{unit}{res[key]:>11.3f}{unit}")
+        other = f"{base[key]:>12.3f}{unit}" if key in base else ("" if not base else f"{'-':>13}")
+        print(f"{label:<28}{TARGETS[key]:>9g}{unit}{res[key]:>11.3f}{unit}{other}")
     print(f"(restart max {res['restart_listening_max_s']:.3f}s over {args.kills}; down command "
           f"{res['down_command_s']:.3f}s; agent peak RSS {res['agent_peak_rss_mib']:.1f}MiB; "
           f"python start + imports alone {res['python_import_floor_s']:.3f}s)")
