@@ -58,7 +58,9 @@ log = logging.getLogger("corral")
 InstanceStatus = InstanceRow
 """The status of one instance (``id``, ``state``, ``healthy``, ``pid``, ``ports``, ``cpus``, ``restarts``...)."""
 
-_SPAWN_THREADS = 2
+# Spawning threads: a spawn spends most of its time suspended while the child execs (vfork),
+# so more threads than this machine's 2 CPUs still help (200 spawns: 0.18 s on 1, ~0.14 s on 4).
+_SPAWN_THREADS = 4
 _PERMANENT = (FileNotFoundError, PermissionError, NotADirectoryError)
 _STARTED = frozenset({State.RUNNING, State.HEALTHY, State.UNHEALTHY, State.COMPLETED})
 _UP = frozenset({State.HEALTHY, State.COMPLETED})
