@@ -30,6 +30,8 @@ dev-release: venv ## Build the extension in release mode and install it editable
 DEMO_FOR ?= 20s
 demo: dev ## Build, install into .venv and run the demo stack (examples/stack) in the foreground
 	$(VENV)/bin/corral up examples/stack/corral.yaml $(if $(DEMO_FOR),--run-for $(DEMO_FOR))
+	@echo "--- what the worker (on its exclusive core) did through the three API replicas:"
+	$(VENV)/bin/corral logs worker examples/stack/corral.yaml -n 6
 
 test: dev test-rust test-python typecheck bench-smoke ## Everything CI runs: cargo test, pytest, mypy --strict, stubtest, bench smoke
 
