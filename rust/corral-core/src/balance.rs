@@ -405,11 +405,19 @@ impl<T> LoadBalancer<T> {
 
     /// Chooses a backend and counts a connection on it until the guard drops.
     pub fn connection(&self, key: Option<u64>) -> Result<ConnectionGuard<T>, BalanceError> {
-        self.pick_with(key, |b| {
-            b.active.fetch_add(1, Ordering::AcqRel);
-            b.picks.fetch_add(1, Ordering::Relaxed);
-            ConnectionGuard { backend: b.clone() }
-        })
+        self.pick_with(key, Self::guard)
+    }
+
+    /// Counts a connection on a backend the caller chose (a retry that must avoid the ones
+    /// that just failed, say), until the guard drops.
+    pub fn connection_to(&self, backend: &Arc<Backend<T>>) -> ConnectionGuard<T> {
+        Self::guard(backend)
+    }
+
+    fn guard(b: &Arc<Backend<T>>) -> ConnectionGuard<T> {
+        b.active.fetch_add(1, Ordering::AcqRel);
+        b.picks.fetch_add(1, Ordering::Relaxed);
+        ConnectionGuard { backend: b.clone() }
     }
 }
 

@@ -14,7 +14,8 @@
 //! - [`process`]: process supervision (own process group, CPU affinity and
 //!   cgroup set before exec, rotated logs, exits and probe results as events);
 //! - [`probe`]: HTTP, TCP and exec health probes with Kubernetes semantics;
-//! - [`cgroup`]: memory limits through cgroup v2 or v1.
+//! - [`cgroup`]: memory limits through cgroup v2 or v1;
+//! - [`proxy`]: a TCP load-balancing proxy with outlier ejection and draining.
 //!
 //! Every type is `Send + Sync` and every method takes `&self`: share them
 //! behind an `Arc` across threads. The Python package `corral` is a thin
@@ -29,6 +30,7 @@ pub mod error;
 pub mod ports;
 pub mod probe;
 pub mod process;
+pub mod proxy;
 pub mod registry;
 pub mod resources;
 pub mod retry;

@@ -1,0 +1,438 @@
+//! A TCP load-balancing proxy: one front address for a service's healthy instances.
+//!
+//! Each accepted connection goes to one upstream chosen by the service's
+//! [`LoadBalancer`]; bytes flow both ways until each side has closed (a
+//! half-close is passed on, so a client that shuts its write side still gets
+//! the whole answer). Upstreams come and go with [`Proxy::set_upstreams`]
+//! (the engine passes the healthy instances); one that leaves stops getting
+//! new connections at once while its open ones finish (draining).
+//!
+//! Passive outlier detection follows Envoy: every upstream has a
+//! [`CircuitBreaker`] fed by connect failures and resets; when it opens, the
+//! upstream is ejected for the breaker's open duration (never more than
+//! `max_ejection_percent` of the upstreams at once, but always at least one),
+//! then gets traffic again, the first connection being the half-open trial.
+//! A connect failure moves on to another upstream before the client notices,
+//! up to `max_attempts`, as long as the retry budget allows.
+//!
+//! ```
+//! use corral_core::proxy::{Proxy, ProxyConfig};
+//! use std::io::{Read, Write};
+//!
+//! let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+//! let echo = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+//! let upstream = echo.local_addr().unwrap();
+//! std::thread::spawn(move || {
+//!     let (mut s, _) = echo.accept().unwrap();
+//!     let mut buf = [0u8; 5];
+//!     s.read_exact(&mut buf).unwrap();
+//!     s.write_all(&buf).unwrap();
+//! });
+//! let proxy = Proxy::bind("127.0.0.1:0".parse().unwrap(), ProxyConfig::default(), rt.handle()).unwrap();
+//! proxy.set_upstreams(vec![("echo-0".into(), upstream, 1)]);
+//! let front = proxy.local_addr();
+//! let t = std::thread::spawn(move || {
+//!     let mut c = std::net::TcpStream::connect(front).unwrap();
+//!     c.write_all(b"hello").unwrap();
+//!     let mut got = [0u8; 5];
+//!     c.read_exact(&mut got).unwrap();
+//!     got
+//! });
+//! rt.block_on(async { while !t.is_finished() { tokio::time::sleep(std::time::Duration::from_millis(5)).await } });
+//! assert_eq!(&t.join().unwrap(), b"hello");
+//! ```
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
+use tokio::task::AbortHandle;
+
+use crate::balance::{LoadBalancer, Strategy};
+use crate::breaker::{BreakerConfig, CircuitBreaker, State};
+use crate::retry::RetryBudget;
+use crate::rng::stable_hash;
+
+/// How a proxy behaves.
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// How upstreams are chosen.
+    pub strategy: Strategy,
+    /// Bound on one connect to an upstream.
+    pub connect_timeout: Duration,
+    /// Upstreams tried for one client connection, the first included.
+    pub max_attempts: u32,
+    /// Share of upstreams that may be ejected at once (at least one always may).
+    pub max_ejection_percent: u32,
+    /// The breaker of each upstream (its open duration is the ejection time).
+    pub breaker: BreakerConfig,
+    /// Retries allowed as a share of first attempts (Finagle's budget): `(ratio, min_per_second)`.
+    pub retry_budget: (f64, f64),
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            strategy: Strategy::LeastConnections,
+            connect_timeout: Duration::from_secs(1),
+            max_attempts: 3,
+            max_ejection_percent: 50,
+            breaker: BreakerConfig {
+                failure_threshold: 3,
+                reset_timeout: Duration::from_secs(5),
+                max_reset_timeout: Some(Duration::from_secs(60)),
+                ..BreakerConfig::default()
+            },
+            retry_budget: (0.2, 10.0),
+        }
+    }
+}
+
+/// Counters of one upstream or of a whole proxy.
+#[derive(Debug, Default)]
+pub struct Counters {
+    connections: AtomicU64,
+    active: AtomicU64,
+    bytes_in: AtomicU64,
+    bytes_out: AtomicU64,
+    errors: AtomicU64,
+    ejections: AtomicU64,
+}
+
+/// A snapshot of [`Counters`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// Connections relayed (accepted by an upstream).
+    pub connections: u64,
+    /// Connections open now.
+    pub active: u64,
+    /// Bytes from clients to upstreams.
+    pub bytes_in: u64,
+    /// Bytes from upstreams to clients.
+    pub bytes_out: u64,
+    /// Connect failures and resets.
+    pub errors: u64,
+    /// Times an upstream was ejected.
+    pub ejections: u64,
+}
+
+impl Counters {
+    /// The values now.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        let r = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        CounterSnapshot {
+            connections: r(&self.connections),
+            active: r(&self.active),
+            bytes_in: r(&self.bytes_in),
+            bytes_out: r(&self.bytes_out),
+            errors: r(&self.errors),
+            ejections: r(&self.ejections),
+        }
+    }
+}
+
+/// One upstream: an instance behind the proxy.
+#[derive(Debug)]
+pub struct Upstream {
+    /// The instance id.
+    pub id: String,
+    /// Where it listens.
+    pub addr: SocketAddr,
+    /// Its outlier detector.
+    pub breaker: CircuitBreaker,
+    /// Its counters.
+    pub counters: Counters,
+    ejected: AtomicBool,
+}
+
+impl Upstream {
+    /// Whether it is ejected now.
+    pub fn is_ejected(&self) -> bool {
+        self.ejected.load(Ordering::Acquire)
+    }
+}
+
+/// A running proxy; see the [module docs](self).
+pub struct Proxy {
+    cfg: ProxyConfig,
+    lb: LoadBalancer<Arc<Upstream>>,
+    budget: RetryBudget,
+    totals: Counters,
+    refused: AtomicU64,
+    ejected_now: Arc<AtomicUsize>,
+    local: SocketAddr,
+    handle: Handle,
+    accept: Mutex<Option<AbortHandle>>,
+}
+
+impl std::fmt::Debug for Proxy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxy")
+            .field("local", &self.local)
+            .field("upstreams", &self.lb.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Per-upstream state for stats: id, address, ejected, counters.
+pub type UpstreamStats = (String, SocketAddr, bool, CounterSnapshot);
+
+impl Proxy {
+    /// Binds `addr` (port 0 picks one) and starts accepting on `handle`'s runtime.
+    pub fn bind(addr: SocketAddr, cfg: ProxyConfig, handle: &Handle) -> io::Result<Arc<Proxy>> {
+        let std_listener = std::net::TcpListener::bind(addr)?;
+        std_listener.set_nonblocking(true)?;
+        let local = std_listener.local_addr()?;
+        let lb = LoadBalancer::with_keys(cfg.strategy, Vec::new())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let (ratio, min) = cfg.retry_budget;
+        let budget = RetryBudget::new(ratio, min, Duration::from_secs(10))
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        CircuitBreaker::new(cfg.breaker.clone())
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let proxy = Arc::new(Proxy {
+            cfg,
+            lb,
+            budget,
+            totals: Counters::default(),
+            refused: AtomicU64::new(0),
+            ejected_now: Arc::new(AtomicUsize::new(0)),
+            local,
+            handle: handle.clone(),
+            accept: Mutex::new(None),
+        });
+        let listener = {
+            let _guard = handle.enter();
+            TcpListener::from_std(std_listener)?
+        };
+        let p = proxy.clone();
+        let task = handle.spawn(async move { p.accept_loop(listener).await });
+        *proxy.accept.lock() = Some(task.abort_handle());
+        Ok(proxy)
+    }
+
+    /// The address it listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local
+    }
+
+    /// Makes `(id, address, weight)` the upstreams: new ones are added, missing ones stop
+    /// receiving connections at once (their open connections go on), others keep their
+    /// counters and breakers.
+    pub fn set_upstreams(&self, wanted: Vec<(String, SocketAddr, u32)>) {
+        for b in self.lb.backends() {
+            if !wanted
+                .iter()
+                .any(|(id, addr, _)| *id == b.value.id && *addr == b.value.addr)
+            {
+                if b.value.is_ejected() {
+                    self.ejected_now.fetch_sub(1, Ordering::AcqRel);
+                    b.value.ejected.store(false, Ordering::Release);
+                }
+                self.lb.remove_backend(&b);
+            }
+        }
+        for (id, addr, weight) in wanted {
+            if self.lb.find(|u| u.id == id && u.addr == addr).is_none() {
+                let breaker =
+                    CircuitBreaker::new(self.cfg.breaker.clone()).expect("validated in bind");
+                let key = stable_hash(id.as_bytes());
+                let up = Arc::new(Upstream {
+                    id,
+                    addr,
+                    breaker,
+                    counters: Counters::default(),
+                    ejected: AtomicBool::new(false),
+                });
+                let _ = self.lb.add(up, key, weight.max(1));
+            }
+        }
+    }
+
+    /// Stops accepting; open connections finish on their own.
+    pub fn close(&self) {
+        if let Some(h) = self.accept.lock().take() {
+            h.abort();
+        }
+    }
+
+    /// The proxy's totals and the number of connections refused for want of an upstream.
+    pub fn totals(&self) -> (CounterSnapshot, u64) {
+        (self.totals.snapshot(), self.refused.load(Ordering::Relaxed))
+    }
+
+    /// Each upstream: id, address, ejected, counters.
+    pub fn upstreams(&self) -> Vec<UpstreamStats> {
+        self.lb
+            .backends()
+            .iter()
+            .map(|b| {
+                (
+                    b.value.id.clone(),
+                    b.value.addr,
+                    b.value.is_ejected(),
+                    b.value.counters.snapshot(),
+                )
+            })
+            .collect()
+    }
+
+    async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            match listener.accept().await {
+                Ok((client, peer)) => {
+                    let p = self.clone();
+                    tokio::spawn(async move { p.serve(client, peer).await });
+                }
+                // Out of descriptors and the like: back off a little rather than spin.
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            }
+        }
+    }
+
+    async fn serve(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
+        let _ = client.set_nodelay(true);
+        let key = (self.cfg.strategy == Strategy::IpHash).then(|| match peer.ip() {
+            IpAddr::V4(ip) => stable_hash(&ip.octets()),
+            IpAddr::V6(ip) => stable_hash(&ip.octets()),
+        });
+        let mut tried: Vec<Arc<Upstream>> = Vec::new();
+        for attempt in 0..self.cfg.max_attempts.max(1) {
+            let guard = if attempt == 0 {
+                self.budget.deposit();
+                self.lb.connection(key).ok()
+            } else if self.budget.try_withdraw() {
+                // A retry goes to the least busy upstream not tried yet for this client.
+                self.lb
+                    .backends()
+                    .into_iter()
+                    .filter(|b| b.is_up() && !tried.iter().any(|t| Arc::ptr_eq(t, &b.value)))
+                    .min_by_key(|b| b.active())
+                    .map(|b| self.lb.connection_to(&b))
+            } else {
+                None
+            };
+            let Some(guard) = guard else { break };
+            let up = guard.backend().value.clone();
+            tried.push(up.clone());
+            if up.breaker.allow().is_err() {
+                self.eject(&up);
+                continue;
+            }
+            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(up.addr)).await
+            {
+                Ok(Ok(server)) => {
+                    up.breaker.record_success();
+                    return self.relay(client, server, &up, guard).await;
+                }
+                _ => self.failed(&up),
+            }
+        }
+        self.refused.fetch_add(1, Ordering::Relaxed);
+        let _ = client.shutdown().await;
+    }
+
+    fn failed(&self, up: &Arc<Upstream>) {
+        up.breaker.record_failure();
+        up.counters.errors.fetch_add(1, Ordering::Relaxed);
+        self.totals.errors.fetch_add(1, Ordering::Relaxed);
+        if up.breaker.state() == State::Open {
+            self.eject(up);
+        }
+    }
+
+    /// Takes `up` out of rotation for its breaker's open duration, within the ejection cap.
+    fn eject(&self, up: &Arc<Upstream>) {
+        let cap = (self.lb.len().max(1) * self.cfg.max_ejection_percent as usize / 100).max(1);
+        if up.is_ejected() || self.ejected_now.load(Ordering::Acquire) >= cap {
+            return;
+        }
+        let Some(backend) = self.lb.find(|u| Arc::ptr_eq(u, up)) else {
+            return;
+        };
+        if up.ejected.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.ejected_now.fetch_add(1, Ordering::AcqRel);
+        up.counters.ejections.fetch_add(1, Ordering::Relaxed);
+        self.totals.ejections.fetch_add(1, Ordering::Relaxed);
+        backend.set_up(false);
+        let wait = up.breaker.open_remaining().max(Duration::from_millis(1));
+        let (up, count) = (up.clone(), self.ejected_now.clone());
+        self.handle.spawn(async move {
+            tokio::time::sleep(wait).await;
+            // Back in rotation, half-open: the next connection is its trial. (If it left
+            // meanwhile, set_upstreams already cleared the flag and the count.)
+            if up.ejected.swap(false, Ordering::AcqRel) {
+                count.fetch_sub(1, Ordering::AcqRel);
+                backend.set_up(true);
+            }
+        });
+    }
+
+    async fn relay(
+        &self,
+        client: TcpStream,
+        server: TcpStream,
+        up: &Arc<Upstream>,
+        guard: crate::balance::ConnectionGuard<Arc<Upstream>>,
+    ) {
+        let _ = server.set_nodelay(true);
+        for c in [&up.counters, &self.totals] {
+            c.connections.fetch_add(1, Ordering::Relaxed);
+            c.active.fetch_add(1, Ordering::Relaxed);
+        }
+        let (mut cr, mut cw) = client.into_split();
+        let (mut sr, mut sw) = server.into_split();
+        let upstream_bytes = pump(&mut cr, &mut sw);
+        let downstream_bytes = pump(&mut sr, &mut cw);
+        let (inbound, outbound) = tokio::join!(upstream_bytes, downstream_bytes);
+        // A reset from the upstream (a read error on its side) counts against it.
+        if outbound.1 == Some(Side::Reader) || inbound.1 == Some(Side::Writer) {
+            self.failed(up);
+        }
+        for c in [&up.counters, &self.totals] {
+            c.bytes_in.fetch_add(inbound.0, Ordering::Relaxed);
+            c.bytes_out.fetch_add(outbound.0, Ordering::Relaxed);
+            c.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(guard);
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Side {
+    Reader,
+    Writer,
+}
+
+/// Copies until EOF, then half-closes the writer. Returns bytes copied and which side failed.
+async fn pump(
+    r: &mut tokio::net::tcp::OwnedReadHalf,
+    w: &mut tokio::net::tcp::OwnedWriteHalf,
+) -> (u64, Option<Side>) {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut total = 0u64;
+    loop {
+        let n = match r.read(&mut buf).await {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(_) => {
+                let _ = w.shutdown().await;
+                return (total, Some(Side::Reader));
+            }
+        };
+        if w.write_all(&buf[..n]).await.is_err() {
+            return (total, Some(Side::Writer));
+        }
+        total += n as u64;
+    }
+    let _ = w.shutdown().await;
+    (total, None)
+}

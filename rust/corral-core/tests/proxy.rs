@@ -1,0 +1,236 @@
+//! The proxy over real sockets on 127.0.0.1: distribution, half-close, retries and
+//! ejection, draining, `ip_hash` stickiness.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::Arc;
+use std::time::Duration;
+
+use corral_core::balance::Strategy;
+use corral_core::proxy::{Proxy, ProxyConfig};
+
+/// A backend that answers every connection with its name, after reading the request to EOF.
+fn named_backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut req = Vec::new();
+                let _ = s.read_to_end(&mut req);
+                let _ = s.write_all(format!("{name}:{}", req.len()).as_bytes());
+            });
+        }
+    });
+    addr
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn proxy(rt: &tokio::runtime::Runtime, strategy: Strategy) -> Arc<Proxy> {
+    let cfg = ProxyConfig {
+        strategy,
+        ..ProxyConfig::default()
+    };
+    Proxy::bind("127.0.0.1:0".parse().unwrap(), cfg, rt.handle()).unwrap()
+}
+
+/// Sends `body`, half-closes, returns the whole answer.
+fn ask(front: SocketAddr, body: &[u8]) -> String {
+    let mut s = TcpStream::connect(front).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(body).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
+}
+
+/// A client socket bound to a chosen loopback address (127.0.0.0/8 is all local on Linux).
+fn socket2_bind(ip: &str) -> TcpStreamConnector {
+    TcpStreamConnector {
+        ip: ip.parse().unwrap(),
+    }
+}
+
+struct TcpStreamConnector {
+    ip: std::net::Ipv4Addr,
+}
+
+impl TcpStreamConnector {
+    fn connect_from(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
+        // std has no bind-before-connect; do it through libc.
+        use std::os::fd::FromRawFd;
+        // SAFETY: plain socket calls on a fresh descriptor, checked for errors.
+        unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0);
+            let mk = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: port.to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from(ip).to_be(),
+                },
+                sin_zero: [0; 8],
+            };
+            let local = mk(self.ip, 0);
+            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+            if libc::bind(fd, (&raw const local).cast(), len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            let SocketAddr::V4(v4) = to else {
+                panic!("v4 only")
+            };
+            let remote = mk(*v4.ip(), v4.port());
+            if libc::connect(fd, (&raw const remote).cast(), len) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(TcpStream::from_raw_fd(fd))
+        }
+    }
+}
+
+fn tally(answers: &[String]) -> HashMap<String, usize> {
+    let mut m = HashMap::new();
+    for a in answers {
+        *m.entry(a.split(':').next().unwrap().to_owned())
+            .or_insert(0) += 1;
+    }
+    m
+}
+
+#[test]
+fn round_robin_spreads_evenly_and_half_close_delivers_the_whole_answer() {
+    let rt = runtime();
+    let p = proxy(&rt, Strategy::RoundRobin);
+    p.set_upstreams(vec![
+        ("a".into(), named_backend("a"), 1),
+        ("b".into(), named_backend("b"), 1),
+        ("c".into(), named_backend("c"), 1),
+    ]);
+    let front = p.local_addr();
+    let answers: Vec<String> = (0..30).map(|_| ask(front, b"0123456789")).collect();
+    // The backend read the request to EOF (our half-close reached it) and answered after.
+    assert!(answers.iter().all(|a| a.ends_with(":10")), "{answers:?}");
+    let t = tally(&answers);
+    assert_eq!(
+        t.values().copied().collect::<Vec<_>>(),
+        vec![10, 10, 10],
+        "{t:?}"
+    );
+    let (totals, refused) = p.totals();
+    assert_eq!((totals.connections, refused, totals.bytes_in), (30, 0, 300));
+    assert_eq!(
+        totals.bytes_out,
+        answers.iter().map(|a| a.len() as u64).sum::<u64>()
+    );
+}
+
+#[test]
+fn a_dead_upstream_is_retried_past_then_ejected() {
+    let rt = runtime();
+    let p = proxy(&rt, Strategy::RoundRobin);
+    let dead = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    p.set_upstreams(vec![
+        ("dead".into(), dead, 1),
+        ("live".into(), named_backend("live"), 1),
+    ]);
+    let front = p.local_addr();
+    for _ in 0..20 {
+        assert!(ask(front, b"x").starts_with("live:"));
+    }
+    let ups = p.upstreams();
+    let d = ups.iter().find(|u| u.0 == "dead").unwrap();
+    assert!(d.2, "ejected after its breaker opened");
+    assert_eq!(d.3.ejections, 1);
+    assert_eq!(
+        d.3.errors, 3,
+        "three connect failures open the default breaker; then no more tries"
+    );
+    assert_eq!(p.totals().1, 0, "no client saw a failure");
+}
+
+#[test]
+fn removed_upstreams_drain_open_connections_and_get_no_new_ones() {
+    let rt = runtime();
+    let p = proxy(&rt, Strategy::LeastConnections);
+    let a = named_backend("a");
+    let b = named_backend("b");
+    p.set_upstreams(vec![("a".into(), a, 1)]);
+    let front = p.local_addr();
+    // Open a connection through a, keep it open.
+    let mut open = TcpStream::connect(front).unwrap();
+    open.write_all(b"slow").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    p.set_upstreams(vec![("b".into(), b, 1)]);
+    for _ in 0..5 {
+        assert!(ask(front, b"y").starts_with("b:"));
+    }
+    // The drained connection still completes through a.
+    open.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    open.read_to_string(&mut out).unwrap();
+    assert_eq!(out, "a:4");
+}
+
+#[test]
+fn no_upstream_refuses_and_counts() {
+    let rt = runtime();
+    let p = proxy(&rt, Strategy::RoundRobin);
+    let mut s = TcpStream::connect(p.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(out.is_empty());
+    assert_eq!(p.totals().1, 1);
+}
+
+#[test]
+fn ip_hash_keeps_clients_and_moves_only_those_of_a_removed_upstream() {
+    let rt = runtime();
+    let p = proxy(&rt, Strategy::IpHash);
+    let names = ["a", "b", "c", "d"];
+    let ups: Vec<(String, SocketAddr, u32)> = names
+        .iter()
+        .map(|n| ((*n).to_owned(), named_backend(n), 1))
+        .collect();
+    p.set_upstreams(ups.clone());
+    let front = p.local_addr();
+    let clients: Vec<String> = (1..=80)
+        .map(|i| format!("127.0.{}.{}", i / 200 + 1, i % 200 + 1))
+        .collect();
+    let first: Vec<String> = clients.iter().map(|ip| backend_of(front, ip)).collect();
+    let again: Vec<String> = clients.iter().map(|ip| backend_of(front, ip)).collect();
+    assert_eq!(first, again, "every client stays on its upstream");
+    let t = tally(&first);
+    assert_eq!(t.len(), 4, "all upstreams get clients: {t:?}");
+    p.set_upstreams(ups.into_iter().filter(|u| u.0 != "b").collect());
+    let after: Vec<String> = clients.iter().map(|ip| backend_of(front, ip)).collect();
+    let moved = first.iter().zip(&after).filter(|(x, y)| x != y).count();
+    assert_eq!(
+        moved, t["b"],
+        "exactly b's clients move (about 1/N of them)"
+    );
+    assert!(first.iter().zip(&after).all(|(x, y)| x == "b" || x == y));
+}
+
+fn backend_of(front: SocketAddr, ip: &str) -> String {
+    let c = socket2_bind(ip);
+    let mut s = c.connect_from(front).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out.split(':').next().unwrap().to_owned()
+}
