@@ -137,6 +137,10 @@ BAD = [
     ("name: shop\nservices:\n  db:\n    command: []\n", 4, "services.db.command", "command must not be empty"),
     (BASE.replace("command: [db]", "command: [db]\n    command: [x]"), 5, "services.db.command", "duplicate key"),
     (BASE + "  Bad_Name:\n    command: [x]\n", 6, "services.Bad_Name", "should match pattern"),
+    (NOPORTS + "    expose: 8080\n", 3, "services.db", "expose needs a port on the instances"),
+    (BASE + "    expose: 9000\n  web:\n    command: [w]\n    ports: {http: 9000}\n", 6, "services.db.expose",
+     "port 9000 is already taken by web.ports.http"),
+    (BASE + "    balance: fastest\n", 6, "services.db.balance", "'round_robin', 'weighted'"),
     (BASE + "  job:\n    command: [j]\n    restart: {policy: always}\n  api:\n    command: [a]\n"
             "    depends_on: {job: completed}\n", 11, "services.api.depends_on.job", "never completes"),
 ]

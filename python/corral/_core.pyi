@@ -26,6 +26,7 @@ __all__ = [
     "ProbeSpec",
     "ProcessEvent",
     "ProcessSpec",
+    "Proxy",
     "RegistryEvent",
     "RegistryWatch",
     "ResourceManager",
@@ -708,6 +709,46 @@ def group_members(pgid: int) -> list[int]:
 
 def process_start_time(pid: int) -> int | None:
     """``pid``'s start time in clock ticks since boot (tells a recycled pid apart)."""
+
+# --- proxy ------------------------------------------------------------------------
+
+@final
+class Proxy:
+    """A TCP front (``host:port``, port 0 picks one) for a set of upstreams, on a runtime
+    thread of its own. Each connection goes to one upstream chosen by ``strategy``; bytes
+    flow both ways, half-closes passed on. An upstream whose breaker opens after
+    ``failure_threshold`` connect failures or resets is ejected for ``ejection_time``
+    (doubling up to ``max_ejection_time`` while it keeps failing; never more than
+    ``max_ejection_percent`` of upstreams, always at least one); a failed connect is retried
+    on another upstream, up to ``max_attempts`` in all. Upstreams dropped by
+    ``set_upstreams`` get no new connections while their open ones finish."""
+
+    def __new__(
+        cls,
+        host: str = ...,
+        port: int = 0,
+        *,
+        strategy: _Strategy | Literal["weighted"] = "least_connections",
+        connect_timeout: float = 1.0,
+        max_attempts: int = 3,
+        max_ejection_percent: int = 50,
+        failure_threshold: int = 3,
+        ejection_time: float = 5.0,
+        max_ejection_time: float = 60.0,
+    ) -> Proxy: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def address(self) -> str:
+        """``host:port`` it listens on."""
+    def set_upstreams(self, upstreams: Iterable[tuple[str, str, int] | tuple[str, str, int, int]]) -> None:
+        """Makes these ``(id, host, port[, weight])`` the upstreams."""
+    def stats(self) -> dict[str, Any]:
+        """``connections``, ``active``, ``bytes_in``, ``bytes_out``, ``errors``, ``ejections``,
+        ``refused``, ``address``, and ``upstreams``: the same counters per upstream with
+        ``id``, ``address``, ``ejected``."""
+    def close(self) -> None:
+        """Stops accepting; open connections finish."""
 
 # --- cgroup -----------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from corral._core import (
     ProbeSpec,
     ProcessEvent,
     ProcessSpec,
+    Proxy,
     ResourceManager,
     RetryPolicy,
     ServiceRegistry,
@@ -75,12 +76,15 @@ class DeploymentStatus:
     message: str
     agent_pid: int | None
     services: dict[str, list[InstanceStatus]] = field(default_factory=dict)
+    fronts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per exposed service: its proxy's address and counters (see ``Proxy.stats``)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The ``corral status --json`` document."""
         return {
             "name": self.name, "status": self.status, "message": self.message, "agent_pid": self.agent_pid,
             "services": {s: [i.to_dict() for i in insts] for s, insts in self.services.items()},
+            "fronts": self.fronts,
         }
 
 
@@ -171,6 +175,7 @@ class Deployment:
         self._shared: dict[int | None, list[int]] = {}
         self._dirty: set[str] = set()
         self._to_start: list[_Instance] = []
+        self._fronts: dict[str, Proxy] = {}
         self.warnings: list[str] = []
 
     @classmethod
@@ -232,6 +237,13 @@ class Deployment:
         for name in self.spec.services:
             self._by_service.setdefault(name, [])
         self._setup_cgroups()
+        for name, port in plan.fronts.items():
+            try:
+                self._fronts[name] = Proxy(self.host, port, strategy=self.spec.services[name].balance)
+            except OSError as e:
+                self._release()
+                raise self.spec.error(("services", name, "expose"), f"cannot listen on {self.host}:{port}: "
+                                      f"{e.strerror or e}") from None
         self._sup = Supervisor()
         self._pump = asyncio.get_running_loop().create_task(self._pump_events(), name="corral-events")
         tasks = {name: asyncio.create_task(self._bring_up(name), name=f"up-{name}") for name in self.spec.services}
@@ -270,6 +282,8 @@ class Deployment:
             self._row.status = "stopping"
             self._store.put_deployment(self._row)
             self._event(None, None, None, "stopping", "down")
+        for front in self._fronts.values():
+            front.close()
         for phase in reversed(self.plan.phases):
             await asyncio.gather(*(self._stop(i, "down") for s in phase for i in self._by_service.get(s, [])))
         self._release()
@@ -297,7 +311,12 @@ class Deployment:
         st = DeploymentStatus(self.name, self._row.status, self._row.message, self._row.agent_pid)
         for name in self.spec.services:
             st.services[name] = [i.row(self.name) for i in self._by_service.get(name, [])]
+        st.fronts = {name: front.stats() for name, front in self._fronts.items()}
         return st
+
+    def front(self, service: str) -> Proxy | None:
+        """The proxy in front of an exposed service."""
+        return self._fronts.get(service)
 
     def events(self) -> list[Transition]:
         """Every transition so far, oldest first."""
@@ -526,8 +545,11 @@ class Deployment:
             inst.life.to(State.STOPPED, "stopped before it was spawned")
         elif inst.state.alive and inst.pid is not None and not inst.exited.is_set():
             if inst.state is not State.STOPPING:
-                inst.life.to(State.STOPPING, reason)
-                self._signal(inst)
+                inst.life.to(State.STOPPING, reason)  # out of its front from here on
+                if inst.p.service in self._fronts and inst.svc.shutdown.drain > 0 and not self._down:
+                    await asyncio.sleep(inst.svc.shutdown.drain)
+                if not inst.exited.is_set():
+                    self._signal(inst)
             await inst.exited.wait()
         elif inst.state in (State.RESTARTING, State.PENDING, State.PLACED, State.COMPLETED, State.FAILED):
             inst.life.to(State.STOPPED, reason)
@@ -617,11 +639,21 @@ class Deployment:
         if self._store is not None:
             self._store.add_event(self.name, t.instance, t.service, t.old.value, t.new.value, t.reason, t.at)
             self._dirty.add(t.instance)
+        if t.service in self._fronts:
+            # At once, not on the next loop turn: an instance that starts stopping must get
+            # no new connection before its signal goes out (draining).
+            self._sync_front(t.service)
         for q in self._subscribers:
             q.put_nowait(t)
         self._tick.set()
         self._tick = asyncio.Event()
         self._flush_soon()
+
+    def _sync_front(self, service: str) -> None:
+        """The front of ``service`` balances over its healthy instances, on their first port."""
+        up = [(i.id, self.host, next(iter(i.p.ports.values()))) for i in self._by_service.get(service, [])
+              if i.state is State.HEALTHY and i.p.ports]
+        self._fronts[service].set_upstreams(up)
 
     def _event(self, instance: str | None, service: str | None, old: str | None, new: str | None,
                reason: str) -> None:
@@ -695,6 +727,9 @@ class Deployment:
         self._event(None, None, None, None, f"warning: {text}")
 
     def _release(self) -> None:
+        for front in self._fronts.values():
+            front.close()
+        self._fronts.clear()
         if self.plan is not None:
             self.scheduler.release(self.plan)
         for inst in self._instances.values():

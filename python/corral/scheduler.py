@@ -92,6 +92,8 @@ class Plan:
 
     phases: list[list[str]]
     placements: dict[str, list[Placement]]
+    fronts: dict[str, int] = field(default_factory=dict)
+    """The front port of each exposed service."""
 
     def instances(self) -> Iterator[Placement]:
         """Every placement, phase by phase."""
@@ -104,6 +106,7 @@ class Plan:
         return {
             "phases": self.phases,
             "services": {s: [p.to_dict() for p in ps] for s, ps in self.placements.items()},
+            "fronts": self.fronts,
         }
 
 
@@ -125,17 +128,23 @@ class Scheduler:
         order = phases(spec)
         rank = {s: i for i, p in enumerate(order) for s in p}
         services = sorted(spec.services, key=lambda s: (-spec.services[s].priority, rank[s], s))
-        placements: dict[str, list[Placement]] = {s: [] for p in order for s in p}
-        try:
-            for name in services:
-                svc = spec.services[name]
-                for i in range(svc.replicas):
-                    placements[name].append(self.place_one(name, i, svc, (volumes or {}).get(name)))
-        except CorralError as e:
-            self.release(Plan(order, placements))
-            where = "ports" if isinstance(e, PortError) else "resources"
-            raise spec.error(("services", name, where), f"{name}-{i} does not fit: {e}") from None
-        return Plan(order, placements)
+        plan = Plan(order, {s: [] for p in order for s in p})
+        for name in services:
+            svc = spec.services[name]
+            if svc.expose is not None:
+                try:
+                    plan.fronts[name] = self._port(svc.expose, f"{name}.front")
+                except CorralError as e:
+                    self.release(plan)
+                    raise spec.error(("services", name, "expose"), f"front of {name}: {e}") from None
+            for i in range(svc.replicas):
+                try:
+                    plan.placements[name].append(self.place_one(name, i, svc, (volumes or {}).get(name)))
+                except CorralError as e:
+                    self.release(plan)
+                    where = "ports" if isinstance(e, PortError) else "resources"
+                    raise spec.error(("services", name, where), f"{name}-{i} does not fit: {e}") from None
+        return plan
 
     def place_one(self, name: str, index: int, svc: ServiceSpec, volume: Path | None) -> Placement:
         """One instance: resources, then ports (all released again if the ports fail)."""
@@ -197,14 +206,20 @@ class Scheduler:
             self.resources.release(p.grant)
             p.grant = None
         for port in p.ports.values():
-            if port in self._outside:
-                self._outside.discard(port)
-            elif self.ports.is_allocated(port):
-                self.ports.release(port)
+            self._release_port(port)
         p.ports = {}
+
+    def _release_port(self, port: int) -> None:
+        if port in self._outside:
+            self._outside.discard(port)
+        elif self.ports.is_allocated(port):
+            self.ports.release(port)
 
     def release(self, plan: Plan) -> None:
         """Returns everything a plan holds."""
         for ps in plan.placements.values():
             for p in ps:
                 self.release_one(p)
+        for port in plan.fronts.values():
+            self._release_port(port)
+        plan.fronts = {}

@@ -238,10 +238,16 @@ _SIGNALS = Literal["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGKILL", "SIGUSR1
 
 
 class ShutdownSpec(_Model):
-    """The signal sent to the whole process group, then SIGKILL after ``timeout``."""
+    """The signal sent to the whole process group, then SIGKILL after ``timeout``.
+
+    ``drain`` (exposed services only): the time between taking the instance out of its
+    front and the signal, so connections the front handed it just before are accepted and
+    served before the server closes its listener (Kubernetes users put a preStop sleep there).
+    """
 
     signal: _SIGNALS = "SIGTERM"
     timeout: Duration = 10.0
+    drain: Duration = 0.2
 
 
 # --- services ------------------------------------------------------------------------
@@ -266,6 +272,10 @@ class ServiceSpec(_Model):
     restart: RestartSpec = RestartSpec()
     priority: int = 0
     shutdown: ShutdownSpec = ShutdownSpec()
+    expose: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """A front port on 127.0.0.1: a proxy balancing connections over the healthy instances
+    (to their first declared port)."""
+    balance: Literal["round_robin", "weighted", "least_connections", "ip_hash", "random"] = "least_connections"
     start_timeout: Duration = 60.0
 
     @model_validator(mode="before")
@@ -284,7 +294,11 @@ class ServiceSpec(_Model):
         return v
 
     @model_validator(mode="after")
-    def _fixed_ports(self) -> ServiceSpec:
+    def _ports(self) -> ServiceSpec:
+        if self.expose is not None and not self.ports:
+            raise ValueError("expose needs a port on the instances to send connections to (ports: {name: auto})")
+        if self.expose is not None and self.expose in self.ports.values():
+            raise ValueError(f"expose {self.expose} is also an instance port; the front needs its own")
         if self.replicas > 1:
             fixed = [n for n, p in self.ports.items() if p != "auto"]
             if fixed:
@@ -466,6 +480,17 @@ def _cross_check(spec: DeploymentSpec, src: _Source) -> Iterator[SpecError]:
             if ref not in svc.ports:
                 yield src.error((*base, *where), f"unknown port '${{ports.{ref}}}' "
                                 f"(ports: {', '.join(svc.ports) or 'none'})")
+    taken: dict[int, str] = {}
+    for name, svc in spec.services.items():
+        for pname, port in svc.ports.items():
+            if isinstance(port, int):
+                taken.setdefault(port, f"{name}.ports.{pname}")
+    for name, svc in spec.services.items():
+        if svc.expose is not None:
+            other = taken.get(svc.expose)
+            if other is not None:
+                yield src.error(("services", name, "expose"), f"port {svc.expose} is already taken by {other}")
+            taken[svc.expose] = f"{name}.expose"
     cycle = find_cycle({n: list(s.depends_on) for n, s in spec.services.items()})
     if cycle:
         yield src.error(("services", cycle[0], "depends_on"), "cycle: " + " -> ".join(cycle))

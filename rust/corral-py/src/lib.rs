@@ -17,6 +17,7 @@ mod errors;
 mod ports;
 mod probe;
 mod process;
+mod proxy;
 mod registry;
 mod resources;
 mod retry;
@@ -51,6 +52,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     resources::register(m)?;
     probe::register(m)?;
     process::register(m)?;
+    proxy::register(m)?;
     cgroup::register(m)?;
     Ok(())
 }
