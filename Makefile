@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 DEV_BUILD     := --config-settings=build-args="--profile dev"
 RELEASE_BUILD := --config-settings=build-args="--profile release"
 
-.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python bench-bringup clean
+.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python bench-bringup bench-proxy clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -66,6 +66,11 @@ bench-bringup: dev-release ## 200 instances under corral up -d (and supervisord)
 	cargo build --release -p corral-core --example tiny_server
 	$(PIP) install -q supervisor
 	$(PY) benches/bringup.py $(BRINGUP_ARGS)
+
+bench-proxy: dev-release ## The front proxy beside HAProxy (same run): req/s, CPU per request, added latency
+	cargo build --release -p corral-core --example http_backend
+	@command -v wrk >/dev/null && command -v haproxy >/dev/null || { echo "needs wrk and haproxy: sudo apt-get install -y wrk haproxy"; exit 1; }
+	$(PY) benches/proxy.py $(PROXY_ARGS)
 
 bench-rust: ## Criterion benches (release)
 	cargo bench -p corral-core --bench core

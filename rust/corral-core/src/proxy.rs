@@ -288,6 +288,8 @@ impl Proxy {
             match listener.accept().await {
                 Ok((client, peer)) => {
                     let p = self.clone();
+                    // The relay buffers live in this task, allocated once per connection.
+                    #[allow(clippy::large_futures)]
                     tokio::spawn(async move { p.serve(client, peer).await });
                 }
                 // Out of descriptors and the like: back off a little rather than spin.
@@ -302,6 +304,7 @@ impl Proxy {
             IpAddr::V4(ip) => stable_hash(&ip.octets()),
             IpAddr::V6(ip) => stable_hash(&ip.octets()),
         });
+        // Upstreams that failed this client; allocated only when a connect fails.
         let mut tried: Vec<Arc<Upstream>> = Vec::new();
         for attempt in 0..self.cfg.max_attempts.max(1) {
             let guard = if attempt == 0 {
@@ -320,19 +323,20 @@ impl Proxy {
             };
             let Some(guard) = guard else { break };
             let up = guard.backend().value.clone();
-            tried.push(up.clone());
             if up.breaker.allow().is_err() {
                 self.eject(&up);
+                tried.push(up);
                 continue;
             }
-            match tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(up.addr)).await
+            if let Ok(Ok(server)) =
+                tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(up.addr)).await
             {
-                Ok(Ok(server)) => {
-                    up.breaker.record_success();
-                    return self.relay(client, server, &up, guard).await;
-                }
-                _ => self.failed(&up),
+                up.breaker.record_success();
+                #[allow(clippy::large_futures)]
+                return self.relay(client, server, &up, guard).await;
             }
+            self.failed(&up);
+            tried.push(up);
         }
         self.refused.fetch_add(1, Ordering::Relaxed);
         let _ = client.shutdown().await;
@@ -378,8 +382,8 @@ impl Proxy {
 
     async fn relay(
         &self,
-        client: TcpStream,
-        server: TcpStream,
+        mut client: TcpStream,
+        mut server: TcpStream,
         up: &Arc<Upstream>,
         guard: crate::balance::ConnectionGuard<Arc<Upstream>>,
     ) {
@@ -388,10 +392,13 @@ impl Proxy {
             c.connections.fetch_add(1, Ordering::Relaxed);
             c.active.fetch_add(1, Ordering::Relaxed);
         }
-        let (mut cr, mut cw) = client.into_split();
-        let (mut sr, mut sw) = server.into_split();
-        let upstream_bytes = pump(&mut cr, &mut sw);
-        let downstream_bytes = pump(&mut sr, &mut cw);
+        // Borrowed halves: closing the sockets at the end sends what FINs are still owed,
+        // so a direction only needs its own shutdown while the other is still open.
+        let (mut cr, mut cw) = client.split();
+        let (mut sr, mut sw) = server.split();
+        let (client_done, server_done) = (AtomicBool::new(false), AtomicBool::new(false));
+        let upstream_bytes = pump(&mut cr, &mut sw, &client_done, &server_done);
+        let downstream_bytes = pump(&mut sr, &mut cw, &server_done, &client_done);
         let (inbound, outbound) = tokio::join!(upstream_bytes, downstream_bytes);
         // A reset from the upstream (a read error on its side) counts against it.
         if outbound.1 == Some(Side::Reader) || inbound.1 == Some(Side::Writer) {
@@ -412,27 +419,33 @@ enum Side {
     Writer,
 }
 
-/// Copies until EOF, then half-closes the writer. Returns bytes copied and which side failed.
+/// Copies until EOF, then half-closes the writer unless the writer's side has finished
+/// sending too (then closing the socket says it). Returns bytes copied and which side failed.
+/// The buffer lives in the connection's task (allocated once with it), not on the heap per
+/// pump: a new-connection-per-request load would otherwise pay two allocations a request.
 async fn pump(
-    r: &mut tokio::net::tcp::OwnedReadHalf,
-    w: &mut tokio::net::tcp::OwnedWriteHalf,
+    r: &mut tokio::net::tcp::ReadHalf<'_>,
+    w: &mut tokio::net::tcp::WriteHalf<'_>,
+    reader_done: &AtomicBool,
+    writer_done: &AtomicBool,
 ) -> (u64, Option<Side>) {
-    let mut buf = vec![0u8; 16 * 1024];
+    let mut buf = [0u8; 8 * 1024];
     let mut total = 0u64;
-    loop {
+    let failed = loop {
         let n = match r.read(&mut buf).await {
-            Ok(0) => break,
+            Ok(0) => break None,
             Ok(n) => n,
-            Err(_) => {
-                let _ = w.shutdown().await;
-                return (total, Some(Side::Reader));
-            }
+            Err(_) => break Some(Side::Reader),
         };
         if w.write_all(&buf[..n]).await.is_err() {
+            reader_done.store(true, Ordering::Relaxed);
             return (total, Some(Side::Writer));
         }
         total += n as u64;
+    };
+    reader_done.store(true, Ordering::Relaxed);
+    if !writer_done.load(Ordering::Relaxed) {
+        let _ = w.shutdown().await;
     }
-    let _ = w.shutdown().await;
-    (total, None)
+    (total, failed)
 }
