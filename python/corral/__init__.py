@@ -57,6 +57,7 @@ from corral.exceptions import (
 from corral.retry import retry
 
 if TYPE_CHECKING:
+    from corral.discovery import Discovered, discover
     from corral.engine import Deployment, DeploymentStatus, InstanceStatus
     from corral.lifecycle import Lifecycle, State, Transition
     from corral.recovery import BackoffRestart, RestartStrategy, RollbackStrategy
@@ -69,6 +70,7 @@ _LAZY = {
     "BackoffRestart": "corral.recovery", "RestartStrategy": "corral.recovery", "RollbackStrategy": "corral.recovery",
     "Plan": "corral.scheduler", "Scheduler": "corral.scheduler",
     "DeploymentSpec": "corral.spec", "load_spec": "corral.spec",
+    "Discovered": "corral.discovery", "discover": "corral.discovery",
 }
 
 
@@ -96,6 +98,7 @@ __all__ = [
     "DeploymentError",
     "DeploymentSpec",
     "DeploymentStatus",
+    "Discovered",
     "Grant",
     "Instance",
     "InstanceStatus",
@@ -134,6 +137,7 @@ __all__ = [
     "TopologyError",
     "Transition",
     "__version__",
+    "discover",
     "load_spec",
     "retry",
 ]

@@ -4,7 +4,10 @@ The socket is created with mode 0600, so only its owner can control the deployme
 agent (:func:`run_agent`) serves it; the CLI is its client (:class:`ControlClient`).
 
 Routes: ``GET /v1/status``, ``GET /v1/up`` (waits until ``up`` has finished: ``ok`` and the
-reason), ``GET /v1/events?after=N``, ``POST /v1/restart?service=NAME``, ``POST /v1/down``.
+reason), ``GET /v1/events?after=N``, ``POST /v1/restart?service=NAME``, ``POST /v1/down``,
+and discovery: ``GET /v1/services`` (every service) and ``GET /v1/services/NAME`` (one;
+``?wait=GENERATION&timeout=S`` answers once the registry has moved past that generation,
+a long poll for clients that follow changes).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ class ControlServer:
             ("GET", "/v1/events"): self._events,
             ("POST", "/v1/restart"): self._restart,
             ("POST", "/v1/down"): self._down,
+            ("GET", "/v1/services"): self._services,
         }
 
     async def start(self) -> None:
@@ -89,11 +93,15 @@ class ControlServer:
                 await reader.readexactly(length)
             url = urlsplit(target)
             handler = self._routes.get((method, url.path))
+            query = parse_qs(url.query)
+            if handler is None and method == "GET" and url.path.startswith("/v1/services/"):
+                handler = self._service
+                query["name"] = [url.path.removeprefix("/v1/services/")]
             if handler is None:
                 code, body = 404, {"error": f"no route {method} {url.path}"}
             else:
                 try:
-                    code, body = await handler(parse_qs(url.query))
+                    code, body = await handler(query)
                 except CorralError as e:
                     code, body = 409, {"error": str(e)}
             data = json.dumps(body).encode()
@@ -123,6 +131,19 @@ class ControlServer:
         after = int(q.get("after", ["0"])[0])
         events = [t.to_dict() for t in self.deployment.events()]
         return 200, {"events": events[after:]}
+
+    async def _services(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
+        return 200, {name: self.deployment.discovery(name) for name in self.deployment.spec.services}
+
+    async def _service(self, q: dict[str, list[str]]) -> tuple[int, Any]:
+        name = q["name"][0]
+        if name not in self.deployment.spec.services:
+            return 404, {"error": f"unknown service {name!r}"}
+        wait = int(q.get("wait", ["-1"])[0])
+        if wait >= 0:
+            timeout = min(float(q.get("timeout", ["30"])[0]), 300.0)
+            await self.deployment.wait_registry_change(wait, timeout)
+        return 200, self.deployment.discovery(name)
 
     async def _restart(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         service = q.get("service", [""])[0]
@@ -198,10 +219,15 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 class ControlClient:
-    """Talks to the agent of a state directory."""
+    """Talks to the agent of a state directory (or at the socket given)."""
 
-    def __init__(self, state_dir: Path) -> None:
-        self.path = socket_path(state_dir)
+    def __init__(self, state_dir: Path | None = None, *, socket: Path | None = None) -> None:
+        if socket is not None:
+            self.path = socket
+        elif state_dir is not None:
+            self.path = socket_path(state_dir)
+        else:
+            raise ValueError("ControlClient needs a state directory or a socket path")
 
     def available(self) -> bool:
         """Whether an agent answers."""

@@ -318,6 +318,24 @@ class Deployment:
         """The proxy in front of an exposed service."""
         return self._fronts.get(service)
 
+    def discovery(self, service: str) -> dict[str, Any]:
+        """What discovery answers for a service: its registered instances (health, address,
+        named ports), its front address, and the registry generation they come from."""
+        front = self._fronts.get(service)
+        instances = []
+        for i in self.registry.instances(service):
+            ports = {k.removeprefix("port."): int(v) for k, v in i.meta.items() if k.startswith("port.")}
+            instances.append({"id": i.id, "host": i.host, "port": i.port, "address": i.address,
+                              "healthy": i.healthy, "ports": ports})
+        return {"name": service, "front": front.address if front is not None else None,
+                "instances": sorted(instances, key=lambda x: str(x["id"])),
+                "generation": self.registry.generation}
+
+    async def wait_registry_change(self, generation: int, timeout: float) -> None:
+        """Returns once the registry's generation differs from ``generation`` (or after
+        ``timeout`` seconds)."""
+        await self._wait(lambda: self.registry.generation != generation, timeout)
+
     def events(self) -> list[Transition]:
         """Every transition so far, oldest first."""
         return list(self._history)
@@ -481,6 +499,7 @@ class Deployment:
         env["CORRAL_INSTANCE"] = inst.id
         env["CORRAL_REPLICA"] = str(inst.p.index)
         env["CORRAL_DEPLOYMENT"] = self.name
+        env["CORRAL_AGENT_SOCKET"] = str(self.state_dir / "agent.sock")
         if inst.p.volume:
             env["CORRAL_VOLUME"] = inst.p.volume
         for dep in svc.depends_on:
