@@ -27,6 +27,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod cpuset;
 pub mod error;
+pub mod mesh;
 pub mod ports;
 pub mod probe;
 pub mod process;

@@ -49,13 +49,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use parking_lot::Mutex;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tokio::task::AbortHandle;
 
-use crate::balance::{LoadBalancer, Strategy};
+use crate::balance::{ConnectionGuard, LoadBalancer, Strategy};
 use crate::breaker::{BreakerConfig, CircuitBreaker, State};
+use crate::mesh::TlsFront;
 use crate::retry::RetryBudget;
 use crate::rng::stable_hash;
 
@@ -168,6 +169,8 @@ pub struct Proxy {
     ejected_now: Arc<AtomicUsize>,
     local: SocketAddr,
     handle: Handle,
+    tls: Option<TlsFront>,
+    tls_refused: AtomicU64,
     accept: Mutex<Option<AbortHandle>>,
 }
 
@@ -180,12 +183,34 @@ impl std::fmt::Debug for Proxy {
     }
 }
 
+/// Bound on a client's TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// Per-upstream state for stats: id, address, ejected, counters.
 pub type UpstreamStats = (String, SocketAddr, bool, CounterSnapshot);
 
 impl Proxy {
     /// Binds `addr` (port 0 picks one) and starts accepting on `handle`'s runtime.
     pub fn bind(addr: SocketAddr, cfg: ProxyConfig, handle: &Handle) -> io::Result<Arc<Proxy>> {
+        Self::bind_with(addr, cfg, handle, None)
+    }
+
+    /// Like [`Proxy::bind`], as an mTLS front: clients must complete `tls`'s handshake.
+    pub fn bind_tls(
+        addr: SocketAddr,
+        cfg: ProxyConfig,
+        handle: &Handle,
+        tls: TlsFront,
+    ) -> io::Result<Arc<Proxy>> {
+        Self::bind_with(addr, cfg, handle, Some(tls))
+    }
+
+    fn bind_with(
+        addr: SocketAddr,
+        cfg: ProxyConfig,
+        handle: &Handle,
+        tls: Option<TlsFront>,
+    ) -> io::Result<Arc<Proxy>> {
         let std_listener = std::net::TcpListener::bind(addr)?;
         std_listener.set_nonblocking(true)?;
         let local = std_listener.local_addr()?;
@@ -205,6 +230,8 @@ impl Proxy {
             ejected_now: Arc::new(AtomicUsize::new(0)),
             local,
             handle: handle.clone(),
+            tls,
+            tls_refused: AtomicU64::new(0),
             accept: Mutex::new(None),
         });
         let listener = {
@@ -267,6 +294,16 @@ impl Proxy {
         (self.totals.snapshot(), self.refused.load(Ordering::Relaxed))
     }
 
+    /// Connections refused at the TLS handshake (mTLS fronts only).
+    pub fn tls_refused(&self) -> u64 {
+        self.tls_refused.load(Ordering::Relaxed)
+    }
+
+    /// The TLS side, for an mTLS front.
+    pub fn tls(&self) -> Option<&TlsFront> {
+        self.tls.as_ref()
+    }
+
     /// Each upstream: id, address, ejected, counters.
     pub fn upstreams(&self) -> Vec<UpstreamStats> {
         self.lb
@@ -304,6 +341,39 @@ impl Proxy {
             IpAddr::V4(ip) => stable_hash(&ip.octets()),
             IpAddr::V6(ip) => stable_hash(&ip.octets()),
         });
+        if let Some(tls) = &self.tls {
+            // mTLS front: the handshake (client certificate, SPIFFE ID) comes first; the
+            // upstream behind it speaks plain TCP.
+            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(client)).await
+            else {
+                self.tls_refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let Some((server, up, guard)) = self.connect_upstream(key).await else {
+                self.refused.fetch_add(1, Ordering::Relaxed);
+                return;
+            };
+            let (cr, cw) = tokio::io::split(stream);
+            #[allow(clippy::large_futures)]
+            return self.relay(cr, cw, server, &up, guard).await;
+        }
+        let Some((server, up, guard)) = self.connect_upstream(key).await else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = client.shutdown().await;
+            return;
+        };
+        let (cr, cw) = client.split();
+        #[allow(clippy::large_futures)]
+        self.relay(cr, cw, server, &up, guard).await;
+    }
+
+    /// Connects to an upstream, retrying others on failure within the budget.
+    async fn connect_upstream(
+        &self,
+        key: Option<u64>,
+    ) -> Option<(TcpStream, Arc<Upstream>, ConnectionGuard<Arc<Upstream>>)> {
         // Upstreams that failed this client; allocated only when a connect fails.
         let mut tried: Vec<Arc<Upstream>> = Vec::new();
         for attempt in 0..self.cfg.max_attempts.max(1) {
@@ -321,7 +391,7 @@ impl Proxy {
             } else {
                 None
             };
-            let Some(guard) = guard else { break };
+            let guard = guard?;
             let up = guard.backend().value.clone();
             if up.breaker.allow().is_err() {
                 self.eject(&up);
@@ -332,14 +402,12 @@ impl Proxy {
                 tokio::time::timeout(self.cfg.connect_timeout, TcpStream::connect(up.addr)).await
             {
                 up.breaker.record_success();
-                #[allow(clippy::large_futures)]
-                return self.relay(client, server, &up, guard).await;
+                return Some((server, up, guard));
             }
             self.failed(&up);
             tried.push(up);
         }
-        self.refused.fetch_add(1, Ordering::Relaxed);
-        let _ = client.shutdown().await;
+        None
     }
 
     fn failed(&self, up: &Arc<Upstream>) {
@@ -380,12 +448,13 @@ impl Proxy {
         });
     }
 
-    async fn relay(
+    async fn relay<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &self,
-        mut client: TcpStream,
+        mut cr: R,
+        mut cw: W,
         mut server: TcpStream,
         up: &Arc<Upstream>,
-        guard: crate::balance::ConnectionGuard<Arc<Upstream>>,
+        guard: ConnectionGuard<Arc<Upstream>>,
     ) {
         let _ = server.set_nodelay(true);
         for c in [&up.counters, &self.totals] {
@@ -394,7 +463,6 @@ impl Proxy {
         }
         // Borrowed halves: closing the sockets at the end sends what FINs are still owed,
         // so a direction only needs its own shutdown while the other is still open.
-        let (mut cr, mut cw) = client.split();
         let (mut sr, mut sw) = server.split();
         let (client_done, server_done) = (AtomicBool::new(false), AtomicBool::new(false));
         let upstream_bytes = pump(&mut cr, &mut sw, &client_done, &server_done);
@@ -423,9 +491,9 @@ enum Side {
 /// sending too (then closing the socket says it). Returns bytes copied and which side failed.
 /// The buffer lives in the connection's task (allocated once with it), not on the heap per
 /// pump: a new-connection-per-request load would otherwise pay two allocations a request.
-async fn pump(
-    r: &mut tokio::net::tcp::ReadHalf<'_>,
-    w: &mut tokio::net::tcp::WriteHalf<'_>,
+async fn pump<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    r: &mut R,
+    w: &mut W,
     reader_done: &AtomicBool,
     writer_done: &AtomicBool,
 ) -> (u64, Option<Side>) {
