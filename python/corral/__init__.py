@@ -12,11 +12,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from corral._core import (
+    Authority,
     BreakerStats,
     Cgroups,
     ConnectionGuard,
     Grant,
     Instance,
+    IssuedCert,
     L3Domain,
     LoadBalancer,
     NumaNode,
@@ -86,6 +88,7 @@ def __getattr__(name: str) -> Any:
 
 __all__ = [
     "AgentError",
+    "Authority",
     "BackoffRestart",
     "BreakerStats",
     "Cgroups",
@@ -103,6 +106,7 @@ __all__ = [
     "Instance",
     "InstanceStatus",
     "InsufficientResources",
+    "IssuedCert",
     "L3Domain",
     "Lifecycle",
     "LifecycleError",

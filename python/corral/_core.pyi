@@ -12,6 +12,7 @@ from typing import Any, Literal, TypeAlias, final
 from typing_extensions import disjoint_base
 
 __all__ = [
+    "Authority",
     "BreakerStats",
     "Cgroups",
     "CircuitBreaker",
@@ -19,6 +20,7 @@ __all__ = [
     "Grant",
     "GuardedCall",
     "Instance",
+    "IssuedCert",
     "L3Domain",
     "LoadBalancer",
     "NumaNode",
@@ -735,7 +737,14 @@ class Proxy:
         failure_threshold: int = 3,
         ejection_time: float = 5.0,
         max_ejection_time: float = 60.0,
-    ) -> Proxy: ...
+        ca_pem: str | None = None,
+        cert_pem: str | None = None,
+        key_pem: str | None = None,
+        allow: Sequence[str] = ...,
+    ) -> Proxy:
+        """With ``ca_pem``, ``cert_pem`` and ``key_pem`` it is an mTLS front: clients present a
+        certificate from that CA whose SPIFFE ID is in ``allow`` (empty: any), or the handshake
+        fails; upstreams get plain TCP."""
     @property
     def port(self) -> int: ...
     @property
@@ -747,8 +756,48 @@ class Proxy:
         """``connections``, ``active``, ``bytes_in``, ``bytes_out``, ``errors``, ``ejections``,
         ``refused``, ``address``, and ``upstreams``: the same counters per upstream with
         ``id``, ``address``, ``ejected``."""
+    def set_certificate(self, cert_pem: str, key_pem: str) -> None:
+        """Presents a new certificate from the next handshake on (mTLS fronts)."""
     def close(self) -> None:
         """Stops accepting; open connections finish."""
+
+# --- mesh -------------------------------------------------------------------------
+
+@final
+class IssuedCert:
+    """A service certificate: files, PEMs, serial (hex), expiry (epoch seconds), SPIFFE ID."""
+
+    @property
+    def cert_path(self) -> Path: ...
+    @property
+    def key_path(self) -> Path: ...
+    @property
+    def cert_pem(self) -> str: ...
+    @property
+    def key_pem(self) -> str: ...
+    @property
+    def serial(self) -> str: ...
+    @property
+    def not_after(self) -> float: ...
+    @property
+    def spiffe_id(self) -> str: ...
+
+@final
+class Authority:
+    """The local certificate authority in ``dir`` (``ca.crt``, ``ca.key`` mode 0600; created on
+    first use) for the trust domain ``<stack>.corral``."""
+
+    def __new__(cls, dir: str | PathLike[str], trust_domain: str) -> Authority: ...
+    @property
+    def ca_pem(self) -> str: ...
+    @property
+    def ca_path(self) -> Path: ...
+    def spiffe_id(self, service: str) -> str:
+        """``spiffe://<trust domain>/svc/<service>``."""
+    def issue(self, service: str, lifetime: float = 86400.0, *, not_before: float | None = None) -> IssuedCert:
+        """Issues ``service``'s certificate (URI SAN = its SPIFFE ID, loopback SANs) for
+        ``lifetime`` seconds from now (or from ``not_before``) and writes ``<service>.crt`` and
+        ``<service>.key`` (0600) beside the CA, replacing any before."""
 
 # --- cgroup -----------------------------------------------------------------------
 

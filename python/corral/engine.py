@@ -29,8 +29,10 @@ from pathlib import Path
 from typing import Any
 
 from corral._core import (
+    Authority,
     Cgroups,
     Instance,
+    IssuedCert,
     PortAllocator,
     ProbeSpec,
     ProcessEvent,
@@ -176,6 +178,9 @@ class Deployment:
         self._dirty: set[str] = set()
         self._to_start: list[_Instance] = []
         self._fronts: dict[str, Proxy] = {}
+        self._ca: Authority | None = None
+        self._certs: dict[str, IssuedCert] = {}
+        self._rotation: asyncio.Task[None] | None = None
         self.warnings: list[str] = []
 
     @classmethod
@@ -237,15 +242,25 @@ class Deployment:
         for name in self.spec.services:
             self._by_service.setdefault(name, [])
         self._setup_cgroups()
+        self._setup_mesh()
         for name, port in plan.fronts.items():
+            svc = self.spec.services[name]
+            tls: dict[str, Any] = {}
+            if svc.mtls:
+                assert self._ca is not None
+                cert = self._certs[name]
+                tls = {"ca_pem": self._ca.ca_pem, "cert_pem": cert.cert_pem, "key_pem": cert.key_pem,
+                       "allow": [self._ca.spiffe_id(s) for s in svc.allow]}
             try:
-                self._fronts[name] = Proxy(self.host, port, strategy=self.spec.services[name].balance)
+                self._fronts[name] = Proxy(self.host, port, strategy=svc.balance, **tls)
             except OSError as e:
                 self._release()
                 raise self.spec.error(("services", name, "expose"), f"cannot listen on {self.host}:{port}: "
                                       f"{e.strerror or e}") from None
         self._sup = Supervisor()
         self._pump = asyncio.get_running_loop().create_task(self._pump_events(), name="corral-events")
+        if self._ca is not None:
+            self._rotation = asyncio.get_running_loop().create_task(self._rotate_certs(), name="corral-certs")
         tasks = {name: asyncio.create_task(self._bring_up(name), name=f"up-{name}") for name in self.spec.services}
         try:
             done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
@@ -502,6 +517,12 @@ class Deployment:
         env["CORRAL_AGENT_SOCKET"] = str(self.state_dir / "agent.sock")
         if inst.p.volume:
             env["CORRAL_VOLUME"] = inst.p.volume
+        cert = self._certs.get(inst.p.service)
+        if cert is not None and self._ca is not None:
+            env["CORRAL_TLS_CERT"] = str(cert.cert_path)
+            env["CORRAL_TLS_KEY"] = str(cert.key_path)
+            env["CORRAL_TLS_CA"] = str(self._ca.ca_path)
+            env["CORRAL_SPIFFE_ID"] = cert.spiffe_id
         for dep in svc.depends_on:
             addrs = [f"{self.host}:{next(iter(d.p.ports.values()))}" for d in self._by_service.get(dep, [])
                      if d.state is State.HEALTHY and d.p.ports]
@@ -716,6 +737,30 @@ class Deployment:
             return on_node or shared
         return shared
 
+    def _setup_mesh(self) -> None:
+        """With any mTLS front, every service gets a certificate from the deployment's CA."""
+        if not any(s.mtls for s in self.spec.services.values()):
+            return
+        self._ca = Authority(self.state_dir / "tls", f"{self.name}.corral")
+        for name in self.spec.services:
+            self._certs[name] = self._ca.issue(name, self.spec.mesh.cert_lifetime)
+        self._event(None, None, None, None, f"mesh: {len(self._certs)} certificates from {self._ca.ca_path}")
+
+    async def _rotate_certs(self) -> None:
+        """Re-issues every certificate after two thirds of its life; fronts present the new
+        one from their next handshake, open connections are left alone."""
+        assert self._ca is not None
+        life = self.spec.mesh.cert_lifetime
+        while True:
+            await asyncio.sleep(life * 2 / 3)
+            for name in self.spec.services:
+                cert = self._ca.issue(name, life)
+                self._certs[name] = cert
+                front = self._fronts.get(name)
+                if front is not None and self.spec.services[name].mtls:
+                    front.set_certificate(cert.cert_pem, cert.key_pem)
+            self._event(None, None, None, None, f"mesh: {len(self._certs)} certificates renewed")
+
     def _setup_cgroups(self) -> None:
         """One memory cgroup per instance that asks for memory; a warning, once, when the
         machine offers no memory controller."""
@@ -803,6 +848,9 @@ class Deployment:
         if self._pump is not None:
             self._pump.cancel()
             self._pump = None
+        if self._rotation is not None:
+            self._rotation.cancel()
+            self._rotation = None
         # Dropping the supervisor ends its thread once the processes are gone.
         if self._down:
             self._sup = None

@@ -276,6 +276,10 @@ class ServiceSpec(_Model):
     """A front port on 127.0.0.1: a proxy balancing connections over the healthy instances
     (to their first declared port)."""
     balance: Literal["round_robin", "weighted", "least_connections", "ip_hash", "random"] = "least_connections"
+    mtls: bool = False
+    """The front requires a client certificate from the deployment's CA."""
+    allow: list[str] = Field(default_factory=list)
+    """With ``mtls``: the services whose SPIFFE IDs may connect (empty: any of the mesh)."""
     start_timeout: Duration = 60.0
 
     @model_validator(mode="before")
@@ -295,6 +299,10 @@ class ServiceSpec(_Model):
 
     @model_validator(mode="after")
     def _ports(self) -> ServiceSpec:
+        if (self.mtls or self.allow) and self.expose is None:
+            raise ValueError("mtls and allow apply to a front: set expose")
+        if self.allow and not self.mtls:
+            raise ValueError("allow needs mtls: true")
         if self.expose is not None and not self.ports:
             raise ValueError("expose needs a port on the instances to send connections to (ports: {name: auto})")
         if self.expose is not None and self.expose in self.ports.values():
@@ -319,11 +327,25 @@ class LogSpec(_Model):
     keep: int = Field(default=3, ge=0, le=100)
 
 
+class MeshSpec(_Model):
+    """The local mesh: on when any service has ``mtls: true``. Every service then gets a
+    certificate (``CORRAL_TLS_CERT``/``KEY``/``CA``), renewed after two thirds of its life."""
+
+    cert_lifetime: Duration = 86400.0
+
+    @model_validator(mode="after")
+    def _life(self) -> MeshSpec:
+        if self.cert_lifetime < 3:
+            raise ValueError("cert_lifetime must be at least 3s")
+        return self
+
+
 class DeploymentSpec(_Model):
     """A whole ``corral.yaml``."""
 
     name: Annotated[str, Field(pattern=_NAME)]
     logs: LogSpec = LogSpec()
+    mesh: MeshSpec = MeshSpec()
     services: dict[Annotated[str, Field(pattern=_NAME)], ServiceSpec]
     scheduler: Literal["binpack", "spread"] = "binpack"
     port_range: tuple[int, int] = (20000, 32000)
@@ -461,6 +483,9 @@ def _cross_check(spec: DeploymentSpec, src: _Source) -> Iterator[SpecError]:
     """What one model cannot see: references between services and to port names."""
     for name, svc in spec.services.items():
         base: Loc = ("services", name)
+        for i, other in enumerate(svc.allow):
+            if other not in spec.services:
+                yield src.error((*base, "allow", i), f"unknown service {other!r}")
         for dep, cond in svc.depends_on.items():
             if dep not in spec.services:
                 yield src.error((*base, "depends_on", dep), f"unknown service {dep!r}")
@@ -487,9 +512,9 @@ def _cross_check(spec: DeploymentSpec, src: _Source) -> Iterator[SpecError]:
                 taken.setdefault(port, f"{name}.ports.{pname}")
     for name, svc in spec.services.items():
         if svc.expose is not None:
-            other = taken.get(svc.expose)
-            if other is not None:
-                yield src.error(("services", name, "expose"), f"port {svc.expose} is already taken by {other}")
+            holder = taken.get(svc.expose)
+            if holder is not None:
+                yield src.error(("services", name, "expose"), f"port {svc.expose} is already taken by {holder}")
             taken[svc.expose] = f"{name}.expose"
     cycle = find_cycle({n: list(s.depends_on) for n, s in spec.services.items()})
     if cycle:

@@ -151,16 +151,19 @@ impl Authority {
         format!("spiffe://{}/svc/{service}", self.trust_domain)
     }
 
-    /// Issues (or re-issues) the certificate of `service`, valid for `lifetime`, and writes it.
+    /// Issues (or re-issues) the certificate of `service`, valid from now for `lifetime`, and
+    /// writes it. Its start is backdated a minute, for clocks a little behind ours.
     pub fn issue(&self, service: &str, lifetime: Duration) -> Result<Issued, MeshError> {
+        let skew = Duration::from_secs(60);
         self.issue_valid(
             service,
-            time::OffsetDateTime::now_utc() - time::Duration::minutes(1),
-            lifetime,
+            time::OffsetDateTime::now_utc() - skew,
+            lifetime + skew,
         )
     }
 
-    /// Like [`Authority::issue`], valid from `not_before` (tests use this for expired certificates).
+    /// Like [`Authority::issue`], valid from `not_before` for `lifetime` (tests use this for
+    /// expired certificates).
     pub fn issue_valid(
         &self,
         service: &str,

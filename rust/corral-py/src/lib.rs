@@ -14,6 +14,7 @@ mod balance;
 mod breaker;
 mod cgroup;
 mod errors;
+mod mesh;
 mod ports;
 mod probe;
 mod process;
@@ -53,6 +54,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     probe::register(m)?;
     process::register(m)?;
     proxy::register(m)?;
+    mesh::register(m)?;
     cgroup::register(m)?;
     Ok(())
 }

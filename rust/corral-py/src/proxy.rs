@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use corral_core::balance::Strategy;
 use corral_core::breaker::BreakerConfig;
+use corral_core::mesh::TlsFront;
 use corral_core::proxy::{CounterSnapshot, Proxy as Core, ProxyConfig};
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
@@ -75,7 +76,8 @@ impl Proxy {
     #[new]
     #[pyo3(signature = (host = "127.0.0.1".to_owned(), port = 0, *, strategy = "least_connections",
         connect_timeout = 1.0, max_attempts = 3, max_ejection_percent = 50, failure_threshold = 3,
-        ejection_time = 5.0, max_ejection_time = 60.0))]
+        ejection_time = 5.0, max_ejection_time = 60.0, ca_pem = None, cert_pem = None, key_pem = None,
+        allow = Vec::new()))]
     fn new(
         py: Python<'_>,
         host: String,
@@ -87,6 +89,10 @@ impl Proxy {
         failure_threshold: u32,
         ejection_time: f64,
         max_ejection_time: f64,
+        ca_pem: Option<String>,
+        cert_pem: Option<String>,
+        key_pem: Option<String>,
+        allow: Vec<String>,
     ) -> PyResult<Self> {
         let strategy = Strategy::parse(strategy).ok_or_else(|| {
             bad_arg(
@@ -119,7 +125,20 @@ impl Proxy {
             ..ProxyConfig::default()
         };
         let handle = runtime()?;
-        let inner = py.detach(|| Core::bind(SocketAddr::new(ip, port), cfg, handle))?;
+        let addr = SocketAddr::new(ip, port);
+        let inner = match (ca_pem, cert_pem, key_pem) {
+            (None, None, None) => py.detach(|| Core::bind(addr, cfg, handle))?,
+            (Some(ca), Some(cert), Some(key)) => {
+                let tls = TlsFront::new(&ca, &cert, &key, allow)
+                    .map_err(|e| PyValueError::new_err(e.to_string()))?;
+                py.detach(|| Core::bind_tls(addr, cfg, handle, tls))?
+            }
+            _ => {
+                return Err(PyValueError::new_err(
+                    "an mTLS front needs ca_pem, cert_pem and key_pem",
+                ))
+            }
+        };
         Ok(Proxy { inner })
     }
 
@@ -162,6 +181,7 @@ impl Proxy {
         let (totals, refused) = self.inner.totals();
         let d = counters(py, &totals)?;
         d.set_item("refused", refused)?;
+        d.set_item("tls_refused", self.inner.tls_refused())?;
         d.set_item("address", self.inner.local_addr().to_string())?;
         let ups = pyo3::types::PyList::empty(py);
         for (id, addr, ejected, c) in self.inner.upstreams() {
@@ -173,6 +193,16 @@ impl Proxy {
         }
         d.set_item("upstreams", ups)?;
         Ok(d)
+    }
+
+    /// Presents a new certificate (PEM) from the next handshake on (mTLS fronts).
+    fn set_certificate(&self, cert_pem: &str, key_pem: &str) -> PyResult<()> {
+        let tls = self
+            .inner
+            .tls()
+            .ok_or_else(|| PyValueError::new_err("not an mTLS front"))?;
+        tls.set_certificate(cert_pem, key_pem)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
     }
 
     /// Stops accepting; open connections finish.
