@@ -62,6 +62,14 @@ def test_services_route_and_discover_follow_the_registry(stack: Path) -> None:
     with pytest.raises(corral.CorralError, match="unknown service 'nope'"):
         client.request("GET", "/v1/services/nope")
 
+    st = subprocess.run([sys.executable, "-m", "corral", "status", "--json"], cwd=stack, env=env_without_state(),
+                        capture_output=True, text=True, timeout=30)
+    front = json.loads(st.stdout)["fronts"]["web"]
+    assert front["address"] == "127.0.0.1:23101" and len(front["upstreams"]) == 2
+    text = subprocess.run([sys.executable, "-m", "corral", "status"], cwd=stack, env=env_without_state(),
+                          capture_output=True, text=True, timeout=30).stdout
+    assert "front web 127.0.0.1:23101: 2 upstreams" in text
+
     svc = corral.discover("web", state_dir=stack / ".corral")
     try:
         assert sorted(svc.addresses()) == sorted(i["address"] for i in web["instances"])

@@ -456,15 +456,28 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
         services[s] = []
     for i in insts:
         services.setdefault(i.service, []).append(i)
+    # Front counters live in the agent's memory: asked for when it runs, absent otherwise.
+    fronts: dict[str, Any] = {}
+    if agent_up:
+        try:
+            fronts = ControlClient(sd).request("GET", "/v1/status", timeout=5).get("fronts", {})
+        except CorralError:
+            fronts = {}
     if as_json:
         doc = {"name": d.name, "status": d.status, "message": d.message, "agent_pid": d.agent_pid,
                "agent_running": agent_up,
-               "services": {s: [i.to_dict() for i in v] for s, v in services.items()}}
+               "services": {s: [i.to_dict() for i in v] for s, v in services.items()}, "fronts": fronts}
         print(json.dumps(doc, indent=2))
         return
     agent_txt = f"agent pid {d.agent_pid}" if agent_up else "agent not running"
     out.print(f"[bold]{d.name}[/bold]: {d.status} ({agent_txt})" + (f": {d.message}" if d.message else ""))
     out.print(_status_table(services.values()))
+    for name, f in fronts.items():
+        ejected = [u["id"] for u in f.get("upstreams", []) if u.get("ejected")]
+        out.print(f"front [bold]{name}[/bold] {f['address']}: {len(f.get('upstreams', []))} upstreams, "
+                  f"{f['active']} active, {f['connections']} connections, {f['errors']} errors, "
+                  f"{f['refused']} refused" + (f", {f['tls_refused']} refused at TLS" if f.get("tls_refused") else "")
+                  + (f", ejected: {', '.join(ejected)}" if ejected else ""))
 
 
 @app.command()
