@@ -200,19 +200,18 @@ impl Supervisor {
         log_max_bytes: u64,
         log_keep: usize,
     ) -> PyResult<(u32, u64)> {
-        let spec = ProcessSpec {
+        let spec = PyProcessSpec::new(
             argv,
-            env: env.unwrap_or_default(),
+            env,
             clear_env,
             cwd,
             cpus,
             cgroup,
-            log: log.map(|path| LogConfig {
-                path,
-                max_bytes: log_max_bytes,
-                keep: log_keep,
-            }),
-        };
+            log,
+            log_max_bytes,
+            log_keep,
+        )
+        .inner;
         // fork + exec take a while in a large process; let other Python threads run.
         let s = py.detach(|| self.inner.spawn(id, &spec)).py()?;
         Ok((s.pid, s.start_time))
