@@ -102,6 +102,14 @@ def test_instances_can_find_the_agent(stack: Path) -> None:
     assert len(json.loads(out.stdout)) == 2
 
 
+def test_plan_shows_the_front(tmp_path: Path) -> None:
+    write_spec(tmp_path, SPEC.replace("@DIR@", str(tmp_path)))
+    out = subprocess.run([sys.executable, "-m", "corral", "plan"], cwd=tmp_path, env=env_without_state(),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "front web: 127.0.0.1:23101 (least_connections, plain TCP)" in out.stdout
+
+
 def test_discover_without_an_agent_raises(tmp_path: Path) -> None:
     with pytest.raises(AgentError, match="no agent at"):
         corral.discover("web", state_dir=tmp_path)

@@ -138,6 +138,10 @@ def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
                       f"{inst.memory_mb}Mi" if inst.memory_mb else "-",
                       ", ".join(f"{k}={v}" for k, v in inst.ports.items()) or "-")
         out.print(t)
+        for name, port in p.fronts.items():
+            svc = d.spec.services[name]
+            mode = f"mTLS, allow {', '.join(svc.allow) or 'any service of the mesh'}" if svc.mtls else "plain TCP"
+            out.print(f"front {name}: {d.host}:{port} ({svc.balance}, {mode})")
     finally:
         d.scheduler.release(p)
 
