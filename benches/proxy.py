@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import shutil
 import signal
@@ -24,9 +23,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from bringup import TICK, cpu_ticks  # the same /proc reading; benches/ is on sys.path when run
+
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / "target" / "release" / "examples" / "http_backend"
-TICK = os.sysconf("SC_CLK_TCK")
 BACKENDS = [24101, 24102, 24103]
 FRONT = {"haproxy": 24110, "corral": 24111}
 
@@ -55,11 +55,6 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
         if time.monotonic() > deadline:
             raise RuntimeError(f"nothing listens on {port}")
         time.sleep(0.02)
-
-
-def cpu_ticks(pid: int) -> int:
-    f = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(f[11]) + int(f[12])
 
 
 _UNITS = {"us": 1.0, "ms": 1000.0, "s": 1e6}

@@ -410,7 +410,7 @@ def _alive(pid: int) -> bool:
 
 
 def _kill_leftovers(sd: Path) -> int:
-    from corral._core import process_start_time, signal_group
+    from corral._core import signal_group
 
     db = sd / "state.db"
     if not db.exists():
@@ -418,10 +418,10 @@ def _kill_leftovers(sd: Path) -> int:
     n = 0
     for d in StateStore.read_deployments(db):
         for r in StateStore.read_instances(db, d.name):
-            if r.pid and r.pid_start and process_start_time(r.pid) == r.pid_start:
+            if r.pid is not None and r.is_running():
                 signal_group(r.pid, signal.SIGTERM)
                 deadline = time.monotonic() + 5
-                while process_start_time(r.pid) == r.pid_start and time.monotonic() < deadline:
+                while r.is_running() and time.monotonic() < deadline:
                     time.sleep(0.02)
                 signal_group(r.pid, signal.SIGKILL)
                 n += 1
@@ -454,7 +454,8 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
         _fail(f"no deployment in {sd}", 1)
     d = rows[-1]
     insts = StateStore.read_instances(sd / "state.db", d.name)
-    agent_up = bool(d.agent_pid) and _alive(d.agent_pid or 0) and socket_path(sd).exists()
+    # A killed agent may linger as a zombie with its start time intact: _alive tells it apart.
+    agent_up = d.agent_running() and _alive(d.agent_pid or 0) and socket_path(sd).exists()
     services: dict[str, list[InstanceRow]] = {}
     for s in [n for phase in d.phases for n in phase]:
         services[s] = []

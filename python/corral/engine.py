@@ -121,6 +121,11 @@ class _Instance:
     def state(self) -> State:
         return self.life.state
 
+    @property
+    def main_port(self) -> int | None:
+        """Its first declared port: the one fronts, discovery and dependents' addresses use."""
+        return next(iter(self.p.ports.values()), None)
+
     def row(self, deployment: str) -> InstanceRow:
         return InstanceRow(
             id=self.id, deployment=deployment, service=self.p.service, idx=self.p.index, state=self.state.value,
@@ -524,8 +529,8 @@ class Deployment:
             env["CORRAL_TLS_CA"] = str(self._ca.ca_path)
             env["CORRAL_SPIFFE_ID"] = cert.spiffe_id
         for dep in svc.depends_on:
-            addrs = [f"{self.host}:{next(iter(d.p.ports.values()))}" for d in self._by_service.get(dep, [])
-                     if d.state is State.HEALTHY and d.p.ports]
+            addrs = [f"{self.host}:{d.main_port}" for d in self._by_service.get(dep, [])
+                     if d.state is State.HEALTHY and d.main_port is not None]
             if addrs:
                 env[f"CORRAL_{_env_name(dep)}_ADDR"] = addrs[0]
                 env[f"CORRAL_{_env_name(dep)}_ADDRS"] = ",".join(addrs)
@@ -543,7 +548,7 @@ class Deployment:
             return
         inst.life.to(State.HEALTHY, reason)
         inst.healthy_since = time.monotonic()
-        port = next(iter(inst.p.ports.values()), 0)
+        port = inst.main_port or 0
         meta = {f"port.{k}": str(v) for k, v in inst.p.ports.items()}
         if not self.registry.set_health(inst.id, True):
             self.registry.register(Instance(service=inst.p.service, id=inst.id, host=self.host, port=port, meta=meta))
@@ -691,8 +696,8 @@ class Deployment:
 
     def _sync_front(self, service: str) -> None:
         """The front of ``service`` balances over its healthy instances, on their first port."""
-        up = [(i.id, self.host, next(iter(i.p.ports.values()))) for i in self._by_service.get(service, [])
-              if i.state is State.HEALTHY and i.p.ports]
+        up = [(i.id, self.host, i.main_port) for i in self._by_service.get(service, [])
+              if i.state is State.HEALTHY and i.main_port is not None]
         self._fronts[service].set_upstreams(up)
 
     def _event(self, instance: str | None, service: str | None, old: str | None, new: str | None,
@@ -833,12 +838,13 @@ class Deployment:
         for row in StateStore.read_deployments(self.state_db):
             if row.name != self.name or row.status in ("down", "failed"):
                 continue
-            if row.agent_pid and row.agent_pid != os.getpid() and process_start_time(row.agent_pid) == row.agent_start:
+            if row.agent_pid != os.getpid() and row.agent_running():
                 raise AgentError(f"deployment {self.name!r} is already running (agent pid {row.agent_pid}); "
                                  f"run 'corral down' first")
             killed = 0
             for r in StateStore.read_instances(self.state_db, self.name):
-                if r.pid and r.pid_start and process_start_time(r.pid) == r.pid_start:
+                if r.is_running():
+                    assert r.pid is not None
                     signal_group(r.pid, signals.SIGKILL)
                     killed += 1
             if killed:

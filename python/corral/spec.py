@@ -92,18 +92,18 @@ def parse_size(value: object) -> int:
     raise ValueError(f"expected a size such as 256Mi or 2Gi, got {value!r}")
 
 
+def _is_port_number(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
+
+
 def _port_value(value: object) -> object:
-    if value == "auto":
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+    if value == "auto" or _is_port_number(value):
         return value
     raise ValueError(f"expected 'auto' or a port number 1-65535, got {value!r}")
 
 
 def _port_ref(value: object) -> object:
-    if isinstance(value, str) and value != "auto":
-        return value
-    if isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535:
+    if (isinstance(value, str) and value != "auto") or _is_port_number(value):
         return value
     raise ValueError(f"expected a port name or a number 1-65535, got {value!r}")
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from corral._core import process_start_time
+
 __all__ = ["DeploymentRow", "EventRow", "InstanceRow", "StateStore", "default_state_dir"]
 
 
@@ -33,7 +35,6 @@ CREATE TABLE IF NOT EXISTS deployments (
     message TEXT NOT NULL DEFAULT '',
     agent_pid INTEGER,
     agent_start INTEGER,
-    socket TEXT,
     started_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     phases TEXT NOT NULL DEFAULT '[]'
@@ -83,10 +84,13 @@ class DeploymentRow:
     message: str = ""
     agent_pid: int | None = None
     agent_start: int | None = None
-    socket: str | None = None
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     phases: list[list[str]] = field(default_factory=list)
+
+    def agent_running(self) -> bool:
+        """Whether the recorded agent is alive (its pid, with the same start time)."""
+        return _same_process(self.agent_pid, self.agent_start)
 
 
 @dataclass
@@ -112,6 +116,11 @@ class InstanceRow:
     reason: str = ""
     since: float = field(default_factory=time.time)
     log: str | None = None
+
+    def is_running(self) -> bool:
+        """Whether the recorded process is alive (its pid, with the same start time): what a
+        dead agent may have left behind."""
+        return _same_process(self.pid, self.pid_start)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``status --json`` shape of an instance."""
@@ -140,6 +149,13 @@ class EventRow:
         """JSON-ready."""
         return {"seq": self.seq, "at": self.at, "deployment": self.deployment, "instance": self.instance,
                 "service": self.service, "from": self.old, "to": self.new, "reason": self.reason}
+
+
+def _same_process(pid: int | None, start: int | None) -> bool:
+    # A pid alone may have been recycled; its start time tells the original apart.
+    if not pid or not start:
+        return False
+    return process_start_time(pid) == start
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -199,8 +215,8 @@ class StateStore:
         row.updated_at = time.time()
         with self._tx():
             self._db.execute(
-                "INSERT OR REPLACE INTO deployments VALUES (?,?,?,?,?,?,?,?,?,?)",
-                (row.name, row.spec, row.status, row.message, row.agent_pid, row.agent_start, row.socket,
+                "INSERT OR REPLACE INTO deployments VALUES (?,?,?,?,?,?,?,?,?)",
+                (row.name, row.spec, row.status, row.message, row.agent_pid, row.agent_start,
                  row.started_at, row.updated_at, json.dumps(row.phases)))
 
     def clear_instances(self, deployment: str) -> None:
@@ -220,16 +236,11 @@ class StateStore:
     # --- reads (work without the agent) ------------------------------------------------
 
     @staticmethod
-    def exists(path: str | Path) -> bool:
-        """Whether a database is there."""
-        return Path(path).is_file()
-
-    @staticmethod
     def read_deployments(path: str | Path) -> list[DeploymentRow]:
         """Every deployment recorded."""
         rows = _read(path, "SELECT * FROM deployments ORDER BY started_at", ())
         return [DeploymentRow(name=r[0], spec=r[1], status=r[2], message=r[3], agent_pid=r[4], agent_start=r[5],
-                              socket=r[6], started_at=r[7], updated_at=r[8], phases=json.loads(r[9])) for r in rows]
+                              started_at=r[6], updated_at=r[7], phases=json.loads(r[8])) for r in rows]
 
     @staticmethod
     def read_instances(path: str | Path, deployment: str) -> list[InstanceRow]:
