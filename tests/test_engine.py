@@ -156,6 +156,9 @@ async def test_liveness_failure_restarts_the_instance(tmp_path: Path, deployment
             env: {{DEAD_FILE: "{dead}"}}
             ports: {{http: auto}}
             health:
+              # Without the startup gate, liveness would start probing before the server
+              # listens and, on a slow machine, kill it for "Connection refused" first.
+              startup: {{tcp: {{port: http}}, period: 50ms, failure_threshold: 200}}
               liveness: {{http: {{port: http, path: /live}}, period: 100ms, failure_threshold: 2}}
             restart: {{policy: on-failure, backoff: fixed, initial: 100ms}}
             shutdown: {{timeout: 2s}}
