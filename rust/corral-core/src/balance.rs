@@ -47,7 +47,16 @@ pub enum Strategy {
 }
 
 impl Strategy {
-    /// Parses the Python names.
+    /// The names [`Self::parse`] accepts, as documented.
+    pub const NAMES: &'static [&'static str] = &[
+        "round_robin",
+        "weighted",
+        "least_connections",
+        "ip_hash",
+        "random",
+    ];
+
+    /// Parses a strategy's name; `weighted_round_robin` is accepted for `weighted`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
             "round_robin" => Self::RoundRobin,
@@ -58,11 +67,11 @@ impl Strategy {
             _ => return None,
         })
     }
-    /// The Python name.
+    /// The documented name (one of [`Self::NAMES`]).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::RoundRobin => "round_robin",
-            Self::WeightedRoundRobin => "weighted_round_robin",
+            Self::WeightedRoundRobin => "weighted",
             Self::LeastConnections => "least_connections",
             Self::IpHash => "ip_hash",
             Self::Random => "random",

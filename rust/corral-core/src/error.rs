@@ -1,6 +1,7 @@
 //! One error enum per concern. Messages name the resource and the numbers,
 //! so a log line alone says what ran out and by how much.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 
 /// Errors from the [`crate::ports::PortAllocator`].
@@ -101,13 +102,19 @@ pub enum ResourceError {
     InvalidConfig(String),
 }
 
-/// Errors from retry policy construction.
+/// Errors from retry policies: construction, and retries that ran out on a result.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum RetryError {
     /// A parameter is out of its domain (negative delay, multiplier below 1, ...).
     #[error("invalid retry policy: {0}")]
     InvalidPolicy(String),
+    /// Attempts ran out while the result still asked for a retry.
+    #[error("gave up after {attempts} attempts: the result still asked for a retry")]
+    Exhausted {
+        /// Attempts made.
+        attempts: u32,
+    },
 }
 
 /// Errors from the circuit breaker's configuration.
@@ -199,4 +206,46 @@ pub enum CgroupError {
         #[source]
         source: std::io::Error,
     },
+}
+
+/// Errors of the mesh ([`crate::mesh`]): its authority's files, certificates, TLS setup.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum MeshError {
+    /// A file of the authority could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Key or certificate generation or parsing failed.
+    #[error("certificate: {0}")]
+    Certificate(String),
+}
+
+/// Errors from the front proxy ([`crate::proxy`]).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProxyError {
+    /// The front's address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A parameter is out of its domain (a zero attempt count, a percentage above 100, ...).
+    #[error("invalid proxy configuration: {0}")]
+    InvalidConfig(String),
+    /// The front's TLS configuration was refused (bad certificate, key or CA).
+    #[error("mTLS front: {0}")]
+    Tls(#[from] MeshError),
+    /// A TLS operation on a front that is plain TCP.
+    #[error("not an mTLS front")]
+    NotTls,
 }

@@ -15,11 +15,18 @@
 //!   cgroup set before exec, rotated logs, exits and probe results as events);
 //! - [`probe`]: HTTP, TCP and exec health probes with Kubernetes semantics;
 //! - [`cgroup`]: memory limits through cgroup v2 or v1;
-//! - [`proxy`]: a TCP load-balancing proxy with outlier ejection and draining.
+//! - [`proxy`]: a TCP load-balancing proxy with outlier ejection and draining;
+//! - [`mesh`]: a local certificate authority and mTLS fronts;
+//! - [`runtime`]: the tokio runtimes the supervisor and the proxies run on.
+//!
+//! Every libc call and every `unsafe` block is in one private module, `sys`;
+//! the rest of the crate denies `unsafe_code`.
 //!
 //! Every type is `Send + Sync` and every method takes `&self`: share them
 //! behind an `Arc` across threads. The Python package `corral` is a thin
 //! binding over this crate.
+
+#![deny(unsafe_code)]
 
 pub mod balance;
 pub mod breaker;
@@ -36,9 +43,11 @@ pub mod registry;
 pub mod resources;
 pub mod retry;
 pub mod rng;
+pub mod runtime;
+mod sys;
 pub mod topology;
 
 pub use error::{
-    BalanceError, BreakerError, CgroupError, CircuitOpen, PortError, ProcessError, ResourceError,
-    RetryError, TopologyError,
+    BalanceError, BreakerError, CgroupError, CircuitOpen, MeshError, PortError, ProcessError,
+    ProxyError, ResourceError, RetryError, TopologyError,
 };

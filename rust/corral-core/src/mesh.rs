@@ -18,6 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+pub use crate::error::MeshError;
 use arc_swap::ArcSwap;
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -32,24 +33,6 @@ use rustls::sign::CertifiedKey;
 use rustls::{
     DigitallySignedStruct, DistinguishedName, RootCertStore, ServerConfig, SignatureScheme,
 };
-
-/// Errors of the mesh.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum MeshError {
-    /// A file of the authority could not be read or written.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// What the OS said.
-        #[source]
-        source: std::io::Error,
-    },
-    /// Key or certificate generation or parsing failed.
-    #[error("certificate: {0}")]
-    Certificate(String),
-}
 
 fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> MeshError + '_ {
     move |source| MeshError::Io {

@@ -347,9 +347,29 @@ impl PortAllocator {
         self.total
     }
 
-    /// Ports not available (allocated, reserved in range, or held elsewhere).
+    /// Ports held through this allocator: allocated or reserved in range. Ports skipped
+    /// because another process held them are [`held_elsewhere`](Self::held_elsewhere), not
+    /// counted here, so a caller that released everything it took sees 0 whatever other
+    /// processes on the machine bound meanwhile.
     pub fn in_use(&self) -> usize {
-        self.total - self.available()
+        let inner = self.inner.lock();
+        let external = inner
+            .holders
+            .values()
+            .filter(|h| matches!(h, Holder::External(_)))
+            .count();
+        self.total - inner.free_count - external
+    }
+
+    /// Ports skipped by [`allocate_checked`](Self::allocate_checked) because another
+    /// process held them (until [`refresh_external`](Self::refresh_external) finds them free).
+    pub fn held_elsewhere(&self) -> usize {
+        self.inner
+            .lock()
+            .holders
+            .values()
+            .filter(|h| matches!(h, Holder::External(_)))
+            .count()
     }
 }
 
@@ -505,6 +525,10 @@ mod tests {
         let got = p.allocate_checked(addr).unwrap();
         assert_ne!(got, port);
         assert!(p.is_allocated(port));
+        assert_eq!((p.in_use(), p.held_elsewhere()), (1, 1));
+        p.release(got).unwrap();
+        // What this allocator handed out is back; the port another process holds is not ours.
+        assert_eq!((p.in_use(), p.held_elsewhere()), (0, 1));
         match p.allocate_static(port, None).unwrap_err() {
             PortError::InUse { holder, .. } => {
                 let h = holder.unwrap();
@@ -515,5 +539,6 @@ mod tests {
         drop(held);
         assert_eq!(p.refresh_external(addr), 1);
         assert!(!p.is_allocated(port));
+        assert_eq!(p.held_elsewhere(), 0);
     }
 }

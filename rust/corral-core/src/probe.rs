@@ -215,8 +215,8 @@ struct KillGroupOnDrop(Option<u32>);
 
 impl Drop for KillGroupOnDrop {
     fn drop(&mut self) {
-        if let Some(pgid) = self.0 {
-            let _ = crate::process::signal_group(pgid, libc::SIGKILL);
+        if let Some(pgid) = self.0.filter(|&p| p > 1) {
+            let _ = crate::sys::killpg(pgid, libc::SIGKILL);
         }
     }
 }

@@ -42,7 +42,7 @@
 //! assert_eq!(&t.join().unwrap(), b"hello");
 //! ```
 
-use std::io;
+use crate::error::ProxyError;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -186,12 +186,26 @@ impl std::fmt::Debug for Proxy {
 /// Bound on a client's TLS handshake.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Per-upstream state for stats: id, address, ejected, counters.
-pub type UpstreamStats = (String, SocketAddr, bool, CounterSnapshot);
+/// One upstream's state, for stats.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamStats {
+    /// The id it was given (an instance id).
+    pub id: String,
+    /// Where it listens.
+    pub address: SocketAddr,
+    /// Ejected now (its breaker is open).
+    pub ejected: bool,
+    /// Its counters.
+    pub counters: CounterSnapshot,
+}
 
 impl Proxy {
     /// Binds `addr` (port 0 picks one) and starts accepting on `handle`'s runtime.
-    pub fn bind(addr: SocketAddr, cfg: ProxyConfig, handle: &Handle) -> io::Result<Arc<Proxy>> {
+    pub fn bind(
+        addr: SocketAddr,
+        cfg: ProxyConfig,
+        handle: &Handle,
+    ) -> Result<Arc<Proxy>, ProxyError> {
         Self::bind_with(addr, cfg, handle, None)
     }
 
@@ -201,7 +215,7 @@ impl Proxy {
         cfg: ProxyConfig,
         handle: &Handle,
         tls: TlsFront,
-    ) -> io::Result<Arc<Proxy>> {
+    ) -> Result<Arc<Proxy>, ProxyError> {
         Self::bind_with(addr, cfg, handle, Some(tls))
     }
 
@@ -210,17 +224,23 @@ impl Proxy {
         cfg: ProxyConfig,
         handle: &Handle,
         tls: Option<TlsFront>,
-    ) -> io::Result<Arc<Proxy>> {
-        let std_listener = std::net::TcpListener::bind(addr)?;
-        std_listener.set_nonblocking(true)?;
-        let local = std_listener.local_addr()?;
-        let lb = LoadBalancer::with_keys(cfg.strategy, Vec::new())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    ) -> Result<Arc<Proxy>, ProxyError> {
+        if cfg.max_attempts == 0 || cfg.max_ejection_percent > 100 {
+            return Err(ProxyError::InvalidConfig(format!(
+                "max_attempts must be at least 1 (got {}), max_ejection_percent at most 100 (got {})",
+                cfg.max_attempts, cfg.max_ejection_percent
+            )));
+        }
+        let invalid = |e: &dyn std::fmt::Display| ProxyError::InvalidConfig(e.to_string());
+        let lb = LoadBalancer::with_keys(cfg.strategy, Vec::new()).map_err(|e| invalid(&e))?;
         let (ratio, min) = cfg.retry_budget;
-        let budget = RetryBudget::new(ratio, min, Duration::from_secs(10))
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        CircuitBreaker::new(cfg.breaker.clone())
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let budget =
+            RetryBudget::new(ratio, min, Duration::from_secs(10)).map_err(|e| invalid(&e))?;
+        CircuitBreaker::new(cfg.breaker.clone()).map_err(|e| invalid(&e))?;
+        let bind_err = |source| ProxyError::Bind { addr, source };
+        let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
+        std_listener.set_nonblocking(true).map_err(bind_err)?;
+        let local = std_listener.local_addr().map_err(bind_err)?;
         let proxy = Arc::new(Proxy {
             cfg,
             lb,
@@ -236,7 +256,7 @@ impl Proxy {
         });
         let listener = {
             let _guard = handle.enter();
-            TcpListener::from_std(std_listener)?
+            TcpListener::from_std(std_listener).map_err(bind_err)?
         };
         let p = proxy.clone();
         let task = handle.spawn(async move { p.accept_loop(listener).await });
@@ -309,13 +329,11 @@ impl Proxy {
         self.lb
             .backends()
             .iter()
-            .map(|b| {
-                (
-                    b.value.id.clone(),
-                    b.value.addr,
-                    b.value.is_ejected(),
-                    b.value.counters.snapshot(),
-                )
+            .map(|b| UpstreamStats {
+                id: b.value.id.clone(),
+                address: b.value.addr,
+                ejected: b.value.is_ejected(),
+                counters: b.value.counters.snapshot(),
             })
             .collect()
     }

@@ -73,6 +73,9 @@ pub enum Jitter {
 }
 
 impl Jitter {
+    /// The names [`Self::parse`] accepts, as documented.
+    pub const NAMES: &'static [&'static str] = &["none", "full", "equal"];
+
     /// Parses `none`, `full`, `equal`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -259,6 +262,78 @@ impl Iterator for Schedule {
     type Item = Duration;
     fn next(&mut self) -> Option<Duration> {
         self.next_delay(Duration::ZERO)
+    }
+}
+
+/// One retried operation, stepped by whoever runs it: the sync loop of a binding, an async
+/// loop, or an engine that schedules the next attempt on its event loop. It owns the
+/// bookkeeping every such loop needs (the budget's deposit and withdrawals, the elapsed
+/// time, the attempt count), so there is one retry loop's logic, not one per caller.
+///
+/// ```
+/// use std::time::Duration;
+/// use corral_core::retry::{Attempts, Backoff, RetryPolicy};
+///
+/// let p = RetryPolicy::new(Backoff::Fixed { delay: Duration::from_millis(10) }).max_attempts(Some(3));
+/// let mut a = Attempts::new(&p, None);
+/// assert_eq!(a.after_failure(), Some(Duration::from_millis(10))); // attempt 2
+/// assert_eq!(a.after_failure(), Some(Duration::from_millis(10))); // attempt 3
+/// assert_eq!(a.after_failure(), None);                             // give up
+/// assert_eq!(a.attempts(), 3);
+/// ```
+#[derive(Debug)]
+pub struct Attempts {
+    policy: RetryPolicy,
+    schedule: Option<Schedule>,
+    budget: Option<Arc<RetryBudget>>,
+    /// When the first attempt began; read only when the policy caps elapsed time.
+    start: Option<std::time::Instant>,
+    begun: u32,
+}
+
+impl Attempts {
+    /// The first attempt begins now; it is deposited in `budget`.
+    pub fn new(policy: &RetryPolicy, budget: Option<Arc<RetryBudget>>) -> Self {
+        if let Some(b) = &budget {
+            b.deposit();
+        }
+        Attempts {
+            policy: policy.clone(),
+            schedule: None,
+            budget,
+            start: policy.max_elapsed.is_some().then(std::time::Instant::now),
+            begun: 1,
+        }
+    }
+
+    /// The last attempt failed: the wait before the next one, or `None` to give up (the
+    /// policy's caps are reached, or the budget is spent). A `Some` counts the next attempt.
+    pub fn after_failure(&mut self) -> Option<Duration> {
+        let elapsed = self.start.map_or(Duration::ZERO, |s| s.elapsed());
+        let delay = self
+            .schedule
+            .get_or_insert_with(|| self.policy.schedule())
+            .next_delay(elapsed)?;
+        if let Some(b) = &self.budget {
+            if !b.try_withdraw() {
+                return None;
+            }
+        }
+        self.begun += 1;
+        Some(delay)
+    }
+
+    /// Attempts begun so far (1 before any failure).
+    pub fn attempts(&self) -> u32 {
+        self.begun
+    }
+
+    /// The error to raise when the result, not an exception, asked for the retry that
+    /// [`Attempts::after_failure`] refused.
+    pub fn exhausted(&self) -> RetryError {
+        RetryError::Exhausted {
+            attempts: self.begun,
+        }
     }
 }
 

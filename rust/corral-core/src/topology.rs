@@ -166,21 +166,7 @@ fn node_memory_mb(text: &str) -> Option<u64> {
 
 /// This process's CPU affinity mask (Linux).
 fn affinity() -> Option<Vec<u32>> {
-    // SAFETY: cpu_set_t is plain data; sched_getaffinity writes at most its size.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let rc =
-        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw mut set) };
-    if rc != 0 {
-        return None;
-    }
-    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
-    Some(
-        (0..max)
-            // SAFETY: i < CPU_SETSIZE.
-            .filter(|&i| unsafe { libc::CPU_ISSET(i, &set) })
-            .map(|i| i as u32)
-            .collect(),
-    )
+    crate::sys::CpuMask::current().ok().map(|m| m.cpus())
 }
 
 /// The cpuset this process's cgroup allows, when one is visible (v2 or v1).

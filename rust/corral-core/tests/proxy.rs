@@ -67,34 +67,11 @@ struct TcpStreamConnector {
 
 impl TcpStreamConnector {
     fn connect_from(&self, to: SocketAddr) -> std::io::Result<TcpStream> {
-        // std has no bind-before-connect; do it through libc.
-        use std::os::fd::FromRawFd;
-        // SAFETY: plain socket calls on a fresh descriptor, checked for errors.
-        unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(fd >= 0);
-            let mk = |ip: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-                sin_family: libc::AF_INET as libc::sa_family_t,
-                sin_port: port.to_be(),
-                sin_addr: libc::in_addr {
-                    s_addr: u32::from(ip).to_be(),
-                },
-                sin_zero: [0; 8],
-            };
-            let local = mk(self.ip, 0);
-            let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-            if libc::bind(fd, (&raw const local).cast(), len) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            let SocketAddr::V4(v4) = to else {
-                panic!("v4 only")
-            };
-            let remote = mk(*v4.ip(), v4.port());
-            if libc::connect(fd, (&raw const remote).cast(), len) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(TcpStream::from_raw_fd(fd))
-        }
+        // std has no bind-before-connect; socket2 has.
+        let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        sock.bind(&SocketAddr::new(self.ip.into(), 0).into())?;
+        sock.connect(&to.into())?;
+        Ok(sock.into())
     }
 }
 
@@ -151,11 +128,11 @@ fn a_dead_upstream_is_retried_past_then_ejected() {
         assert!(ask(front, b"x").starts_with("live:"));
     }
     let ups = p.upstreams();
-    let d = ups.iter().find(|u| u.0 == "dead").unwrap();
-    assert!(d.2, "ejected after its breaker opened");
-    assert_eq!(d.3.ejections, 1);
+    let d = ups.iter().find(|u| u.id == "dead").unwrap();
+    assert!(d.ejected, "ejected after its breaker opened");
+    assert_eq!(d.counters.ejections, 1);
     assert_eq!(
-        d.3.errors, 3,
+        d.counters.errors, 3,
         "three connect failures open the default breaker; then no more tries"
     );
     assert_eq!(p.totals().1, 0, "no client saw a failure");

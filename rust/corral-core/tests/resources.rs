@@ -395,13 +395,58 @@ proptest! {
             prop_assert!(u.memory_used_mb <= u.memory_capacity_mb);
             prop_assert_eq!(u.shared_used_millicores, held.iter().map(|g| u64::from(g.millicores)).sum::<u64>());
             prop_assert!(u.shared_used_millicores <= u.shared_capacity_millicores);
-            for (id, cap, used) in &u.memory_by_node {
-                prop_assert!(used <= cap, "node {} over capacity", id);
+            for n in &u.memory_by_node {
+                prop_assert!(n.used_mb <= n.capacity_mb, "node {} over capacity", n.node);
             }
+            // The shared CPUs are exactly those nobody holds exclusively.
+            let shared = m.shared_cpus(None);
+            prop_assert!(shared.iter().all(|c| !seen.contains(c)));
+            prop_assert_eq!(shared.len() + seen.len(), m.topology().cpus().len());
         }
         for g in held {
             m.release(g.id).unwrap();
         }
         prop_assert_eq!(m.usage(), initial, "release restores exactly");
     }
+}
+
+#[test]
+fn shared_cpus_follow_exclusive_grants_and_nodes() {
+    let m = rm("dual-socket");
+    let all = m.topology().cpus().to_vec();
+    assert_eq!(
+        m.shared_cpus(None),
+        all,
+        "nothing held: every CPU is shared"
+    );
+    let g = m
+        .allocate(&ResourceRequest {
+            cores: 2,
+            numa: NumaPolicy::Require,
+            ..Default::default()
+        })
+        .unwrap();
+    let node = g.numa_node.unwrap();
+    let shared = m.shared_cpus(None);
+    assert!(g.cpus.iter().all(|c| !shared.contains(c)));
+    assert_eq!(shared.len(), all.len() - 2);
+    let on_node = m.shared_cpus(Some(node));
+    assert!(!on_node.is_empty());
+    assert!(on_node
+        .iter()
+        .all(|&c| m.topology().cpu(c).unwrap().numa_node == node && shared.contains(&c)));
+    // A node that does not exist falls back to the whole machine.
+    assert_eq!(m.shared_cpus(Some(99)), shared);
+    m.release(g.id).unwrap();
+    assert_eq!(m.shared_cpus(None), all);
+}
+
+#[test]
+fn free_space_of_a_path_not_created_yet_is_its_ancestors() {
+    let dir = tempfile::tempdir().unwrap();
+    let deep = dir.path().join("not/yet/there");
+    let here = corral_core::resources::filesystem_free_mb(dir.path()).unwrap();
+    let there = corral_core::resources::filesystem_free_mb(&deep).unwrap();
+    // The same filesystem; free space may move a little between the two calls.
+    assert!(here.abs_diff(there) < 64, "{here} vs {there}");
 }

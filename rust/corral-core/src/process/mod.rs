@@ -23,8 +23,9 @@
 //! }
 //! ```
 
-use std::fs::{File, OpenOptions};
-use std::io::Write;
+mod log;
+
+use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
@@ -33,24 +34,15 @@ use std::sync::Arc;
 
 use dashmap::DashMap;
 use parking_lot::Mutex;
-use tokio::io::AsyncReadExt;
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
+use self::log::copy_to_log;
+pub use self::log::{LogConfig, RotatingLog};
 use crate::error::ProcessError;
-use crate::probe::{run_health, Health, ProbeKind, ProbeResult};
-
-/// Where a process's output goes: `path`, rotated to `path.1` .. `path.<keep>` past `max_bytes`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LogConfig {
-    /// The live log file.
-    pub path: PathBuf,
-    /// Size at which the file rotates (0: never).
-    pub max_bytes: u64,
-    /// Rotated files kept.
-    pub keep: usize,
-}
+use crate::probe::{run_health, Health, ProbeResult};
+use crate::sys::{self, CpuMask, ThreadMask};
 
 /// How to start a process.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -188,27 +180,7 @@ impl Supervisor {
         //   (vfork-like, no page table copy: several times faster).
         let mut restore = None;
         if let Some(f) = &procs {
-            let fd = f.as_raw_fd();
-            // SAFETY: the closure runs between fork and exec and only makes async-signal-safe
-            // system calls (sched_setaffinity, getpid, write) on memory prepared before fork.
-            #[allow(unsafe_code)]
-            unsafe {
-                cmd.pre_exec(move || {
-                    if let Some(set) = &affinity {
-                        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), set)
-                            != 0
-                        {
-                            return Err(std::io::Error::last_os_error());
-                        }
-                    }
-                    let mut buf = [0u8; 16];
-                    let digits = format_pid(libc::getpid() as u32, &mut buf);
-                    if libc::write(fd, digits.as_ptr().cast(), digits.len()) < 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            sys::before_exec_join(&mut cmd, affinity, f.as_raw_fd());
         } else if let Some(set) = &affinity {
             restore = Some(ThreadMask::set(set).map_err(|source| ProcessError::Spawn {
                 program: program.clone(),
@@ -322,76 +294,20 @@ impl Supervisor {
     }
 }
 
-impl ProbeResult {
-    /// Shorthand for the probe's name.
-    pub fn kind_name(&self) -> &'static str {
-        self.kind.as_str()
-    }
-}
-
-impl ProbeKind {
-    /// Parses `startup`, `readiness` or `liveness`.
-    pub fn parse(s: &str) -> Option<Self> {
-        match s {
-            "startup" => Some(ProbeKind::Startup),
-            "readiness" => Some(ProbeKind::Readiness),
-            "liveness" => Some(ProbeKind::Liveness),
-            _ => None,
-        }
-    }
-}
-
-/// The calling thread's CPU mask, replaced until dropped.
-struct ThreadMask(libc::cpu_set_t);
-
-impl ThreadMask {
-    fn set(mask: &libc::cpu_set_t) -> std::io::Result<Self> {
-        let size = std::mem::size_of::<libc::cpu_set_t>();
-        // SAFETY: both calls get a pointer to a cpu_set_t of the size passed.
-        #[allow(unsafe_code)]
-        unsafe {
-            let mut old: libc::cpu_set_t = std::mem::zeroed();
-            if libc::sched_getaffinity(0, size, &raw mut old) != 0
-                || libc::sched_setaffinity(0, size, mask) != 0
-            {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(ThreadMask(old))
-        }
-    }
-}
-
-impl Drop for ThreadMask {
-    fn drop(&mut self) {
-        // SAFETY: as above.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &raw const self.0);
-        }
-    }
-}
-
 /// Sends `signal` to the process group `pgid`; `Ok(false)` when the group no longer exists.
 pub fn signal_group(pgid: u32, signal: i32) -> Result<bool, ProcessError> {
     if pgid <= 1 {
         // killpg(0) and killpg(1) would hit our own group or everything: never.
         return Ok(false);
     }
-    // SAFETY: killpg has no memory preconditions.
-    #[allow(unsafe_code)]
-    let rc = unsafe { libc::killpg(pgid as libc::pid_t, signal) };
-    if rc == 0 {
-        return Ok(true);
-    }
-    let e = std::io::Error::last_os_error();
-    if e.raw_os_error() == Some(libc::ESRCH) {
-        Ok(false)
-    } else {
-        Err(ProcessError::Signal {
+    match sys::killpg(pgid, signal) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Ok(false),
+        Err(source) => Err(ProcessError::Signal {
             pgid,
             signal,
-            source: e,
-        })
+            source,
+        }),
     }
 }
 
@@ -434,140 +350,20 @@ fn stat_fields(pid: u32) -> Option<Stat> {
     })
 }
 
-fn cpu_set(cpus: &[usize]) -> Result<Option<libc::cpu_set_t>, ProcessError> {
+fn cpu_set(cpus: &[usize]) -> Result<Option<CpuMask>, ProcessError> {
     if cpus.is_empty() {
         return Ok(None);
     }
-    // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
-    #[allow(unsafe_code)]
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    let max = 8 * std::mem::size_of::<libc::cpu_set_t>();
-    for &cpu in cpus {
-        if cpu >= max {
-            return Err(ProcessError::BadCpu { cpu, max });
-        }
-        // SAFETY: cpu < the set's size, checked above.
-        #[allow(unsafe_code)]
-        unsafe {
-            libc::CPU_SET(cpu, &mut set);
-        }
-    }
-    Ok(Some(set))
-}
-
-/// Decimal digits of `pid` in `buf`, without allocating (this runs between fork and exec).
-fn format_pid(mut pid: u32, buf: &mut [u8; 16]) -> &[u8] {
-    let mut i = buf.len();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (pid % 10) as u8;
-        pid /= 10;
-        if pid == 0 {
-            break;
-        }
-    }
-    &buf[i..]
+    CpuMask::of(cpus)
+        .map(Some)
+        .map_err(|cpu| ProcessError::BadCpu {
+            cpu,
+            max: CpuMask::CAPACITY,
+        })
 }
 
 fn with_path(e: &std::io::Error, p: &Path) -> std::io::Error {
     std::io::Error::new(e.kind(), format!("{}: {e}", p.display()))
-}
-
-async fn copy_to_log(mut src: impl tokio::io::AsyncRead + Unpin, log: Arc<Mutex<RotatingLog>>) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        match src.read(&mut buf).await {
-            Ok(0) | Err(_) => break,
-            Ok(n) => log.lock().write(&buf[..n]),
-        }
-    }
-}
-
-/// A log file that rotates by size: `path` -> `path.1` -> ... -> `path.<keep>`.
-#[derive(Debug)]
-pub struct RotatingLog {
-    cfg: LogConfig,
-    file: File,
-    size: u64,
-}
-
-impl RotatingLog {
-    /// Opens (appends to) the log file, creating its directory.
-    pub fn open(cfg: &LogConfig) -> Result<Self, ProcessError> {
-        let err = |source| ProcessError::Log {
-            path: cfg.path.clone(),
-            source,
-        };
-        if let Some(dir) = cfg.path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
-        }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&cfg.path)
-            .map_err(err)?;
-        let size = file.metadata().map_err(err)?.len();
-        Ok(RotatingLog {
-            cfg: cfg.clone(),
-            file,
-            size,
-        })
-    }
-
-    /// Appends `data`, rotating whenever the file would pass its size limit; a chunk is split
-    /// at its last line break that still fits (or hard, for a line longer than the limit), so
-    /// no file grows past `max_bytes`. I/O errors are dropped: a full disk must not stop the
-    /// process whose output this is.
-    pub fn write(&mut self, mut data: &[u8]) {
-        let max = self.cfg.max_bytes;
-        while !data.is_empty() {
-            let room = max.saturating_sub(self.size);
-            if max == 0 || data.len() as u64 <= room {
-                self.append(data);
-                return;
-            }
-            let fits = &data[..room as usize];
-            let cut = match fits.iter().rposition(|&b| b == b'\n') {
-                Some(i) => i + 1,
-                None if self.size == 0 => fits.len(),
-                None => 0,
-            };
-            self.append(&data[..cut]);
-            data = &data[cut..];
-            self.rotate();
-        }
-    }
-
-    fn append(&mut self, data: &[u8]) {
-        if self.file.write_all(data).is_ok() {
-            self.size += data.len() as u64;
-        }
-    }
-
-    fn rotate(&mut self) {
-        let name = |i: usize| {
-            let mut p = self.cfg.path.clone().into_os_string();
-            p.push(format!(".{i}"));
-            PathBuf::from(p)
-        };
-        if self.cfg.keep == 0 {
-            let _ = self.file.set_len(0);
-        } else {
-            let _ = std::fs::remove_file(name(self.cfg.keep));
-            for i in (1..self.cfg.keep).rev() {
-                let _ = std::fs::rename(name(i), name(i + 1));
-            }
-            let _ = std::fs::rename(&self.cfg.path, name(1));
-        }
-        if let Ok(f) = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.cfg.path)
-        {
-            self.file = f;
-        }
-        self.size = 0;
-    }
 }
 
 #[cfg(test)]
@@ -575,56 +371,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn pid_digits() {
-        let mut b = [0u8; 16];
-        assert_eq!(format_pid(0, &mut b), b"0");
-        assert_eq!(format_pid(4_194_304, &mut b), b"4194304");
-    }
-
-    #[test]
-    fn log_rotates_by_size_and_keeps_n() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = LogConfig {
-            path: dir.path().join("a.log"),
-            max_bytes: 10,
-            keep: 2,
-        };
-        let mut log = RotatingLog::open(&cfg).unwrap();
-        for chunk in [&b"aaaaaaaa"[..], b"bbbbbbbb", b"cccccccc", b"dddddddd"] {
-            log.write(chunk);
-        }
-        let read = |s: &str| std::fs::read_to_string(dir.path().join(s)).unwrap();
-        assert_eq!(read("a.log"), "dddddddd");
-        assert_eq!(read("a.log.1"), "cccccccc");
-        assert_eq!(read("a.log.2"), "bbbbbbbb");
-        assert!(!dir.path().join("a.log.3").exists());
-    }
-
-    #[test]
-    fn a_large_chunk_splits_at_line_breaks() {
-        let dir = tempfile::tempdir().unwrap();
-        let cfg = LogConfig {
-            path: dir.path().join("b.log"),
-            max_bytes: 10,
-            keep: 3,
-        };
-        let mut log = RotatingLog::open(&cfg).unwrap();
-        log.write(b"one\ntwo\nthree\nfour-is-long-line\n");
-        let read = |s: &str| std::fs::read_to_string(dir.path().join(s)).unwrap();
-        assert_eq!(read("b.log.3"), "one\ntwo\n");
-        assert_eq!(read("b.log.2"), "three\n");
-        assert_eq!(read("b.log.1"), "four-is-lo");
-        assert_eq!(read("b.log"), "ng-line\n");
-    }
-
-    #[test]
     fn stat_of_self_has_our_group() {
-        let pid = std::process::id();
-        let st = stat_fields(pid).unwrap();
-        // SAFETY: getpgrp has no preconditions.
-        #[allow(unsafe_code)]
-        let pgrp = unsafe { libc::getpgrp() } as u32;
-        assert_eq!(st.pgrp, pgrp);
+        let st = stat_fields(std::process::id()).unwrap();
+        assert_eq!(st.pgrp, sys::getpgrp());
         assert!(st.start_time > 0);
     }
 }

@@ -31,6 +31,9 @@ use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 
+mod place;
+
+use self::place::Placed;
 use crate::cpuset::CpuSet;
 use crate::error::ResourceError;
 use crate::topology::{format_cpulist, Topology};
@@ -48,6 +51,9 @@ pub enum NumaPolicy {
 }
 
 impl NumaPolicy {
+    /// The names [`Self::parse`] accepts, as documented.
+    pub const NAMES: &'static [&'static str] = &["none", "prefer", "require"];
+
     /// Parses `none`, `prefer`, `require`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -70,6 +76,9 @@ pub enum CachePolicy {
 }
 
 impl CachePolicy {
+    /// The names [`Self::parse`] accepts, as documented.
+    pub const NAMES: &'static [&'static str] = &["any", "prefer-large"];
+
     /// Parses `any`, `prefer-large`.
     pub fn parse(s: &str) -> Option<Self> {
         Some(match s {
@@ -182,6 +191,17 @@ pub struct VolumeUsage {
     pub reserved_mb: u64,
 }
 
+/// Memory of one NUMA node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NodeMemory {
+    /// The node.
+    pub node: u32,
+    /// Its capacity, MiB (after overcommit).
+    pub capacity_mb: u64,
+    /// Pinned to it by grants, MiB.
+    pub used_mb: u64,
+}
+
 /// A snapshot of the ledgers.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Usage {
@@ -197,8 +217,8 @@ pub struct Usage {
     pub memory_capacity_mb: u64,
     /// Memory in use, MiB.
     pub memory_used_mb: u64,
-    /// Per NUMA node: (id, capacity MiB, pinned use MiB).
-    pub memory_by_node: Vec<(u32, u64, u64)>,
+    /// Memory per NUMA node.
+    pub memory_by_node: Vec<NodeMemory>,
     /// Swap in use, MiB.
     pub swap_used_mb: u64,
     /// Volumes.
@@ -207,20 +227,36 @@ pub struct Usage {
     pub grants: usize,
 }
 
+/// What placement needs of the topology, computed once.
 struct Precomputed {
     /// CPUs that may be handed out (usable less reserved).
     usable: CpuSet,
     reserved: Vec<u32>,
-    /// (node id, its usable CPUs, memory capacity MiB)
-    nodes: Vec<(u32, CpuSet, u64)>,
-    /// (l3 index, its usable CPUs, size KiB)
-    l3: Vec<(u32, CpuSet, u64)>,
+    nodes: Vec<NodeInfo>,
+    l3: Vec<L3Info>,
     /// Each core's usable threads (reserved ones included, so a core with a reserved CPU is never "whole").
     cores: Vec<Vec<u32>>,
     core_of: HashMap<u32, usize>,
     l3_of: HashMap<u32, u32>,
     memory_capacity: u64,
     swap_capacity: Option<u64>,
+}
+
+/// A NUMA node as placement sees it.
+struct NodeInfo {
+    id: u32,
+    /// Its CPUs that may be handed out.
+    cpus: CpuSet,
+    /// Its share of the memory capacity, MiB (before overcommit).
+    memory_mb: u64,
+}
+
+/// An L3 cache domain as placement sees it.
+struct L3Info {
+    id: u32,
+    /// Its CPUs that may be handed out.
+    cpus: CpuSet,
+    size_kb: u64,
 }
 
 struct Volume {
@@ -256,18 +292,19 @@ impl std::fmt::Debug for ResourceManager {
     }
 }
 
-/// Free space of the filesystem holding `path`, MiB.
+/// Free space of the filesystem that holds, or will hold, `path`, MiB: a path that does not
+/// exist yet (a volume created at start) is measured at its nearest existing ancestor.
 pub fn filesystem_free_mb(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path contains NUL"))?;
-    // SAFETY: statvfs is plain data; the path is a valid NUL-terminated string.
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statvfs(c.as_ptr(), &raw mut st) };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+    let mut at = path;
+    loop {
+        match crate::sys::statvfs_available(at) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
+                Some(parent) if !parent.as_os_str().is_empty() => at = parent,
+                _ => return Err(e),
+            },
+            other => return other.map(|bytes| bytes / (1024 * 1024)),
+        }
     }
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64) / (1024 * 1024))
 }
 
 /// Bytes used on disk under `path` (allocated blocks, as `du` counts them; hard links once).
@@ -343,22 +380,20 @@ impl ResourceManager {
                 } else {
                     memory_capacity / node_count
                 };
-                (
-                    n.id,
-                    n.cpus.iter().filter(|c| usable.contains(**c)).collect(),
-                    cap,
-                )
+                NodeInfo {
+                    id: n.id,
+                    cpus: n.cpus.iter().filter(|c| usable.contains(**c)).collect(),
+                    memory_mb: cap,
+                }
             })
             .collect();
         let l3 = topology
             .l3_domains()
             .iter()
-            .map(|d| {
-                (
-                    d.id,
-                    d.cpus.iter().filter(|c| usable.contains(**c)).collect(),
-                    d.size_kb,
-                )
+            .map(|d| L3Info {
+                id: d.id,
+                cpus: d.cpus.iter().filter(|c| usable.contains(**c)).collect(),
+                size_kb: d.size_kb,
             })
             .collect();
         let cores: Vec<Vec<u32>> = topology.cores().iter().map(|c| c.cpus.clone()).collect();
@@ -438,8 +473,8 @@ impl ResourceManager {
             .pre
             .nodes
             .iter()
-            .find(|n| n.0 == node)
-            .map_or(0, |n| n.2);
+            .find(|n| n.id == node)
+            .map_or(0, |n| n.memory_mb);
         (cap as f64 * self.config.memory_overcommit) as u64
     }
 
@@ -511,7 +546,7 @@ impl ResourceManager {
             )));
         }
 
-        let (cpus, node) = self.place(&l, req)?;
+        let Placed { cpus, node } = self.place(&l, req)?;
         let pinned = req.numa != NumaPolicy::None && node.is_some();
         if pinned {
             let n = node.expect("pinned implies a node");
@@ -577,209 +612,6 @@ impl ResourceManager {
         s
     }
 
-    /// Chooses exclusive CPUs and the NUMA node for `req`.
-    fn place(
-        &self,
-        l: &Ledger,
-        req: &ResourceRequest,
-    ) -> Result<(Vec<u32>, Option<u32>), ResourceError> {
-        let k = req.cores as usize;
-        let pins_memory = req.numa != NumaPolicy::None;
-        let mem_fits = |node: u32| {
-            !pins_memory
-                || l.node_memory_used.get(&node).copied().unwrap_or(0) + req.memory_mb
-                    <= self.node_capacity(node)
-        };
-        if k == 0 {
-            if !pins_memory {
-                return Ok((Vec::new(), None));
-            }
-            // Memory only: the chosen node, else the node with the most free memory that fits.
-            let mut cands: Vec<(u32, u64)> = self
-                .pre
-                .nodes
-                .iter()
-                .map(|n| {
-                    (
-                        n.0,
-                        self.node_capacity(n.0)
-                            .saturating_sub(l.node_memory_used.get(&n.0).copied().unwrap_or(0)),
-                    )
-                })
-                .filter(|(id, _)| mem_fits(*id))
-                .collect();
-            cands.sort_by_key(|(id, free)| (Some(*id) != req.numa_node, std::cmp::Reverse(*free)));
-            return match cands.first() {
-                Some((id, _)) => Ok((Vec::new(), Some(*id))),
-                None if req.numa == NumaPolicy::Require => Err(self.node_memory_shortage(l, req)),
-                None => Ok((Vec::new(), None)),
-            };
-        }
-        // Nodes that can hold all k cores (and the memory, when pinned): the preferred one,
-        // then one where a single L3 domain holds them, then the tightest fit, so large
-        // free nodes stay whole for large requests.
-        let mut fitting: Vec<(bool, u32, usize, CpuSet)> = self
-            .pre
-            .nodes
-            .iter()
-            .filter(|(id, cpus, _)| cpus.count_and(&l.free) >= k && mem_fits(*id))
-            .map(|(id, cpus, _)| {
-                let pool = cpus.and(&l.free);
-                let l3_fits = self.pre.l3.iter().any(|d| d.1.count_and(&pool) >= k);
-                (l3_fits, *id, pool.len(), pool)
-            })
-            .collect();
-        fitting.sort_by_key(|(l3_fits, id, free, _)| {
-            (Some(*id) != req.numa_node, !*l3_fits, *free, *id)
-        });
-        if let Some((_, node, _, pool)) = fitting.into_iter().next() {
-            return Ok((self.pick_in_l3(&pool, k, req.cache), Some(node)));
-        }
-        if req.numa == NumaPolicy::Require {
-            let any_cpu_fit = self
-                .pre
-                .nodes
-                .iter()
-                .any(|(_, cpus, _)| cpus.count_and(&l.free) >= k);
-            if any_cpu_fit {
-                return Err(self.node_memory_shortage(l, req));
-            }
-            let per_node: Vec<String> = self
-                .pre
-                .nodes
-                .iter()
-                .map(|(id, cpus, _)| format!("node {id}: {}", cpus.count_and(&l.free)))
-                .collect();
-            return Err(ResourceError::Insufficient(format!(
-                "cpu: asked {k} exclusive cores on one NUMA node, no node has that many free ({})",
-                per_node.join(", ")
-            )));
-        }
-        // Spread over nodes: fill from the L3 domains with the most free CPUs.
-        Ok((self.pick_in_l3(&l.free, k, req.cache), None))
-    }
-
-    fn node_memory_shortage(&self, l: &Ledger, req: &ResourceRequest) -> ResourceError {
-        let (best_node, best_free) = self
-            .pre
-            .nodes
-            .iter()
-            .map(|n| {
-                (
-                    n.0,
-                    self.node_capacity(n.0)
-                        .saturating_sub(l.node_memory_used.get(&n.0).copied().unwrap_or(0)),
-                )
-            })
-            .min_by_key(|(id, f)| (std::cmp::Reverse(*f), *id))
-            .unwrap_or((0, 0));
-        ResourceError::Insufficient(format!(
-            "memory: asked {} MiB, {best_free} MiB free on node {best_node}, {} MiB free in total",
-            req.memory_mb,
-            self.pre.memory_capacity.saturating_sub(l.memory_used)
-        ))
-    }
-
-    /// Picks k CPUs from `pool`: one L3 domain when one fits, else across domains.
-    fn pick_in_l3(&self, pool: &CpuSet, k: usize, cache: CachePolicy) -> Vec<u32> {
-        let mut doms: Vec<(u32, usize, u64)> = self
-            .pre
-            .l3
-            .iter()
-            .map(|(id, cpus, size)| (*id, cpus.count_and(pool), *size))
-            .filter(|d| d.1 > 0)
-            .collect();
-        match cache {
-            CachePolicy::PreferLarge => {
-                doms.sort_by_key(|d| (d.1 < k, std::cmp::Reverse(d.2), d.1, d.0));
-            }
-            CachePolicy::Any => doms.sort_by_key(|d| (d.1 < k, d.1, d.0)),
-        }
-        if doms.first().is_some_and(|d| d.1 < k) {
-            // Nothing holds all k: spread, biggest free blocks first (largest caches first when asked).
-            match cache {
-                CachePolicy::PreferLarge => {
-                    doms.sort_by_key(|d| (std::cmp::Reverse(d.2), std::cmp::Reverse(d.1), d.0));
-                }
-                CachePolicy::Any => doms.sort_by_key(|d| (std::cmp::Reverse(d.1), d.0)),
-            }
-        }
-        let mut out = Vec::with_capacity(k);
-        for (id, _, _) in doms {
-            if out.len() == k {
-                break;
-            }
-            let dom_cpus = &self
-                .pre
-                .l3
-                .iter()
-                .find(|d| d.0 == id)
-                .expect("known domain")
-                .1;
-            let dpool = dom_cpus.and(pool);
-            self.pick_smt(&dpool, k - out.len(), &mut out);
-        }
-        out.sort_unstable();
-        out
-    }
-
-    /// Picks up to `want` CPUs of `pool` into `out`: whole free physical cores
-    /// first, then threads of cores already partly taken, then splits a free core.
-    fn pick_smt(&self, pool: &CpuSet, want: usize, out: &mut Vec<u32>) {
-        let mut whole: Vec<usize> = Vec::new();
-        let mut partial: Vec<(usize, usize)> = Vec::new();
-        let mut last_core = usize::MAX;
-        for c in pool.iter() {
-            let core = self.pre.core_of[&c];
-            if core == last_core {
-                continue;
-            }
-            last_core = core;
-            let threads = &self.pre.cores[core];
-            let free_here = threads.iter().filter(|t| pool.contains(**t)).count();
-            if free_here == threads.len() {
-                whole.push(core);
-            } else if free_here > 0 {
-                partial.push((core, free_here));
-            }
-        }
-        // Cores are not contiguous in CPU numbering (siblings are often n and n+8): dedup.
-        whole.sort_unstable();
-        whole.dedup();
-        partial.sort_unstable();
-        partial.dedup();
-        let mut need = want;
-        let mut used_whole = vec![false; whole.len()];
-        for (i, &core) in whole.iter().enumerate() {
-            let t = &self.pre.cores[core];
-            if need >= t.len() {
-                out.extend(t.iter().copied());
-                need -= t.len();
-                used_whole[i] = true;
-            }
-        }
-        partial.sort_by_key(|&(core, free)| (free, core));
-        for &(core, _) in &partial {
-            for &t in &self.pre.cores[core] {
-                if need > 0 && pool.contains(t) {
-                    out.push(t);
-                    need -= 1;
-                }
-            }
-        }
-        for (i, &core) in whole.iter().enumerate() {
-            if used_whole[i] {
-                continue;
-            }
-            for &t in &self.pre.cores[core] {
-                if need > 0 {
-                    out.push(t);
-                    need -= 1;
-                }
-            }
-        }
-    }
-
     /// Returns everything a grant holds. A second release of the same grant is an error.
     pub fn release(&self, grant_id: u64) -> Result<(), ResourceError> {
         let mut l = self.ledger.lock();
@@ -804,6 +636,31 @@ impl ResourceManager {
             }
         }
         Ok(())
+    }
+
+    /// CPUs nobody holds exclusively now, where shared-CPU work may run: on `node` when it
+    /// is given and has any, else on the whole machine (reserved CPUs included).
+    pub fn shared_cpus(&self, node: Option<u32>) -> Vec<u32> {
+        let l = self.ledger.lock();
+        let shared: Vec<u32> = self
+            .topology
+            .cpus()
+            .iter()
+            .copied()
+            .filter(|&c| !self.pre.usable.contains(c) || l.free.contains(c))
+            .collect();
+        drop(l);
+        if let Some(n) = node {
+            let on_node: Vec<u32> = shared
+                .iter()
+                .copied()
+                .filter(|&c| self.topology.cpu(c).is_some_and(|i| i.numa_node == n))
+                .collect();
+            if !on_node.is_empty() {
+                return on_node;
+            }
+        }
+        shared
     }
 
     /// The grant with this id, if outstanding.
@@ -846,12 +703,10 @@ impl ResourceManager {
                 .pre
                 .nodes
                 .iter()
-                .map(|n| {
-                    (
-                        n.0,
-                        self.node_capacity(n.0),
-                        l.node_memory_used.get(&n.0).copied().unwrap_or(0),
-                    )
+                .map(|n| NodeMemory {
+                    node: n.id,
+                    capacity_mb: self.node_capacity(n.id),
+                    used_mb: l.node_memory_used.get(&n.id).copied().unwrap_or(0),
                 })
                 .collect(),
             swap_used_mb: l.swap_used,
