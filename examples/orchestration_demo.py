@@ -137,7 +137,7 @@ def main() -> int:
             resources.release(g)
         for p in allocated_ports:
             ports.release(p)
-        print(f"released: {resources.usage()['grants']} grants outstanding, {ports.in_use} ports in use")
+        print(f"released: {resources.usage().grants} grants outstanding, {ports.in_use} ports in use")
 
 
 if __name__ == "__main__":

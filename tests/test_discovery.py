@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 import corral
-from corral.api import ControlClient
+from corral.agent.client import AgentClient
 from corral.exceptions import AgentError
 from corral.state import StateStore
 from tests.e2e import env_without_state, kill_groups, read_json, wait_until, write_spec
@@ -51,7 +51,7 @@ def stack(tmp_path: Path) -> Iterator[Path]:
 
 
 def test_services_route_and_discover_follow_the_registry(stack: Path) -> None:
-    client = ControlClient(stack / ".corral")
+    client = AgentClient(stack / ".corral")
     every = client.request("GET", "/v1/services")
     assert set(every) == {"web", "quiet"}
     web = every["web"]
@@ -92,7 +92,7 @@ def test_services_route_and_discover_follow_the_registry(stack: Path) -> None:
 
 
 def test_instances_can_find_the_agent(stack: Path) -> None:
-    port = ControlClient(stack / ".corral").request("GET", "/v1/services/web")["instances"][0]["ports"]
+    port = AgentClient(stack / ".corral").request("GET", "/v1/services/web")["instances"][0]["ports"]
     env = read_json(stack / f"{port['http']}.json")["env"]
     assert env["CORRAL_AGENT_SOCKET"] == str(stack / ".corral" / "agent.sock")
     script = "import corral, json; print(json.dumps(sorted(corral.discover('web', follow=False).addresses())))"

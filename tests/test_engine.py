@@ -209,7 +209,7 @@ async def test_a_failing_up_rolls_back_and_leaves_nothing(tmp_path: Path, deploy
     assert len(pids) == 2
     for pid in pids:
         assert not alive(pid)
-    assert d.ports.in_use == 0 and d.resources.usage()["grants"] == 0
+    assert d.ports.in_use == 0 and d.resources.usage().grants == 0
     row = StateStore.read_deployments(d.state_db)[-1]
     assert row.status == "failed" and "db not up within" in row.message
     stops = [t.instance for t in d.events() if t.new is State.STOPPING]
@@ -247,7 +247,7 @@ async def test_down_stops_every_process_of_every_group(tmp_path: Path, deploymen
         assert not alive(m), f"pid {m} survived down"
     stopped = [t.instance for t in d.events() if t.new is State.STOPPING]
     assert stopped[0] == "b-0", "reverse dependency order"
-    assert d.ports.in_use == 0 and d.resources.usage()["grants"] == 0
+    assert d.ports.in_use == 0 and d.resources.usage().grants == 0
 
 
 async def test_status_cpus_and_ports_match_the_processes(tmp_path: Path, deployments: list[Deployment]) -> None:

@@ -141,5 +141,5 @@ def test_proxy_class_validates_and_reports() -> None:
     with pytest.raises(OSError):
         Proxy(port=p.port)
     p.set_upstreams([("a", "127.0.0.1", 1), ("b", "127.0.0.1", 2, 3)])
-    assert sorted(u["id"] for u in p.stats()["upstreams"]) == ["a", "b"]
+    assert sorted(u.id for u in p.stats().upstreams) == ["a", "b"]
     p.close()

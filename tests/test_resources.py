@@ -53,7 +53,7 @@ def test_storage_volume(sysfs: Path, tmp_path: Path) -> None:
     rm.allocate(ResourceRequest(storage_mb=80, volume="data"))
     with pytest.raises(InsufficientResources, match="storage: asked 30 MiB on volume 'data', 20 MiB free of 100 MiB"):
         rm.allocate(ResourceRequest(storage_mb=30, volume="data"))
-    assert rm.usage()["volumes"]["scratch"]["capacity_mb"] > 0
+    assert rm.usage().volumes["scratch"].capacity_mb > 0
     (tmp_path / "blob").write_bytes(b"x" * 100_000)
     assert rm.volume_usage("data") >= 100_000
     with pytest.raises(ConfigError, match="unknown volume"):
@@ -130,7 +130,7 @@ def test_ledger_totals(sysfs: Path, ops: list[tuple[int, int, int, bool]]) -> No
         except InsufficientResources:
             pass
         u = rm.usage()
-        assert u["memory_used_mb"] == sum(g.memory_mb for g in held) <= u["memory_capacity_mb"]
-        assert u["shared_used_millicores"] <= u["shared_capacity_millicores"]
+        assert u.memory_used_mb == sum(g.memory_mb for g in held) <= u.memory_capacity_mb
+        assert u.shared_used_millicores <= u.shared_capacity_millicores
         cpus = [c for g in held for c in g.cpus]
-        assert len(cpus) == len(set(cpus)) and sorted(cpus) == u["exclusive_cpus"]
+        assert len(cpus) == len(set(cpus)) and sorted(cpus) == u.exclusive_cpus

@@ -59,7 +59,7 @@ def test_placement_is_numa_and_cache_aware_and_priority_goes_first(sysfs: Path) 
     assert len(ports) == len(set(ports)) == 7 and all(21000 <= p <= 21100 for p in ports)
     assert [i.id for i in plan.instances()] == ["cache-0", "kv-0", "api-0", "api-1", "api-2", "worker-0"]
     s.release(plan)
-    assert s.resources.usage()["grants"] == 0 and s.ports.in_use == 0
+    assert s.resources.usage().grants == 0 and s.ports.in_use == 0
 
 
 def test_all_or_nothing_names_the_instance_and_releases(sysfs: Path) -> None:
@@ -71,7 +71,7 @@ def test_all_or_nothing_names_the_instance_and_releases(sysfs: Path) -> None:
     e = info.value
     assert (e.file, e.line, e.field) == ("x.yaml", 7, "services.a.resources")
     assert e.message.startswith("a-2 does not fit: memory")
-    assert s.resources.usage()["grants"] == 0 and s.ports.in_use == 0
+    assert s.resources.usage().grants == 0 and s.ports.in_use == 0
 
 
 @pytest.mark.parametrize(("policy", "same_node"), [("binpack", True), ("spread", False)])
@@ -79,7 +79,7 @@ def test_binpack_fills_a_node_spread_balances(sysfs: Path, policy: str, same_nod
     s = _scheduler(sysfs, "dual-socket", policy)
     spec = parse_spec("name: t\nservices:\n  a: {command: [a], replicas: 2, resources: {cpu: 0.5, memory: 1Gi}}\n")
     plan = s.plan(spec)
-    used = [u for _, (_, u) in sorted(s.resources.usage()["memory_by_node"].items())]
+    used = [n.used_mb for _, n in sorted(s.resources.usage().memory_by_node.items())]
     assert (0 in used) == same_node, used
     assert sum(used) == 2048
     s.release(plan)

@@ -11,6 +11,8 @@ from typing import Any, Literal, TypeAlias, final
 
 from typing_extensions import disjoint_base
 
+from corral.exceptions import RetryExhausted
+
 __all__ = [
     "Authority",
     "BreakerStats",
@@ -23,16 +25,20 @@ __all__ = [
     "IssuedCert",
     "L3Domain",
     "LoadBalancer",
+    "NodeMemory",
     "NumaNode",
     "PortAllocator",
     "ProbeSpec",
-    "ProcessEvent",
+    "ProbeVerdict",
+    "ProcessExited",
     "ProcessSpec",
     "Proxy",
+    "ProxyStats",
     "RegistryEvent",
     "RegistryWatch",
     "ResourceManager",
     "ResourceRequest",
+    "RetryAttempts",
     "RetryBudget",
     "RetryPolicy",
     "RetrySchedule",
@@ -40,6 +46,9 @@ __all__ = [
     "ServiceRegistry",
     "Supervisor",
     "Topology",
+    "UpstreamStats",
+    "Usage",
+    "VolumeUsage",
     "__version__",
     "group_alive",
     "group_members",
@@ -50,7 +59,10 @@ __all__ = [
 __version__: str
 
 _BreakerState: TypeAlias = Literal["closed", "open", "half_open", "forced_open", "disabled"]
-_Strategy: TypeAlias = Literal["round_robin", "weighted_round_robin", "least_connections", "ip_hash", "random"]
+_Strategy: TypeAlias = Literal[
+    "round_robin", "weighted", "weighted_round_robin", "least_connections", "ip_hash", "random"
+]
+"""``weighted_round_robin`` is another spelling of ``weighted``; ``strategy`` reads ``weighted``."""
 _ChangeKind: TypeAlias = Literal["registered", "replaced", "deregistered", "health_changed", "lagged"]
 
 # --- registry -----------------------------------------------------------------
@@ -187,7 +199,10 @@ class PortAllocator:
         """Ports in all ranges."""
     @property
     def in_use(self) -> int:
-        """Ports not available."""
+        """Ports held through this allocator (allocated, or reserved in range)."""
+    @property
+    def held_elsewhere(self) -> int:
+        """Ports skipped because another process held them when checked (see ``refresh_external``)."""
     @property
     def ranges(self) -> list[tuple[int, int]]: ...
 
@@ -338,6 +353,8 @@ class RetryPolicy:
         """The successive delays in seconds, without sleeping."""
     def schedule(self) -> RetrySchedule:
         """A fresh schedule for one retried operation."""
+    def attempts(self, budget: RetryBudget | None = None) -> RetryAttempts:
+        """One retried operation whose first attempt begins now (deposited in ``budget``)."""
     @property
     def max_attempts(self) -> int | None: ...
     @property
@@ -353,6 +370,21 @@ class RetrySchedule(Iterator[float]):
     def retries(self) -> int: ...
     def __iter__(self) -> RetrySchedule: ...
     def __next__(self) -> float: ...
+
+@final
+class RetryAttempts:
+    """One retried operation, stepped by its caller: the loop every retry runs (the sync
+    ``@retry``, the async one, the engine's spawn retries) asks ``after_failure`` after each
+    failed attempt."""
+
+    def after_failure(self) -> float | None:
+        """Seconds to wait before the next attempt, or None to give up (the policy's caps are
+        reached, or the budget is spent)."""
+    @property
+    def attempts(self) -> int:
+        """Attempts begun so far (1 before any failure)."""
+    def exhausted(self, last: object) -> RetryExhausted:
+        """The error to raise when ``last``, a result, asked for the retry that was refused."""
 
 @final
 class RetryBudget:
@@ -567,8 +599,65 @@ class ResourceManager:
         """Returns a grant's resources; a second release raises ``ResourceError``."""
     def volume_usage(self, name: str) -> int:
         """Bytes used on disk in a volume now."""
-    def usage(self) -> dict[str, Any]:
+    def usage(self) -> Usage:
         """A snapshot of the ledgers."""
+    def shared_cpus(self, node: int | None = None) -> list[int]:
+        """CPUs nobody holds exclusively now, where shared-CPU work may run: on ``node`` when
+        given and it has any, else on the whole machine (the reserved CPUs included)."""
+
+@final
+class NodeMemory:
+    """Memory of one NUMA node, MiB."""
+
+    @property
+    def node(self) -> int: ...
+    @property
+    def capacity_mb(self) -> int:
+        """After overcommit."""
+    @property
+    def used_mb(self) -> int:
+        """Pinned to the node by grants."""
+
+@final
+class VolumeUsage:
+    """Use and capacity of one volume, MiB."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def capacity_mb(self) -> int: ...
+    @property
+    def reserved_mb(self) -> int: ...
+
+@final
+class Usage:
+    """A snapshot of the ledgers (``ResourceManager.usage()``); compares equal to an equal snapshot."""
+
+    @property
+    def cpus(self) -> list[int]:
+        """CPUs that may be handed out exclusively."""
+    @property
+    def exclusive_cpus(self) -> list[int]:
+        """Of them, held exclusively now."""
+    @property
+    def shared_capacity_millicores(self) -> int: ...
+    @property
+    def shared_used_millicores(self) -> int: ...
+    @property
+    def memory_capacity_mb(self) -> int: ...
+    @property
+    def memory_used_mb(self) -> int: ...
+    @property
+    def memory_by_node(self) -> dict[int, NodeMemory]: ...
+    @property
+    def swap_used_mb(self) -> int: ...
+    @property
+    def volumes(self) -> dict[str, VolumeUsage]: ...
+    @property
+    def grants(self) -> int:
+        """Grants outstanding."""
 
 # --- probe ------------------------------------------------------------------------
 
@@ -606,26 +695,31 @@ class ProbeSpec:
 # --- process ----------------------------------------------------------------------
 
 @final
-class ProcessEvent:
-    """A process exit (``kind == "exited"``: ``pid``, ``code`` or ``signal``) or a probe
-    verdict (``kind == "probe"``: ``probe``, ``ok``, ``message``), for instance ``id``."""
+class ProcessExited:
+    """A process the supervisor started exited: ``code`` when it exited, ``signal`` when a
+    signal ended it."""
 
-    @property
-    def kind(self) -> Literal["exited", "probe"]: ...
     @property
     def id(self) -> str: ...
     @property
-    def pid(self) -> int | None: ...
+    def pid(self) -> int: ...
     @property
     def code(self) -> int | None: ...
     @property
     def signal(self) -> int | None: ...
+
+@final
+class ProbeVerdict:
+    """A probe of instance ``id`` reached a verdict."""
+
     @property
-    def probe(self) -> Literal["startup", "readiness", "liveness"] | None: ...
+    def id(self) -> str: ...
     @property
-    def ok(self) -> bool | None: ...
+    def probe(self) -> Literal["startup", "readiness", "liveness"]: ...
     @property
-    def message(self) -> str | None: ...
+    def ok(self) -> bool: ...
+    @property
+    def message(self) -> str: ...
 
 @final
 class ProcessSpec:
@@ -657,8 +751,9 @@ class ProcessSpec:
 @final
 class Supervisor:
     """Starts processes (own process group; CPU affinity and cgroup set before exec; output
-    to a size-rotated log) and runs their probes on the shared tokio runtime. Exits and probe
-    verdicts arrive, in order, from ``next_event``."""
+    to a size-rotated log) and runs their probes, on a runtime thread of its own. Exits
+    (``ProcessExited``) and probe verdicts (``ProbeVerdict``) arrive, in order, from
+    ``next_event``."""
 
     def __new__(cls) -> Supervisor: ...
     def spawn(
@@ -695,9 +790,9 @@ class Supervisor:
         starting not ready) and liveness (reported once, when it fails)."""
     def stop_health(self, id: str) -> bool:
         """Stops the probes of ``id``; returns whether any ran."""
-    def next_event(self) -> Awaitable[ProcessEvent | None]:
+    def next_event(self) -> Awaitable[ProcessExited | ProbeVerdict | None]:
         """The next event, waiting for one."""
-    def drain(self, max: int = 4096) -> list[ProcessEvent]:
+    def drain(self, max: int = 4096) -> list[ProcessExited | ProbeVerdict]:
         """Events already queued, without waiting."""
 
 def signal_group(pgid: int, signal: int) -> bool:
@@ -730,7 +825,7 @@ class Proxy:
         host: str = ...,
         port: int = 0,
         *,
-        strategy: _Strategy | Literal["weighted"] = "least_connections",
+        strategy: _Strategy = "least_connections",
         connect_timeout: float = 1.0,
         max_attempts: int = 3,
         max_ejection_percent: int = 50,
@@ -752,14 +847,74 @@ class Proxy:
         """``host:port`` it listens on."""
     def set_upstreams(self, upstreams: Iterable[tuple[str, str, int] | tuple[str, str, int, int]]) -> None:
         """Makes these ``(id, host, port[, weight])`` the upstreams."""
-    def stats(self) -> dict[str, Any]:
-        """``connections``, ``active``, ``bytes_in``, ``bytes_out``, ``errors``, ``ejections``,
-        ``refused``, ``address``, and ``upstreams``: the same counters per upstream with
-        ``id``, ``address``, ``ejected``."""
+    def stats(self) -> ProxyStats:
+        """The front's counters now."""
     def set_certificate(self, cert_pem: str, key_pem: str) -> None:
         """Presents a new certificate from the next handshake on (mTLS fronts)."""
     def close(self) -> None:
         """Stops accepting; open connections finish."""
+
+@final
+class UpstreamStats:
+    """The counters of one upstream of a front."""
+
+    @property
+    def id(self) -> str: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def ejected(self) -> bool:
+        """Ejected now (its breaker is open)."""
+    @property
+    def connections(self) -> int:
+        """Connections relayed to it."""
+    @property
+    def active(self) -> int:
+        """Open now."""
+    @property
+    def bytes_in(self) -> int:
+        """From clients to it."""
+    @property
+    def bytes_out(self) -> int:
+        """From it to clients."""
+    @property
+    def errors(self) -> int:
+        """Connect failures and resets."""
+    @property
+    def ejections(self) -> int:
+        """Times it was ejected."""
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape."""
+
+@final
+class ProxyStats:
+    """The counters of a front: its totals, its refusals and each upstream's."""
+
+    @property
+    def address(self) -> str:
+        """``host:port`` it listens on."""
+    @property
+    def connections(self) -> int: ...
+    @property
+    def active(self) -> int: ...
+    @property
+    def bytes_in(self) -> int: ...
+    @property
+    def bytes_out(self) -> int: ...
+    @property
+    def errors(self) -> int: ...
+    @property
+    def ejections(self) -> int: ...
+    @property
+    def refused(self) -> int:
+        """Connections closed because no upstream could take them."""
+    @property
+    def tls_refused(self) -> int:
+        """Connections refused at the TLS handshake (mTLS fronts)."""
+    @property
+    def upstreams(self) -> list[UpstreamStats]: ...
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON shape (``GET /v1/status`` serves it under ``fronts.<service>``)."""
 
 # --- mesh -------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
-from corral import _core
+import corral._core as _core
 
 __all__ = ["CircuitBreaker"]
 

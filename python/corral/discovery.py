@@ -19,9 +19,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from corral._core import Instance, LoadBalancer
-from corral.api import ControlClient
-from corral.exceptions import AgentError, CorralError
+import corral._core as _core
+from corral.agent.client import AgentClient
+from corral.engine.environment import AGENT_SOCKET, STATE_DIR
+from corral.exceptions import CorralError
 
 __all__ = ["Discovered", "agent_socket", "discover"]
 
@@ -32,22 +33,22 @@ def agent_socket(state_dir: str | Path | None = None) -> Path:
     ``./.corral/agent.sock``."""
     if state_dir is not None:
         return Path(state_dir) / "agent.sock"
-    if os.environ.get("CORRAL_AGENT_SOCKET"):
-        return Path(os.environ["CORRAL_AGENT_SOCKET"])
-    if os.environ.get("CORRAL_STATE_DIR"):
-        return Path(os.environ["CORRAL_STATE_DIR"]) / "agent.sock"
+    if os.environ.get(AGENT_SOCKET):
+        return Path(os.environ[AGENT_SOCKET])
+    if os.environ.get(STATE_DIR):
+        return Path(os.environ[STATE_DIR]) / "agent.sock"
     return Path(".corral") / "agent.sock"
 
 
 class Discovered:
     """One service as discovery sees it; ``balancer`` holds the healthy instances' addresses."""
 
-    def __init__(self, name: str, client: ControlClient, strategy: str, follow: bool) -> None:
+    def __init__(self, name: str, client: AgentClient, strategy: str, follow: bool) -> None:
         self.name = name
         self._client = client
         self._lock = threading.Lock()
-        self.balancer = LoadBalancer([], strategy)  # type: ignore[arg-type]
-        self.instances: list[Instance] = []
+        self.balancer = _core.LoadBalancer([], strategy)  # type: ignore[arg-type]
+        self.instances: list[_core.Instance] = []
         self.front: str | None = None
         self.generation = -1
         self._closed = threading.Event()
@@ -87,7 +88,7 @@ class Discovered:
         self.close()
 
     def _apply(self, doc: dict[str, Any]) -> None:
-        instances = [Instance(service=self.name, id=i["id"], host=i["host"], port=i["port"], healthy=i["healthy"],
+        instances = [_core.Instance(service=self.name, id=i["id"], host=i["host"], port=i["port"], healthy=i["healthy"],
                               meta={f"port.{k}": str(v) for k, v in i["ports"].items()})
                      for i in doc["instances"]]
         wanted = {i.address for i in instances if i.healthy}
@@ -106,7 +107,7 @@ class Discovered:
             try:
                 doc = self._client.request("GET", f"/v1/services/{self.name}?wait={self.generation}&timeout=20",
                                            timeout=30)
-            except (AgentError, CorralError):
+            except CorralError:
                 # The agent is gone or restarting: keep what we know and try again shortly.
                 self._closed.wait(1.0)
                 continue
@@ -117,5 +118,6 @@ def discover(name: str, *, state_dir: str | Path | None = None, strategy: str = 
              follow: bool = True) -> Discovered:
     """The instances of ``name`` and a balancer over the healthy ones, from the agent of
     ``state_dir`` (see :func:`agent_socket`); with ``follow``, a background thread keeps
-    them current. Raises :class:`~corral.exceptions.AgentError` when no agent answers."""
-    return Discovered(name, ControlClient(socket=agent_socket(state_dir)), strategy, follow)
+    them current. Raises :class:`~corral.exceptions.AgentUnavailable` when no agent answers
+    and :class:`~corral.exceptions.UnknownService` for a name the deployment does not have."""
+    return Discovered(name, AgentClient(socket=agent_socket(state_dir)), strategy, follow)

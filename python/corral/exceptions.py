@@ -7,34 +7,48 @@ I/O errors stay the builtin ``OSError`` subclasses.
 
 Exceptions raised on hot paths are created by CPython from their ``args``
 tuple alone; their attributes are properties over ``args`` so that raising
-one costs no Python-level ``__init__``.
+one costs no Python-level ``__init__``. For the same reason every class can be
+rebuilt from its ``args``: that is how errors cross the agent's socket
+(see :mod:`corral.agent.wire`) and are raised again as the same class.
+
+Each class carries the exit code the CLI uses for it (``exit_code``): 2 for a
+bad spec, argument or name, 1 for everything else.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 __all__ = [
+    "AgentAlreadyRunning",
     "AgentError",
+    "AgentUnavailable",
     "CircuitOpenError",
     "ConfigError",
     "CorralError",
     "DeploymentError",
     "InsufficientResources",
     "LifecycleError",
+    "MeshError",
     "NoBackendError",
     "PortError",
     "PortInUse",
     "PortsExhausted",
+    "ProxyError",
     "ResourceError",
     "RetryExhausted",
     "SpecError",
     "TopologyError",
+    "UnknownService",
 ]
 
 
 class CorralError(Exception):
     """Base class of every error corral raises on purpose."""
+
+    exit_code: ClassVar[int] = 1
+    """What the ``corral`` command exits with when this error ends it."""
 
     @property
     def message(self) -> str:
@@ -48,6 +62,20 @@ class CorralError(Exception):
 class ConfigError(CorralError, ValueError):
     """An argument or configuration value is out of its domain."""
 
+    exit_code: ClassVar[int] = 2
+
+
+class UnknownService(ConfigError, KeyError):
+    """A service name that the deployment does not have (``args == (message, name)``)."""
+
+    @property
+    def service(self) -> str | None:
+        """The name asked for."""
+        return str(self.args[1]) if len(self.args) > 1 else None
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return self.message
+
 
 class SpecError(ConfigError):
     """A ``corral.yaml`` is invalid; says where: file, line and field."""
@@ -57,6 +85,7 @@ class SpecError(ConfigError):
         super().__init__(message, file, line, field)
         self.more: tuple[SpecError, ...] = tuple(more)
         """Further problems found in the same file, in file order."""
+
 
     @property
     def all(self) -> tuple[SpecError, ...]:
@@ -98,7 +127,29 @@ class DeploymentError(CorralError):
 
 
 class AgentError(CorralError):
-    """The background agent of a deployment is not reachable, or is already running."""
+    """About the background agent of a deployment: :class:`AgentUnavailable` or
+    :class:`AgentAlreadyRunning`."""
+
+
+class AgentUnavailable(AgentError):
+    """No agent answers for the state directory (none runs, or its socket is gone)."""
+
+
+class AgentAlreadyRunning(AgentError):
+    """An agent already runs for the state directory (``args == (message, pid)``)."""
+
+    @property
+    def pid(self) -> int | None:
+        """The running agent's pid, when known."""
+        return int(self.args[1]) if len(self.args) > 1 and self.args[1] is not None else None
+
+
+class MeshError(CorralError):
+    """The mesh's certificate authority could not issue or load a certificate."""
+
+
+class ProxyError(CorralError):
+    """A front proxy could not be set up (its TLS configuration was refused, say)."""
 
 
 class CircuitOpenError(CorralError):
@@ -189,3 +240,4 @@ class RetryExhausted(CorralError):
     def attempts(self) -> int:
         """Attempts made."""
         return int(self.args[2])
+

@@ -5,12 +5,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import inspect
-import time
 from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, cast, overload
 
-from corral import _core
-from corral.exceptions import RetryExhausted
+import corral._core as _core
 
 __all__ = ["retry"]
 
@@ -51,11 +49,8 @@ class _Decorator:
 
         @functools.wraps(fn)
         async def retrying(*args: P.args, **kwargs: P.kwargs) -> Any:
-            if budget is not None:
-                budget.deposit()
-            start = time.monotonic()
-            schedule: _core.RetrySchedule | None = None
-            attempts = 1
+            # The same stepper as the native sync loop: budget, elapsed time, attempt count.
+            attempts = policy.attempts(budget)
             while True:
                 error: BaseException | None = None
                 try:
@@ -66,20 +61,13 @@ class _Decorator:
                 else:
                     if pred is None or not pred(result):
                         return result
-                if schedule is None:
-                    schedule = policy.schedule()
-                delay = schedule.next_delay(time.monotonic() - start)
-                if delay is None or (budget is not None and not budget.try_withdraw()):
+                delay = attempts.after_failure()
+                if delay is None:
                     if error is not None:
                         raise error
-                    raise RetryExhausted(
-                        f"gave up after {attempts} attempts: the result still asked for a retry",
-                        result,
-                        attempts,
-                    )
+                    raise attempts.exhausted(result)
                 if delay > 0:
                     await asyncio.sleep(delay)
-                attempts += 1
 
         return retrying
 

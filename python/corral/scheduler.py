@@ -173,10 +173,10 @@ class Scheduler:
 
     def choose_node(self, memory_mb: int) -> int | None:
         """NUMA node for a shared-CPU instance with memory (None: let the ledger decide)."""
-        nodes: dict[int, tuple[int, int]] = self.resources.usage().get("memory_by_node", {})
+        nodes = self.resources.usage().memory_by_node
         if len(nodes) < 2:
             return None
-        fits = [(cap - used, nid) for nid, (cap, used) in nodes.items() if cap - used >= memory_mb]
+        fits = [(n.capacity_mb - n.used_mb, nid) for nid, n in nodes.items() if n.capacity_mb - n.used_mb >= memory_mb]
         if not fits:
             return None
         best: int = (min(fits) if self.policy == "binpack" else max(fits))[1]

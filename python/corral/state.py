@@ -19,7 +19,7 @@ from typing import Any
 
 from corral._core import process_start_time
 
-__all__ = ["DeploymentRow", "EventRow", "InstanceRow", "StateStore", "default_state_dir"]
+__all__ = ["DeploymentRow", "DeploymentStatus", "EventRow", "InstanceRow", "StateStore", "default_state_dir"]
 
 
 def default_state_dir(spec_file: str | Path) -> Path:
@@ -89,8 +89,9 @@ class DeploymentRow:
     phases: list[list[str]] = field(default_factory=list)
 
     def agent_running(self) -> bool:
-        """Whether the recorded agent is alive (its pid, with the same start time)."""
-        return _same_process(self.agent_pid, self.agent_start)
+        """Whether the recorded agent is alive: its pid, with the same start time, and not a
+        zombie (a dead agent may wait a while to be reaped)."""
+        return _same_process(self.agent_pid, self.agent_start) and not _zombie(self.agent_pid or 0)
 
 
 @dataclass
@@ -125,11 +126,66 @@ class InstanceRow:
     def to_dict(self) -> dict[str, Any]:
         """The ``status --json`` shape of an instance."""
         return {
-            "id": self.id, "state": self.state, "healthy": self.healthy, "pid": self.pid,
+            "id": self.id, "service": self.service, "index": self.idx, "state": self.state, "healthy": self.healthy,
+            "pid": self.pid,
             "ports": self.ports, "cpus": self.cpus, "exclusive": self.exclusive, "numa_node": self.numa_node,
             "cpu": self.millicores / 1000, "memory_mb": self.memory_mb, "restarts": self.restarts,
             "exit_code": self.exit_code, "reason": self.reason, "since": self.since,
         }
+
+
+    @classmethod
+    def from_dict(cls, deployment: str, service: str, doc: dict[str, Any]) -> InstanceRow:
+        """Back from :meth:`to_dict` (what a client reads off the socket)."""
+        return cls(id=doc["id"], deployment=deployment, service=doc.get("service", service),
+                   idx=int(doc.get("index", 0)), state=doc["state"], healthy=bool(doc["healthy"]), pid=doc["pid"],
+                   ports=dict(doc["ports"]), cpus=list(doc["cpus"]), exclusive=bool(doc["exclusive"]),
+                   numa_node=doc["numa_node"], millicores=round(float(doc["cpu"]) * 1000),
+                   memory_mb=int(doc["memory_mb"]), restarts=int(doc["restarts"]), exit_code=doc["exit_code"],
+                   reason=doc["reason"], since=float(doc["since"]))
+
+
+@dataclass
+class DeploymentStatus:
+    """A deployment and its instances, by service: what ``status`` answers, from the agent or,
+    with none running, from the store. :meth:`to_dict` is the one producer of its JSON."""
+
+    name: str
+    status: str
+    message: str
+    agent_pid: int | None
+    agent_running: bool = False
+    services: dict[str, list[InstanceRow]] = field(default_factory=dict)
+    fronts: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per exposed service: its proxy's address and counters (``ProxyStats.to_dict()``); only
+    while the agent runs, since they live in its memory."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``corral status --json`` and ``GET /v1/status`` document."""
+        return {
+            "name": self.name, "status": self.status, "message": self.message, "agent_pid": self.agent_pid,
+            "agent_running": self.agent_running,
+            "services": {s: [i.to_dict() for i in insts] for s, insts in self.services.items()},
+            "fronts": self.fronts,
+        }
+
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> DeploymentStatus:
+        """Back from :meth:`to_dict`."""
+        name = doc["name"]
+        return cls(name=name, status=doc["status"], message=doc["message"], agent_pid=doc["agent_pid"],
+                   agent_running=bool(doc.get("agent_running", False)),
+                   services={s: [InstanceRow.from_dict(name, s, i) for i in insts]
+                             for s, insts in doc["services"].items()},
+                   fronts=dict(doc.get("fronts", {})))
+
+    @classmethod
+    def from_rows(cls, row: DeploymentRow, instances: list[InstanceRow], agent_running: bool) -> DeploymentStatus:
+        """What the store recorded: services in phase order, each with its instances."""
+        services: dict[str, list[InstanceRow]] = {s: [] for phase in row.phases for s in phase}
+        for i in instances:
+            services.setdefault(i.service, []).append(i)
+        return cls(row.name, row.status, row.message, row.agent_pid, agent_running, services)
 
 
 @dataclass(frozen=True)
@@ -156,6 +212,14 @@ def _same_process(pid: int | None, start: int | None) -> bool:
     if not pid or not start:
         return False
     return process_start_time(pid) == start
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
 
 
 def _connect(path: Path) -> sqlite3.Connection:

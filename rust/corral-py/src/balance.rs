@@ -8,7 +8,7 @@ use pyo3::types::{PyBytes, PyInt, PyString};
 
 use corral_core::balance::{self as core, Backend, Strategy};
 
-use crate::errors::{bad_arg, PyResultExt};
+use crate::errors::{config_err, named, PyResultExt};
 
 type Lb = core::LoadBalancer<Py<PyAny>>;
 
@@ -28,7 +28,8 @@ fn key_hash(v: &Bound<'_, PyAny>) -> PyResult<u64> {
     Ok(core::hash_key(v.str()?.to_str()?.as_bytes()))
 }
 
-/// Chooses among backends: `round_robin`, `weighted_round_robin`, `least_connections`, `ip_hash`, `random`.
+/// Chooses among backends: `round_robin`, `weighted` (also spelled `weighted_round_robin`),
+/// `least_connections`, `ip_hash`, `random`.
 #[pyclass(frozen, module = "corral._core")]
 pub struct LoadBalancer {
     inner: Lb,
@@ -62,17 +63,11 @@ impl LoadBalancer {
         strategy: &str,
         weights: Option<Vec<u32>>,
     ) -> PyResult<Self> {
-        let strat = Strategy::parse(strategy).ok_or_else(|| {
-            bad_arg(
-                "strategy",
-                strategy,
-                "'round_robin', 'weighted_round_robin', 'least_connections', 'ip_hash', 'random'",
-            )
-        })?;
+        let strat = named("strategy", strategy, Strategy::parse, Strategy::NAMES)?;
         let items: Vec<Bound<'_, PyAny>> = backends.try_iter()?.collect::<PyResult<_>>()?;
         if let Some(w) = &weights {
             if w.len() != items.len() {
-                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                return Err(config_err(format!(
                     "weights: {} given for {} backends",
                     w.len(),
                     items.len()

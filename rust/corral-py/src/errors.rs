@@ -6,14 +6,14 @@
 //! (type, args) and instantiated lazily by `CPython`, which keeps the rejected
 //! breaker call cheap.
 
-use pyo3::exceptions::{PyTypeError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyTypeError};
 use pyo3::prelude::*;
 use pyo3::sync::PyOnceLock;
 use pyo3::types::PyType;
 
 use corral_core::error::{
-    BalanceError, BreakerError, CgroupError, CircuitOpen, PortError, ProcessError, ResourceError,
-    RetryError, TopologyError,
+    BalanceError, BreakerError, CgroupError, CircuitOpen, MeshError, PortError, ProcessError,
+    ProxyError, ResourceError, RetryError, TopologyError,
 };
 
 /// Cached exception classes from `corral.exceptions`, by name.
@@ -42,6 +42,9 @@ exception!(resource_error, "ResourceError");
 exception!(config_error, "ConfigError");
 exception!(topology_error, "TopologyError");
 exception!(no_backend_error, "NoBackendError");
+exception!(retry_exhausted_error, "RetryExhausted");
+exception!(mesh_error, "MeshError");
+exception!(proxy_error, "ProxyError");
 
 /// Conversion of a core error into the Python exception that documents it.
 pub(crate) trait IntoPyErr {
@@ -102,13 +105,11 @@ impl IntoPyErr for TopologyError {
     fn into_pyerr(self) -> PyErr {
         match self {
             // I/O errors keep their errno so callers can catch FileNotFoundError and friends.
-            TopologyError::Io { path, source } => {
-                let e: PyErr = source.into();
-                Python::attach(|py| {
-                    let _ = e.value(py).setattr("filename", path.display().to_string());
-                });
-                e
-            }
+            TopologyError::Io { path, source } => os_error_at(
+                &source,
+                format!("cannot read {}", path.display()),
+                Some(&path),
+            ),
             other => raise(topology_error, (other.to_string(),)),
         }
     }
@@ -117,6 +118,41 @@ impl IntoPyErr for TopologyError {
 impl IntoPyErr for RetryError {
     fn into_pyerr(self) -> PyErr {
         raise(config_error, (self.to_string(),))
+    }
+}
+
+/// `RetryExhausted(message, last_result, attempts)`: retries ran out on a result.
+pub(crate) fn retry_exhausted(e: &RetryError, last: Py<PyAny>) -> PyErr {
+    let attempts = match e {
+        RetryError::Exhausted { attempts } => *attempts,
+        _ => 0,
+    };
+    Python::attach(|py| {
+        PyErr::from_type(
+            retry_exhausted_error(py).clone(),
+            (e.to_string(), last, attempts),
+        )
+    })
+}
+
+impl IntoPyErr for MeshError {
+    fn into_pyerr(self) -> PyErr {
+        let msg = self.to_string();
+        match self {
+            MeshError::Io { source, path } => os_error_at(&source, msg, Some(&path)),
+            _ => raise(mesh_error, (msg,)),
+        }
+    }
+}
+
+impl IntoPyErr for ProxyError {
+    fn into_pyerr(self) -> PyErr {
+        let msg = self.to_string();
+        match self {
+            ProxyError::Bind { source, .. } => os_error(&source, msg),
+            ProxyError::InvalidConfig(_) => raise(config_error, (msg,)),
+            _ => raise(proxy_error, (msg,)),
+        }
     }
 }
 
@@ -160,8 +196,21 @@ impl IntoPyErr for CgroupError {
     }
 }
 
+/// The builtin `OSError` subclass of `source`'s errno (`OSError(errno, msg)` picks it), with
+/// `errno` and `strerror` set; `msg` names what failed.
 fn os_error(source: &std::io::Error, msg: String) -> PyErr {
-    std::io::Error::new(source.kind(), msg).into()
+    os_error_at(source, msg, None)
+}
+
+fn os_error_at(source: &std::io::Error, msg: String, path: Option<&std::path::Path>) -> PyErr {
+    match source.raw_os_error() {
+        Some(errno) => match path {
+            Some(p) => PyOSError::new_err((errno, msg, p.display().to_string())),
+            None => PyOSError::new_err((errno, msg)),
+        },
+        // No errno (an error made in Rust): the subclass follows the error's kind.
+        None => std::io::Error::new(source.kind(), msg).into(),
+    }
 }
 
 /// Shorthand: `result.py()?`.
@@ -176,9 +225,26 @@ impl<T, E: IntoPyErr> PyResultExt<T> for Result<T, E> {
     }
 }
 
-/// A `ValueError` naming the argument and what it accepts.
-pub(crate) fn bad_arg(name: &str, got: &str, accepted: &str) -> PyErr {
-    PyValueError::new_err(format!("{name}: {got:?} is not one of {accepted}"))
+/// A `ConfigError` (also a `ValueError`): a bad argument.
+pub(crate) fn config_err(msg: impl Into<String>) -> PyErr {
+    raise(config_error, (msg.into(),))
+}
+
+/// Parses one of an enum's names (`parse` and `names` come from the core enum), or a
+/// `ConfigError` naming the argument, what it got and what it accepts.
+pub(crate) fn named<T>(
+    name: &str,
+    got: &str,
+    parse: fn(&str) -> Option<T>,
+    names: &[&str],
+) -> PyResult<T> {
+    parse(got).ok_or_else(|| {
+        let accepted: Vec<String> = names.iter().map(|n| format!("'{n}'")).collect();
+        config_err(format!(
+            "{name}: {got:?} is not one of {}",
+            accepted.join(", ")
+        ))
+    })
 }
 
 /// A `TypeError` for a wrong argument type.
@@ -186,10 +252,10 @@ pub(crate) fn bad_type(name: &str, expected: &str) -> PyErr {
     PyTypeError::new_err(format!("{name} must be {expected}"))
 }
 
-/// Seconds (float) to a Duration, rejecting negatives and NaN.
+/// Seconds (float) to a Duration, rejecting negatives, NaN and infinities (`ConfigError`).
 pub(crate) fn seconds(name: &str, v: f64) -> PyResult<std::time::Duration> {
     std::time::Duration::try_from_secs_f64(v).map_err(|_| {
-        PyValueError::new_err(format!(
+        config_err(format!(
             "{name} must be a non-negative number of seconds, got {v}"
         ))
     })

@@ -4,14 +4,9 @@ use std::path::PathBuf;
 use std::time::{Duration, UNIX_EPOCH};
 
 use corral_core::mesh::{Authority as Core, Issued};
-use pyo3::exceptions::PyOSError;
 use pyo3::prelude::*;
 
-use crate::errors::seconds;
-
-fn mesh_err(e: corral_core::mesh::MeshError) -> PyErr {
-    PyOSError::new_err(e.to_string())
-}
+use crate::errors::{config_err, seconds, PyResultExt};
 
 /// A certificate issued to a service.
 #[pyclass(frozen, get_all, module = "corral._core")]
@@ -53,7 +48,7 @@ impl Authority {
     #[new]
     fn new(dir: PathBuf, trust_domain: &str) -> PyResult<Self> {
         Ok(Authority {
-            inner: Core::load_or_create(&dir, trust_domain).map_err(mesh_err)?,
+            inner: Core::load_or_create(&dir, trust_domain).py()?,
         })
     }
 
@@ -82,12 +77,12 @@ impl Authority {
             None => self.inner.issue(service, life),
             Some(t) => {
                 let start = time::OffsetDateTime::from_unix_timestamp(t as i64)
-                    .map_err(|e| pyo3::exceptions::PyValueError::new_err(e.to_string()))?;
+                    .map_err(|e| config_err(e.to_string()))?;
                 self.inner
                     .issue_valid(service, start, life.max(Duration::from_secs(1)))
             }
         };
-        Ok(issued.map_err(mesh_err)?.into())
+        Ok(issued.py()?.into())
     }
 }
 

@@ -2,12 +2,11 @@
 
 use std::net::IpAddr;
 
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
 use corral_core::ports as core;
 
-use crate::errors::PyResultExt;
+use crate::errors::{config_err, PyResultExt};
 
 /// Hands out ports from one or more ranges.
 #[pyclass(frozen, module = "corral._core")]
@@ -18,7 +17,7 @@ pub struct PortAllocator {
 
 fn parse_addr(a: &str) -> PyResult<IpAddr> {
     a.parse()
-        .map_err(|_| PyValueError::new_err(format!("check_bind: {a:?} is not an IP address")))
+        .map_err(|_| config_err(format!("check_bind: {a:?} is not an IP address")))
 }
 
 #[pymethods]
@@ -71,10 +70,15 @@ impl PortAllocator {
     fn capacity(&self) -> usize {
         self.inner.capacity()
     }
-    /// Ports not available.
+    /// Ports held through this allocator (allocated, or reserved in range).
     #[getter]
     fn in_use(&self) -> usize {
         self.inner.in_use()
+    }
+    /// Ports skipped because another process held them when they were checked.
+    #[getter]
+    fn held_elsewhere(&self) -> usize {
+        self.inner.held_elsewhere()
     }
     /// The ranges, inclusive.
     #[getter]

@@ -1,10 +1,9 @@
 //! Health probe specifications and one-off checks.
 
 use corral_core::probe::{run_check, Check, ProbeSpec as CoreSpec};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 
-use crate::errors::{bad_arg, seconds};
+use crate::errors::{config_err, seconds};
 
 /// One probe: what to check and on which schedule.
 #[pyclass(frozen, module = "corral._core")]
@@ -37,18 +36,22 @@ impl ProbeSpec {
             "tcp" => (Check::Tcp { host, port }, "tcp"),
             "exec" => {
                 if argv.is_empty() {
-                    return Err(PyValueError::new_err("exec probe needs a command (argv)"));
+                    return Err(config_err("exec probe needs a command (argv)"));
                 }
                 (Check::Exec { argv, env }, "exec")
             }
-            other => return Err(bad_arg("kind", other, "'http', 'tcp', 'exec'")),
+            other => {
+                return Err(config_err(format!(
+                    "kind: {other:?} is not one of 'http', 'tcp', 'exec'"
+                )))
+            }
         };
         if success_threshold == 0 || failure_threshold == 0 {
-            return Err(PyValueError::new_err("probe thresholds must be at least 1"));
+            return Err(config_err("probe thresholds must be at least 1"));
         }
         let period = seconds("period", period)?;
         if period.is_zero() {
-            return Err(PyValueError::new_err("period must be positive"));
+            return Err(config_err("period must be positive"));
         }
         Ok(ProbeSpec {
             inner: CoreSpec {

@@ -5,17 +5,20 @@ use std::sync::Arc;
 
 use corral_core::probe::Health;
 use corral_core::process::{self as core, Event, LogConfig, ProcessSpec};
+use corral_core::runtime::Dedicated;
 use pyo3::prelude::*;
 
 use crate::errors::{IntoPyErr, PyResultExt};
 use crate::probe::ProbeSpec;
 
-/// Starts processes and reports their exits and probe verdicts as `ProcessEvent`s.
+/// Starts processes and reports their exits (`ProcessExited`) and probe verdicts
+/// (`ProbeVerdict`).
 #[pyclass(frozen, module = "corral._core")]
 pub struct Supervisor {
     inner: Arc<core::Supervisor>,
-    /// Dropping the sender ends the supervisor's thread (and with it its tasks).
-    _stop: parking_lot::Mutex<Option<tokio::sync::oneshot::Sender<()>>>,
+    /// The supervisor's own runtime (see `corral_core::runtime`); dropping it ends its thread
+    /// and with it its tasks.
+    _runtime: Dedicated,
 }
 
 /// How to start one process (for `Supervisor.spawn_many`).
@@ -78,38 +81,44 @@ impl PyProcessSpec {
     }
 }
 
-/// An exit (`kind == "exited"`) or a probe verdict (`kind == "probe"`).
+/// A process started by the supervisor exited.
 #[pyclass(frozen, get_all, module = "corral._core")]
-pub struct ProcessEvent {
-    kind: &'static str,
+pub struct ProcessExited {
     id: String,
-    pid: Option<u32>,
+    pid: u32,
     code: Option<i32>,
     signal: Option<i32>,
-    probe: Option<&'static str>,
-    ok: Option<bool>,
-    message: Option<String>,
 }
 
 #[pymethods]
-impl ProcessEvent {
+impl ProcessExited {
     fn __repr__(&self) -> String {
-        match self.kind {
-            "exited" => format!(
-                "ProcessEvent(exited {} pid={} code={} signal={})",
-                self.id,
-                opt(self.pid),
-                opt(self.code),
-                opt(self.signal)
-            ),
-            _ => format!(
-                "ProcessEvent(probe {} {} ok={} {:?})",
-                self.id,
-                self.probe.unwrap_or("?"),
-                opt(self.ok),
-                self.message.as_deref().unwrap_or("")
-            ),
-        }
+        format!(
+            "ProcessExited({} pid={} code={} signal={})",
+            self.id,
+            self.pid,
+            opt(self.code),
+            opt(self.signal)
+        )
+    }
+}
+
+/// A probe of an instance reached a verdict.
+#[pyclass(frozen, get_all, module = "corral._core")]
+pub struct ProbeVerdict {
+    id: String,
+    probe: &'static str,
+    ok: bool,
+    message: String,
+}
+
+#[pymethods]
+impl ProbeVerdict {
+    fn __repr__(&self) -> String {
+        format!(
+            "ProbeVerdict({} {} ok={} {:?})",
+            self.id, self.probe, self.ok, self.message
+        )
     }
 }
 
@@ -117,69 +126,44 @@ fn opt<T: std::fmt::Display>(v: Option<T>) -> String {
     v.map_or_else(|| "None".to_owned(), |v| v.to_string())
 }
 
-fn convert(e: Event) -> ProcessEvent {
-    match e {
+fn convert(py: Python<'_>, e: Event) -> PyResult<Py<PyAny>> {
+    Ok(match e {
         Event::Exited {
             id,
             pid,
             code,
             signal,
-        } => ProcessEvent {
-            kind: "exited",
-            id,
-            pid: Some(pid),
-            code,
-            signal,
-            probe: None,
-            ok: None,
-            message: None,
-        },
-        Event::Probe { id, result } => ProcessEvent {
-            kind: "probe",
-            id,
-            pid: None,
-            code: None,
-            signal: None,
-            probe: Some(result.kind.as_str()),
-            ok: Some(result.ok),
-            message: Some(result.message),
-        },
-    }
+        } => Py::new(
+            py,
+            ProcessExited {
+                id,
+                pid,
+                code,
+                signal,
+            },
+        )?
+        .into_any(),
+        Event::Probe { id, result } => Py::new(
+            py,
+            ProbeVerdict {
+                id,
+                probe: result.kind.as_str(),
+                ok: result.ok,
+                message: result.message,
+            },
+        )?
+        .into_any(),
+    })
 }
 
 #[pymethods]
 impl Supervisor {
     #[new]
     fn new() -> PyResult<Self> {
-        // The supervisor's tasks (exit waits, log copies, probes) run on a runtime of their
-        // own, on one thread: hundreds of probes a second then cost one thread's wake-ups,
-        // not the work-stealing hand-offs of a multi-threaded runtime, and they never queue
-        // behind the caller's own async work. Only `next_event` runs on the shared runtime.
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| {
-                pyo3::exceptions::PyOSError::new_err(format!(
-                    "cannot start the supervisor runtime: {e}"
-                ))
-            })?;
-        let handle = rt.handle().clone();
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("corral-supervisor".into())
-            .spawn(move || {
-                rt.block_on(async {
-                    let _ = stop_rx.await;
-                });
-            })
-            .map_err(|e| {
-                pyo3::exceptions::PyOSError::new_err(format!(
-                    "cannot start the supervisor thread: {e}"
-                ))
-            })?;
+        let rt = Dedicated::current_thread("corral-supervisor")?;
         Ok(Supervisor {
-            inner: core::Supervisor::new(handle),
-            _stop: parking_lot::Mutex::new(Some(stop_tx)),
+            inner: core::Supervisor::new(rt.handle().clone()),
+            _runtime: rt,
         })
     }
 
@@ -273,14 +257,18 @@ impl Supervisor {
         let sup = self.inner.clone();
         pyo3_async_runtimes::tokio::future_into_py(py, async move {
             let e = sup.next_event().await;
-            Ok(e.map(convert))
+            Python::attach(|py| e.map(|e| convert(py, e)).transpose())
         })
     }
 
     /// Events already queued, without waiting.
     #[pyo3(signature = (max = 4096))]
-    fn drain(&self, max: usize) -> Vec<ProcessEvent> {
-        self.inner.drain(max).into_iter().map(convert).collect()
+    fn drain(&self, py: Python<'_>, max: usize) -> PyResult<Vec<Py<PyAny>>> {
+        self.inner
+            .drain(max)
+            .into_iter()
+            .map(|e| convert(py, e))
+            .collect()
     }
 }
 
@@ -310,7 +298,8 @@ fn process_start_time(pid: u32) -> Option<u64> {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Supervisor>()?;
-    m.add_class::<ProcessEvent>()?;
+    m.add_class::<ProcessExited>()?;
+    m.add_class::<ProbeVerdict>()?;
     m.add_class::<PyProcessSpec>()?;
     m.add_function(wrap_pyfunction!(signal_group, m)?)?;
     m.add_function(wrap_pyfunction!(group_alive, m)?)?;

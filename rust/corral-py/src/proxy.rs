@@ -1,58 +1,18 @@
 //! The load-balancing proxy.
 
 use std::net::{IpAddr, SocketAddr};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use corral_core::balance::Strategy;
 use corral_core::breaker::BreakerConfig;
+use corral_core::error::ProxyError;
 use corral_core::mesh::TlsFront;
 use corral_core::proxy::{CounterSnapshot, Proxy as Core, ProxyConfig};
-use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::errors::{bad_arg, seconds};
-
-/// All proxies share one runtime with one worker thread of their own. A multi-threaded
-/// runtime with a single worker, not a current-thread one: the latter wakes tasks readied
-/// while it waits on epoll through its injection queue and an eventfd write, one extra
-/// system call per request (measured with strace under `make bench-proxy`).
-fn runtime() -> PyResult<&'static tokio::runtime::Handle> {
-    static HANDLE: OnceLock<tokio::runtime::Handle> = OnceLock::new();
-    if let Some(h) = HANDLE.get() {
-        return Ok(h);
-    }
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::Builder::new()
-        .name("corral-proxy".into())
-        .spawn(move || {
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(1)
-                .thread_name("corral-proxy")
-                .enable_all()
-                .build();
-            match rt {
-                Ok(rt) => {
-                    let _ = tx.send(Ok(rt.handle().clone()));
-                    rt.block_on(std::future::pending::<()>());
-                }
-                Err(e) => {
-                    let _ = tx.send(Err(e));
-                }
-            }
-        })
-        .map_err(|e| {
-            pyo3::exceptions::PyOSError::new_err(format!("cannot start the proxy thread: {e}"))
-        })?;
-    let handle = rx
-        .recv()
-        .map_err(|e| pyo3::exceptions::PyOSError::new_err(e.to_string()))?
-        .map_err(|e| {
-            pyo3::exceptions::PyOSError::new_err(format!("cannot start the proxy runtime: {e}"))
-        })?;
-    Ok(HANDLE.get_or_init(|| handle))
-}
+use crate::errors::{config_err, named, seconds, PyResultExt};
 
 /// A TCP front for a set of upstreams: balanced, with outlier ejection and draining.
 #[pyclass(frozen, module = "corral._core")]
@@ -60,15 +20,120 @@ pub struct Proxy {
     inner: Arc<Core>,
 }
 
-fn counters<'py>(py: Python<'py>, c: &CounterSnapshot) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
+/// The counters of one upstream of a front.
+#[pyclass(frozen, eq, get_all, module = "corral._core")]
+#[derive(Clone, PartialEq, Eq)]
+pub struct UpstreamStats {
+    id: String,
+    address: String,
+    ejected: bool,
+    connections: u64,
+    active: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    errors: u64,
+    ejections: u64,
+}
+
+/// The counters of a front: its totals, refusals, and each upstream's.
+#[pyclass(frozen, eq, get_all, module = "corral._core")]
+#[derive(PartialEq, Eq)]
+pub struct ProxyStats {
+    address: String,
+    connections: u64,
+    active: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    errors: u64,
+    ejections: u64,
+    refused: u64,
+    tls_refused: u64,
+    upstreams: Vec<UpstreamStats>,
+}
+
+fn put_counters(d: &Bound<'_, PyDict>, c: &CounterSnapshot) -> PyResult<()> {
     d.set_item("connections", c.connections)?;
     d.set_item("active", c.active)?;
     d.set_item("bytes_in", c.bytes_in)?;
     d.set_item("bytes_out", c.bytes_out)?;
     d.set_item("errors", c.errors)?;
-    d.set_item("ejections", c.ejections)?;
-    Ok(d)
+    d.set_item("ejections", c.ejections)
+}
+
+impl UpstreamStats {
+    fn counters(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            connections: self.connections,
+            active: self.active,
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            errors: self.errors,
+            ejections: self.ejections,
+        }
+    }
+}
+
+#[pymethods]
+impl UpstreamStats {
+    /// The JSON shape (what `GET /v1/status` serves under `fronts.<service>.upstreams`).
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("id", &self.id)?;
+        d.set_item("address", &self.address)?;
+        d.set_item("ejected", self.ejected)?;
+        put_counters(&d, &self.counters())?;
+        Ok(d)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "UpstreamStats({} {}{}, connections={}, active={}, errors={})",
+            self.id,
+            self.address,
+            if self.ejected { " ejected" } else { "" },
+            self.connections,
+            self.active,
+            self.errors
+        )
+    }
+}
+
+#[pymethods]
+impl ProxyStats {
+    /// The JSON shape (what `GET /v1/status` serves under `fronts.<service>`).
+    fn to_dict<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        d.set_item("address", &self.address)?;
+        put_counters(
+            &d,
+            &CounterSnapshot {
+                connections: self.connections,
+                active: self.active,
+                bytes_in: self.bytes_in,
+                bytes_out: self.bytes_out,
+                errors: self.errors,
+                ejections: self.ejections,
+            },
+        )?;
+        d.set_item("refused", self.refused)?;
+        d.set_item("tls_refused", self.tls_refused)?;
+        let ups = pyo3::types::PyList::empty(py);
+        for u in &self.upstreams {
+            ups.append(u.to_dict(py)?)?;
+        }
+        d.set_item("upstreams", ups)?;
+        Ok(d)
+    }
+    fn __repr__(&self) -> String {
+        format!(
+            "ProxyStats({}: {} upstreams, connections={}, active={}, errors={}, refused={})",
+            self.address,
+            self.upstreams.len(),
+            self.connections,
+            self.active,
+            self.errors,
+            self.refused
+        )
+    }
 }
 
 #[pymethods]
@@ -94,21 +159,10 @@ impl Proxy {
         key_pem: Option<String>,
         allow: Vec<String>,
     ) -> PyResult<Self> {
-        let strategy = Strategy::parse(strategy).ok_or_else(|| {
-            bad_arg(
-                "strategy",
-                strategy,
-                "'round_robin', 'weighted', 'least_connections', 'ip_hash', 'random'",
-            )
-        })?;
-        let ip: IpAddr = host.parse().map_err(|_| {
-            PyValueError::new_err(format!("host must be an IP address, got {host:?}"))
-        })?;
-        if max_attempts == 0 || failure_threshold == 0 || max_ejection_percent > 100 {
-            return Err(PyValueError::new_err(
-                "max_attempts and failure_threshold must be at least 1, max_ejection_percent at most 100",
-            ));
-        }
+        let strategy = named("strategy", strategy, Strategy::parse, Strategy::NAMES)?;
+        let ip: IpAddr = host
+            .parse()
+            .map_err(|_| config_err(format!("host must be an IP address, got {host:?}")))?;
         let cfg = ProxyConfig {
             strategy,
             connect_timeout: seconds("connect_timeout", connect_timeout)?,
@@ -124,17 +178,18 @@ impl Proxy {
             },
             ..ProxyConfig::default()
         };
-        let handle = runtime()?;
+        let handle = corral_core::runtime::proxy()?;
         let addr = SocketAddr::new(ip, port);
         let inner = match (ca_pem, cert_pem, key_pem) {
-            (None, None, None) => py.detach(|| Core::bind(addr, cfg, handle))?,
+            (None, None, None) => py.detach(|| Core::bind(addr, cfg, handle)).py()?,
             (Some(ca), Some(cert), Some(key)) => {
                 let tls = TlsFront::new(&ca, &cert, &key, allow)
-                    .map_err(|e| PyValueError::new_err(e.to_string()))?;
-                py.detach(|| Core::bind_tls(addr, cfg, handle, tls))?
+                    .map_err(ProxyError::from)
+                    .py()?;
+                py.detach(|| Core::bind_tls(addr, cfg, handle, tls)).py()?
             }
             _ => {
-                return Err(PyValueError::new_err(
+                return Err(config_err(
                     "an mTLS front needs ca_pem, cert_pem and key_pem",
                 ))
             }
@@ -166,7 +221,7 @@ impl Proxy {
                     (id, host, port, 1)
                 };
             let ip: IpAddr = host.parse().map_err(|_| {
-                PyValueError::new_err(format!(
+                config_err(format!(
                     "upstream {id}: host must be an IP address, got {host:?}"
                 ))
             })?;
@@ -176,33 +231,45 @@ impl Proxy {
         Ok(())
     }
 
-    /// Counters of the proxy (plus `refused`) and of each upstream (under `upstreams`).
-    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let (totals, refused) = self.inner.totals();
-        let d = counters(py, &totals)?;
-        d.set_item("refused", refused)?;
-        d.set_item("tls_refused", self.inner.tls_refused())?;
-        d.set_item("address", self.inner.local_addr().to_string())?;
-        let ups = pyo3::types::PyList::empty(py);
-        for (id, addr, ejected, c) in self.inner.upstreams() {
-            let u = counters(py, &c)?;
-            u.set_item("id", id)?;
-            u.set_item("address", addr.to_string())?;
-            u.set_item("ejected", ejected)?;
-            ups.append(u)?;
+    /// The front's counters now (its totals, refusals, and each upstream's).
+    fn stats(&self) -> ProxyStats {
+        let (t, refused) = self.inner.totals();
+        let upstreams = self
+            .inner
+            .upstreams()
+            .into_iter()
+            .map(|u| UpstreamStats {
+                id: u.id,
+                address: u.address.to_string(),
+                ejected: u.ejected,
+                connections: u.counters.connections,
+                active: u.counters.active,
+                bytes_in: u.counters.bytes_in,
+                bytes_out: u.counters.bytes_out,
+                errors: u.counters.errors,
+                ejections: u.counters.ejections,
+            })
+            .collect();
+        ProxyStats {
+            address: self.inner.local_addr().to_string(),
+            connections: t.connections,
+            active: t.active,
+            bytes_in: t.bytes_in,
+            bytes_out: t.bytes_out,
+            errors: t.errors,
+            ejections: t.ejections,
+            refused,
+            tls_refused: self.inner.tls_refused(),
+            upstreams,
         }
-        d.set_item("upstreams", ups)?;
-        Ok(d)
     }
 
     /// Presents a new certificate (PEM) from the next handshake on (mTLS fronts).
     fn set_certificate(&self, cert_pem: &str, key_pem: &str) -> PyResult<()> {
-        let tls = self
-            .inner
-            .tls()
-            .ok_or_else(|| PyValueError::new_err("not an mTLS front"))?;
+        let tls = self.inner.tls().ok_or(ProxyError::NotTls).py()?;
         tls.set_certificate(cert_pem, key_pem)
-            .map_err(|e| PyValueError::new_err(e.to_string()))
+            .map_err(ProxyError::from)
+            .py()
     }
 
     /// Stops accepting; open connections finish.
@@ -212,5 +279,7 @@ impl Proxy {
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
-    m.add_class::<Proxy>()
+    m.add_class::<Proxy>()?;
+    m.add_class::<ProxyStats>()?;
+    m.add_class::<UpstreamStats>()
 }

@@ -1,6 +1,6 @@
 //! `ResourceManager`, `ResourceRequest`, `Grant`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use pyo3::prelude::*;
@@ -8,7 +8,7 @@ use pyo3::types::{PyDict, PyInt};
 
 use corral_core::resources::{self as core, CachePolicy, NumaPolicy, VolumeSpec};
 
-use crate::errors::{bad_arg, bad_type, PyResultExt};
+use crate::errors::{bad_type, config_err, named, PyResultExt};
 use crate::topology::Topology;
 
 /// What one instance asks for.
@@ -33,7 +33,7 @@ impl ResourceRequest {
         numa_node: Option<u32>,
     ) -> PyResult<Self> {
         if !(cpu >= 0.0 && cpu.is_finite()) {
-            return Err(pyo3::exceptions::PyValueError::new_err(format!(
+            return Err(config_err(format!(
                 "cpu must be a non-negative number, got {cpu}"
             )));
         }
@@ -41,10 +41,8 @@ impl ResourceRequest {
             inner: core::ResourceRequest {
                 cpu,
                 cores,
-                numa: NumaPolicy::parse(numa)
-                    .ok_or_else(|| bad_arg("numa", numa, "'none', 'prefer', 'require'"))?,
-                cache: CachePolicy::parse(cache)
-                    .ok_or_else(|| bad_arg("cache", cache, "'any', 'prefer-large'"))?,
+                numa: named("numa", numa, NumaPolicy::parse, NumaPolicy::NAMES)?,
+                cache: named("cache", cache, CachePolicy::parse, CachePolicy::NAMES)?,
                 numa_node,
                 memory_mb,
                 swap_mb,
@@ -201,34 +199,128 @@ impl ResourceManager {
         self.inner.volume_usage_bytes(name).py()
     }
 
-    /// A snapshot of the ledgers, as a dict.
-    fn usage<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+    /// A snapshot of the ledgers.
+    fn usage(&self) -> Usage {
         let u = self.inner.usage();
-        let d = PyDict::new(py);
-        d.set_item("cpus", u.cpus)?;
-        d.set_item("exclusive_cpus", u.exclusive_cpus)?;
-        d.set_item("shared_capacity_millicores", u.shared_capacity_millicores)?;
-        d.set_item("shared_used_millicores", u.shared_used_millicores)?;
-        d.set_item("memory_capacity_mb", u.memory_capacity_mb)?;
-        d.set_item("memory_used_mb", u.memory_used_mb)?;
-        let nodes: HashMap<u32, (u64, u64)> = u
-            .memory_by_node
-            .iter()
-            .map(|(n, c, used)| (*n, (*c, *used)))
-            .collect();
-        d.set_item("memory_by_node", nodes)?;
-        d.set_item("swap_used_mb", u.swap_used_mb)?;
-        let vols = PyDict::new(py);
-        for v in u.volumes {
-            let e = PyDict::new(py);
-            e.set_item("path", v.path)?;
-            e.set_item("capacity_mb", v.capacity_mb)?;
-            e.set_item("reserved_mb", v.reserved_mb)?;
-            vols.set_item(v.name, e)?;
+        Usage {
+            cpus: u.cpus,
+            exclusive_cpus: u.exclusive_cpus,
+            shared_capacity_millicores: u.shared_capacity_millicores,
+            shared_used_millicores: u.shared_used_millicores,
+            memory_capacity_mb: u.memory_capacity_mb,
+            memory_used_mb: u.memory_used_mb,
+            memory_by_node: u
+                .memory_by_node
+                .iter()
+                .map(|n| {
+                    (
+                        n.node,
+                        NodeMemory {
+                            node: n.node,
+                            capacity_mb: n.capacity_mb,
+                            used_mb: n.used_mb,
+                        },
+                    )
+                })
+                .collect(),
+            swap_used_mb: u.swap_used_mb,
+            volumes: u
+                .volumes
+                .into_iter()
+                .map(|v| {
+                    (
+                        v.name.clone(),
+                        VolumeUsage {
+                            name: v.name,
+                            path: v.path,
+                            capacity_mb: v.capacity_mb,
+                            reserved_mb: v.reserved_mb,
+                        },
+                    )
+                })
+                .collect(),
+            grants: u.grants,
         }
-        d.set_item("volumes", vols)?;
-        d.set_item("grants", u.grants)?;
-        Ok(d)
+    }
+
+    /// CPUs nobody holds exclusively now, where shared-CPU work may run: on `node` when it
+    /// is given and has any, else on the whole machine (the reserved CPUs included).
+    #[pyo3(signature = (node = None))]
+    fn shared_cpus(&self, node: Option<u32>) -> Vec<u32> {
+        self.inner.shared_cpus(node)
+    }
+}
+
+/// Memory of one NUMA node, MiB.
+#[pyclass(frozen, eq, get_all, module = "corral._core")]
+#[derive(Clone, PartialEq, Eq)]
+pub struct NodeMemory {
+    node: u32,
+    capacity_mb: u64,
+    used_mb: u64,
+}
+
+#[pymethods]
+impl NodeMemory {
+    fn __repr__(&self) -> String {
+        format!(
+            "NodeMemory(node={}, capacity_mb={}, used_mb={})",
+            self.node, self.capacity_mb, self.used_mb
+        )
+    }
+}
+
+/// Use and capacity of one volume, MiB.
+#[pyclass(frozen, eq, get_all, module = "corral._core")]
+#[derive(Clone, PartialEq, Eq)]
+pub struct VolumeUsage {
+    name: String,
+    path: PathBuf,
+    capacity_mb: u64,
+    reserved_mb: u64,
+}
+
+#[pymethods]
+impl VolumeUsage {
+    fn __repr__(&self) -> String {
+        format!(
+            "VolumeUsage({:?}, path='{}', capacity_mb={}, reserved_mb={})",
+            self.name,
+            self.path.display(),
+            self.capacity_mb,
+            self.reserved_mb
+        )
+    }
+}
+
+/// A snapshot of the ledgers (`ResourceManager.usage()`).
+#[pyclass(frozen, eq, get_all, module = "corral._core")]
+#[derive(Clone, PartialEq, Eq)]
+pub struct Usage {
+    cpus: Vec<u32>,
+    exclusive_cpus: Vec<u32>,
+    shared_capacity_millicores: u64,
+    shared_used_millicores: u64,
+    memory_capacity_mb: u64,
+    memory_used_mb: u64,
+    memory_by_node: BTreeMap<u32, NodeMemory>,
+    swap_used_mb: u64,
+    volumes: BTreeMap<String, VolumeUsage>,
+    grants: usize,
+}
+
+#[pymethods]
+impl Usage {
+    fn __repr__(&self) -> String {
+        format!(
+            "Usage(grants={}, exclusive_cpus={:?}, shared {}/{} millicores, memory {}/{} MiB)",
+            self.grants,
+            self.exclusive_cpus,
+            self.shared_used_millicores,
+            self.shared_capacity_millicores,
+            self.memory_used_mb,
+            self.memory_capacity_mb
+        )
     }
 }
 
@@ -236,5 +328,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<ResourceManager>()?;
     m.add_class::<ResourceRequest>()?;
     m.add_class::<Grant>()?;
+    m.add_class::<Usage>()?;
+    m.add_class::<NodeMemory>()?;
+    m.add_class::<VolumeUsage>()?;
     Ok(())
 }

@@ -1,9 +1,9 @@
-//! `RetryPolicy`, `RetrySchedule`, `RetryBudget`, and `Retrying` (the sync
-//! `@retry` wrapper). The async wrapper is in `corral/retry.py` and drives a
-//! `RetrySchedule` with `asyncio.sleep`.
+//! `RetryPolicy`, `RetrySchedule`, `RetryBudget`, `RetryAttempts`, and `Retrying` (the
+//! sync `@retry` wrapper). Both loops step the core's `Attempts`: the sync one here, the
+//! async one in `corral/retry.py` (with `asyncio.sleep`), and the engine's spawn retries
+//! on the event loop.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use pyo3::exceptions::PyException;
@@ -12,7 +12,7 @@ use pyo3::types::{PyDict, PyTuple};
 
 use corral_core::retry::{self as core, Backoff, Jitter};
 
-use crate::errors::{bad_arg, seconds, PyResultExt};
+use crate::errors::{named, retry_exhausted, seconds, PyResultExt};
 
 /// How long to wait between attempts, and when to give up.
 #[pyclass(frozen, module = "corral._core")]
@@ -29,8 +29,7 @@ fn build(
     jitter: &str,
     seed: Option<u64>,
 ) -> PyResult<RetryPolicy> {
-    let jitter = Jitter::parse(jitter)
-        .ok_or_else(|| bad_arg("jitter", jitter, "'none', 'full', 'equal'"))?;
+    let jitter = named("jitter", jitter, Jitter::parse, Jitter::NAMES)?;
     let inner = core::RetryPolicy::new(backoff)
         .jitter(jitter)
         .max_delay(max_delay.map(|d| seconds("max_delay", d)).transpose()?)
@@ -149,6 +148,17 @@ impl RetryPolicy {
     fn delays(&self) -> RetrySchedule {
         self.schedule()
     }
+    /// One retried operation whose first attempt begins now (deposited in `budget`): ask
+    /// `after_failure()` after each failed attempt.
+    #[pyo3(signature = (budget = None))]
+    fn attempts(&self, budget: Option<&Bound<'_, RetryBudget>>) -> RetryAttempts {
+        RetryAttempts {
+            inner: Mutex::new(core::Attempts::new(
+                &self.inner,
+                budget.map(|b| b.get().inner.clone()),
+            )),
+        }
+    }
     /// A fresh schedule for one retried operation.
     fn schedule(&self) -> RetrySchedule {
         RetrySchedule {
@@ -200,6 +210,32 @@ impl RetrySchedule {
     }
 }
 
+/// One retried operation, stepped by its caller (see `RetryPolicy.attempts`).
+#[pyclass(frozen, module = "corral._core")]
+pub struct RetryAttempts {
+    inner: Mutex<core::Attempts>,
+}
+
+#[pymethods]
+impl RetryAttempts {
+    /// The last attempt failed: seconds to wait before the next, or None to give up (the
+    /// policy's caps are reached or the budget is spent).
+    fn after_failure(&self) -> Option<f64> {
+        self.inner.lock().after_failure().map(|d| d.as_secs_f64())
+    }
+    /// Attempts begun so far (1 before any failure).
+    #[getter]
+    fn attempts(&self) -> u32 {
+        self.inner.lock().attempts()
+    }
+    /// The `RetryExhausted` to raise when `last` (a result, not an exception) asked for the
+    /// retry that `after_failure` refused.
+    fn exhausted(&self, py: Python<'_>, last: Py<PyAny>) -> Py<PyAny> {
+        let e = self.inner.lock().exhausted();
+        retry_exhausted(&e, last).into_value(py).into_any()
+    }
+}
+
 /// A token bucket shared by many callers so retries cannot multiply an outage.
 #[pyclass(frozen, module = "corral._core")]
 pub struct RetryBudget {
@@ -242,23 +278,6 @@ pub struct Retrying {
     budget: Option<Arc<core::RetryBudget>>,
 }
 
-fn exhausted(py: Python<'_>, last: Py<PyAny>, attempts: u32) -> PyErr {
-    match py
-        .import("corral.exceptions")
-        .and_then(|m| m.getattr("RetryExhausted"))
-    {
-        Ok(t) => match t.call1((
-            format!("gave up after {attempts} attempts: the result still asked for a retry"),
-            last,
-            attempts,
-        )) {
-            Ok(v) => PyErr::from_value(v),
-            Err(e) => e,
-        },
-        Err(e) => e,
-    }
-}
-
 #[pymethods]
 impl Retrying {
     #[new]
@@ -287,13 +306,7 @@ impl Retrying {
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let f = self.func.bind(py);
-        if let Some(b) = &self.budget {
-            b.deposit();
-        }
-        // The clock is read only when the policy caps elapsed time.
-        let start = self.policy.max_elapsed.is_some().then(Instant::now);
-        let mut schedule: Option<core::Schedule> = None;
-        let mut attempts = 1u32;
+        let mut attempts = core::Attempts::new(&self.policy, self.budget.clone());
         loop {
             let (err, last) = match f.call(args, kwargs) {
                 Ok(v) => match &self.retry_if_result {
@@ -309,22 +322,18 @@ impl Retrying {
                     (Some(e), None)
                 }
             };
-            let elapsed = start.map_or(Duration::ZERO, |s| s.elapsed());
-            let delay = schedule
-                .get_or_insert_with(|| self.policy.schedule())
-                .next_delay(elapsed);
-            let allowed = delay.is_some() && self.budget.as_ref().is_none_or(|b| b.try_withdraw());
-            let Some(delay) = delay.filter(|_| allowed) else {
+            let Some(delay) = attempts.after_failure() else {
                 return Err(match err {
                     Some(e) => e,
-                    None => exhausted(py, last.expect("a result").unbind(), attempts),
+                    None => {
+                        retry_exhausted(&attempts.exhausted(), last.expect("a result").unbind())
+                    }
                 });
             };
             if !delay.is_zero() {
                 py.detach(|| std::thread::sleep(delay));
                 py.check_signals()?;
             }
-            attempts += 1;
         }
     }
 
@@ -343,6 +352,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<RetryPolicy>()?;
     m.add_class::<RetrySchedule>()?;
     m.add_class::<RetryBudget>()?;
+    m.add_class::<RetryAttempts>()?;
     m.add_class::<Retrying>()?;
     Ok(())
 }

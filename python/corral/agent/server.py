@@ -1,13 +1,17 @@
 """The control API: HTTP/1.1 with JSON over a Unix socket in the state directory.
 
 The socket is created with mode 0600, so only its owner can control the deployment. The
-agent (:func:`run_agent`) serves it; the CLI is its client (:class:`ControlClient`).
+agent (:func:`run_agent`) serves it; :class:`~corral.agent.client.AgentClient` is its client.
 
 Routes: ``GET /v1/status``, ``GET /v1/up`` (waits until ``up`` has finished: ``ok`` and the
-reason), ``GET /v1/events?after=N``, ``POST /v1/restart?service=NAME``, ``POST /v1/down``,
-and discovery: ``GET /v1/services`` (every service) and ``GET /v1/services/NAME`` (one;
-``?wait=GENERATION&timeout=S`` answers once the registry has moved past that generation,
-a long poll for clients that follow changes).
+error), ``GET /v1/events?after=SEQ&limit=N`` (the event log by sequence number),
+``POST /v1/restart?service=NAME``, ``POST /v1/down``, and discovery: ``GET /v1/services``
+(every service) and ``GET /v1/services/NAME`` (one; ``?wait=GENERATION&timeout=S`` answers
+once the registry has moved past that generation, a long poll for clients that follow
+changes).
+
+Errors are answered as ``{"error": {"type": ..., "args": [...], "message": ...}}`` (see
+:func:`corral.exceptions.to_wire`), so the client raises the same class again.
 """
 
 from __future__ import annotations
@@ -18,18 +22,18 @@ import http.client
 import json
 import os
 import signal
-import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
-from corral.exceptions import AgentError, CorralError, DeploymentError
+from corral.agent.wire import to_wire
+from corral.exceptions import ConfigError, CorralError, DeploymentError, UnknownService
 
-if TYPE_CHECKING:  # the client side (status, down, logs) never loads the engine
+if TYPE_CHECKING:
     from corral.engine import Deployment
 
-__all__ = ["ControlClient", "ControlServer", "run_agent", "socket_path"]
+__all__ = ["ControlServer", "run_agent", "socket_path"]
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -97,14 +101,17 @@ class ControlServer:
             if handler is None and method == "GET" and url.path.startswith("/v1/services/"):
                 handler = self._service
                 query["name"] = [url.path.removeprefix("/v1/services/")]
+            body: Any
             if handler is None:
-                code, body = 404, {"error": f"no route {method} {url.path}"}
+                code, body = 404, {"error": to_wire(ConfigError(f"no route {method} {url.path}"))}
             else:
                 try:
                     code, body = await handler(query)
+                except UnknownService as e:
+                    code, body = 404, {"error": to_wire(e)}
                 except CorralError as e:
-                    code, body = 409, {"error": str(e)}
-            data = json.dumps(body).encode()
+                    code, body = 409, {"error": to_wire(e)}
+            data = json.dumps(body, default=str).encode()
             writer.write(f"HTTP/1.1 {code} {http.client.responses.get(code, '')}\r\nContent-Type: application/json\r\n"
                          f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
             await writer.drain()
@@ -121,24 +128,23 @@ class ControlServer:
             return 409, {"ok": False, "error": "up has not started"}
         try:
             await asyncio.shield(self.up_task)
-        except DeploymentError as e:
-            return 200, {"ok": False, "error": str(e)}
+        except CorralError as e:
+            return 200, {"ok": False, "error": to_wire(e)}
         except asyncio.CancelledError:
-            return 200, {"ok": False, "error": "up was interrupted"}
+            return 200, {"ok": False, "error": to_wire(DeploymentError("up was interrupted"))}
         return 200, {"ok": True, "status": self.deployment.status().to_dict()}
 
     async def _events(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         after = int(q.get("after", ["0"])[0])
-        events = [t.to_dict() for t in self.deployment.events()]
-        return 200, {"events": events[after:]}
+        limit = min(int(q.get("limit", ["1000"])[0]), 10000)
+        return 200, {"events": [e.to_dict() for e in self.deployment.event_log(after, limit)]}
 
     async def _services(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
         return 200, {name: self.deployment.discovery(name) for name in self.deployment.spec.services}
 
     async def _service(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         name = q["name"][0]
-        if name not in self.deployment.spec.services:
-            return 404, {"error": f"unknown service {name!r}"}
+        self.deployment.discovery(name)  # raises UnknownService
         wait = int(q.get("wait", ["-1"])[0])
         if wait >= 0:
             timeout = min(float(q.get("timeout", ["30"])[0]), 300.0)
@@ -147,9 +153,7 @@ class ControlServer:
 
     async def _restart(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         service = q.get("service", [""])[0]
-        if service not in self.deployment.spec.services:
-            return 404, {"error": f"unknown service {service!r}"}
-        await self.deployment.restart(service)
+        await self.deployment.restart(service)  # raises UnknownService
         return 200, {"ok": True, "service": service}
 
     async def _down(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
@@ -200,55 +204,3 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
         # Let a pending /v1/down answer before the socket goes.
         await asyncio.sleep(0.05)
         await server.close()
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(self.timeout)
-        try:
-            s.connect(str(self._path))
-        except OSError:
-            s.close()
-            raise
-        self.sock = s
-
-
-class ControlClient:
-    """Talks to the agent of a state directory (or at the socket given)."""
-
-    def __init__(self, state_dir: Path | None = None, *, socket: Path | None = None) -> None:
-        if socket is not None:
-            self.path = socket
-        elif state_dir is not None:
-            self.path = socket_path(state_dir)
-        else:
-            raise ValueError("ControlClient needs a state directory or a socket path")
-
-    def available(self) -> bool:
-        """Whether an agent answers."""
-        try:
-            self.request("GET", "/v1/status", timeout=2.0)
-            return True
-        except AgentError:
-            return False
-
-    def request(self, method: str, target: str, timeout: float = 30.0) -> Any:
-        """A JSON request; raises :class:`AgentError` when no agent answers."""
-        conn = _UnixConnection(self.path, timeout)
-        try:
-            conn.request(method, target)
-            resp = conn.getresponse()
-            body = json.loads(resp.read() or b"null")
-        except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
-            raise AgentError(f"no agent at {self.path} ({e.__class__.__name__}: {e})") from None
-        finally:
-            conn.close()
-        if resp.status >= 400:
-            msg = body.get("error") if isinstance(body, dict) else body
-            raise CorralError(str(msg))
-        return body

@@ -1,0 +1,195 @@
+"""AgentClient: the one way anything outside the agent talks to a deployment.
+
+It asks the agent over its socket when one runs, and reads the state directory when none
+does (status, events and logs answer either way; ``down`` without an agent stops what a dead
+agent left). The CLI and discovery use nothing else. Errors come back typed: the agent sends
+the exception's class and arguments, and the client raises the same class.
+
+The agent counts as running when its recorded pid still has its recorded start time (a
+recycled pid or a zombie does not count), not merely because its socket exists.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+from corral.agent.logs import follow_lines, tail_lines
+from corral.agent.wire import from_wire
+from corral.exceptions import AgentUnavailable, CorralError, UnknownService
+from corral.leftovers import live_agent, stop_leftovers
+from corral.state import DeploymentRow, DeploymentStatus, EventRow, StateStore, default_state_dir
+
+__all__ = ["AgentClient", "default_state_dir", "socket_path"]
+
+
+def socket_path(state_dir: Path) -> Path:
+    """Where the agent of a state directory listens."""
+    return state_dir / "agent.sock"
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(self.timeout)
+        try:
+            s.connect(str(self._path))
+        except OSError:
+            s.close()
+            raise
+        self.sock = s
+
+
+class AgentClient:
+    """The agent of a state directory (or the one at ``socket``)."""
+
+    def __init__(self, state_dir: Path | None = None, *, socket: Path | None = None) -> None:
+        if socket is None and state_dir is None:
+            raise ValueError("AgentClient needs a state directory or a socket path")
+        self.state_dir = state_dir if state_dir is not None else socket.parent  # type: ignore[union-attr]
+        self.path = socket if socket is not None else socket_path(self.state_dir)
+
+    @property
+    def db(self) -> Path:
+        """The state directory's SQLite file."""
+        return self.state_dir / "state.db"
+
+    # --- the wire ---------------------------------------------------------------------
+
+    def request(self, method: str, target: str, timeout: float = 30.0) -> Any:
+        """A JSON request. Raises :class:`AgentUnavailable` when no agent answers, and the
+        agent's own error class when it answers with one."""
+        conn = _UnixConnection(self.path, timeout)
+        try:
+            conn.request(method, target)
+            resp = conn.getresponse()
+            body = json.loads(resp.read() or b"null")
+        except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
+            raise AgentUnavailable(f"no agent at {self.path} ({e.__class__.__name__}: {e})") from None
+        finally:
+            conn.close()
+        if resp.status >= 400:
+            err = body.get("error") if isinstance(body, dict) else body
+            raise from_wire(err) if isinstance(err, dict) else CorralError(str(err))
+        return body
+
+    def available(self) -> bool:
+        """Whether an agent answers on the socket."""
+        try:
+            self.request("GET", "/v1/status", timeout=2.0)
+            return True
+        except AgentUnavailable:
+            return False
+
+    # --- what the state directory knows ------------------------------------------------
+
+    def deployment(self) -> DeploymentRow | None:
+        """The newest deployment recorded in the state directory."""
+        rows = StateStore.read_deployments(self.db) if self.db.exists() else []
+        return rows[-1] if rows else None
+
+    def running(self) -> DeploymentRow | None:
+        """The deployment whose agent runs now (pid and start time), if any."""
+        return live_agent(self.db)
+
+    def _required(self) -> DeploymentRow:
+        row = self.deployment()
+        if row is None:
+            raise AgentUnavailable(f"no deployment in {self.state_dir}")
+        return row
+
+    # --- what a user asks -------------------------------------------------------------
+
+    def status(self) -> DeploymentStatus:
+        """The deployment now: from the agent when it runs (front counters included), else as
+        the store last recorded it."""
+        row = self._required()
+        if self.running() is not None:
+            try:
+                return DeploymentStatus.from_dict(self.request("GET", "/v1/status", timeout=5))
+            except AgentUnavailable:
+                pass
+        return DeploymentStatus.from_rows(row, StateStore.read_instances(self.db, row.name), agent_running=False)
+
+    def events(self, after: int = 0, limit: int = 1000) -> list[EventRow]:
+        """Event log entries with a sequence number above ``after``, oldest first."""
+        self._required()
+        return StateStore.read_events(self.db, after, limit)
+
+    def last_events(self, n: int) -> list[EventRow]:
+        """The last ``n`` entries of the event log, oldest first."""
+        self._required()
+        return list(StateStore.iter_tail(self.db, n))
+
+    def follow_events(self, after: int, poll: float = 0.2) -> Iterator[EventRow]:
+        """Entries as they are written, forever (stop iterating to stop)."""
+        while True:
+            page = StateStore.read_events(self.db, after)
+            for e in page:
+                after = e.seq
+                yield e
+            if not page:
+                time.sleep(poll)
+
+    def log_files(self, service: str) -> list[tuple[str, Path]]:
+        """``(instance id, log file)`` of a service's instances; :class:`UnknownService` when
+        the deployment has no such service."""
+        row = self._required()
+        insts = [i for i in StateStore.read_instances(self.db, row.name) if i.service == service]
+        if not insts:
+            known = sorted({s for phase in row.phases for s in phase})
+            raise UnknownService(f"unknown service {service!r} (services: {', '.join(known)})", service)
+        return [(i.id, Path(i.log) if i.log else self.state_dir / "logs" / f"{i.id}.log") for i in insts]
+
+    def logs(self, service: str, lines: int = 50) -> Iterator[tuple[str, str]]:
+        """The last ``lines`` lines of each instance's log, instance by instance."""
+        for iid, f in self.log_files(service):
+            for line in tail_lines(f, lines):
+                yield iid, line
+
+    def follow_logs(self, service: str) -> Iterator[tuple[str, str]]:
+        """New lines of the service's logs as they are written, forever (rotation followed)."""
+        return follow_lines(self.log_files(service))
+
+    def restart(self, service: str) -> None:
+        """A rolling restart (needs the agent)."""
+        self.request("POST", f"/v1/restart?service={quote(service)}", timeout=600)
+
+    def wait_up(self, timeout: float) -> DeploymentStatus:
+        """Waits until the agent's ``up`` has finished; raises its error when it failed."""
+        res = self.request("GET", "/v1/up", timeout=timeout)
+        if not res.get("ok"):
+            err = res.get("error")
+            raise from_wire(err) if isinstance(err, dict) else CorralError(str(err))
+        return DeploymentStatus.from_dict(res["status"])
+
+    def down(self) -> int | None:
+        """Stops the deployment. With an agent: asks it, then waits (up to 10 s) for it to
+        exit, and returns None. Without one: stops what a dead agent left behind (SIGTERM, 5 s,
+        SIGKILL, by process group) and returns how many process groups that was."""
+        agent = self.running()
+        try:
+            self.request("POST", "/v1/down", timeout=600)
+        except AgentUnavailable:
+            if _alive(agent):
+                raise
+            return stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent")
+        if agent is not None:
+            deadline = time.monotonic() + 10
+            while _alive(agent) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return None
+
+
+def _alive(agent: DeploymentRow | None) -> bool:
+    return agent is not None and agent.agent_running()

@@ -1,0 +1,62 @@
+"""Reading instance logs: the last lines of a file, and new lines as they are written,
+following rotation (a new inode, or a file shorter than what was read)."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["follow_lines", "tail_lines"]
+
+_TAIL_BYTES = 256 * 1024
+
+
+def tail_lines(path: Path, n: int) -> list[str]:
+    """The last ``n`` lines of ``path`` (read from its last 256 KiB); none when it is missing."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - _TAIL_BYTES))
+            data = f.read().decode(errors="replace")
+    except FileNotFoundError:
+        return []
+    return data.splitlines()[-n:] if n > 0 else []
+
+
+def follow_lines(files: list[tuple[str, Path]], poll: float = 0.2) -> Iterator[tuple[str, str]]:
+    """``(name, line)`` for every whole line added to the files from now on, forever."""
+    pos: dict[Path, tuple[int, int]] = {}
+    for _, f in files:
+        try:
+            st = f.stat()
+            pos[f] = (st.st_ino, st.st_size)
+        except FileNotFoundError:
+            pos[f] = (0, 0)
+    while True:
+        for name, f in files:
+            for line in _new_lines(f, pos):
+                yield name, line
+        time.sleep(poll)
+
+
+def _new_lines(f: Path, pos: dict[Path, tuple[int, int]]) -> Iterator[str]:
+    try:
+        st = f.stat()
+    except FileNotFoundError:
+        return
+    ino, off = pos[f]
+    if st.st_ino != ino or st.st_size < off:
+        off = 0  # rotated: the live file is new
+    if st.st_size == off:
+        pos[f] = (st.st_ino, off)
+        return
+    with open(f, "rb") as fh:
+        fh.seek(off)
+        data = fh.read()
+    # Only whole lines; the rest waits for its newline.
+    cut = data.rfind(b"\n") + 1
+    pos[f] = (st.st_ino, off + cut)
+    yield from data[:cut].decode(errors="replace").splitlines()

@@ -1,0 +1,37 @@
+"""How errors cross the agent's socket: as their class name and ``args``, raised again on
+the other side as the same class (every class of :mod:`corral.exceptions` can be rebuilt
+from its ``args``)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from corral import exceptions
+from corral.exceptions import CorralError, SpecError
+
+__all__ = ["from_wire", "to_wire"]
+
+
+def to_wire(error: CorralError) -> dict[str, Any]:
+    """The JSON form of an error: its class name and ``args`` (and a spec error's others)."""
+    doc: dict[str, Any] = {"type": type(error).__name__, "args": list(error.args), "message": str(error)}
+    if isinstance(error, SpecError):
+        doc["more"] = [list(m.args) for m in error.more]
+    return doc
+
+
+def from_wire(doc: Mapping[str, Any]) -> CorralError:
+    """The error :func:`to_wire` described, as the same class; a class this module does not
+    define (an older or newer agent) comes back as a plain :class:`CorralError` with the
+    message."""
+    cls = getattr(exceptions, str(doc.get("type")), None)
+    args = doc.get("args") or [doc.get("message", "")]
+    if not (isinstance(cls, type) and issubclass(cls, CorralError)):
+        return CorralError(str(doc.get("message", args[0] if args else "")))
+    if cls is SpecError:
+        return SpecError(*args, more=[SpecError(*m) for m in doc.get("more", [])])
+    try:
+        return cls(*args)
+    except TypeError:
+        return CorralError(str(doc.get("message", "")))

@@ -1,0 +1,364 @@
+"""What a deployment does: bring its services up in dependency order, wait for their
+conditions, roll back on failure, restart rolling, take everything down in reverse order.
+
+How each piece works lives beside this file: :mod:`~corral.engine.launch` spawns and signals,
+:mod:`~corral.engine.verdicts` turns exits and probe results into transitions,
+:mod:`~corral.engine.hooks` sets up cgroups, the mesh, fronts and volumes,
+:mod:`~corral.engine.journal` writes the store. Mechanisms are native; restarts and
+rollbacks are decided by the strategies in :mod:`corral.recovery`.
+
+::
+
+    async with corral.Deployment.from_file("corral.yaml") as d:
+        await d.up()
+        print(d.status())
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from corral._core import Authority, IssuedCert, PortAllocator, Proxy, ResourceManager, Supervisor, Topology
+from corral.engine.hooks import CgroupsHook, FrontsHook, Hook, MeshHook, VolumesHook
+from corral.engine.instance import STARTED, UP, InstanceRuntime, placement_text, settled
+from corral.engine.journal import Journal
+from corral.engine.launch import Launcher
+from corral.engine.stack import Stack
+from corral.engine.verdicts import Verdicts
+from corral.exceptions import AgentAlreadyRunning, CorralError, DeploymentError, UnknownService
+from corral.leftovers import live_agent, stop_leftovers
+from corral.lifecycle import State, Transition
+from corral.recovery import BackoffRestart, Exit, RestartStrategy, RollbackStrategy
+from corral.scheduler import Plan, Scheduler, volume_paths
+from corral.spec import DeploymentSpec, load_spec
+from corral.state import DeploymentStatus, EventRow, InstanceRow, default_state_dir
+
+__all__ = ["Deployment", "DeploymentStatus", "InstanceStatus"]
+
+InstanceStatus = InstanceRow
+"""The status of one instance (``id``, ``state``, ``healthy``, ``pid``, ``ports``, ``cpus``, ``restarts``...)."""
+
+
+class Deployment:
+    """One deployment of a spec on this machine; see the module docs.
+
+    ``restart_strategy`` and ``rollback`` take subclasses of the strategies in
+    :mod:`corral.recovery`; ``scheduler`` a :class:`~corral.scheduler.Scheduler` subclass.
+    ``cgroup_root`` points memory limits at another cgroup mount (a test tree, say).
+    """
+
+    def __init__(self, spec: DeploymentSpec, *, file: str | Path = "corral.yaml", state_dir: str | Path | None = None,
+                 restart_strategy: RestartStrategy | None = None, rollback: RollbackStrategy | None = None,
+                 scheduler: type[Scheduler] = Scheduler, topology: Topology | None = None,
+                 cgroup_root: str | Path | None = None, host: str = "127.0.0.1") -> None:
+        self.spec = spec
+        self.file = Path(file)
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.file)
+        self.host = host
+        self.topology = topology or Topology.detect()
+        self._volumes = volume_paths(spec, self.file.resolve().parent)
+        # A volume's capacity is its filesystem's free space, measured by the core (at the
+        # nearest existing ancestor: the directory is created at up).
+        self.resources = ResourceManager(self.topology, volumes={str(p): str(p) for p in self._volumes.values()})
+        lo, hi = spec.port_range
+        self.ports = PortAllocator(lo, hi, check_bind=host)
+        self.scheduler = scheduler(self.topology, self.resources, self.ports, spec.scheduler, host)
+        self.rollback = rollback or RollbackStrategy()
+        self.plan: Plan | None = None
+        self.journal = Journal(self.state_dir, spec.name, self.file, lambda iid: self._stack.instances[iid].row(
+            self.name))
+        self._stack = Stack(spec, self.file.resolve().parent, self.state_dir, host, self.resources, self.journal)
+        self._mesh = MeshHook()
+        self._fronts = FrontsHook({}, self._mesh)
+        cgroups = CgroupsHook(Path(cgroup_root or os.environ.get("CORRAL_CGROUP_ROOT", "/sys/fs/cgroup")))
+        self._hooks: list[Hook] = [VolumesHook(self._volumes), cgroups, self._mesh, self._fronts]
+        self.launcher = Launcher(self._stack, on_spawn_error=self._spawn_failed, on_healthy=self._healthy,
+                                 mesh=self._identity, log_max=spec.logs.max_size, log_keep=spec.logs.keep)
+        self.verdicts = Verdicts(self._stack, self.launcher,
+                                 restart_strategy or BackoffRestart({n: s.restart for n, s in spec.services.items()}))
+        self._pump: asyncio.Task[None] | None = None
+        self._ran = False
+
+    @classmethod
+    def from_file(cls, path: str | Path, **kwargs: Any) -> Deployment:
+        """Loads and validates ``path`` (raises :class:`~corral.exceptions.SpecError`)."""
+        return cls(load_spec(path), file=path, **kwargs)
+
+    # --- public API -----------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        """The deployment's name."""
+        return self.spec.name
+
+    @property
+    def state_db(self) -> Path:
+        """The SQLite file."""
+        return self.journal.db
+
+    @property
+    def registry(self) -> Any:
+        """The service registry its healthy instances are in (a ``ServiceRegistry``)."""
+        return self._stack.registry
+
+    @property
+    def restart_strategy(self) -> RestartStrategy:
+        """What decides restarts."""
+        return self.verdicts.restart_strategy
+
+    @property
+    def warnings(self) -> list[str]:
+        """Warnings so far (also in the event log)."""
+        return self._stack.warnings
+
+    async def __aenter__(self) -> Deployment:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.down()
+
+    def make_plan(self) -> Plan:
+        """Places every instance without starting anything (raises SpecError when it does not fit)."""
+        if self.plan is None:
+            self.plan = self.scheduler.plan(self.spec, self._volumes)
+        return self.plan
+
+    async def up(self) -> None:
+        """Starts every service in dependency order and returns when each meets its condition
+        (healthy, or completed for one-shot jobs). On failure, rolls back and raises
+        :class:`~corral.exceptions.DeploymentError`. A deployment comes up once: after
+        ``down``, make a new one."""
+        if self._ran:
+            raise CorralError(f"deployment {self.name!r} was already brought up; create a new Deployment")
+        self._ran = True
+        stack, journal = self._stack, self.journal
+        journal.open()
+        self._clean_stale()
+        plan = self.make_plan()
+        journal.begin(plan.phases)
+        journal.status("starting", event=(None, f"up {self.file.name}: {sum(1 for _ in plan.instances())} "
+                                                f"instances in {len(plan.phases)} phases"))
+        for p in plan.instances():
+            inst = InstanceRuntime(p, self.spec.services[p.service], self.state_dir / "logs" / f"{p.id}.log",
+                                   stack.on_transition)
+            stack.add(inst)
+            inst.life.to(State.PLACED, placement_text(p))
+        self._fronts.ports = dict(plan.fronts)
+        try:
+            for hook in self._hooks:
+                for w in hook.prerun(stack):
+                    stack.warn(w)
+        except BaseException:
+            self._release()
+            raise
+        stack.supervisor = Supervisor()
+        self._pump = asyncio.get_running_loop().create_task(self.verdicts.pump(stack.supervisor),
+                                                            name="corral-events")
+        tasks = {name: asyncio.create_task(self._bring_up(name), name=f"up-{name}") for name in self.spec.services}
+        try:
+            done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
+            failed = next((t for t in done if t.exception() is not None), None)
+            if failed is not None:
+                for t in pending:
+                    t.cancel()
+                await asyncio.gather(*pending, return_exceptions=True)
+                exc = failed.exception()
+                assert exc is not None
+                raise exc
+        except BaseException as e:
+            for t in tasks.values():
+                t.cancel()
+            reason = str(e) if isinstance(e, CorralError) else f"{type(e).__name__}: {e}"
+            await self._roll_back(reason)
+            if isinstance(e, DeploymentError | asyncio.CancelledError):
+                raise
+            raise DeploymentError(reason) from e
+        journal.status("up", "", event=("starting", "every service meets its condition"))
+        journal.flush()
+
+    async def down(self) -> None:
+        """Stops every service in reverse dependency order, each by its shutdown rule, and
+        releases every grant and port. Safe to call twice."""
+        stack = self._stack
+        if stack.down or self.plan is None:
+            self._close()
+            return
+        stack.down = True
+        self.journal.status("stopping", event=(None, "down"))
+        for hook in self._hooks:
+            hook.stopping(stack)
+        for phase in reversed(self.plan.phases):
+            await asyncio.gather(*(self._stop(i, "down") for s in phase for i in stack.by_service.get(s, [])))
+        self._release()
+        self.journal.status("down", event=("stopping", "every process stopped"))
+        self._close()
+
+    async def restart(self, service: str) -> None:
+        """Restarts the replicas of ``service`` one after the other, each waited for until it
+        meets its condition again (a rolling restart)."""
+        if service not in self.spec.services:
+            raise UnknownService(f"unknown service {service!r} (services: {', '.join(self.spec.services)})",
+                                 service)
+        for inst in self._stack.by_service[service]:
+            self.restart_strategy.forget(inst.id)
+            await self._stop(inst, "restart requested")
+            inst.restarts += 1
+            self.launcher.start([inst], "restart requested")
+            await self._stack.wait(partial(settled, inst), inst.svc.start_timeout)
+        self.journal.flush()
+
+    def status(self) -> DeploymentStatus:
+        """The deployment now."""
+        row = self.journal.row
+        st = DeploymentStatus(self.name, row.status, row.message, row.agent_pid,
+                              agent_running=self._pump is not None)
+        for name in self.spec.services:
+            st.services[name] = [i.row(self.name) for i in self._stack.by_service.get(name, [])]
+        st.fronts = {name: front.stats().to_dict() for name, front in self._fronts.fronts.items()}
+        return st
+
+    def front(self, service: str) -> Proxy | None:
+        """The proxy in front of an exposed service."""
+        return self._fronts.fronts.get(service)
+
+    def discovery(self, service: str) -> dict[str, Any]:
+        """What discovery answers for a service: its registered instances (health, address,
+        named ports), its front address, and the registry generation they come from."""
+        if service not in self.spec.services:
+            raise UnknownService(f"unknown service {service!r}", service)
+        front = self._fronts.fronts.get(service)
+        instances = []
+        for i in self.registry.instances(service):
+            ports = {k.removeprefix("port."): int(v) for k, v in i.meta.items() if k.startswith("port.")}
+            instances.append({"id": i.id, "host": i.host, "port": i.port, "address": i.address,
+                              "healthy": i.healthy, "ports": ports})
+        return {"name": service, "front": front.address if front is not None else None,
+                "instances": sorted(instances, key=lambda x: str(x["id"])),
+                "generation": self.registry.generation}
+
+    async def wait_registry_change(self, generation: int, timeout: float) -> None:
+        """Returns once the registry's generation differs from ``generation`` (or after
+        ``timeout`` seconds)."""
+        await self._stack.wait(lambda: self.registry.generation != generation, timeout)
+
+    def events(self) -> list[Transition]:
+        """Every transition of this run so far, oldest first (read from the event log)."""
+        return self.journal.transitions()
+
+    def event_log(self, after: int = 0, limit: int = 1000) -> list[EventRow]:
+        """Entries of the event log with a sequence number above ``after``, oldest first."""
+        return self.journal.events(after, limit)
+
+    async def watch(self) -> AsyncIterator[Transition]:
+        """Transitions as they happen."""
+        q = self._stack.subscribe()
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            self._stack.unsubscribe(q)
+
+    # --- bring-up -------------------------------------------------------------------
+
+    async def _bring_up(self, name: str) -> None:
+        svc = self.spec.services[name]
+        t0 = asyncio.get_running_loop().time()
+        for dep, cond in svc.depends_on.items():
+            # A dependency's own deadline fires first and names the real culprit; the
+            # dependent's wait only bounds conditions that may never come ("completed").
+            left = self._deadline(dep) + svc.start_timeout - (asyncio.get_running_loop().time() - t0)
+            await self._wait_condition(dep, cond, waiter=name, timeout=left)
+        self.launcher.start(self._stack.by_service[name], "dependencies met" if svc.depends_on else "phase 0")
+        await self._wait_condition(name, "up", waiter=None, timeout=svc.start_timeout)
+
+    def _deadline(self, name: str) -> float:
+        """Seconds after ``up`` began by which ``name`` must be up: its start timeout after
+        the latest deadline of its dependencies."""
+        svc = self.spec.services[name]
+        return svc.start_timeout + max((self._deadline(d) for d in svc.depends_on), default=0.0)
+
+    async def _wait_condition(self, name: str, cond: str, waiter: str | None, timeout: float) -> None:
+        insts = self._stack.by_service[name]
+        want = {"started": STARTED, "healthy": UP, "completed": frozenset({State.COMPLETED}), "up": UP}[cond]
+        who = f"{waiter} needs {name} {cond}, but " if waiter else ""
+
+        def met() -> bool:
+            bad = next((i for i in insts if i.state is State.FAILED
+                        or (cond == "completed" and i.state is State.COMPLETED and i.exit_code != 0)), None)
+            if bad is not None:
+                raise DeploymentError(f"{who}{bad.id} failed: {bad.reason}")
+            return all(i.state in want for i in insts)
+
+        if not await self._stack.wait(met, timeout):
+            states = ", ".join(f"{i.id} {i.state.value}" + (f" ({i.reason})" if i.reason else "") for i in insts)
+            what = f"{name} not up within {timeout:g}s" if waiter is None else f"{who}it did not get there in time"
+            raise DeploymentError(f"{what}: {states}")
+
+    # --- wiring of the collaborators ---------------------------------------------------
+
+    def _spawn_failed(self, inst: InstanceRuntime, exit: Exit) -> None:
+        self.verdicts.on_exit(inst, exit)
+
+    def _healthy(self, inst: InstanceRuntime, reason: str) -> None:
+        self.verdicts.healthy(inst, reason)
+
+    def _identity(self, service: str) -> tuple[IssuedCert | None, Authority | None]:
+        return self._mesh.certs.get(service), self._mesh.ca
+
+    async def _stop(self, inst: InstanceRuntime, reason: str) -> None:
+        self.restart_strategy.forget(inst.id)
+        drain = inst.p.service in self._fronts.fronts and not self._stack.down
+        await self.launcher.stop(inst, reason, drain=drain)
+
+    # --- the end --------------------------------------------------------------------
+
+    def _release(self) -> None:
+        """Undoes every hook and returns every grant and port of the plan."""
+        for hook in reversed(self._hooks):
+            hook.postrun(self._stack)
+        if self.plan is not None:
+            self.scheduler.release(self.plan)
+
+    async def _roll_back(self, reason: str) -> None:
+        stack = self._stack
+        self.journal.status("failed", reason)
+        self.journal.note(reason, old="starting", new="rolling-back")
+        started = [s for s, insts in stack.by_service.items()
+                   if any(i.state is not State.PLACED and i.state is not State.PENDING for i in insts)]
+        assert self.plan is not None
+        order = self.rollback.to_stop(started, self.plan.phases, reason)
+        stack.down = True
+        for hook in self._hooks:
+            hook.stopping(stack)
+        for name in order:
+            await asyncio.gather(*(self._stop(i, f"rollback: {reason}") for i in stack.by_service[name]))
+        for inst in stack.instances.values():
+            if inst.state in (State.PLACED, State.PENDING):
+                inst.life.to(State.STOPPED, "rollback")
+        self._release()
+        self.journal.status("failed", reason, event=("rolling-back", reason))
+        self._close()
+
+    def _clean_stale(self) -> None:
+        """Refuses to start over a live agent; kills what a dead agent left behind."""
+        agent = live_agent(self.state_db, self.name)
+        if agent is not None and agent.agent_pid != os.getpid():
+            raise AgentAlreadyRunning(f"deployment {self.name!r} is already running (agent pid {agent.agent_pid}); "
+                                      f"run 'corral down' first", agent.agent_pid)
+        killed = stop_leftovers(self.state_db, name=self.name)
+        if killed:
+            self._stack.warn(f"killed {killed} process groups left by a previous agent that died")
+
+    def _close(self) -> None:
+        if self._pump is not None:
+            self._pump.cancel()
+            self._pump = None
+        # Dropping the supervisor ends its thread once the processes are gone.
+        if self._stack.down:
+            self._stack.supervisor = None
+        self.journal.close()

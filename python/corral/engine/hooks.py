@@ -1,0 +1,186 @@
+"""What a deployment sets up around its instances, as hooks in the manner of Nomad's
+allocation runner: each ``prerun`` before the first instance starts (returning warnings),
+``stopping`` when ``down`` begins, ``postrun`` once every instance has stopped.
+
+- :class:`VolumesHook`: storage directories exist before anything starts.
+- :class:`CgroupsHook`: one memory cgroup per instance that asks for memory.
+- :class:`MeshHook`: the deployment's CA, a certificate per service, renewal.
+- :class:`FrontsHook`: a proxy before each exposed service's healthy instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+from typing import Any
+
+from corral._core import Authority, Cgroups, IssuedCert, Proxy
+from corral.engine.stack import Stack
+from corral.exceptions import CorralError
+from corral.lifecycle import State, Transition
+
+__all__ = ["CgroupsHook", "FrontsHook", "Hook", "MeshHook", "VolumesHook"]
+
+
+class Hook:
+    """One concern set up around a deployment's instances."""
+
+    name = "hook"
+
+    def prerun(self, stack: Stack) -> list[str]:
+        """Before the first instance starts; returns warnings. Raising aborts ``up``."""
+        return []
+
+    def stopping(self, stack: Stack) -> None:
+        """``down`` (or a rollback) begins."""
+
+    def postrun(self, stack: Stack) -> None:
+        """Every instance has stopped (or never started); undo what ``prerun`` did."""
+
+
+class VolumesHook(Hook):
+    """Creates each storage volume's directory."""
+
+    name = "volumes"
+
+    def __init__(self, volumes: dict[str, Path]) -> None:
+        self.volumes = volumes
+
+    def prerun(self, stack: Stack) -> list[str]:
+        for path in self.volumes.values():
+            path.mkdir(parents=True, exist_ok=True)
+        return []
+
+
+class CgroupsHook(Hook):
+    """One memory cgroup per instance that asks for memory; a warning, once, when the machine
+    offers no memory controller, and one per instance whose cgroup cannot be made."""
+
+    name = "cgroups"
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.cgroups: Cgroups | None = None
+
+    def prerun(self, stack: Stack) -> list[str]:
+        wants = [i for i in stack.instances.values() if i.svc.resources.memory or i.svc.resources.memory_max]
+        if not wants:
+            return []
+        cg = Cgroups.detect(self.root, f"corral/{stack.name}")
+        if cg.mode == "unavailable":
+            names = sorted({i.p.service for i in wants})
+            return [f"memory limits not enforced ({cg.reason}); {', '.join(names)} run without them"]
+        self.cgroups = cg
+        warnings = []
+        for inst in wants:
+            r = inst.svc.resources
+            try:
+                inst.cgroup = cg.create(inst.id, max=r.memory_max or r.memory,
+                                        low=r.memory if r.memory_max else None, swap=r.swap)
+            except (OSError, CorralError) as e:
+                warnings.append(f"memory limit of {inst.id} not enforced: {e}")
+        return warnings
+
+    def postrun(self, stack: Stack) -> None:
+        if self.cgroups is None:
+            return
+        for inst in stack.instances.values():
+            if inst.cgroup is not None:
+                self.cgroups.remove(inst.cgroup)
+        self.cgroups.remove(self.cgroups.base)
+
+
+class MeshHook(Hook):
+    """With any mTLS front, every service gets a certificate from the deployment's CA, renewed
+    after two thirds of its life (fronts present the new one from their next handshake)."""
+
+    name = "mesh"
+
+    def __init__(self) -> None:
+        self.ca: Authority | None = None
+        self.certs: dict[str, IssuedCert] = {}
+        self._fronts: dict[str, Proxy] = {}
+        self._rotation: asyncio.Task[None] | None = None
+
+    def prerun(self, stack: Stack) -> list[str]:
+        if not any(s.mtls for s in stack.spec.services.values()):
+            return []
+        self.ca = Authority(stack.state_dir / "tls", f"{stack.name}.corral")
+        for name in stack.spec.services:
+            self.certs[name] = self.ca.issue(name, stack.spec.mesh.cert_lifetime)
+        stack.journal.note(f"mesh: {len(self.certs)} certificates from {self.ca.ca_path}")
+        self._rotation = asyncio.get_running_loop().create_task(self._rotate(stack), name="corral-certs")
+        return []
+
+    def present_on(self, fronts: dict[str, Proxy]) -> None:
+        """Renewed certificates go to these mTLS fronts."""
+        self._fronts = fronts
+
+    async def _rotate(self, stack: Stack) -> None:
+        assert self.ca is not None
+        life = stack.spec.mesh.cert_lifetime
+        while True:
+            await asyncio.sleep(life * 2 / 3)
+            for name in stack.spec.services:
+                cert = self.ca.issue(name, life)
+                self.certs[name] = cert
+                front = self._fronts.get(name)
+                if front is not None and stack.spec.services[name].mtls:
+                    front.set_certificate(cert.cert_pem, cert.key_pem)
+            stack.journal.note(f"mesh: {len(self.certs)} certificates renewed")
+
+    def postrun(self, stack: Stack) -> None:
+        if self._rotation is not None:
+            self._rotation.cancel()
+            self._rotation = None
+
+
+class FrontsHook(Hook):
+    """A proxy on each exposed service's port, balancing over its healthy instances; it
+    follows every transition at once, so an instance that starts stopping gets no new
+    connection before its signal goes out."""
+
+    name = "fronts"
+
+    def __init__(self, ports: dict[str, int], mesh: MeshHook) -> None:
+        self.ports = ports
+        self.mesh = mesh
+        self.fronts: dict[str, Proxy] = {}
+
+    def prerun(self, stack: Stack) -> list[str]:
+        for name, port in self.ports.items():
+            svc = stack.spec.services[name]
+            tls: dict[str, Any] = {}
+            if svc.mtls:
+                assert self.mesh.ca is not None
+                cert = self.mesh.certs[name]
+                tls = {"ca_pem": self.mesh.ca.ca_pem, "cert_pem": cert.cert_pem, "key_pem": cert.key_pem,
+                       "allow": [self.mesh.ca.spiffe_id(s) for s in svc.allow]}
+            try:
+                self.fronts[name] = Proxy(stack.host, port, strategy=svc.balance, **tls)
+            except OSError as e:
+                raise stack.spec.error(("services", name, "expose"), f"cannot listen on {stack.host}:{port}: "
+                                       f"{e.strerror or e}") from None
+        self.mesh.present_on(self.fronts)
+        if self.fronts:
+            stack.listeners.append(lambda t: self._follow(stack, t))
+        return []
+
+    def _follow(self, stack: Stack, t: Transition) -> None:
+        front = self.fronts.get(t.service)
+        if front is None:
+            return
+        up = [(i.id, stack.host, i.main_port) for i in stack.by_service.get(t.service, [])
+              if i.state is State.HEALTHY and i.main_port is not None]
+        front.set_upstreams(up)
+
+    def stopping(self, stack: Stack) -> None:
+        for front in self.fronts.values():
+            front.close()
+
+    def postrun(self, stack: Stack) -> None:
+        for front in self.fronts.values():
+            with contextlib.suppress(OSError):
+                front.close()
+        self.fronts.clear()

@@ -1,0 +1,129 @@
+"""The journal: the one place that writes a deployment's status and events to the store.
+
+Instance rows are queued as instances change and written together a moment later (one
+transaction per batch), so a 200-instance bring-up does not pay one commit per transition.
+Events are the one history of a deployment: ``Deployment.events()``, ``corral events`` and
+``GET /v1/events?after=SEQ`` all read them from the store, by sequence number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from corral._core import process_start_time
+from corral.lifecycle import State, Transition
+from corral.state import DeploymentRow, EventRow, InstanceRow, StateStore
+
+__all__ = ["Journal"]
+
+_FLUSH_DELAY = 0.05
+
+
+class Journal:
+    """Writes one deployment's row, its instances' rows and its events."""
+
+    def __init__(self, state_dir: Path, name: str, spec_file: Path, rows: Callable[[str], InstanceRow]) -> None:
+        self.state_dir = state_dir
+        self.name = name
+        self.row = DeploymentRow(name=name, spec=str(spec_file.resolve()), status="new")
+        self._rows = rows
+        self._store: StateStore | None = None
+        self._dirty: set[str] = set()
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._start_seq = 0
+        """The last event before this run: this run's events come after it."""
+
+    @property
+    def db(self) -> Path:
+        """The SQLite file."""
+        return self.state_dir / "state.db"
+
+    def open(self) -> None:
+        """Opens (creates) the store."""
+        if self._store is None:
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            self._store = StateStore(self.db)
+            self._start_seq = StateStore.last_seq(self.db)
+
+    def begin(self, phases: list[list[str]]) -> None:
+        """A run begins, with this process as its agent: the instances of an earlier run are
+        forgotten."""
+        assert self._store is not None, "open() first"
+        self.row.phases = phases
+        self.row.agent_pid = os.getpid()
+        self.row.agent_start = process_start_time(os.getpid())
+        self._store.clear_instances(self.name)
+
+    def status(self, status: str, message: str | None = None, *, event: tuple[str | None, str] | None = None) -> None:
+        """Records the deployment's status (now, not batched) and, with ``event`` as
+        ``(old, reason)``, the event of that change."""
+        self.row.status = status
+        if message is not None:
+            self.row.message = message
+        if self._store is None:
+            return
+        self._store.put_deployment(self.row)
+        if event is not None:
+            self.note(event[1], old=event[0], new=status)
+
+    def transition(self, t: Transition) -> None:
+        """An instance changed state: its event now, its row with the next batch."""
+        if self._store is not None:
+            self._store.add_event(self.name, t.instance, t.service, t.old.value, t.new.value, t.reason, t.at)
+            self._dirty.add(t.instance)
+            self.flush_soon()
+
+    def note(self, reason: str, *, old: str | None = None, new: str | None = None,
+             instance: str | None = None, service: str | None = None) -> None:
+        """An event that is no transition: of the deployment (a warning, a certificate renewal,
+        a status) or of one instance (a startup probe that passed)."""
+        if self._store is not None:
+            self._store.add_event(self.name, instance, service, old, new, reason)
+            self.flush_soon()
+
+    def flush_soon(self) -> None:
+        """Writes what is queued within a moment (at once when no event loop runs)."""
+        if self._flush_handle is not None or self._store is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self.flush()
+            return
+        self._flush_handle = loop.call_later(_FLUSH_DELAY, self.flush)
+
+    def flush(self) -> None:
+        """Writes what is queued now."""
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        if self._store is None:
+            return
+        for iid in self._dirty:
+            self._store.put_instance(self._rows(iid))
+        self._dirty.clear()
+        self._store.flush()
+
+    def events(self, after: int = 0, limit: int = 10000) -> list[EventRow]:
+        """Events with a sequence number above ``after``, oldest first (queued ones written first)."""
+        if self._store is None:
+            return []
+        self.flush()
+        return StateStore.read_events(self.db, after, limit)
+
+    def transitions(self) -> list[Transition]:
+        """Every instance transition recorded for this run, oldest first."""
+        out: list[Transition] = []
+        after = self._start_seq
+        while page := self.events(after):
+            after = page[-1].seq
+            out.extend(Transition(e.instance, e.service, State(e.old), State(e.new), e.reason, e.at) for e in page
+                       if e.deployment == self.name and e.instance and e.service and e.old and e.new)
+        return out
+
+    def close(self) -> None:
+        """Writes what is queued (the store stays readable by everyone else)."""
+        self.flush()

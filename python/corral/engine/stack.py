@@ -1,0 +1,106 @@
+"""What the collaborators of one deployment share: its instances, its native handles, its
+journal, and the one fan-out of transitions.
+
+The deployment (ordering, waits, rollback), the launcher (spawns and signals), the verdicts
+(exits and probe results) and the hooks (cgroups, mesh, fronts, volumes) each hold the
+stack and nothing of each other, so none of them imports another.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from corral._core import ResourceManager, ServiceRegistry, Supervisor
+from corral.engine.instance import InstanceRuntime
+from corral.engine.journal import Journal
+from corral.lifecycle import Transition
+from corral.spec import DeploymentSpec
+
+__all__ = ["Stack"]
+
+log = logging.getLogger("corral")
+
+
+class Stack:
+    """One deployment's shared state; see the module docs."""
+
+    def __init__(self, spec: DeploymentSpec, base: Path, state_dir: Path, host: str, resources: ResourceManager,
+                 journal: Journal) -> None:
+        self.spec = spec
+        self.base = base
+        """The spec's directory: relative paths and commands resolve from here."""
+        self.state_dir = state_dir
+        self.host = host
+        self.resources = resources
+        self.journal = journal
+        self.registry = ServiceRegistry()
+        self.instances: dict[str, InstanceRuntime] = {}
+        self.by_service: dict[str, list[InstanceRuntime]] = {name: [] for name in spec.services}
+        self.supervisor: Supervisor | None = None
+        self.down = False
+        """Set once the deployment stops (down or rollback): nothing restarts after it."""
+        self.warnings: list[str] = []
+        self.listeners: list[Callable[[Transition], None]] = []
+        """Hear every transition, in order, synchronously (a front must drop a stopping
+        instance before its signal goes out)."""
+        self._subscribers: list[asyncio.Queue[Transition]] = []
+        self._tick = asyncio.Event()
+
+    @property
+    def name(self) -> str:
+        """The deployment's name."""
+        return self.spec.name
+
+    def add(self, inst: InstanceRuntime) -> None:
+        """Registers an instance of the plan."""
+        self.instances[inst.id] = inst
+        self.by_service.setdefault(inst.p.service, []).append(inst)
+
+    def on_transition(self, t: Transition) -> None:
+        """Every instance's lifecycle reports here."""
+        self.journal.transition(t)
+        for listener in self.listeners:
+            listener(t)
+        for q in self._subscribers:
+            q.put_nowait(t)
+        self._tick.set()
+        self._tick = asyncio.Event()
+
+    def subscribe(self) -> asyncio.Queue[Transition]:
+        """A queue that gets every transition from now on (``unsubscribe`` it when done)."""
+        q: asyncio.Queue[Transition] = asyncio.Queue()
+        self._subscribers.append(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[Transition]) -> None:
+        """Stops feeding ``q``."""
+        with contextlib.suppress(ValueError):
+            self._subscribers.remove(q)
+
+    async def wait(self, pred: Callable[[], bool], timeout: float) -> bool:
+        """Waits, without polling, until ``pred()`` holds after some transition; False after
+        ``timeout`` seconds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not pred():
+            left = deadline - loop.time()
+            if left <= 0:
+                return False
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tick.wait(), left)
+        return True
+
+    def poke(self) -> None:
+        """Wakes every :meth:`wait` to look again (something other than a transition changed)."""
+        self._tick.set()
+        self._tick = asyncio.Event()
+
+    def warn(self, text: str) -> None:
+        """A warning: kept, logged and journalled."""
+        self.warnings.append(text)
+        log.warning("corral: %s", text)
+        self.journal.note(f"warning: {text}")

@@ -1,0 +1,145 @@
+"""The one event pump: process exits and probe verdicts become transitions.
+
+A single asyncio task drains the supervisor's queue (``next_event`` then everything already
+queued), so a quiet deployment costs the interpreter nothing. Exits go to the restart
+strategy, which says restart (after a delay), complete, or fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal as signals
+import time
+
+from corral._core import Instance, ProbeVerdict, ProcessExited, Supervisor, group_alive, signal_group
+from corral.engine.instance import InstanceRuntime
+from corral.engine.launch import Launcher
+from corral.engine.stack import Stack
+from corral.lifecycle import State
+from corral.recovery import Decision, Exit, RestartStrategy
+
+__all__ = ["Verdicts"]
+
+log = logging.getLogger("corral")
+
+
+class Verdicts:
+    """Turns what the supervisor reports into transitions of a stack's instances."""
+
+    def __init__(self, stack: Stack, launcher: Launcher, restart_strategy: RestartStrategy) -> None:
+        self.stack = stack
+        self.launcher = launcher
+        self.restart_strategy = restart_strategy
+
+    async def pump(self, sup: Supervisor) -> None:
+        """Runs until the supervisor is gone (or the task is cancelled)."""
+        while True:
+            ev = await sup.next_event()
+            if ev is None:
+                return
+            for e in (ev, *sup.drain()):
+                try:
+                    if isinstance(e, ProcessExited):
+                        self.exited(e)
+                    else:
+                        self.verdict(e)
+                except Exception:
+                    log.exception("corral: error handling %r", e)
+
+    # --- exits ----------------------------------------------------------------------
+
+    def exited(self, ev: ProcessExited) -> None:
+        """A process ended: a stop completes, anything else goes to the restart strategy."""
+        inst = self.stack.instances.get(ev.id)
+        proc = inst.proc if inst is not None else None
+        if inst is None or proc is None or ev.pid != proc.pid:
+            return
+        if self.stack.supervisor is not None:
+            self.stack.supervisor.stop_health(inst.id)
+        proc.exited.set()
+        inst.exit_code = ev.code if ev.code is not None else (-ev.signal if ev.signal else None)
+        # Nothing of the instance may outlive its leader: its helpers would hold ports.
+        if group_alive(proc.pid):
+            signal_group(proc.pid, signals.SIGKILL)
+        if inst.state is State.STOPPING:
+            inst.reason = "stopped"
+            inst.life.to(State.STOPPED, _exit_text(ev))
+            self.stack.registry.deregister(inst.id)
+            return
+        now = time.monotonic()
+        self.on_exit(inst, Exit(inst.id, inst.p.service, ev.code, ev.signal,
+                                proc.kill_cause or "exit",
+                                now - proc.started_at, now - inst.healthy_since if inst.healthy_since else 0.0,
+                                proc.kill_detail))
+
+    def on_exit(self, inst: InstanceRuntime, exit: Exit) -> None:
+        """An instance's process ended, or never started: restart, complete or fail."""
+        self.stack.registry.deregister(inst.id)
+        inst.healthy_since = None
+        decision: Decision = Decision("fail", reason=exit.describe()) if self.stack.down else \
+            self.restart_strategy.on_exit(exit)
+        inst.reason = decision.reason
+        if decision.action == "restart":
+            inst.life.to(State.RESTARTING, decision.reason)
+            inst.restarts += 1
+            inst.timer = asyncio.get_running_loop().call_later(decision.delay, self._restart_now, inst)
+        elif decision.action == "complete":
+            inst.life.to(State.COMPLETED, decision.reason)
+        else:
+            inst.life.to(State.FAILED, decision.reason)
+
+    def _restart_now(self, inst: InstanceRuntime) -> None:
+        if inst.state is State.RESTARTING and not self.stack.down:
+            self.launcher.start([inst], f"restart {inst.restarts}")
+
+    # --- probes ---------------------------------------------------------------------
+
+    def verdict(self, ev: ProbeVerdict) -> None:
+        """A probe changed its mind: healthy, unhealthy, or the process must end."""
+        inst = self.stack.instances.get(ev.id)
+        if inst is None or not inst.state.alive or inst.state is State.STOPPING:
+            return
+        proc = inst.live_process
+        if proc is not None and proc.kill_cause:
+            return
+        msg = ev.message
+        if ev.probe == "startup":
+            if not ev.ok:
+                self.launcher.terminate(inst, "startup", msg)
+            elif inst.svc.health.readiness is None:
+                self.healthy(inst, f"startup probe passed: {msg}")
+            else:
+                self.stack.journal.note(f"startup probe passed: {msg}", instance=inst.id, service=inst.p.service)
+        elif ev.probe == "readiness":
+            if ev.ok:
+                self.healthy(inst, f"readiness probe passed: {msg}")
+            else:
+                self.unhealthy(inst, f"readiness probe failed: {msg}")
+        elif ev.probe == "liveness" and not ev.ok:
+            self.launcher.terminate(inst, "liveness", msg)
+
+    def healthy(self, inst: InstanceRuntime, reason: str) -> None:
+        """Healthy: registered for discovery (or marked healthy again)."""
+        if inst.state is State.HEALTHY:
+            return
+        inst.life.to(State.HEALTHY, reason)
+        inst.healthy_since = time.monotonic()
+        reg = self.stack.registry
+        if not reg.set_health(inst.id, True):
+            meta = {f"port.{k}": str(v) for k, v in inst.p.ports.items()}
+            reg.register(Instance(service=inst.p.service, id=inst.id, host=self.stack.host,
+                                  port=inst.main_port or 0, meta=meta))
+
+    def unhealthy(self, inst: InstanceRuntime, reason: str) -> None:
+        """Not ready: out of its front and discovery until its probe passes again."""
+        if inst.state in (State.RUNNING, State.HEALTHY):
+            inst.life.to(State.UNHEALTHY, reason)
+            inst.healthy_since = None
+            self.stack.registry.set_health(inst.id, False)
+
+
+def _exit_text(ev: ProcessExited) -> str:
+    if ev.signal is not None:
+        return f"pid {ev.pid} ended by signal {ev.signal}"
+    return f"pid {ev.pid} exited with status {ev.code}"

@@ -1,0 +1,57 @@
+"""What a dead agent left behind: instance processes recorded in the store whose pid still
+runs with the same start time. Both a new ``up`` and ``down`` without an agent stop them,
+by process group, through here.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+from corral._core import signal_group
+from corral.state import DeploymentRow, InstanceRow, StateStore
+
+__all__ = ["live_agent", "stop_leftovers"]
+
+
+def live_agent(db: Path, name: str | None = None) -> DeploymentRow | None:
+    """The newest deployment (of ``name``, when given) whose recorded agent still runs."""
+    if not db.exists():
+        return None
+    for row in reversed(StateStore.read_deployments(db)):
+        if (name is None or row.name == name) and row.status not in ("down", "failed") and row.agent_running():
+            return row
+    return None
+
+
+def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mark_down: str | None = None) -> int:
+    """Stops every recorded instance process that still runs (of deployment ``name``, or of
+    all): SIGTERM, up to ``grace`` seconds, then SIGKILL, each by process group. With
+    ``mark_down``, deployments not already down or failed are recorded down with that
+    message. Returns how many process groups were stopped."""
+    if not db.exists():
+        return 0
+    rows = [d for d in StateStore.read_deployments(db) if name is None or d.name == name]
+    stopped: list[InstanceRow] = []
+    for d in rows:
+        stopped.extend(r for r in StateStore.read_instances(db, d.name) if r.pid is not None and r.is_running())
+    if grace > 0:
+        for r in stopped:
+            assert r.pid is not None
+            signal_group(r.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while any(r.is_running() for r in stopped) and time.monotonic() < deadline:
+            time.sleep(0.02)
+    for r in stopped:
+        assert r.pid is not None
+        signal_group(r.pid, signal.SIGKILL)
+    if mark_down is not None:
+        pending = [d for d in rows if d.status not in ("down", "failed")]
+        if pending:
+            store = StateStore(db)
+            for d in pending:
+                d.status, d.message = "down", mark_down
+                store.put_deployment(d)
+            store.close()
+    return len(stopped)
