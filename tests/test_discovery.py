@@ -113,3 +113,28 @@ def test_plan_shows_the_front(tmp_path: Path) -> None:
 def test_discover_without_an_agent_raises(tmp_path: Path) -> None:
     with pytest.raises(AgentError, match="no agent at"):
         corral.discover("web", state_dir=tmp_path)
+
+
+def test_errors_cross_the_socket_typed_and_events_page_by_sequence(stack: Path) -> None:
+    from corral.exceptions import ConfigError, UnknownService
+
+    client = AgentClient(stack / ".corral")
+    with pytest.raises(UnknownService) as e:
+        client.restart("nope")
+    assert isinstance(e.value, ConfigError) and isinstance(e.value, KeyError) and e.value.service == "nope"
+    with pytest.raises(UnknownService):
+        client.request("GET", "/v1/services/nope")
+    r = subprocess.run([sys.executable, "-m", "corral", "restart", "nope"], cwd=stack, env=env_without_state(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "unknown service 'nope'" in r.stderr and "Traceback" not in r.stderr
+
+    every = client.request("GET", "/v1/events?after=0&limit=10000")["events"]
+    seqs = [ev["seq"] for ev in every]
+    assert seqs == sorted(seqs) and len(seqs) == len(set(seqs)) and len(seqs) > 4
+    middle = seqs[len(seqs) // 2]
+    page = client.request("GET", f"/v1/events?after={middle}&limit=2")["events"]
+    assert [ev["seq"] for ev in page] == [s for s in seqs if s > middle][:2], "a page starts right after `after`"
+    later = client.request("GET", f"/v1/events?after={seqs[-1]}")["events"]
+    assert all(ev["seq"] > seqs[-1] for ev in later)
+    # The agent's answer and the state directory's are the same log.
+    assert [ev.seq for ev in client.events(0, 10000)][:len(seqs)] == seqs

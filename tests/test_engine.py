@@ -437,3 +437,98 @@ async def test_a_cgroup_that_cannot_be_joined_runs_the_instance_without_its_limi
     await d.up()
     assert _state(d, "web") == "healthy"
     assert len(d.warnings) == 1 and "memory limit of web-0 not enforced: cannot join" in d.warnings[0]
+
+
+async def test_a_rollback_leaves_no_port_held_even_when_others_held_some(tmp_path: Path,
+                                                                          deployments: list[Deployment]) -> None:
+    """The race seen on a busy machine: a previous test's dying processes still held ports
+    of the range when this plan was made, the bind check skipped them, and after the
+    rollback they were counted as still in use. Here other sockets hold them on purpose."""
+    import socket
+
+    holders = []
+    for port in (24100, 24101):
+        s = socket.socket()
+        s.bind(("127.0.0.1", port))
+        s.listen()
+        holders.append(s)
+    try:
+        spec = write_spec(tmp_path, """
+            name: held
+            port_range: [24100, 24110]
+            services:
+              db:
+                command: ["{py}", "{server}"]
+                env: {READY_FILE: "never"}
+                ports: {http: auto}
+                start_timeout: 500ms
+                health:
+                  readiness: {http: {port: http, path: /health}, period: 100ms}
+            """)
+        d = Deployment.from_file(spec)
+        deployments.append(d)
+        with pytest.raises(DeploymentError, match="db not up"):
+            await d.up()
+        assert d.ports.held_elsewhere == 2, "the bind check skipped the two held ports"
+        assert d.ports.in_use == 0 and d.resources.usage().grants == 0
+    finally:
+        for s in holders:
+            s.close()
+
+
+async def test_spawn_retries_wait_on_the_event_loop(tmp_path: Path, deployments: list[Deployment],
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transient spawn failure (EAGAIN) is retried on the loop's timer: other tasks run
+    between the attempts (a time.sleep in the callback would freeze them)."""
+    import errno
+
+    import corral.engine.deployment as deployment_module
+    from corral._core import Supervisor
+
+    ticks = 0
+    seen: list[int] = []
+
+    class Flaky:
+        """The real supervisor, whose first two spawns of web-0 fail with EAGAIN."""
+
+        def __init__(self) -> None:
+            self.real = Supervisor()
+            self.failures = 2
+
+        def spawn_many(self, items, threads=2):  # type: ignore[no-untyped-def]
+            seen.append(ticks)
+            if self.failures and items[0][0] == "web-0":
+                self.failures -= 1
+                return [BlockingIOError(errno.EAGAIN, "Resource temporarily unavailable")]
+            return self.real.spawn_many(items, threads=threads)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.real, name)
+
+    monkeypatch.setattr(deployment_module, "Supervisor", Flaky)
+
+    async def heartbeat() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    spec = write_spec(tmp_path, """
+        name: flaky
+        services:
+          web:
+            command: ["{py}", "{server}"]
+            ports: {http: auto}
+            health:
+              readiness: {tcp: {port: http}, period: 100ms}
+        """)
+    d = Deployment.from_file(spec)
+    deployments.append(d)
+    beat = asyncio.create_task(heartbeat())
+    try:
+        await d.up()
+    finally:
+        beat.cancel()
+    assert len(seen) == 3, "two failed attempts, then the one that worked"
+    assert seen[0] < seen[1] < seen[2], f"the loop ran between attempts: {seen}"
+    assert d.status().services["web"][0].state == "healthy"
