@@ -27,9 +27,9 @@ if TYPE_CHECKING:
     from rich.console import Console, Group
     from rich.table import Table
 
+    from corral.agent.client import EventRow
     from corral.engine import Deployment
     from corral.lifecycle import Transition
-    from corral.state import EventRow
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},

@@ -17,12 +17,15 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import corral._core as _core
 from corral.agent.client import AgentClient
 from corral.engine.environment import AGENT_SOCKET, STATE_DIR
 from corral.exceptions import CorralError
+
+if TYPE_CHECKING:
+    from corral._core import _Strategy
 
 __all__ = ["Discovered", "agent_socket", "discover"]
 
@@ -43,11 +46,11 @@ def agent_socket(state_dir: str | Path | None = None) -> Path:
 class Discovered:
     """One service as discovery sees it; ``balancer`` holds the healthy instances' addresses."""
 
-    def __init__(self, name: str, client: AgentClient, strategy: str, follow: bool) -> None:
+    def __init__(self, name: str, client: AgentClient, strategy: _Strategy, follow: bool) -> None:
         self.name = name
         self._client = client
         self._lock = threading.Lock()
-        self.balancer = _core.LoadBalancer([], strategy)  # type: ignore[arg-type]
+        self.balancer = _core.LoadBalancer([], strategy)
         self.instances: list[_core.Instance] = []
         self.front: str | None = None
         self.generation = -1
@@ -114,7 +117,7 @@ class Discovered:
             self._apply(doc)
 
 
-def discover(name: str, *, state_dir: str | Path | None = None, strategy: str = "least_connections",
+def discover(name: str, *, state_dir: str | Path | None = None, strategy: _Strategy = "least_connections",
              follow: bool = True) -> Discovered:
     """The instances of ``name`` and a balancer over the healthy ones, from the agent of
     ``state_dir`` (see :func:`agent_socket`); with ``follow``, a background thread keeps

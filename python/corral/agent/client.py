@@ -22,11 +22,11 @@ from urllib.parse import quote
 
 from corral.agent.logs import follow_lines, tail_lines
 from corral.agent.wire import from_wire
-from corral.exceptions import AgentUnavailable, CorralError, UnknownService
+from corral.exceptions import AgentUnavailable, ConfigError, CorralError, UnknownService
 from corral.leftovers import live_agent, stop_leftovers
 from corral.state import DeploymentRow, DeploymentStatus, EventRow, StateStore, default_state_dir
 
-__all__ = ["AgentClient", "default_state_dir", "socket_path"]
+__all__ = ["AgentClient", "DeploymentStatus", "EventRow", "default_state_dir", "socket_path"]
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -54,9 +54,12 @@ class AgentClient:
     """The agent of a state directory (or the one at ``socket``)."""
 
     def __init__(self, state_dir: Path | None = None, *, socket: Path | None = None) -> None:
-        if socket is None and state_dir is None:
-            raise ValueError("AgentClient needs a state directory or a socket path")
-        self.state_dir = state_dir if state_dir is not None else socket.parent  # type: ignore[union-attr]
+        if state_dir is not None:
+            self.state_dir = state_dir
+        elif socket is not None:
+            self.state_dir = socket.parent
+        else:
+            raise ConfigError("AgentClient needs a state directory or a socket path")
         self.path = socket if socket is not None else socket_path(self.state_dir)
 
     @property

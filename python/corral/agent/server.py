@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from corral.agent.client import socket_path
 from corral.agent.wire import to_wire
 from corral.exceptions import ConfigError, CorralError, DeploymentError, UnknownService
 
@@ -34,11 +35,6 @@ if TYPE_CHECKING:
     from corral.engine import Deployment
 
 __all__ = ["ControlServer", "run_agent", "socket_path"]
-
-
-def socket_path(state_dir: Path) -> Path:
-    """Where the agent of a state directory listens."""
-    return state_dir / "agent.sock"
 
 
 Handler = Callable[[dict[str, list[str]]], Awaitable[tuple[int, Any]]]

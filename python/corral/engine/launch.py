@@ -215,14 +215,15 @@ class Launcher:
 
 
 def _probe_spec(p: Probe, ports: dict[str, int], env: list[tuple[str, str]], host: str) -> ProbeSpec:
-    timing = {"initial_delay": p.initial_delay, "period": p.period, "timeout": p.timeout,
-              "success_threshold": p.success_threshold, "failure_threshold": p.failure_threshold}
-    if p.exec is not None:
-        return ProbeSpec("exec", argv=[substitute_ports(a, ports) for a in p.exec], env=env, **timing)  # type: ignore[arg-type]
     check = p.http or p.tcp
-    assert check is not None
-    port = ports[check.port] if isinstance(check.port, str) else check.port
-    h = check.host or host
-    if p.http is not None:
-        return ProbeSpec("http", host=h, port=port, path=p.http.path, **timing)  # type: ignore[arg-type]
-    return ProbeSpec("tcp", host=h, port=port, **timing)  # type: ignore[arg-type]
+    port = 0
+    if check is not None:
+        port = ports[check.port] if isinstance(check.port, str) else check.port
+    return ProbeSpec(
+        "exec" if p.exec is not None else "http" if p.http is not None else "tcp",
+        host=(check.host if check is not None and check.host else host), port=port,
+        path=p.http.path if p.http is not None else "/",
+        argv=[substitute_ports(a, ports) for a in p.exec] if p.exec is not None else [],
+        env=env if p.exec is not None else [],
+        initial_delay=p.initial_delay, period=p.period, timeout=p.timeout,
+        success_threshold=p.success_threshold, failure_threshold=p.failure_threshold)

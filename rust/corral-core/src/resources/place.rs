@@ -40,9 +40,14 @@ struct DomainFree<'a> {
 }
 
 impl ResourceManager {
-    fn node_memory_free(&self, l: &Ledger, node: u32) -> u64 {
-        self.node_capacity(node)
-            .saturating_sub(l.node_memory_used.get(&node).copied().unwrap_or(0))
+    /// Every node with the memory it has free now.
+    fn nodes_free<'a>(&'a self, l: &'a Ledger) -> impl Iterator<Item = NodeFree> + 'a {
+        self.pre.nodes.iter().map(move |n| NodeFree {
+            node: n.id,
+            free_mb: self
+                .node_capacity(n.id)
+                .saturating_sub(l.node_memory_used.get(&n.id).copied().unwrap_or(0)),
+        })
     }
 
     /// Chooses exclusive CPUs and the NUMA node for `req`.
@@ -59,16 +64,8 @@ impl ResourceManager {
                 return Ok(Placed::default());
             }
             // Memory only: the chosen node, else the node with the most free memory that fits.
-            let mut cands: Vec<NodeFree> = self
-                .pre
-                .nodes
-                .iter()
-                .map(|n| NodeFree {
-                    node: n.id,
-                    free_mb: self.node_memory_free(l, n.id),
-                })
-                .filter(|c| mem_fits(c.node))
-                .collect();
+            let mut cands: Vec<NodeFree> =
+                self.nodes_free(l).filter(|c| mem_fits(c.node)).collect();
             cands.sort_by_key(|c| (Some(c.node) != req.numa_node, std::cmp::Reverse(c.free_mb)));
             return match cands.first() {
                 Some(c) => Ok(Placed {
@@ -140,13 +137,7 @@ impl ResourceManager {
 
     fn node_memory_shortage(&self, l: &Ledger, req: &ResourceRequest) -> ResourceError {
         let best = self
-            .pre
-            .nodes
-            .iter()
-            .map(|n| NodeFree {
-                node: n.id,
-                free_mb: self.node_memory_free(l, n.id),
-            })
+            .nodes_free(l)
             .min_by_key(|c| (std::cmp::Reverse(c.free_mb), c.node))
             .unwrap_or(NodeFree {
                 node: 0,
