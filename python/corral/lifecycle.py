@@ -9,7 +9,8 @@
 
 Only the transitions in :data:`TRANSITIONS` happen; anything else raises
 :class:`~corral.exceptions.LifecycleError`, because it means the engine has a bug. Every
-transition is recorded as a :class:`Transition` with its time and reason.
+transition goes to the listener as a :class:`Transition` with its time and reason; the
+engine's journal keeps them (the event log is the one history).
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ class Transition:
 class Lifecycle:
     """The state machine of one instance; ``listener`` hears every transition."""
 
-    __slots__ = ("_listener", "history", "history_limit", "instance", "service", "since", "state")
+    __slots__ = ("_listener", "instance", "service", "since", "state")
 
     def __init__(self, instance: str, service: str,
                  listener: Callable[[Transition], None] | None = None) -> None:
@@ -103,8 +104,6 @@ class Lifecycle:
         self.service = service
         self.state = State.PENDING
         self.since = time.time()
-        self.history: list[Transition] = []
-        self.history_limit = 64
         self._listener = listener
 
     def can(self, new: State) -> bool:
@@ -119,9 +118,6 @@ class Lifecycle:
         t = Transition(self.instance, self.service, self.state, new, reason, time.time())
         self.state = new
         self.since = t.at
-        self.history.append(t)
-        if len(self.history) > self.history_limit:
-            del self.history[: len(self.history) - self.history_limit]
         if self._listener is not None:
             self._listener(t)
         return t
