@@ -65,17 +65,18 @@ def _get(ctx: ssl.SSLContext) -> tuple[str, bytes]:
 def _ctx(tls_dir: Path, service: str | None) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(tls_dir / "ca.crt"))
     if service is not None:
-        ctx.load_cert_chain(tls_dir / f"{service}.crt", tls_dir / f"{service}.key")
+        ctx.load_cert_chain(tls_dir / "services" / f"{service}.crt", tls_dir / "services" / f"{service}.key")
     return ctx
 
 
 async def test_mtls_front_lets_the_allowed_service_in_and_refuses_the_rest(mesh: Deployment, tmp_path: Path) -> None:
     tls_dir = mesh.state_dir / "tls"
     assert stat.S_IMODE((tls_dir / "ca.key").stat().st_mode) == 0o600
-    assert stat.S_IMODE((tls_dir / "api.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tls_dir / "services" / "api.key").stat().st_mode) == 0o600
     env = read_json(tmp_path / "db.json")["env"]
     assert env["CORRAL_TLS_CA"] == str(tls_dir / "ca.crt")
-    assert env["CORRAL_TLS_CERT"] == str(tls_dir / "db.crt") and env["CORRAL_TLS_KEY"] == str(tls_dir / "db.key")
+    assert env["CORRAL_TLS_CERT"] == str(tls_dir / "services" / "db.crt")
+    assert env["CORRAL_TLS_KEY"] == str(tls_dir / "services" / "db.key")
     assert env["CORRAL_SPIFFE_ID"] == "spiffe://shop.corral/svc/db"
 
     answer, _ = _get(_ctx(tls_dir, "api"))
@@ -96,16 +97,16 @@ async def test_mtls_front_lets_the_allowed_service_in_and_refuses_the_rest(mesh:
 
 def _ctx_mixed(trust: Path, client: Path) -> ssl.SSLContext:
     ctx = ssl.create_default_context(cafile=str(trust / "ca.crt"))
-    ctx.load_cert_chain(client / "api.crt", client / "api.key")
+    ctx.load_cert_chain(client / "services" / "api.crt", client / "services" / "api.key")
     return ctx
 
 
 async def test_certificates_rotate_before_expiry_without_dropping_the_front(mesh: Deployment) -> None:
     tls_dir = mesh.state_dir / "tls"
     _, first = _get(_ctx(tls_dir, "api"))
-    before = (tls_dir / "api.crt").read_bytes()
+    before = (tls_dir / "services" / "api.crt").read_bytes()
     # 6 s certificates are renewed after 4 s.
-    await await_until(lambda: (tls_dir / "api.crt").read_bytes() != before, 10, "renewal")
+    await await_until(lambda: (tls_dir / "services" / "api.crt").read_bytes() != before, 10, "renewal")
     time.sleep(0.2)
     answer, second = _get(_ctx(tls_dir, "api"))
     assert answer == "db-0" and second != first, "new connections see the renewed certificate"

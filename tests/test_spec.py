@@ -202,3 +202,21 @@ def test_resources_that_never_fit_are_rejected_before_anything_starts(tmp_path: 
 def test_unknown_option_is_a_usage_error(tmp_path: Path) -> None:
     r = _cli("up", "--frobnicate", cwd=tmp_path)
     assert r.returncode == 2 and "No such option" in r.stderr
+
+
+def test_yaml_1_1_booleans_are_strings_where_the_spec_wants_words() -> None:
+    spec = parse_spec(textwrap.dedent("""
+        name: words
+        services:
+          job:
+            command: ["true"]
+            restart: {policy: no}
+            env: {DEBUG: yes, TRACE: off, QUIET: on}
+            ports: {http: auto}
+            expose: 24001
+            mtls: yes
+    """))
+    svc = spec.services["job"]
+    assert svc.restart.policy == "no"
+    assert svc.env == {"DEBUG": "yes", "TRACE": "off", "QUIET": "on"}
+    assert svc.mtls is True, "a bool field still takes yes"

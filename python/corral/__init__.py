@@ -65,6 +65,7 @@ from corral.exceptions import (
     ResourceError,
     RetryExhausted,
     SpecError,
+    StateDirError,
     TopologyError,
     UnknownService,
 )
@@ -156,6 +157,7 @@ __all__ = [
     "ServiceRegistry",
     "SpecError",
     "State",
+    "StateDirError",
     "Supervisor",
     "Topology",
     "TopologyError",

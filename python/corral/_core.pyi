@@ -939,8 +939,9 @@ class IssuedCert:
 
 @final
 class Authority:
-    """The local certificate authority in ``dir`` (``ca.crt``, ``ca.key`` mode 0600; created on
-    first use) for the trust domain ``<stack>.corral``."""
+    """The local certificate authority in ``dir`` (``ca.crt``, ``ca.key``, mode 0600, the
+    directory 0700; created on first use) for the trust domain ``<stack>.corral``. An existing
+    key that is a link, another user's, or writable by others raises ``MeshError``."""
 
     def __new__(cls, dir: str | PathLike[str], trust_domain: str) -> Authority: ...
     @property
@@ -951,8 +952,8 @@ class Authority:
         """``spiffe://<trust domain>/svc/<service>``."""
     def issue(self, service: str, lifetime: float = 86400.0, *, not_before: float | None = None) -> IssuedCert:
         """Issues ``service``'s certificate (URI SAN = its SPIFFE ID, loopback SANs) for
-        ``lifetime`` seconds from now (or from ``not_before``) and writes ``<service>.crt`` and
-        ``<service>.key`` (0600) beside the CA, replacing any before."""
+        ``lifetime`` seconds from now (or from ``not_before``) and writes ``services/<service>.crt``
+        and ``services/<service>.key`` (0600) under the CA's directory, replacing any before."""
 
 # --- cgroup -----------------------------------------------------------------------
 

@@ -39,6 +39,7 @@ __all__ = [
     "ResourceError",
     "RetryExhausted",
     "SpecError",
+    "StateDirError",
     "TopologyError",
     "UnknownService",
 ]
@@ -63,6 +64,11 @@ class ConfigError(CorralError, ValueError):
     """An argument or configuration value is out of its domain."""
 
     exit_code: ClassVar[int] = 2
+
+
+class StateDirError(ConfigError):
+    """The state directory cannot be trusted (another owner, writable by others, a link) or
+    made owner-only."""
 
 
 class UnknownService(ConfigError, KeyError):

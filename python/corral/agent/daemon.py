@@ -21,7 +21,7 @@ from typing import NoReturn
 from corral.agent.client import AgentClient, socket_path
 from corral.exceptions import AgentUnavailable, ConfigError, CorralError, SpecError
 from corral.spec import DeploymentSpec
-from corral.state import DeploymentStatus
+from corral.state import DeploymentStatus, secure_state_dir
 
 __all__ = ["start_detached"]
 
@@ -30,7 +30,7 @@ def start_detached(spec: Path, parsed: DeploymentSpec, state_dir: Path, timeout:
     """Forks the agent for ``parsed`` and returns once ``up`` succeeded (the agent goes on).
     Raises what ``up`` raised; :class:`AgentUnavailable` (with the end of ``agent.log``) when
     the agent died or did not start within ``timeout`` seconds."""
-    state_dir.mkdir(parents=True, exist_ok=True)
+    secure_state_dir(state_dir)
     log = state_dir / "agent.log"
     sock = socket_path(state_dir)
     with contextlib.suppress(FileNotFoundError):
@@ -69,7 +69,8 @@ def _become_agent(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Path
     code = 1
     try:
         os.setsid()
-        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        os.fchmod(fd, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
         os.dup2(null, 0)
         os.dup2(fd, 1)

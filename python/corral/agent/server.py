@@ -30,6 +30,7 @@ from urllib.parse import parse_qs, urlsplit
 from corral.agent.client import socket_path
 from corral.agent.wire import to_wire
 from corral.exceptions import ConfigError, CorralError, DeploymentError, UnknownService
+from corral.state import secure_state_dir
 
 if TYPE_CHECKING:
     from corral.engine import Deployment
@@ -61,7 +62,7 @@ class ControlServer:
 
     async def start(self) -> None:
         """Binds the socket, owner-only from the first moment (umask, then chmod to be sure)."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        secure_state_dir(self.path.parent)
         with contextlib.suppress(FileNotFoundError):
             self.path.unlink()
         old = os.umask(0o177)

@@ -44,7 +44,6 @@ class Journal:
     def open(self) -> None:
         """Opens (creates) the store."""
         if self._store is None:
-            self.state_dir.mkdir(parents=True, exist_ok=True)
             self._store = StateStore(self.db)
             self._start_seq = StateStore.last_seq(self.db)
 

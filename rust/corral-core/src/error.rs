@@ -224,6 +224,14 @@ pub enum MeshError {
     /// Key or certificate generation or parsing failed.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// A file of the authority is not safely ours (another owner, a link, writable by others).
+    #[error("refusing {path}: {reason}")]
+    Untrusted {
+        /// The file or directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
 }
 
 /// Errors from the front proxy ([`crate::proxy`]).

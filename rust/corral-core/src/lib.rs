@@ -17,7 +17,8 @@
 //! - [`cgroup`]: memory limits through cgroup v2 or v1;
 //! - [`proxy`]: a TCP load-balancing proxy with outlier ejection and draining;
 //! - [`mesh`]: a local certificate authority and mTLS fronts;
-//! - [`runtime`]: the tokio runtimes the supervisor and the proxies run on.
+//! - [`runtime`]: the tokio runtimes the supervisor and the proxies run on;
+//! - [`private`]: owner-only files and directories (0600/0700 whatever the umask).
 //!
 //! Every libc call and every `unsafe` block is in one private module, `sys`;
 //! the rest of the crate denies `unsafe_code`.
@@ -36,6 +37,7 @@ pub mod cpuset;
 pub mod error;
 pub mod mesh;
 pub mod ports;
+pub mod private;
 pub mod probe;
 pub mod process;
 pub mod proxy;

@@ -12,7 +12,6 @@
 use std::fmt;
 use std::fs;
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -86,9 +85,19 @@ impl Authority {
     /// The authority in `dir` (created with its files on first use) for `trust_domain`
     /// (`<stack>.corral`).
     pub fn load_or_create(dir: &Path, trust_domain: &str) -> Result<Self, MeshError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        crate::private::create_dir(dir).map_err(io_err(dir))?;
+        crate::private::create_dir(&dir.join(SERVICES)).map_err(io_err(dir))?;
         let (cert_path, key_path) = (dir.join("ca.crt"), dir.join("ca.key"));
         let (ca_pem, key) = if cert_path.exists() && key_path.exists() {
+            // A key someone else could have planted or changed would let them mint identities.
+            for p in [dir, key_path.as_path(), cert_path.as_path()] {
+                if let Some(reason) = crate::private::untrusted(p).map_err(io_err(p))? {
+                    return Err(MeshError::Untrusted {
+                        path: p.to_path_buf(),
+                        reason,
+                    });
+                }
+            }
             let ca_pem = fs::read_to_string(&cert_path).map_err(io_err(&cert_path))?;
             let key_pem = fs::read_to_string(&key_path).map_err(io_err(&key_path))?;
             (ca_pem, KeyPair::from_pem(&key_pem).map_err(cert_err)?)
@@ -107,7 +116,7 @@ impl Authority {
             p.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
             let cert = p.self_signed(&key).map_err(cert_err)?;
             write_private(&key_path, key.serialize_pem().as_bytes())?;
-            write_file(&cert_path, cert.pem().as_bytes(), 0o644)?;
+            write_private(&cert_path, cert.pem().as_bytes())?;
             (cert.pem(), key)
         };
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, key).map_err(cert_err)?;
@@ -174,12 +183,14 @@ impl Authority {
         let key = KeyPair::generate().map_err(cert_err)?;
         let cert = p.signed_by(&key, &self.issuer).map_err(cert_err)?;
         let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
+        // Services' files live in a folder of their own: a service called "ca" cannot
+        // overwrite the authority's.
         let (cert_path, key_path) = (
-            self.dir.join(format!("{service}.crt")),
-            self.dir.join(format!("{service}.key")),
+            self.dir.join(SERVICES).join(format!("{service}.crt")),
+            self.dir.join(SERVICES).join(format!("{service}.key")),
         );
         write_private(&key_path, key_pem.as_bytes())?;
-        write_file(&cert_path, cert_pem.as_bytes(), 0o644)?;
+        write_private(&cert_path, cert_pem.as_bytes())?;
         let serial = serial_of(cert.der())?;
         let not_after = SystemTime::UNIX_EPOCH
             + Duration::from_secs(p.not_after.unix_timestamp().max(0) as u64);
@@ -195,24 +206,22 @@ impl Authority {
     }
 }
 
-/// Writes a file through a temporary and a rename, so a reader never sees half of it.
-fn write_file(path: &Path, data: &[u8], mode: u32) -> Result<(), MeshError> {
+/// Writes an owner-only (0600) file through a new temporary and a rename, so a reader never
+/// sees half of it and a link planted at the temporary's name is not followed.
+fn write_private(path: &Path, data: &[u8]) -> Result<(), MeshError> {
     let tmp = path.with_extension("tmp");
-    let mut f = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(mode)
-        .open(&tmp)
-        .map_err(io_err(&tmp))?;
+    match fs::remove_file(&tmp) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(io_err(&tmp)(e)),
+        _ => {}
+    }
+    let mut f = crate::private::create_new(&tmp).map_err(io_err(&tmp))?;
     f.write_all(data).map_err(io_err(&tmp))?;
     f.sync_all().map_err(io_err(&tmp))?;
     fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-fn write_private(path: &Path, data: &[u8]) -> Result<(), MeshError> {
-    write_file(path, data, 0o600)
-}
+/// The folder of the authority's directory that holds the services' certificates and keys.
+pub const SERVICES: &str = "services";
 
 /// The serial number of a DER certificate, hex with colons.
 pub fn serial_of(der: &[u8]) -> Result<String, MeshError> {

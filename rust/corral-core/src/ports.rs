@@ -24,7 +24,7 @@
 //! ```
 
 use std::collections::{HashMap, VecDeque};
-use std::net::{IpAddr, SocketAddr, TcpListener};
+use std::net::{IpAddr, SocketAddr};
 
 use parking_lot::Mutex;
 
@@ -212,7 +212,7 @@ impl PortAllocator {
     pub fn allocate_checked(&self, addr: IpAddr) -> Result<u16, PortError> {
         loop {
             let p = self.allocate()?;
-            match probe_bind(addr, p) {
+            match probe_bind(addr, p, false) {
                 Ok(()) => return Ok(p),
                 Err(holder) => {
                     let mut inner = self.inner.lock();
@@ -263,7 +263,9 @@ impl PortAllocator {
         addr: IpAddr,
     ) -> Result<u16, PortError> {
         self.allocate_static(port, name)?;
-        if let Err(holder) = probe_bind(addr, port) {
+        // A port asked for by number is bound by whoever asked (corral's fronts set
+        // SO_REUSEADDR): only a listener or an exclusive bind is in the way, not TIME_WAIT.
+        if let Err(holder) = probe_bind(addr, port, true) {
             let mut inner = self.inner.lock();
             inner.holders.insert(port, Holder::External(holder.clone()));
             return Err(PortError::InUse {
@@ -318,7 +320,7 @@ impl PortAllocator {
         };
         let mut back = 0;
         for p in candidates {
-            if probe_bind(addr, p).is_ok() {
+            if probe_bind(addr, p, false).is_ok() {
                 let mut inner = self.inner.lock();
                 if matches!(inner.holders.get(&p), Some(Holder::External(_))) {
                     inner.holders.remove(&p);
@@ -374,12 +376,24 @@ impl PortAllocator {
 }
 
 /// Binds and drops a listener; on failure, who holds the port, when that can be found.
-fn probe_bind(addr: IpAddr, port: u16) -> Result<(), Option<String>> {
-    match TcpListener::bind(SocketAddr::new(addr, port)) {
-        Ok(l) => {
-            drop(l);
-            Ok(())
-        }
+///
+/// A port handed out to a service (`reuse` false) is checked without `SO_REUSEADDR` (std's
+/// `TcpListener::bind` sets it), as a server that does not set it binds: a port with
+/// connections still in `TIME_WAIT` counts as taken, or that server would fail with
+/// `EADDRINUSE` right after a restart.
+fn probe_bind(addr: IpAddr, port: u16, reuse: bool) -> Result<(), Option<String>> {
+    let sa = SocketAddr::new(addr, port);
+    let domain = if addr.is_ipv4() {
+        socket2::Domain::IPV4
+    } else {
+        socket2::Domain::IPV6
+    };
+    let bound = socket2::Socket::new(domain, socket2::Type::STREAM, None).and_then(|s| {
+        s.set_reuse_address(reuse)?;
+        s.bind(&sa.into())
+    });
+    match bound {
+        Ok(()) => Ok(()),
         Err(_) => Err(listener_holder(port)),
     }
 }
@@ -434,6 +448,7 @@ pub fn listener_holder(port: u16) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::TcpListener;
 
     #[test]
     fn exhaustion_names_range_and_counts() {
@@ -514,6 +529,29 @@ mod tests {
         assert!(PortAllocator::new(&[], &[]).is_err());
         assert!(PortAllocator::new(&[(5, 4)], &[]).is_err());
         assert!(PortAllocator::new(&[(0, 4)], &[]).is_err());
+    }
+
+    #[test]
+    fn bind_check_counts_a_port_in_time_wait_as_taken() {
+        use std::io::Read;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let (server_side, _) = listener.accept().unwrap();
+        // The server closes first, so its end of the connection goes to TIME_WAIT on `port`.
+        drop(server_side);
+        let mut buf = [0u8; 1];
+        assert_eq!(client.read(&mut buf).unwrap(), 0);
+        drop(client);
+        drop(listener);
+        let addr: IpAddr = "127.0.0.1".parse().unwrap();
+        let p = PortAllocator::new(&[(port, port.saturating_add(1))], &[]).unwrap();
+        let got = p.allocate_checked(addr).unwrap();
+        assert_ne!(
+            got, port,
+            "a port in TIME_WAIT is not free for a server without SO_REUSEADDR"
+        );
+        assert_eq!(p.held_elsewhere(), 1);
     }
 
     #[test]

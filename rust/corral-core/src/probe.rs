@@ -199,11 +199,11 @@ async fn exec(argv: &[String], env: &[(String, String)]) -> Result<String, Strin
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("cannot run {program}: {e}"))?;
-    let pgid = child.id();
-    // If the timeout cancels this future, the guard kills what the command started.
-    let guard = KillGroupOnDrop(pgid);
+    // Whatever the command left in its process group (a `sleep &`, say) goes with it, and if
+    // the timeout cancels this future the guard kills the command itself too: a probe run
+    // leaves nothing behind either way.
+    let _guard = KillGroupOnDrop(child.id());
     let status = child.wait().await.map_err(|e| e.to_string())?;
-    std::mem::forget(guard);
     if status.success() {
         Ok("exit status 0".into())
     } else {

@@ -157,6 +157,12 @@ pub(crate) fn getpgrp() -> u32 {
     unsafe { libc::getpgrp() as u32 }
 }
 
+/// The effective user id.
+pub(crate) fn geteuid() -> u32 {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Bytes available to an unprivileged user on the filesystem holding `path` (`statvfs`).
 pub(crate) fn statvfs_available(path: &Path) -> io::Result<u64> {
     use std::os::unix::ffi::OsStrExt;

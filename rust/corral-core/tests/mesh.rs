@@ -178,3 +178,31 @@ fn rotation_changes_the_certificate_of_new_connections() {
     assert_ne!(before, after);
     assert_eq!(after, renewed.serial);
 }
+
+#[test]
+fn the_authority_keeps_its_files_apart_owner_only_and_trusts_no_planted_key() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let dir = tempfile::tempdir().unwrap();
+    let tls = dir.path().join("tls");
+    let ca = Authority::load_or_create(&tls, "shop.corral").unwrap();
+    let ca_pem = std::fs::read_to_string(tls.join("ca.crt")).unwrap();
+    // A service named "ca" gets its own files, not the authority's.
+    let issued = ca.issue("ca", Duration::from_secs(3600)).unwrap();
+    assert_eq!(issued.cert_path, tls.join("services").join("ca.crt"));
+    assert_eq!(std::fs::read_to_string(tls.join("ca.crt")).unwrap(), ca_pem);
+    for f in ["ca.crt", "ca.key", "services/ca.crt", "services/ca.key"] {
+        assert_eq!(
+            std::fs::metadata(tls.join(f)).unwrap().mode() & 0o777,
+            0o600,
+            "{f}"
+        );
+    }
+    assert_eq!(std::fs::metadata(&tls).unwrap().mode() & 0o777, 0o700);
+    drop(ca);
+    // A key others could have written is refused, not adopted.
+    std::fs::set_permissions(tls.join("ca.key"), std::fs::Permissions::from_mode(0o666)).unwrap();
+    let e = Authority::load_or_create(&tls, "shop.corral").unwrap_err();
+    assert!(e.to_string().contains("others can write it"), "{e}");
+    std::fs::set_permissions(tls.join("ca.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    assert!(Authority::load_or_create(&tls, "shop.corral").is_ok());
+}

@@ -267,3 +267,40 @@ fn failing_startup_ends_the_probes() {
         "readiness must not run after a failed startup"
     );
 }
+
+/// Dead: gone, or a zombie waiting for PID 1 to reap it (which may take a while here).
+fn dead(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| {
+        s.rsplit(')')
+            .next()
+            .and_then(|r| r.split_whitespace().next())
+            == Some("Z")
+    })
+}
+
+#[test]
+fn an_exec_probe_leaves_nothing_of_it_behind() {
+    let rt = runtime();
+    let dir = tempfile::tempdir().unwrap();
+    for (script, ok) in [
+        ("sleep 300 & echo $! > {f}; exit 0", true),
+        ("sleep 300 & echo $! > {f}; exit 3", false),
+    ] {
+        let f = dir.path().join(format!("pid-{ok}"));
+        let check = Check::Exec {
+            argv: sh(&script.replace("{f}", f.to_str().unwrap())),
+            env: vec![],
+        };
+        let res = rt.block_on(run_check(&check, Duration::from_secs(5)));
+        assert_eq!(res.is_ok(), ok, "{res:?}");
+        let pid: u32 = std::fs::read_to_string(&f).unwrap().trim().parse().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while !dead(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert!(
+            dead(pid),
+            "the probe's background sleep {pid} outlived it (ok={ok})"
+        );
+    }
+}

@@ -2,7 +2,7 @@
 //! that rotates by size at line breaks, so no file grows past its limit and no line is
 //! split unless it alone is longer than the limit.
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -53,13 +53,9 @@ impl RotatingLog {
             source,
         };
         if let Some(dir) = cfg.path.parent() {
-            std::fs::create_dir_all(dir).map_err(err)?;
+            crate::private::create_dir(dir).map_err(err)?;
         }
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&cfg.path)
-            .map_err(err)?;
+        let file = crate::private::open_append(&cfg.path).map_err(err)?;
         let size = file.metadata().map_err(err)?.len();
         Ok(RotatingLog {
             cfg: cfg.clone(),
@@ -113,11 +109,7 @@ impl RotatingLog {
             }
             let _ = std::fs::rename(&self.cfg.path, name(1));
         }
-        if let Ok(f) = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.cfg.path)
-        {
+        if let Ok(f) = crate::private::open_append(&self.cfg.path) {
             self.file = f;
         }
         self.size = 0;
