@@ -282,3 +282,30 @@ def test_logs_follow_prints_new_output(tmp_path: Path) -> None:
     numbers = [int(x.split()[1]) for x in seen]
     assert all(x.startswith("tick ") for x in seen)
     assert numbers == list(range(numbers[0], numbers[0] + 5)), "consecutive lines, none lost or repeated"
+
+
+def test_interrupting_a_foreground_up_says_so(tmp_path: Path) -> None:
+    write_spec(tmp_path, """
+        name: slow
+        services:
+          web:
+            command: ["{py}", "{server}"]
+            env: {READY_FILE: "never"}
+            ports: {http: auto}
+            health:
+              readiness: {http: {port: http, path: /health}, period: 100ms}
+        """)
+    p = subprocess.Popen([sys.executable, "-m", "corral", "up"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env_without_state())
+    db = tmp_path / ".corral" / "state.db"
+    try:
+        wait_until(lambda: db.exists() and any(i.pid for i in StateStore.read_instances(db, "slow")), 30, "a spawn")
+        pids = [i.pid for i in StateStore.read_instances(db, "slow") if i.pid]
+        p.send_signal(signal.SIGINT)
+        _out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and "up was interrupted" in err and "CancelledError" not in err, err
+    for pid in pids:
+        wait_until(lambda pid=pid: not alive(pid), 10, f"{pid} gone")  # type: ignore[misc]

@@ -83,3 +83,21 @@ def test_binpack_fills_a_node_spread_balances(sysfs: Path, policy: str, same_nod
     assert (0 in used) == same_node, used
     assert sum(used) == 2048
     s.release(plan)
+
+
+def test_fixed_ports_and_fronts_are_reserved_before_any_auto_port(sysfs: Path) -> None:
+    s = _scheduler(sysfs, "no-smt")
+    spec = parse_spec("""\
+name: t
+services:
+  first: {command: [a], ports: {http: auto, admin: auto}, priority: 10}
+  fixed: {command: [b], ports: {http: 21000}}
+  front: {command: [c], ports: {http: auto}, expose: 21001}
+""")
+    plan = s.plan(spec)
+    assert plan.placements["fixed"][0].ports == {"http": 21000}
+    assert plan.fronts == {"front": 21001}
+    auto = [*plan.placements["first"][0].ports.values(), plan.placements["front"][0].ports["http"]]
+    assert not {21000, 21001} & set(auto), auto
+    s.release(plan)
+    assert s.ports.in_use == 0

@@ -12,7 +12,7 @@ import pytest
 
 from corral import Deployment
 from corral.exceptions import DeploymentError, StateDirError
-from tests.e2e import kill_groups, write_spec
+from tests.e2e import await_until, kill_groups, write_spec
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -53,8 +53,10 @@ async def test_everything_in_the_state_directory_is_owner_only_under_umask_000(
     d = Deployment.from_file(write_spec(tmp_path, SPEC))
     deployments.append(d)
     await d.up()
-    await d.down()
     state = tmp_path / ".corral"
+    log = state / "logs" / "db-0.log"
+    await await_until(lambda: log.exists() and "secret-token" in log.read_text(), what="the service's output")
+    await d.down()
     seen = []
     for root, dirs, files in os.walk(state):
         for name in [*dirs, *files]:
@@ -65,7 +67,6 @@ async def test_everything_in_the_state_directory_is_owner_only_under_umask_000(
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     for expected in ("state.db", "logs", "logs/db-0.log", "tls", "tls/ca.key", "tls/services/db.key"):
         assert expected in seen, expected
-    assert "secret-token" in (state / "logs" / "db-0.log").read_text()
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o775])

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -71,11 +72,20 @@ StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State direct
 DEFAULT_SPEC = Path("corral.yaml")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _printable(text: object) -> str:
+    """User and service text for a terminal: control characters (escape sequences, NUL)
+    shown as ``\\xNN`` instead of acting."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
+
+
 def _error(message: object) -> None:
     """``error: <message>``, the message printed literally (never as markup)."""
     from rich.text import Text
 
-    err.print(Text.assemble(("error: ", "red"), str(message)), soft_wrap=True)
+    err.print(Text.assemble(("error: ", "red"), _printable(message)), soft_wrap=True)
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -111,15 +121,17 @@ def _deployment(spec: Path, state_dir: Path | None) -> Deployment:
 
 @app.command()
 def validate(spec: SpecArg = DEFAULT_SPEC) -> None:
-    """Check a spec without placing or starting anything."""
+    """Check a spec, and that it fits this machine, without starting anything."""
+    from corral.scheduler import check_fit
     from corral.spec import load_spec
 
     try:
         s = load_spec(spec)
+        check_fit(s, spec.resolve().parent)
     except SpecError as e:
         _spec_errors(e)
     instances = sum(svc.replicas for svc in s.services.values())
-    out.print(f"{spec}: ok ({len(s.services)} services, {instances} instances)")
+    out.print(f"{spec}: ok ({len(s.services)} services, {instances} instances)", markup=False)
 
 
 @app.command()
@@ -127,6 +139,7 @@ def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
          as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Show the phases and where every instance would go, without starting anything."""
     from rich.table import Table
+    from rich.text import Text
 
     d = _deployment(spec, state_dir)
     try:
@@ -138,7 +151,7 @@ def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
             out.print_json(json.dumps(p.to_dict()))
             return
         for i, phase in enumerate(p.phases):
-            out.print(f"[bold]phase {i}[/bold]: {', '.join(phase)}")
+            out.print(Text.assemble((f"phase {i}", "bold"), f": {', '.join(phase)}"))
         t = Table("instance", "cores", "node", "cpu", "memory", "ports", box=None)
         for inst in p.instances():
             t.add_row(inst.id, ",".join(map(str, inst.cpus)) or "-",
@@ -150,7 +163,7 @@ def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
         for name, port in p.fronts.items():
             svc = d.spec.services[name]
             mode = f"mTLS, allow {', '.join(svc.allow) or 'any service of the mesh'}" if svc.mtls else "plain TCP"
-            out.print(f"front {name}: {d.host}:{port} ({svc.balance}, {mode})")
+            out.print(f"front {name}: {d.host}:{port} ({svc.balance}, {mode})", markup=False)
     finally:
         d.scheduler.release(p)
 
@@ -234,7 +247,7 @@ def _up_foreground(d: Deployment, run_for: float | None) -> int:
 
 async def _print_transitions(d: Deployment) -> None:
     async for t in d.watch():
-        out.print(_transition_line(t), markup=False)
+        out.print(_printable(_transition_line(t)), markup=False)
 
 
 def _transition_line(t: Transition) -> str:
@@ -289,7 +302,7 @@ def _status_table(services: Any) -> Table:
             cpus = ",".join(map(str, i.cpus)) + (" (excl)" if i.exclusive else "") if i.cpus else "-"
             t.add_row(Text(i.id), Text(i.state, style=style), str(i.pid or "-"),
                       ", ".join(f"{k}={v}" for k, v in i.ports.items()) or "-", cpus, str(i.restarts),
-                      Text(i.reason[:60]))
+                      Text(_printable(i.reason[:60])))
     return t
 
 
@@ -372,7 +385,7 @@ def _print_event(e: EventRow) -> None:
     when = time.strftime("%H:%M:%S", time.localtime(e.at)) + f".{int(e.at * 1000) % 1000:03d}"
     who = e.instance or e.deployment
     change = f"{e.old or '':>10} -> {e.new:<10}" if e.new else " " * 24
-    out.print(f"{when} {who:<16} {change} {e.reason}", markup=False)
+    out.print(_printable(f"{when} {who:<16} {change} {e.reason}"), markup=False)
 
 
 @app.command()

@@ -24,7 +24,7 @@ from corral._core import Grant, PortAllocator, ResourceManager, ResourceRequest,
 from corral.exceptions import CorralError, PortError, PortInUse
 from corral.spec import DeploymentSpec, ServiceSpec
 
-__all__ = ["Placement", "Plan", "Scheduler", "phases", "volume_paths"]
+__all__ = ["Placement", "Plan", "Scheduler", "check_fit", "phases", "volume_paths"]
 
 MiB = 1 << 20
 
@@ -94,6 +94,8 @@ class Plan:
     placements: dict[str, list[Placement]]
     fronts: dict[str, int] = field(default_factory=dict)
     """The front port of each exposed service."""
+    fixed: dict[tuple[str, str], int] = field(default_factory=dict)
+    """Fixed ports reserved before any ``auto`` one, not yet handed to their instance."""
 
     def instances(self) -> Iterator[Placement]:
         """Every placement, phase by phase."""
@@ -114,12 +116,14 @@ class Scheduler:
     """Places instances through the ledgers and the port allocator (see the module docs)."""
 
     def __init__(self, topology: Topology, resources: ResourceManager, ports: PortAllocator,
-                 policy: str = "binpack", host: str = "127.0.0.1") -> None:
+                 policy: str = "binpack", host: str = "127.0.0.1", *, bind_check: bool = True) -> None:
         self.topology = topology
         self.resources = resources
         self.ports = ports
         self.policy = policy
         self.host = host
+        self.bind_check = bind_check
+        """Whether a fixed port outside the allocator's ranges is tried with a bind."""
         self._outside: set[int] = set()
 
     def plan(self, spec: DeploymentSpec, volumes: dict[str, Path] | None = None) -> Plan:
@@ -129,6 +133,8 @@ class Scheduler:
         rank = {s: i for i, p in enumerate(order) for s in p}
         services = sorted(spec.services, key=lambda s: (-spec.services[s].priority, rank[s], s))
         plan = Plan(order, {s: [] for p in order for s in p})
+        # Every port asked for by number first: an `auto` port of a higher-priority service
+        # must not take a number that another service (or a front) names.
         for name in services:
             svc = spec.services[name]
             if svc.expose is not None:
@@ -137,17 +143,29 @@ class Scheduler:
                 except CorralError as e:
                     self.release(plan)
                     raise spec.error(("services", name, "expose"), f"front of {name}: {e}") from None
+            for pname, want in svc.ports.items():
+                if want == "auto" or svc.replicas == 0:
+                    continue
+                try:
+                    plan.fixed[(name, pname)] = self._port(want, f"{name}-0.{pname}")
+                except CorralError as e:
+                    self.release(plan)
+                    raise spec.error(("services", name, "ports", pname), f"{name}-0 does not fit: {e}") from None
+        for name in services:
+            svc = spec.services[name]
             for i in range(svc.replicas):
                 try:
-                    plan.placements[name].append(self.place_one(name, i, svc, (volumes or {}).get(name)))
+                    plan.placements[name].append(self.place_one(name, i, svc, (volumes or {}).get(name), plan.fixed))
                 except CorralError as e:
                     self.release(plan)
                     where = "ports" if isinstance(e, PortError) else "resources"
                     raise spec.error(("services", name, where), f"{name}-{i} does not fit: {e}") from None
         return plan
 
-    def place_one(self, name: str, index: int, svc: ServiceSpec, volume: Path | None) -> Placement:
-        """One instance: resources, then ports (all released again if the ports fail)."""
+    def place_one(self, name: str, index: int, svc: ServiceSpec, volume: Path | None,
+                  fixed: dict[tuple[str, str], int] | None = None) -> Placement:
+        """One instance: resources, then ports (all released again if the ports fail); a
+        fixed port reserved already in ``fixed`` is taken from there."""
         r = svc.resources
         req_memory = math.ceil((r.memory or 0) / MiB)
         node = self.choose_node(req_memory) if not r.cores and req_memory else None
@@ -165,7 +183,8 @@ class Scheduler:
                       swap_mb=grant.swap_mb, storage_mb=grant.storage_mb, volume=grant.volume, grant=grant)
         try:
             for pname, want in svc.ports.items():
-                p.ports[pname] = self._port(want, f"{p.id}.{pname}")
+                reserved = fixed.pop((name, pname), None) if fixed is not None else None
+                p.ports[pname] = reserved if reserved is not None else self._port(want, f"{p.id}.{pname}")
         except CorralError:
             self.release_one(p)
             raise
@@ -191,6 +210,9 @@ class Scheduler:
         # Outside the allocator's ranges: only a bind tells whether it is free.
         if port in self._outside:
             raise PortInUse(f"port {port} is in use by another instance", port, None)
+        if not self.bind_check:
+            self._outside.add(port)
+            return port
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
@@ -220,6 +242,20 @@ class Scheduler:
         for ps in plan.placements.values():
             for p in ps:
                 self.release_one(p)
-        for port in plan.fronts.values():
+        for port in [*plan.fronts.values(), *plan.fixed.values()]:
             self._release_port(port)
         plan.fronts = {}
+        plan.fixed = {}
+
+
+def check_fit(spec: DeploymentSpec, base: Path, topology: Topology | None = None) -> None:
+    """Places the whole spec on this machine's ledgers and gives everything back: raises the
+    :class:`SpecError` of the first instance that does not fit. Ports are not tried with a
+    bind (the stack itself may hold them): whether something else holds one is known only
+    when ``up`` places it."""
+    topo = topology or Topology.detect()
+    volumes = volume_paths(spec, base)
+    resources = ResourceManager(topo, volumes={str(p): str(p) for p in volumes.values()})
+    lo, hi = spec.port_range
+    s = Scheduler(topo, resources, PortAllocator(lo, hi), spec.scheduler, bind_check=False)
+    s.release(s.plan(spec, volumes))

@@ -9,13 +9,13 @@ is bytes).
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeAlias
 
-import yaml
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from corral.exceptions import SpecError
+from corral.specfile import Loc, Source, read_document, read_text
 
 __all__ = [
     "DeploymentSpec",
@@ -49,6 +50,7 @@ __all__ = [
 # --- scalar syntaxes -----------------------------------------------------------------
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h)")
+_BARE_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?|[kmgt]|B)?B?\s*$")
 _SIZE_UNITS = {
@@ -58,38 +60,58 @@ _SIZE_UNITS = {
 }
 
 
+MAX_DURATION = 10 * 365 * 86400.0
+"""Ten years: the longest duration anywhere in a spec (timers past it overflow somewhere)."""
+MAX_SIZE = 1 << 60
+"""One EiB: the largest size anywhere in a spec (cgroup and ledger arithmetic is 64-bit)."""
+
+
 def parse_duration(value: object) -> float:
-    """Seconds from ``500ms``, ``10s``, ``5m``, ``1h``, ``1m30s`` or a number of seconds."""
-    if isinstance(value, bool):
-        raise ValueError(f"expected a duration such as 500ms, 10s or 5m, got {value!r}")
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError(f"duration must not be negative, got {value}")
-        return float(value)
-    if isinstance(value, str):
+    """Seconds from ``500ms``, ``10s``, ``5m``, ``1h``, ``1m30s`` or a number of seconds (also
+    as a string: ``"30"``); finite, not negative, at most ten years."""
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
         text = value.strip()
+        try:
+            seconds = float(text) if _BARE_NUMBER.match(text) else None
+        except ValueError:
+            seconds = None
         pos, total = 0, 0.0
         for m in _DURATION_PART.finditer(text):
             if m.start() != pos:
                 break
             total += float(m.group(1)) * _UNITS[m.group(2)]
             pos = m.end()
-        if text and pos == len(text):
-            return total
-    raise ValueError(f"expected a duration such as 500ms, 10s or 5m, got {value!r}")
+        if seconds is None and text and pos == len(text):
+            seconds = total
+    if seconds is None:
+        raise ValueError(f"expected a duration such as 500ms, 10s or 5m, got {value!r}")
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"duration must be a finite number of seconds, not negative, got {value!r}")
+    if seconds > MAX_DURATION:
+        raise ValueError(f"duration {value!r} is longer than ten years")
+    return seconds
 
 
 def parse_size(value: object) -> int:
-    """Bytes from ``256Mi``, ``2Gi``, ``512M``, ``100k`` or a number of bytes."""
+    """Bytes from ``256Mi``, ``2Gi``, ``512M``, ``100k`` or a number of bytes; at most 1 EiB."""
+    size: int | None = None
     if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"size must not be negative, got {value}")
-        return value
-    if isinstance(value, str):
+        size = value
+    elif isinstance(value, str):
         m = _SIZE.match(value)
         if m:
-            return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
-    raise ValueError(f"expected a size such as 256Mi or 2Gi, got {value!r}")
+            amount = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
+            size = int(amount) if math.isfinite(amount) and amount <= MAX_SIZE else MAX_SIZE + 1
+    if size is None:
+        raise ValueError(f"expected a size such as 256Mi or 2Gi, got {value!r}")
+    if size < 0:
+        raise ValueError(f"size must not be negative, got {value!r}")
+    if size > MAX_SIZE:
+        raise ValueError(f"size {value!r} is larger than 1 EiB")
+    return size
 
 
 def _is_port_number(value: object) -> bool:
@@ -145,8 +167,8 @@ class Probe(_Model):
     initial_delay: Duration = 0.0
     period: Duration = 10.0
     timeout: Duration = 1.0
-    success_threshold: int = Field(default=1, ge=1)
-    failure_threshold: int = Field(default=3, ge=1)
+    success_threshold: int = Field(default=1, ge=1, le=1_000_000)
+    failure_threshold: int = Field(default=3, ge=1, le=1_000_000)
 
     @model_validator(mode="after")
     def _one_check(self) -> Probe:
@@ -157,6 +179,8 @@ class Probe(_Model):
             raise ValueError("exec needs a command")
         if self.period <= 0:
             raise ValueError("period must be positive")
+        if self.timeout <= 0:
+            raise ValueError("timeout must be positive")
         return self
 
     @property
@@ -186,17 +210,20 @@ class HealthSpec(_Model):
 
 
 class StorageSpec(_Model):
-    """A volume: a directory (created if missing) with a quota."""
+    """A volume: a directory (created if missing) with a quota, inside the project's directory
+    unless ``allow_outside`` (never ``/`` or a system directory)."""
 
     size: Size
     path: str
+    allow_outside: bool = False
 
 
 class Resources(_Model):
     """What one instance needs. ``cpu`` is a fractional share; ``cores`` are exclusive whole cores."""
 
-    cpu: float | None = Field(default=None, gt=0)
-    cores: int | None = Field(default=None, ge=1)
+    cpu: float | None = Field(default=None, ge=0.001, le=65536, allow_inf_nan=False)
+    """At least one millicore (0.001): less would round to nothing."""
+    cores: int | None = Field(default=None, ge=1, le=65535)
     numa: Literal["none", "prefer", "require"] = "none"
     cache: Literal["any", "prefer-large"] = "any"
     memory: Size | None = None
@@ -223,7 +250,7 @@ class RestartSpec(_Model):
     backoff: Literal["fixed", "linear", "exponential", "fibonacci", "decorrelated"] = "exponential"
     initial: Duration = 1.0
     max: Duration = 60.0
-    max_restarts: int | None = Field(default=5, ge=0)
+    max_restarts: int | None = Field(default=5, ge=0, le=1_000_000_000)
     window: Duration = 600.0
     reset_after: Duration = 600.0
 
@@ -270,7 +297,7 @@ class ServiceSpec(_Model):
     resources: Resources = Resources()
     health: HealthSpec = HealthSpec()
     restart: RestartSpec = RestartSpec()
-    priority: int = 0
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
     shutdown: ShutdownSpec = ShutdownSpec()
     expose: Annotated[int, Field(ge=1, le=65535)] | None = None
     """A front port on 127.0.0.1: a proxy balancing connections over the healthy instances
@@ -295,6 +322,20 @@ class ServiceSpec(_Model):
     def _command(cls, v: list[str] | str) -> list[str] | str:
         if not (v.strip() if isinstance(v, str) else v):
             raise ValueError("command must not be empty")
+        if isinstance(v, list) and not v[0]:
+            raise ValueError("the command's first word, the program, must not be empty")
+        if any("\0" in a for a in ([v] if isinstance(v, str) else v)):
+            raise ValueError("command must not contain NUL")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"environment variable name {key!r} must be non-empty, without '=' or NUL")
+            if "\0" in value:
+                raise ValueError(f"environment variable {key!r}: its value must not contain NUL")
         return v
 
     @model_validator(mode="after")
@@ -311,6 +352,12 @@ class ServiceSpec(_Model):
             fixed = [n for n, p in self.ports.items() if p != "auto"]
             if fixed:
                 raise ValueError(f"{self.replicas} replicas cannot share the fixed port {fixed[0]!r}; use auto")
+        if isinstance(self.command, str) and not self.shell:
+            try:
+                shlex.split(self.command)
+            except ValueError as e:
+                raise ValueError(f"command {self.command!r} cannot be split into words ({e}); "
+                                 f"fix the quoting or set shell: true") from None
         return self
 
     def argv(self) -> list[str]:
@@ -349,7 +396,7 @@ class DeploymentSpec(_Model):
     services: dict[Annotated[str, Field(pattern=_NAME)], ServiceSpec]
     scheduler: Literal["binpack", "spread"] = "binpack"
     port_range: tuple[int, int] = (20000, 32000)
-    _source: _Source | None = PrivateAttr(default=None)
+    _source: Source | None = PrivateAttr(default=None)
 
     def error(self, loc: tuple[str | int, ...], message: str) -> SpecError:
         """A :class:`SpecError` at ``loc`` (e.g. ``("services", "api", "resources")``), with the
@@ -368,65 +415,6 @@ class DeploymentSpec(_Model):
 
 # --- loading -------------------------------------------------------------------------
 
-Loc: TypeAlias = tuple[str | int, ...]
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader with YAML 1.2's booleans: only true and false are booleans. YAML 1.1 (what
-    PyYAML implements) also reads yes, no, on and off as booleans, so `policy: no`, the
-    spelling the spec documents, became False, and `env: {DEBUG: yes}` was not a string."""
-
-
-_BOOL = "tag:yaml.org,2002:bool"
-_Loader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != _BOOL]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
-
-
-def _walk(node: yaml.Node, path: Loc, lines: dict[Loc, int], dups: list[tuple[Loc, int]]) -> None:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        seen: set[str] = set()
-        for k, v in node.value:
-            key = k.value if isinstance(k, yaml.ScalarNode) else str(k.value)
-            if key in seen:
-                dups.append(((*path, key), k.start_mark.line + 1))
-            seen.add(key)
-            lines[(*path, key)] = k.start_mark.line + 1
-            _walk(v, (*path, key), lines, dups)
-            # Keep the key's own line for the key path: values of block mappings start below.
-            lines[(*path, key)] = k.start_mark.line + 1
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            _walk(item, (*path, i), lines, dups)
-
-
-class _Source:
-    """A parsed file with the line of every key, to place errors."""
-
-    def __init__(self, file: str, lines: dict[Loc, int]) -> None:
-        self.file = file
-        self.lines = lines
-
-    def error(self, loc: Loc, message: str) -> SpecError:
-        clean = [p for p in loc if _is_field(p)]
-        line = None
-        for n in range(len(clean), -1, -1):
-            line = self.lines.get(tuple(clean[:n]))
-            if line is not None:
-                break
-        field = ".".join(str(p) for p in clean) or None
-        return SpecError(message, self.file, line, field)
-
-
-_PYDANTIC_TAGS = re.compile(r"^(int|str|float|bool|list\[.*\]|dict\[.*\]|literal\[.*\]|function-.*|.*\[.*\])$")
-
-
-def _is_field(part: str | int) -> bool:
-    return isinstance(part, int) or not _PYDANTIC_TAGS.match(part)
-
 
 def _message(err: Mapping[str, Any]) -> str:
     kind = err.get("type", "")
@@ -435,48 +423,42 @@ def _message(err: Mapping[str, Any]) -> str:
     if kind == "missing":
         return "required field missing"
     msg = str(err.get("msg", "invalid"))
-    return msg.removeprefix("Value error, ")
+    if kind == "value_error":
+        return msg.removeprefix("Value error, ")
+    got = err.get("input")
+    if isinstance(got, str | int | float | bool) or got is None:
+        msg = f"{msg}, got {got!r}"
+    return msg
+
+
+def project_name(directory: Path) -> str:
+    """A deployment name from a directory's, as docker compose derives a project's: lower
+    case, anything but letters, digits, ``-`` and ``_`` replaced by ``-``."""
+    name = re.sub(r"[^a-z0-9_-]", "-", directory.name.lower()).lstrip("-_")[:63]
+    return name or "corral"
 
 
 def load_spec(path: str | Path) -> DeploymentSpec:
     """Reads and validates a spec file; raises :class:`SpecError` (with ``more``) on any problem."""
-    p = Path(path)
-    try:
-        text = p.read_text()
-    except FileNotFoundError:
-        raise SpecError("file not found", str(p)) from None
-    except OSError as e:
-        raise SpecError(f"cannot read: {e.strerror}", str(p)) from None
-    return parse_spec(text, str(p))
+    return parse_spec(read_text(path), str(path))
 
 
 def parse_spec(text: str, file: str = "corral.yaml") -> DeploymentSpec:
     """Validates spec text; ``file`` names it in errors."""
-    try:
-        loader = _Loader(text)
-        try:
-            node = loader.get_single_node()
-            lines: dict[Loc, int] = {}
-            dups: list[tuple[Loc, int]] = []
-            if node is not None:
-                _walk(node, (), lines, dups)
-            data = loader.construct_document(node) if node is not None else None
-        finally:
-            loader.dispose()
-    except yaml.MarkedYAMLError as e:
-        line = e.problem_mark.line + 1 if e.problem_mark is not None else None
-        raise SpecError(f"invalid YAML: {e.problem or e}", file, line) from None
-    src = _Source(file, lines)
+    data, src, dups = read_document(text, file)
     if dups:
         errs = [src.error(loc, "duplicate key") for loc, _ in dups]
         raise _combine(errs)
     if not isinstance(data, dict):
         raise SpecError("expected a mapping with 'name' and 'services'", file, 1)
+    base = Path(file).resolve().parent
+    if "name" not in data:
+        data = {"name": project_name(base), **data}
     try:
         spec = DeploymentSpec.model_validate(data)
     except ValidationError as e:
         raise _combine([src.error(tuple(err["loc"]), _message(err)) for err in e.errors()]) from None
-    problems = list(_cross_check(spec, src))
+    problems = list(_cross_check(spec, src, base))
     if problems:
         raise _combine(problems)
     spec._source = src
@@ -489,10 +471,21 @@ def _combine(errors: list[SpecError]) -> SpecError:
     return SpecError(first.message, first.file, first.line, first.field, more=errors[1:])
 
 
-def _cross_check(spec: DeploymentSpec, src: _Source) -> Iterator[SpecError]:
-    """What one model cannot see: references between services and to port names."""
+_SYSTEM_DIRS = frozenset(Path(p) for p in ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64",
+                                            "/proc", "/root", "/run", "/sbin", "/sys", "/usr", "/var", "/home",
+                                            "/tmp"))
+"""Never a volume, even with ``allow_outside``."""
+_KERNEL_DIRS = (Path("/proc"), Path("/sys"), Path("/dev"))
+"""Nothing below these is a volume either."""
+
+
+def _cross_check(spec: DeploymentSpec, src: Source, root: Path) -> Iterator[SpecError]:
+    """What one model cannot see: references between services and to port names, names that
+    collide once they become environment variables, and the files a service names."""
+    yield from _env_collisions(spec, src)
     for name, svc in spec.services.items():
         base: Loc = ("services", name)
+        yield from _files(svc, base, src, root)
         for i, other in enumerate(svc.allow):
             if other not in spec.services:
                 yield src.error((*base, "allow", i), f"unknown service {other!r}")
@@ -511,7 +504,7 @@ def _cross_check(spec: DeploymentSpec, src: _Source) -> Iterator[SpecError]:
                 check = "http" if probe is not None and probe.http else "tcp"
                 yield src.error((*base, "health", kind, check, "port"),
                                 f"unknown port {port!r} (ports: {', '.join(svc.ports) or 'none'})")
-        for ref, where in _port_refs(svc):
+        for ref, where in (*_port_refs(svc), *_probe_port_refs(svc)):
             if ref not in svc.ports:
                 yield src.error((*base, *where), f"unknown port '${{ports.{ref}}}' "
                                 f"(ports: {', '.join(svc.ports) or 'none'})")
@@ -532,6 +525,62 @@ def _cross_check(spec: DeploymentSpec, src: _Source) -> Iterator[SpecError]:
 
 
 _PORT_REF = re.compile(r"\$\{ports\.([A-Za-z0-9_-]+)\}")
+
+
+def _probe_port_refs(svc: ServiceSpec) -> Iterator[tuple[str, Loc]]:
+    for kind in ("startup", "readiness", "liveness"):
+        probe: Probe | None = getattr(svc.health, kind)
+        for i, arg in enumerate(probe.exec or [] if probe is not None else []):
+            for m in _PORT_REF.finditer(arg):
+                yield m.group(1), ("health", kind, "exec", i)
+
+
+def _env_collisions(spec: DeploymentSpec, src: Source) -> Iterator[SpecError]:
+    """``my-svc`` and ``my_svc`` are both ``CORRAL_MY_SVC_ADDR``; ports ``a-b`` and ``a_b``
+    both ``CORRAL_PORT_A_B``: one would silently hide the other."""
+    seen: dict[str, str] = {}
+    for name in spec.services:
+        other = seen.setdefault(_env_word(name), name)
+        if other != name:
+            yield src.error(("services", name), f"services {other!r} and {name!r} collide as environment "
+                            f"variables (both CORRAL_{_env_word(name)}_ADDR); rename one")
+    for name, svc in spec.services.items():
+        ports: dict[str, str] = {}
+        for pname in svc.ports:
+            other = ports.setdefault(_env_word(pname), pname)
+            if other != pname:
+                yield src.error(("services", name, "ports", pname), f"ports {other!r} and {pname!r} collide as "
+                                f"environment variables (both CORRAL_PORT_{_env_word(pname)}); rename one")
+
+
+def _env_word(name: str) -> str:
+    return name.upper().replace("-", "_")
+
+
+def _files(svc: ServiceSpec, base: Loc, src: Source, root: Path) -> Iterator[SpecError]:
+    """The files and directories a service names exist and are of the right kind."""
+    if svc.env_file is not None:
+        p = root / svc.env_file
+        if not p.exists():
+            yield src.error((*base, "env_file"), f"env_file {svc.env_file!r} not found (looked in {root})")
+        elif not p.is_file():
+            yield src.error((*base, "env_file"), f"env_file {svc.env_file!r} is not a file")
+    if svc.working_dir is not None:
+        p = root / svc.working_dir
+        if not p.is_dir():
+            what = "is not a directory" if p.exists() else "does not exist"
+            yield src.error((*base, "working_dir"), f"working_dir {svc.working_dir!r} {what} (in {root})")
+    st = svc.resources.storage
+    if st is not None:
+        p = (root / st.path).resolve()
+        loc = (*base, "resources", "storage", "path")
+        if p in _SYSTEM_DIRS or any(d in p.parents for d in _KERNEL_DIRS):
+            yield src.error(loc, f"storage path {st.path!r} is {p}, a system directory; refusing it")
+        elif not st.allow_outside and p != root and root not in p.parents:
+            yield src.error(loc, f"storage path {st.path!r} is outside the project directory {root} "
+                            f"(set allow_outside: true to allow it)")
+        elif p.exists() and not p.is_dir():
+            yield src.error(loc, f"storage path {st.path!r} exists and is not a directory")
 
 
 def _port_refs(svc: ServiceSpec) -> Iterator[tuple[str, Loc]]:

@@ -173,7 +173,8 @@ class Deployment:
         except BaseException as e:
             for t in tasks.values():
                 t.cancel()
-            reason = str(e) if isinstance(e, CorralError) else f"{type(e).__name__}: {e}"
+            reason = ("up was interrupted" if isinstance(e, asyncio.CancelledError) else
+                      str(e) if isinstance(e, CorralError) else f"{type(e).__name__}: {e}")
             await self._roll_back(reason)
             if isinstance(e, DeploymentError | asyncio.CancelledError):
                 raise
