@@ -11,7 +11,15 @@ once the registry has moved past that generation, a long poll for clients that f
 changes).
 
 Errors are answered as ``{"error": {"type": ..., "args": [...], "message": ...}}`` (see
-:func:`corral.exceptions.to_wire`), so the client raises the same class again.
+:mod:`corral.agent.wire`), so the client raises the same class again.
+
+Every instance can reach this socket (``CORRAL_AGENT_SOCKET``), so it holds against a
+careless or hostile client: HTTP is parsed by h11 (a maintained HTTP/1.1 state machine,
+loaded by the agent only, never by the CLI), a request must arrive whole within
+``header_timeout`` seconds, headers are capped at 16 KiB and bodies at ``max_body`` bytes
+(413, before any of it is read), every number in a query is parsed strictly (400), at most
+``max_connections`` are served at once (503 beyond), and one request is served per
+connection.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import contextlib
 import http.client
 import json
 import os
+import re
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,13 +49,28 @@ __all__ = ["ControlServer", "run_agent", "socket_path"]
 
 Handler = Callable[[dict[str, list[str]]], Awaitable[tuple[int, Any]]]
 
+_MAX_HEADERS = 16 * 1024
+
+
+class _Refused(Exception):
+    """A request answered with an error status before any handler ran."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
 
 class ControlServer:
-    """Serves the control API of one deployment."""
+    """Serves the control API of one deployment (limits: see the module docs)."""
 
-    def __init__(self, deployment: Deployment, path: Path) -> None:
+    def __init__(self, deployment: Deployment, path: Path, *, header_timeout: float = 10.0,
+                 max_body: int = 1 << 20, max_connections: int = 256) -> None:
         self.deployment = deployment
         self.path = path
+        self.header_timeout = header_timeout
+        self.max_body = max_body
+        self.max_connections = max_connections
+        self._active = 0
         self.up_task: asyncio.Task[None] | None = None
         self.stop = asyncio.Event()
         self.stopped = asyncio.Event()
@@ -81,41 +105,85 @@ class ControlServer:
             self.path.unlink()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._active += 1
         try:
-            head = await reader.readuntil(b"\r\n\r\n")
-            lines = head.decode("latin-1").split("\r\n")
-            method, target, _ = lines[0].split(" ", 2)
-            length = 0
-            for h in lines[1:]:
-                k, _, v = h.partition(":")
-                if k.strip().lower() == "content-length":
-                    length = int(v.strip())
-            if length:
-                await reader.readexactly(length)
-            url = urlsplit(target)
-            handler = self._routes.get((method, url.path))
-            query = parse_qs(url.query)
-            if handler is None and method == "GET" and url.path.startswith("/v1/services/"):
-                handler = self._service
-                query["name"] = [url.path.removeprefix("/v1/services/")]
-            body: Any
-            if handler is None:
-                code, body = 404, {"error": to_wire(ConfigError(f"no route {method} {url.path}"))}
-            else:
-                try:
-                    code, body = await handler(query)
-                except UnknownService as e:
-                    code, body = 404, {"error": to_wire(e)}
-                except CorralError as e:
-                    code, body = 409, {"error": to_wire(e)}
+            code, body = await self._answer(reader)
             data = json.dumps(body, default=str).encode()
-            writer.write(f"HTTP/1.1 {code} {http.client.responses.get(code, '')}\r\nContent-Type: application/json\r\n"
-                         f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n".encode() + data)
-            await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError, asyncio.LimitOverrunError):
-            pass
+            head = (f"HTTP/1.1 {code} {http.client.responses.get(code, '')}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(data)}\r\nConnection: close\r\n\r\n")
+            writer.write(head.encode() + data)
+            await asyncio.wait_for(writer.drain(), self.header_timeout)
+        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
+            pass  # the client went away (or stopped reading): nothing to answer
         finally:
+            self._active -= 1
             writer.close()
+
+    async def _answer(self, reader: asyncio.StreamReader) -> tuple[int, Any]:
+        import h11
+
+        try:
+            if self._active > self.max_connections:
+                raise _Refused(503, f"more than {self.max_connections} connections at once")
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADERS)
+            try:
+                method, target = await asyncio.wait_for(self._read_request(conn, reader), self.header_timeout)
+            except TimeoutError:
+                raise _Refused(408, f"the request did not arrive within {self.header_timeout:g}s") from None
+            except h11.RemoteProtocolError as e:
+                raise _Refused(e.error_status_hint, f"malformed request: {e}") from None
+        except _Refused as e:
+            return e.status, {"error": to_wire(ConfigError(str(e)))}
+        return await self._dispatch(method, target)
+
+    async def _read_request(self, conn: Any, reader: asyncio.StreamReader) -> tuple[str, str]:
+        """The method and target of one whole request; a body (bounded) is read and dropped."""
+        import h11
+
+        request: Any = None
+        received = 0
+        while True:
+            event = conn.next_event()
+            if event is h11.NEED_DATA:
+                data = await reader.read(65536)
+                if not data and request is None:
+                    raise ConnectionError("closed before a request")
+                conn.receive_data(data)
+                continue
+            if isinstance(event, h11.Request):
+                request = event
+                for name, value in event.headers:
+                    if name == b"content-length" and int(value) > self.max_body:
+                        raise _Refused(413, f"request body of {int(value)} bytes; at most {self.max_body}")
+            elif isinstance(event, h11.Data):
+                received += len(event.data)
+                if received > self.max_body:
+                    raise _Refused(413, f"request body over {self.max_body} bytes")
+            elif isinstance(event, h11.EndOfMessage):
+                return request.method.decode("ascii"), request.target.decode("ascii")
+            elif isinstance(event, h11.ConnectionClosed):
+                raise ConnectionError("closed mid-request")
+
+    async def _dispatch(self, method: str, target: str) -> tuple[int, Any]:
+        url = urlsplit(target)
+        try:
+            query = parse_qs(url.query, strict_parsing=bool(url.query), max_num_fields=32)
+        except ValueError as e:
+            return 400, {"error": to_wire(ConfigError(f"malformed query: {e}"))}
+        handler = self._routes.get((method, url.path))
+        if handler is None and method == "GET" and url.path.startswith("/v1/services/"):
+            handler = self._service
+            query["name"] = [url.path.removeprefix("/v1/services/")]
+        if handler is None:
+            return 404, {"error": to_wire(ConfigError(f"no route {method} {url.path}"))}
+        try:
+            return await handler(query)
+        except UnknownService as e:
+            return 404, {"error": to_wire(e)}
+        except ConfigError as e:
+            return 400, {"error": to_wire(e)}
+        except CorralError as e:
+            return 409, {"error": to_wire(e)}
 
     async def _status(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
         return 200, self.deployment.status().to_dict()
@@ -132,8 +200,8 @@ class ControlServer:
         return 200, {"ok": True, "status": self.deployment.status().to_dict()}
 
     async def _events(self, q: dict[str, list[str]]) -> tuple[int, Any]:
-        after = int(q.get("after", ["0"])[0])
-        limit = min(int(q.get("limit", ["1000"])[0]), 10000)
+        after = _number(q, "after", 0, 0, 1 << 62)
+        limit = _number(q, "limit", 1000, 1, 10000)
         return 200, {"events": [e.to_dict() for e in self.deployment.event_log(after, limit)]}
 
     async def _services(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
@@ -142,9 +210,9 @@ class ControlServer:
     async def _service(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         name = q["name"][0]
         self.deployment.discovery(name)  # raises UnknownService
-        wait = int(q.get("wait", ["-1"])[0])
+        wait = _number(q, "wait", -1, -1, 1 << 62)
         if wait >= 0:
-            timeout = min(float(q.get("timeout", ["30"])[0]), 300.0)
+            timeout = _seconds(q, "timeout", 30.0, 300.0)
             await self.deployment.wait_registry_change(wait, timeout)
         return 200, self.deployment.discovery(name)
 
@@ -201,3 +269,32 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
         # Let a pending /v1/down answer before the socket goes.
         await asyncio.sleep(0.05)
         await server.close()
+
+
+def _one(q: dict[str, list[str]], name: str) -> str | None:
+    values = q.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ConfigError(f"{name}: given {len(values)} times")
+    return values[0]
+
+
+def _number(q: dict[str, list[str]], name: str, default: int, lo: int, hi: int) -> int:
+    """A query integer, strictly: digits (and a leading minus) only, within ``lo``..``hi``."""
+    text = _one(q, name)
+    if text is None:
+        return default
+    if not re.fullmatch(r"-?[0-9]{1,19}", text) or not lo <= int(text) <= hi:
+        raise ConfigError(f"{name}: {text!r} is not a whole number from {lo} to {hi}")
+    return int(text)
+
+
+def _seconds(q: dict[str, list[str]], name: str, default: float, hi: float) -> float:
+    """A query duration in seconds, strictly: finite, from 0 to ``hi``."""
+    text = _one(q, name)
+    if text is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,6})?", text) or float(text) > hi:
+        raise ConfigError(f"{name}: {text!r} is not a number of seconds from 0 to {hi:g}")
+    return float(text)
