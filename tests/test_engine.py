@@ -532,3 +532,32 @@ async def test_spawn_retries_wait_on_the_event_loop(tmp_path: Path, deployments:
     assert len(seen) == 3, "two failed attempts, then the one that worked"
     assert seen[0] < seen[1] < seen[2], f"the loop ran between attempts: {seen}"
     assert d.status().services["web"][0].state == "healthy"
+
+
+async def test_a_rolling_restart_stops_at_the_first_replica_that_does_not_come_back(
+        tmp_path: Path, deployments: list[Deployment]) -> None:
+    broken = tmp_path / "broken"
+    spec = write_spec(tmp_path, f"""
+        name: rollout
+        services:
+          web:
+            replicas: 3
+            command: ["sh", "-c", "test -e {broken} && exit 3; exec {{py}} {{server}}"]
+            ports: {{http: auto}}
+            start_timeout: 5s
+            restart: {{policy: "no"}}
+            health:
+              readiness: {{http: {{port: http, path: /health}}, period: 100ms}}
+        """)
+    d = Deployment.from_file(spec)
+    deployments.append(d)
+    await d.up()
+    before = {i.id: i.pid for i in d.status().services["web"]}
+    broken.touch()  # processes started from now on exit at once
+    with pytest.raises(DeploymentError, match=r"restart of web stopped at web-0: it is failed \(.*status 3.*\); "
+                                              r"0 of 3 replicas restarted"):
+        await d.restart("web")
+    after = {i.id: (i.pid, i.state) for i in d.status().services["web"]}
+    assert after["web-0"][0] != before["web-0"] and after["web-0"][1] == "failed"
+    for iid in ("web-1", "web-2"):
+        assert after[iid] == (before[iid], "healthy"), f"{iid} was left as it was"

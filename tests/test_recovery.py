@@ -61,3 +61,11 @@ def test_restarts_outside_the_window_do_not_count() -> None:
 def test_rollback_stops_dependents_first() -> None:
     phases = [["kv"], ["migrate"], ["api"], ["worker"]]
     assert RollbackStrategy().to_stop(["kv", "api", "migrate"], phases, "x") == ["api", "migrate", "kv"]
+
+
+def test_a_crash_loop_with_no_backoff_is_still_bounded() -> None:
+    s = BackoffRestart({"api": RestartSpec(initial=0, max_restarts=None)})
+    quick = Exit("api-0", "api", 1, None, "exit", 0.01, 0.0)
+    assert [s.on_exit(quick).delay for _ in range(3)] == [0.1, 0.1, 0.1], "a run of 10 ms waits 100 ms"
+    lived = Exit("api-0", "api", None, 9, "exit", 30.0, 30.0)
+    assert s.on_exit(lived).delay == 0, "a process that ran a while is restarted at once, as configured"

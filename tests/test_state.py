@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+import time
 from pathlib import Path
 
 from corral.state import DeploymentRow, InstanceRow, StateStore
@@ -35,3 +36,26 @@ def test_readers_before_the_schema_exists(tmp_path: Path) -> None:
     db = tmp_path / "state.db"
     sqlite3.connect(db).close()
     assert StateStore.read_deployments(db) == [] and StateStore.read_events(db) == []
+
+
+def test_repeats_are_coalesced_and_the_log_is_bounded(tmp_path: Path) -> None:
+    db = tmp_path / "state.db"
+    store = StateStore(db)
+    for _ in range(50):
+        store.add_event("d", None, None, None, None, "warning: the same thing")
+    store.add_event("d", "a-0", "a", "running", "restarting", "exit status 1")
+    store.flush()
+    rows = StateStore.read_events(db)
+    assert [(r.reason, r.repeats) for r in rows] == [("warning: the same thing", 50), ("exit status 1", 1)]
+    for i in range(300):
+        store.add_event("d", "a-0", "a", "running", "restarting", f"exit status 1; restart {i}")
+    store.flush()
+    assert store.prune(max_rows=100, max_age=3600) == 202
+    rows = StateStore.read_events(db)
+    assert len(rows) == 100 and rows[-1].reason == "exit status 1; restart 299"
+    old = time.time() - 7200
+    store.add_event("d", "a-0", "a", "running", "restarting", "ancient", at=old)
+    store.flush()
+    store.prune(max_rows=1000, max_age=3600)
+    assert all(r.reason != "ancient" for r in StateStore.read_events(db))
+    store.close()

@@ -385,7 +385,8 @@ def _print_event(e: EventRow) -> None:
     when = time.strftime("%H:%M:%S", time.localtime(e.at)) + f".{int(e.at * 1000) % 1000:03d}"
     who = e.instance or e.deployment
     change = f"{e.old or '':>10} -> {e.new:<10}" if e.new else " " * 24
-    out.print(_printable(f"{when} {who:<16} {change} {e.reason}"), markup=False)
+    times = f" (x{e.repeats})" if e.repeats > 1 else ""
+    out.print(_printable(f"{when} {who:<16} {change} {e.reason}{times}"), markup=False)
 
 
 @app.command()

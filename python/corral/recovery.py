@@ -93,8 +93,17 @@ def backoff_policy(spec: RestartSpec) -> RetryPolicy:
     return RetryPolicy.exponential(spec.initial, max_delay=spec.max, max_attempts=None)
 
 
+CRASH_LOOP_UPTIME = 1.0
+"""A run shorter than this (seconds) is a crash, not a life: its restart waits at least..."""
+MIN_CRASH_DELAY = 0.1
+"""... this long (seconds), whatever the backoff says, so a crash loop with ``initial: 0``
+restarts at most ten times a second per instance."""
+
+
 class BackoffRestart(RestartStrategy):
-    """The restart rule of ``corral.yaml``: policy, backoff and crash-loop breaker."""
+    """The restart rule of ``corral.yaml``: policy, backoff and crash-loop breaker. A run
+    shorter than :data:`CRASH_LOOP_UPTIME` waits at least :data:`MIN_CRASH_DELAY` before its
+    restart."""
 
     def __init__(self, rules: dict[str, RestartSpec]) -> None:
         self.rules = rules
@@ -117,6 +126,11 @@ class BackoffRestart(RestartStrategy):
         if exit.healthy_for >= rule.reset_after or exit.instance not in self._schedules:
             self._schedules[exit.instance] = self._policies.get(exit.service, backoff_policy(rule)).schedule()
         delay = self._schedules[exit.instance].next_delay() or 0.0
+        if exit.uptime < CRASH_LOOP_UPTIME:
+            # A process that dies at once, restarted at once, is a storm: hundreds of spawns
+            # a second cost the agent most of a core. systemd's RestartSec floor, as here,
+            # only for runs too short to have done anything.
+            delay = max(delay, MIN_CRASH_DELAY)
         times.append(now)
         return Decision("restart", delay=delay, reason=f"{what}; restart {len(times)} in {_fmt(delay)}")
 

@@ -32,6 +32,7 @@ from corral.specfile import Loc, Source, read_document, read_text
 
 __all__ = [
     "DeploymentSpec",
+    "EventsSpec",
     "HealthSpec",
     "HttpCheck",
     "LogSpec",
@@ -374,6 +375,14 @@ class LogSpec(_Model):
     keep: int = Field(default=3, ge=0, le=100)
 
 
+class EventsSpec(_Model):
+    """How much of the event log is kept: the newest ``max_rows`` events, none older than
+    ``max_age``."""
+
+    max_rows: int = Field(default=100_000, ge=100, le=100_000_000)
+    max_age: Duration = 7 * 86400.0
+
+
 class MeshSpec(_Model):
     """The local mesh: on when any service has ``mtls: true``. Every service then gets a
     certificate (``CORRAL_TLS_CERT``/``KEY``/``CA``), renewed after two thirds of its life."""
@@ -392,6 +401,7 @@ class DeploymentSpec(_Model):
 
     name: Annotated[str, Field(pattern=_NAME)]
     logs: LogSpec = LogSpec()
+    events: EventsSpec = EventsSpec()
     mesh: MeshSpec = MeshSpec()
     services: dict[Annotated[str, Field(pattern=_NAME)], ServiceSpec]
     scheduler: Literal["binpack", "spread"] = "binpack"

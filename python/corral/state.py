@@ -110,7 +110,8 @@ CREATE TABLE IF NOT EXISTS events (
     service TEXT,
     old TEXT,
     new TEXT,
-    reason TEXT NOT NULL DEFAULT ''
+    reason TEXT NOT NULL DEFAULT '',
+    repeats INTEGER NOT NULL DEFAULT 1
 );
 """
 
@@ -241,11 +242,14 @@ class EventRow:
     old: str | None
     new: str | None
     reason: str
+    repeats: int = 1
+    """The same event, back to back, this many times (``at`` is the last)."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready."""
         return {"seq": self.seq, "at": self.at, "deployment": self.deployment, "instance": self.instance,
-                "service": self.service, "from": self.old, "to": self.new, "reason": self.reason}
+                "service": self.service, "from": self.old, "to": self.new, "reason": self.reason,
+                "repeats": self.repeats}
 
 
 def _same_process(pid: int | None, start: int | None) -> bool:
@@ -281,8 +285,11 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode = WAL")
         self._db.execute("PRAGMA synchronous = NORMAL")
         self._db.executescript(_SCHEMA)
+        columns = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
+        if "repeats" not in columns:  # a state.db from before event coalescing
+            self._db.execute("ALTER TABLE events ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1")
         self._instances: dict[tuple[str, str], InstanceRow] = {}
-        self._events: list[tuple[float, str, str | None, str | None, str | None, str | None, str]] = []
+        self._events: list[list[Any]] = []
 
     # --- writes (queued) ---------------------------------------------------------------
 
@@ -292,8 +299,15 @@ class StateStore:
 
     def add_event(self, deployment: str, instance: str | None, service: str | None, old: str | None,
                   new: str | None, reason: str, at: float | None = None) -> None:
-        """Queues an event."""
-        self._events.append((at or time.time(), deployment, instance, service, old, new, reason))
+        """Queues an event; one identical to the event queued last is counted on it instead
+        (a warning or a failure repeated in a storm is one row)."""
+        when = at or time.time()
+        last = self._events[-1] if self._events else None
+        if last is not None and last[1:7] == [deployment, instance, service, old, new, reason]:
+            last[0] = when
+            last[7] += 1
+            return
+        self._events.append([when, deployment, instance, service, old, new, reason, 1])
 
     @property
     def dirty(self) -> bool:
@@ -314,8 +328,17 @@ class StateStore:
                   r.restarts,
                   r.exit_code, r.reason, r.since, r.log) for r in rows])
             self._db.executemany(
-                "INSERT INTO events (at, deployment, instance, service, old, new, reason) VALUES (?,?,?,?,?,?,?)",
-                events)
+                "INSERT INTO events (at, deployment, instance, service, old, new, reason, repeats) "
+                "VALUES (?,?,?,?,?,?,?,?)", events)
+
+    def prune(self, max_rows: int, max_age: float) -> int:
+        """Forgets events beyond the newest ``max_rows`` and those older than ``max_age``
+        seconds; returns how many went."""
+        with self._tx():
+            cur = self._db.execute(
+                "DELETE FROM events WHERE seq <= (SELECT COALESCE(MAX(seq), 0) FROM events) - ? OR at < ?",
+                (max_rows, time.time() - max_age))
+        return cur.rowcount
 
     def put_deployment(self, row: DeploymentRow) -> None:
         """Writes a deployment row now (rare: start, status changes, end)."""

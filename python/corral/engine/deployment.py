@@ -70,8 +70,9 @@ class Deployment:
         self.scheduler = scheduler(self.topology, self.resources, self.ports, spec.scheduler, host)
         self.rollback = rollback or RollbackStrategy()
         self.plan: Plan | None = None
-        self.journal = Journal(self.state_dir, spec.name, self.file, lambda iid: self._stack.instances[iid].row(
-            self.name))
+        self.journal = Journal(self.state_dir, spec.name, self.file,
+                               lambda iid: self._stack.instances[iid].row(self.name),
+                               max_rows=spec.events.max_rows, max_age=spec.events.max_age)
         self._stack = Stack(spec, self.file.resolve().parent, self.state_dir, host, self.resources, self.journal)
         self._mesh = MeshHook()
         self._fronts = FrontsHook({}, self._mesh)
@@ -201,16 +202,27 @@ class Deployment:
 
     async def restart(self, service: str) -> None:
         """Restarts the replicas of ``service`` one after the other, each waited for until it
-        meets its condition again (a rolling restart)."""
+        meets its condition again (a rolling restart). A replica that does not come back
+        (failed, or not up within its ``start_timeout``) stops the rollout: raises
+        :class:`~corral.exceptions.DeploymentError` naming it and why; the replicas after it
+        are not touched."""
         if service not in self.spec.services:
             raise UnknownService(f"unknown service {service!r} (services: {', '.join(self.spec.services)})",
                                  service)
-        for inst in self._stack.by_service[service]:
+        replicas = self._stack.by_service[service]
+        for done, inst in enumerate(replicas):
             self.restart_strategy.forget(inst.id)
             await self._stop(inst, "restart requested")
             inst.restarts += 1
             self.launcher.start([inst], "restart requested")
-            await self._stack.wait(partial(settled, inst), inst.svc.start_timeout)
+            timeout = inst.svc.start_timeout
+            in_time = await self._stack.wait(partial(settled, inst), timeout)
+            if inst.state not in UP:
+                # The rest keep running the old way: a rollout that fails stops where it failed.
+                why = inst.reason if in_time and inst.reason else f"not up within {timeout:g}s"
+                self.journal.flush()
+                raise DeploymentError(f"restart of {service} stopped at {inst.id}: it is {inst.state.value} ({why}); "
+                                      f"{done} of {len(replicas)} replicas restarted, the others left as they were")
         self.journal.flush()
 
     def status(self) -> DeploymentStatus:

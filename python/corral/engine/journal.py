@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,12 +21,14 @@ from corral.state import DeploymentRow, EventRow, InstanceRow, StateStore
 __all__ = ["Journal"]
 
 _FLUSH_DELAY = 0.05
+_PRUNE_EVERY = 1.0
 
 
 class Journal:
     """Writes one deployment's row, its instances' rows and its events."""
 
-    def __init__(self, state_dir: Path, name: str, spec_file: Path, rows: Callable[[str], InstanceRow]) -> None:
+    def __init__(self, state_dir: Path, name: str, spec_file: Path, rows: Callable[[str], InstanceRow], *,
+                 max_rows: int = 100_000, max_age: float = 7 * 86400.0) -> None:
         self.state_dir = state_dir
         self.name = name
         self.row = DeploymentRow(name=name, spec=str(spec_file.resolve()), status="new")
@@ -35,6 +38,8 @@ class Journal:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._start_seq = 0
         """The last event before this run: this run's events come after it."""
+        self._max_rows, self._max_age = max_rows, max_age
+        self._pruned_at = 0.0
 
     @property
     def db(self) -> Path:
@@ -105,6 +110,10 @@ class Journal:
             self._store.put_instance(self._rows(iid))
         self._dirty.clear()
         self._store.flush()
+        now = time.monotonic()
+        if now - self._pruned_at >= _PRUNE_EVERY:
+            self._pruned_at = now
+            self._store.prune(self._max_rows, self._max_age)
 
     def events(self, after: int = 0, limit: int = 10000) -> list[EventRow]:
         """Events with a sequence number above ``after``, oldest first (queued ones written first)."""
