@@ -4,6 +4,7 @@ import asyncio
 import re
 import threading
 import time
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -257,3 +258,202 @@ def test_state_follows_consecutive_failure_rule(threshold: int, outcomes: list[b
             b.record_failure()
             run += 1
         assert b.state == ("open" if run >= threshold else "closed")
+
+
+# --- the contract under concurrency (the peers' suites found these) -------------------
+
+
+def test_a_failed_trial_counts_as_a_consecutive_failure() -> None:
+    b = CircuitBreaker(failure_threshold=3, reset_timeout=0.05)
+    for _ in range(3):
+        with pytest.raises(ZeroDivisionError):
+            b.call(lambda: 1 / 0)
+    assert b.stats().consecutive_failures == 3
+    time.sleep(0.06)
+    with pytest.raises(ZeroDivisionError):
+        b.call(lambda: 1 / 0)  # the trial
+    assert b.state == "open" and b.stats().consecutive_failures == 4
+
+
+@pytest.mark.parametrize("path", ["call", "decorator", "with", "call_async"])
+def test_a_call_admitted_while_closed_cannot_close_the_circuit(path: str) -> None:
+    """A slow call admitted while closed; two failures trip; after the timeout a trial is
+    admitted and blocks; the slow call then succeeds: the state stays half-open, and the
+    trial's failure opens the circuit again (before the fix: closed, and it stayed closed)."""
+    b = CircuitBreaker(failure_threshold=2, reset_timeout=0.05)
+    slow_started, slow_go = threading.Event(), threading.Event()
+    trial_started, trial_go = threading.Event(), threading.Event()
+
+    def slow() -> str:
+        slow_started.set()
+        slow_go.wait(10)
+        return "ok"
+
+    def trial() -> None:
+        trial_started.set()
+        trial_go.wait(10)
+        raise ConnectionError("trial failed")
+
+    def run(f: Any) -> None:
+        if path == "call":
+            b.call(f)
+        elif path == "decorator":
+            b(f)()
+        elif path == "with":
+            with b:
+                f()
+        else:
+            async def af() -> Any:
+                return await asyncio.to_thread(f)
+            asyncio.run(b.call_async(af))
+
+    errors: list[BaseException] = []
+
+    def thread(f: Any) -> threading.Thread:
+        def target() -> None:
+            try:
+                run(f)
+            except BaseException as e:
+                errors.append(e)
+        t = threading.Thread(target=target)
+        t.start()
+        return t
+
+    t_slow = thread(slow)
+    assert slow_started.wait(10)
+    for _ in range(2):
+        with pytest.raises(ZeroDivisionError):
+            b.call(lambda: 1 / 0)
+    assert b.state == "open"
+    time.sleep(0.06)
+    t_trial = thread(trial)
+    assert trial_started.wait(10)
+    assert b.state == "half_open"
+    slow_go.set()
+    t_slow.join(10)
+    assert b.state == "half_open", "the closed-state success did not close the circuit"
+    trial_go.set()
+    t_trial.join(10)
+    assert b.state == "open", "the only trial failed"
+    assert [type(e) for e in errors] == [ConnectionError]
+
+
+def test_a_late_excluded_exception_frees_no_trial_permit() -> None:
+    b = CircuitBreaker(failure_threshold=2, reset_timeout=0.05, half_open_max_calls=1, exclude=KeyError)
+    go = threading.Event()
+    started = threading.Event()
+
+    def early() -> None:
+        started.set()
+        go.wait(10)
+        raise KeyError("excluded")
+
+    raised: list[BaseException] = []
+
+    def run_early() -> None:
+        try:
+            b.call(early)
+        except KeyError as e:
+            raised.append(e)
+
+    t = threading.Thread(target=run_early)
+    t.start()
+    assert started.wait(10)
+    for _ in range(2):
+        with pytest.raises(ZeroDivisionError):
+            b.call(lambda: 1 / 0)
+    time.sleep(0.06)
+    assert b.allow(), "the one trial"
+    go.set()
+    t.join(10)
+    assert len(raised) == 1
+    assert not b.allow(), "the excluded pre-trip call freed no permit: still one trial at a time"
+
+
+def test_half_open_admits_one_trial_at_a_time_across_threads() -> None:
+    """Many threads hammer a breaker whose calls trip and recover it; with
+    half_open_max_calls=1 no two trials ever run at once, whatever ends when."""
+    b = CircuitBreaker(failure_threshold=3, reset_timeout=0.002, half_open_max_calls=1)
+    running_trials = 0
+    most = 0
+    lock = threading.Lock()
+    stop = time.monotonic() + 1.5
+    rng_lock = threading.Lock()
+    counter = [0]
+
+    def work() -> None:
+        nonlocal running_trials, most
+        while time.monotonic() < stop:
+            trial = b.state != "closed"
+            try:
+                ticket = b.admit()
+            except CircuitOpenError:
+                continue
+            trial = b.state == "half_open" and trial
+            if trial:
+                with lock:
+                    running_trials += 1
+                    most = max(most, running_trials)
+            with rng_lock:
+                counter[0] += 1
+                fail = counter[0] % 3 != 0
+            time.sleep(0.0002)
+            if trial:
+                with lock:
+                    running_trials -= 1
+            if fail:
+                b.record_failure(ticket=ticket)
+            else:
+                b.record_success(ticket=ticket)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert b.stats().opened > 3, "it tripped and recovered many times"
+    assert most <= 1, f"{most} trials ran at once"
+
+
+def test_generators_are_guarded_over_their_whole_iteration() -> None:
+    b = CircuitBreaker(failure_threshold=1, reset_timeout=30)
+
+    @b
+    def gen(fail: bool) -> Any:
+        yield 1
+        if fail:
+            raise ValueError("during iteration")
+        yield 2
+
+    assert list(gen(False)) == [1, 2]
+    assert b.stats().successes == 1 and b.stats().failures == 0
+    g = gen(False)
+    next(g)
+    g.close()  # the consumer stopped early: neither
+    assert b.stats().ignored == 1 and b.state == "closed"
+    with pytest.raises(ValueError):
+        list(gen(True))
+    assert b.state == "open" and b.stats().failures == 1
+    with pytest.raises(CircuitOpenError):
+        next(gen(False))
+
+
+def test_async_generators_are_guarded_over_their_whole_iteration() -> None:
+    b = CircuitBreaker(failure_threshold=1, reset_timeout=30)
+
+    @b
+    async def agen(fail: bool) -> Any:
+        yield 1
+        await asyncio.sleep(0)
+        if fail:
+            raise ValueError("during iteration")
+        yield 2
+
+    async def collect(fail: bool) -> list[int]:
+        return [x async for x in agen(fail)]
+
+    assert asyncio.run(collect(False)) == [1, 2]
+    assert b.stats().successes == 1
+    with pytest.raises(ValueError):
+        asyncio.run(collect(True))
+    assert b.state == "open" and b.stats().failures == 1

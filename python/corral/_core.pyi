@@ -273,11 +273,17 @@ class CircuitBreaker:
         """Whether a call may run now (takes a half-open trial permit when True)."""
     def check(self) -> None:
         """Like :meth:`allow`, raising ``CircuitOpenError`` instead of returning False."""
-    def record_success(self, duration: float | None = None) -> None:
-        """Records a success; with ``duration`` seconds, a slow call counts as a failure."""
-    def record_failure(self, duration: float | None = None) -> None:
+    def admit(self) -> int:
+        """Admits one call (raises ``CircuitOpenError`` when open) and returns its ticket: the
+        state and generation it was admitted in. Give it to ``record_*(ticket=...)``: the
+        outcome then counts toward the state machine only in that generation."""
+    def record_success(self, duration: float | None = None, *, ticket: int | None = None) -> None:
+        """Records a success; with ``duration`` seconds, a slow call counts as a failure.
+        Without ``ticket`` it counts in the generation now."""
+    def record_failure(self, duration: float | None = None, *, ticket: int | None = None) -> None:
         """Records a failure."""
-    def record_exception(self, exc: BaseException, duration: float | None = None) -> None:
+    def record_exception(self, exc: BaseException, duration: float | None = None, *,
+                         ticket: int | None = None) -> None:
         """Records an exception by the breaker's exception rules."""
     @property
     def timed(self) -> bool:

@@ -11,6 +11,13 @@
 //! lock that is never held while a guarded call runs, and listeners are called
 //! after it is released.
 //!
+//! Every admission is tagged ([`Ticket`]) with the state *and the generation* it was
+//! admitted in (the state and a transition counter share one atomic word), and an
+//! outcome counts toward the state machine only in the generation that admitted it, as
+//! Resilience4j's per-state machine does: a slow call admitted while closed that ends
+//! during half-open neither closes the circuit nor frees a trial permit it never took.
+//! Outcomes recorded without a ticket count in the generation they arrive in.
+//!
 //! ```
 //! use std::time::Duration;
 //! use corral_core::breaker::{BreakerConfig, CircuitBreaker, State};
@@ -95,6 +102,29 @@ impl std::fmt::Display for State {
         f.write_str(self.as_str())
     }
 }
+
+/// What [`CircuitBreaker::admit`] hands out: the state and generation a call was admitted
+/// in. Give it back with the call's outcome ([`CircuitBreaker::record_with`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Ticket(u32);
+
+impl Ticket {
+    /// The state the call was admitted in.
+    pub fn state(self) -> State {
+        State::from_u8((self.0 & STATE_MASK) as u8)
+    }
+    /// The ticket as a number (for a binding to hand to its caller).
+    pub fn to_bits(self) -> u32 {
+        self.0
+    }
+    /// A ticket back from [`Ticket::to_bits`].
+    pub fn from_bits(bits: u32) -> Self {
+        Ticket(bits)
+    }
+}
+
+const STATE_MASK: u32 = 0xff;
+const GENERATION: u32 = 0x100;
 
 /// How a breaker trips and recovers.
 #[derive(Debug, Clone, PartialEq)]
@@ -252,7 +282,8 @@ pub type Listener = Arc<dyn Fn(State, State) + Send + Sync>;
 pub struct CircuitBreaker {
     config: BreakerConfig,
     clock: Arc<dyn Clock>,
-    state: AtomicU8,
+    /// The state (low 8 bits) and the generation: every transition adds [`GENERATION`].
+    word: AtomicU32,
     consecutive: AtomicU32,
     window: Option<Window>,
     open_until: AtomicU64,
@@ -305,7 +336,7 @@ impl CircuitBreaker {
         Ok(Self {
             config,
             clock,
-            state: AtomicU8::new(State::Closed as u8),
+            word: AtomicU32::new(State::Closed as u32),
             consecutive: AtomicU32::new(0),
             window,
             open_until: AtomicU64::new(0),
@@ -331,41 +362,66 @@ impl CircuitBreaker {
     /// The current state (an open circuit whose time is up reads as open until a call is admitted).
     #[inline]
     pub fn state(&self) -> State {
-        State::from_u8(self.state.load(Ordering::Acquire))
+        State::from_u8((self.word.load(Ordering::Acquire) & STATE_MASK) as u8)
     }
 
     /// Asks to run one call. `Ok` admits it; the caller then records its outcome.
     #[inline]
     pub fn allow(&self) -> Result<(), CircuitOpen> {
-        let s = self.state.load(Ordering::Acquire);
-        if s == State::Closed as u8 || s == State::Disabled as u8 {
-            return Ok(());
+        self.admit().map(|_| ())
+    }
+
+    /// Like [`allow`](Self::allow), and says in which state and generation the call was
+    /// admitted: record its outcome with [`record_with`](Self::record_with).
+    #[inline]
+    pub fn admit(&self) -> Result<Ticket, CircuitOpen> {
+        let w = self.word.load(Ordering::Acquire);
+        let s = w & STATE_MASK;
+        if s == State::Closed as u32 || s == State::Disabled as u32 {
+            return Ok(Ticket(w));
         }
-        self.allow_slow(State::from_u8(s))
+        self.admit_slow(w)
+    }
+
+    /// A ticket for the generation now, admitting nothing: what an outcome recorded without
+    /// an admission of its own counts in.
+    pub fn ticket_now(&self) -> Ticket {
+        Ticket(self.word.load(Ordering::Acquire))
     }
 
     #[cold]
-    fn allow_slow(&self, mut state: State) -> Result<(), CircuitOpen> {
+    fn admit_slow(&self, mut w: u32) -> Result<Ticket, CircuitOpen> {
         loop {
+            let state = State::from_u8((w & STATE_MASK) as u8);
             match state {
-                State::Closed | State::Disabled => return Ok(()),
+                State::Closed | State::Disabled => return Ok(Ticket(w)),
                 State::ForcedOpen => return Err(self.reject(state)),
                 State::Open => {
                     if self.clock.now_nanos() < self.open_until.load(Ordering::Acquire) {
                         return Err(self.reject(state));
                     }
-                    self.move_to(State::HalfOpen, Some(State::Open));
-                    state = self.state();
+                    self.move_to(State::HalfOpen, Some(w));
+                    w = self.word.load(Ordering::Acquire);
                 }
                 State::HalfOpen => {
+                    // Under the transition lock, so the permit and the generation it is taken
+                    // in cannot come apart.
+                    let guard = self.transition.lock();
+                    let now = self.word.load(Ordering::Acquire);
+                    if now != w {
+                        drop(guard);
+                        w = now;
+                        continue;
+                    }
                     let max = self.config.half_open_max_calls;
                     let taken = self.half_open_permits.fetch_update(
                         Ordering::AcqRel,
                         Ordering::Acquire,
                         |n| (n < max).then_some(n + 1),
                     );
+                    drop(guard);
                     return match taken {
-                        Ok(_) => Ok(()),
+                        Ok(_) => Ok(Ticket(w)),
                         Err(_) => Err(self.reject(state)),
                     };
                 }
@@ -409,17 +465,39 @@ impl CircuitBreaker {
 
     /// Records an outcome that counts neither way (an ignored exception); frees its trial permit.
     pub fn record_ignored(&self) {
+        self.record_ignored_with(Ticket(self.word.load(Ordering::Acquire)));
+    }
+
+    /// Records an ignored outcome of the call admitted with `ticket`: it frees a trial
+    /// permit only if it was a trial of the half-open period still running.
+    pub fn record_ignored_with(&self, ticket: Ticket) {
         self.ignored.fetch_add(1, Ordering::Relaxed);
-        if self.state() == State::HalfOpen {
-            let _ = self
-                .half_open_permits
-                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if ticket.state() == State::HalfOpen {
+            let _g = self.transition.lock();
+            if self.word.load(Ordering::Acquire) == ticket.0 {
+                let _ =
+                    self.half_open_permits
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+            }
         }
     }
 
+    /// Records the outcome of the call admitted with `ticket` (with its duration, when
+    /// slow calls count): always in the totals, toward the state machine only in the
+    /// generation that admitted it.
     #[inline]
-    fn record(&self, mut failed: bool, elapsed: Option<Duration>) {
-        let state = self.state.load(Ordering::Acquire);
+    pub fn record_with(&self, ticket: Ticket, failed: bool, elapsed: Option<Duration>) {
+        self.record_tagged(ticket.0, failed, elapsed);
+    }
+
+    #[inline]
+    fn record(&self, failed: bool, elapsed: Option<Duration>) {
+        self.record_tagged(self.word.load(Ordering::Acquire), failed, elapsed);
+    }
+
+    #[inline]
+    fn record_tagged(&self, admitted: u32, mut failed: bool, elapsed: Option<Duration>) {
+        let state = (admitted & STATE_MASK) as u8;
         if state == State::Disabled as u8 {
             return;
         }
@@ -434,25 +512,31 @@ impl CircuitBreaker {
         } else {
             self.successes.fetch_add(1, Ordering::Relaxed);
         }
+        if self.word.load(Ordering::Acquire) != admitted {
+            // Admitted in an earlier generation (a call that started before the circuit
+            // opened, say): it is in the totals, and changes nothing else.
+            return;
+        }
         match State::from_u8(state) {
-            State::Closed => self.record_closed(failed),
+            State::Closed => self.record_closed(admitted, failed),
             State::HalfOpen => {
                 if failed {
-                    self.move_to(State::Open, Some(State::HalfOpen));
+                    // The trial failed: one more failure in the current run, and open again.
+                    self.consecutive.fetch_add(1, Ordering::AcqRel);
+                    self.move_to(State::Open, Some(admitted));
                 } else {
                     let n = self.half_open_successes.fetch_add(1, Ordering::AcqRel) + 1;
                     if n >= self.config.half_open_max_calls {
-                        self.move_to(State::Closed, Some(State::HalfOpen));
+                        self.move_to(State::Closed, Some(admitted));
                     }
                 }
             }
-            // A call admitted before the circuit opened finished late: it was counted, nothing more.
             State::Open | State::ForcedOpen | State::Disabled => {}
         }
     }
 
     #[inline]
-    fn record_closed(&self, failed: bool) {
+    fn record_closed(&self, admitted: u32, failed: bool) {
         let mut trip = false;
         if failed {
             let n = self.consecutive.fetch_add(1, Ordering::AcqRel) + 1;
@@ -468,7 +552,7 @@ impl CircuitBreaker {
                 && f64::from(failures) >= rate * f64::from(calls);
         }
         if trip {
-            self.move_to(State::Open, Some(State::Closed));
+            self.move_to(State::Open, Some(admitted));
         }
     }
 
@@ -484,13 +568,15 @@ impl CircuitBreaker {
         }
     }
 
-    /// Moves to `to`, when the state is `from` (or any state when `from` is `None`).
-    /// Returns whether it moved. Listeners are called after the transition lock is released.
-    fn move_to(&self, to: State, from: Option<State>) -> bool {
+    /// Moves to `to`, when the state word (state and generation) is still `from` (or from
+    /// any state when `from` is `None`). Returns whether it moved. Listeners are called after
+    /// the transition lock is released.
+    fn move_to(&self, to: State, from: Option<u32>) -> bool {
         let prev = {
             let _g = self.transition.lock();
-            let cur = self.state();
-            if from.is_some_and(|f| f != cur) || cur == to {
+            let word = self.word.load(Ordering::Acquire);
+            let cur = State::from_u8((word & STATE_MASK) as u8);
+            if from.is_some_and(|f| f != word) || cur == to {
                 return false;
             }
             match to {
@@ -518,7 +604,8 @@ impl CircuitBreaker {
                 }
                 State::ForcedOpen | State::Disabled => {}
             }
-            self.state.store(to as u8, Ordering::Release);
+            let generation = (word & !STATE_MASK).wrapping_add(GENERATION);
+            self.word.store(generation | to as u32, Ordering::Release);
             cur
         };
         let listeners = self.listeners.read().clone();
@@ -576,16 +663,16 @@ impl CircuitBreaker {
 
     /// Runs `f` under the breaker: rejected when open, its outcome recorded otherwise.
     pub fn call<T, E>(&self, f: impl FnOnce() -> Result<T, E>) -> Result<T, CallError<E>> {
-        self.allow()?;
+        let ticket = self.admit()?;
         if self.config.slow_call_duration.is_some() {
             let t0 = self.clock.now_nanos();
             let r = f();
             let e = Duration::from_nanos(self.clock.now_nanos().saturating_sub(t0));
-            self.record_timed(r.is_err(), e);
+            self.record_with(ticket, r.is_err(), Some(e));
             r.map_err(CallError::Failed)
         } else {
             let r = f();
-            self.record(r.is_err(), None);
+            self.record_with(ticket, r.is_err(), None);
             r.map_err(CallError::Failed)
         }
     }
@@ -596,6 +683,80 @@ mod tests {
     use super::*;
     use crate::clock::ManualClock;
     use std::sync::atomic::AtomicUsize;
+
+    fn tripped(threshold: u32) -> (CircuitBreaker, Arc<ManualClock>) {
+        let (b, c) = cb(BreakerConfig {
+            failure_threshold: threshold,
+            reset_timeout: Duration::from_millis(50),
+            ..Default::default()
+        });
+        for _ in 0..threshold {
+            b.record_failure();
+        }
+        assert_eq!(b.state(), State::Open);
+        (b, c)
+    }
+
+    #[test]
+    fn a_failed_trial_extends_the_run_of_failures() {
+        let (b, c) = tripped(3);
+        assert_eq!(b.stats().consecutive_failures, 3);
+        c.advance(Duration::from_millis(50));
+        let trial = b.admit().unwrap();
+        assert_eq!(trial.state(), State::HalfOpen);
+        b.record_with(trial, true, None);
+        assert_eq!(b.state(), State::Open);
+        assert_eq!(b.stats().consecutive_failures, 4);
+    }
+
+    #[test]
+    fn a_call_admitted_while_closed_cannot_close_the_circuit() {
+        let (b, c) = cb(BreakerConfig {
+            failure_threshold: 2,
+            reset_timeout: Duration::from_millis(50),
+            ..Default::default()
+        });
+        let slow = b.admit().unwrap();
+        b.record_failure();
+        b.record_failure();
+        c.advance(Duration::from_millis(50));
+        let trial = b.admit().unwrap();
+        b.record_with(slow, false, None);
+        assert_eq!(
+            b.state(),
+            State::HalfOpen,
+            "the slow closed-state success changes nothing"
+        );
+        b.record_with(trial, true, None);
+        assert_eq!(b.state(), State::Open, "the only real trial failed");
+        assert_eq!(
+            b.stats().successes,
+            1,
+            "the slow success is still in the totals"
+        );
+    }
+
+    #[test]
+    fn a_late_ignored_outcome_frees_no_trial_permit() {
+        let (b, c) = cb(BreakerConfig {
+            failure_threshold: 2,
+            reset_timeout: Duration::from_millis(50),
+            half_open_max_calls: 1,
+            ..Default::default()
+        });
+        let early = b.admit().unwrap();
+        b.record_failure();
+        b.record_failure();
+        c.advance(Duration::from_millis(50));
+        let trial = b.admit().unwrap();
+        b.record_ignored_with(early);
+        assert!(b.admit().is_err(), "still one trial at a time");
+        b.record_ignored_with(trial);
+        assert!(
+            b.admit().is_ok(),
+            "the trial's own ignored outcome frees its permit"
+        );
+    }
 
     fn cb(cfg: BreakerConfig) -> (CircuitBreaker, Arc<ManualClock>) {
         let c = ManualClock::new();

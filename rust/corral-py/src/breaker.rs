@@ -10,7 +10,7 @@ use pyo3::exceptions::PyException;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple, PyType};
 
-use corral_core::breaker::{self as core, BreakerConfig, State};
+use corral_core::breaker::{self as core, BreakerConfig, State, Ticket};
 
 use crate::errors::{seconds, IntoPyErr, PyResultExt};
 
@@ -28,8 +28,9 @@ pub struct CircuitBreaker {
 }
 
 thread_local! {
-    /// Start times of `with breaker:` blocks on this thread, for slow-call detection.
-    static WITH_STARTS: RefCell<Vec<(usize, Instant)>> = const { RefCell::new(Vec::new()) };
+    /// `with breaker:` blocks open on this thread: the breaker, the ticket its admission got,
+    /// and (for slow-call detection) when it began.
+    static WITH_BLOCKS: RefCell<Vec<(usize, Ticket, Option<Instant>)>> = const { RefCell::new(Vec::new()) };
 }
 
 fn as_tuple(
@@ -61,18 +62,27 @@ fn as_tuple(
 }
 
 impl CircuitBreaker {
-    /// The manual `record_success` / `record_failure`: timed when a duration is given.
-    fn record_outcome(&self, failed: bool, duration: Option<f64>) -> PyResult<()> {
-        match duration {
-            Some(d) => self.inner.record_timed(failed, seconds("duration", d)?),
-            None if failed => self.inner.record_failure(),
-            None => self.inner.record_success(),
-        }
+    /// The manual `record_success` / `record_failure`: timed when a duration is given, in the
+    /// generation of `ticket` when one is given (else in the current one).
+    fn record_outcome(
+        &self,
+        failed: bool,
+        duration: Option<f64>,
+        ticket: Option<u32>,
+    ) -> PyResult<()> {
+        let d = duration.map(|d| seconds("duration", d)).transpose()?;
+        let ticket = ticket.map_or_else(|| self.now(), Ticket::from_bits);
+        self.inner.record_with(ticket, failed, d);
         Ok(())
     }
 
+    /// A ticket for the current generation (for outcomes recorded without one).
+    fn now(&self) -> Ticket {
+        self.inner.ticket_now()
+    }
+
     /// Records an exception raised by a guarded call, by its class.
-    fn classify(&self, py: Python<'_>, err: &PyErr, elapsed: Option<Duration>) {
+    fn classify(&self, py: Python<'_>, err: &PyErr, elapsed: Option<Duration>, ticket: Ticket) {
         let ignored = self
             .exclude
             .as_ref()
@@ -83,12 +93,9 @@ impl CircuitBreaker {
                 .as_ref()
                 .is_some_and(|f| !err.is_instance(py, f.bind(py).as_any()));
         if ignored {
-            self.inner.record_ignored();
+            self.inner.record_ignored_with(ticket);
         } else {
-            match elapsed {
-                Some(e) => self.inner.record_timed(true, e),
-                None => self.inner.record_failure(),
-            }
+            self.inner.record_with(ticket, true, elapsed);
         }
     }
 
@@ -100,23 +107,16 @@ impl CircuitBreaker {
         args: &Bound<'py, PyTuple>,
         kwargs: Option<&Bound<'py, PyDict>>,
     ) -> PyResult<Bound<'py, PyAny>> {
-        if let Err(open) = self.inner.allow() {
-            return Err(open.into_pyerr());
-        }
-        if self.timed {
-            let t0 = Instant::now();
-            let r = f.call(args, kwargs);
-            let e = t0.elapsed();
-            match &r {
-                Ok(_) => self.inner.record_timed(false, e),
-                Err(err) => self.classify(py, err, Some(e)),
-            }
-            return r;
-        }
+        let ticket = match self.inner.admit() {
+            Ok(t) => t,
+            Err(open) => return Err(open.into_pyerr()),
+        };
+        let t0 = self.timed.then(Instant::now);
         let r = f.call(args, kwargs);
+        let e = t0.map(|t| t.elapsed());
         match &r {
-            Ok(_) => self.inner.record_success(),
-            Err(err) => self.classify(py, err, None),
+            Ok(_) => self.inner.record_with(ticket, false, e),
+            Err(err) => self.classify(py, err, e, ticket),
         }
         r
     }
@@ -190,29 +190,40 @@ impl CircuitBreaker {
         self.inner.allow().map_err(IntoPyErr::into_pyerr)
     }
 
+    /// Admits one call (raises `CircuitOpenError` when open) and returns its ticket: the
+    /// state and generation it was admitted in. Pass it to `record_*` with the outcome.
+    fn admit(&self) -> PyResult<u32> {
+        self.inner
+            .admit()
+            .map(Ticket::to_bits)
+            .map_err(IntoPyErr::into_pyerr)
+    }
+
     /// Records a success; with `duration` (seconds), a slow one counts as a failure.
-    #[pyo3(signature = (duration = None))]
-    fn record_success(&self, duration: Option<f64>) -> PyResult<()> {
-        self.record_outcome(false, duration)
+    #[pyo3(signature = (duration = None, *, ticket = None))]
+    fn record_success(&self, duration: Option<f64>, ticket: Option<u32>) -> PyResult<()> {
+        self.record_outcome(false, duration, ticket)
     }
 
     /// Records a failure.
-    #[pyo3(signature = (duration = None))]
-    fn record_failure(&self, duration: Option<f64>) -> PyResult<()> {
-        self.record_outcome(true, duration)
+    #[pyo3(signature = (duration = None, *, ticket = None))]
+    fn record_failure(&self, duration: Option<f64>, ticket: Option<u32>) -> PyResult<()> {
+        self.record_outcome(true, duration, ticket)
     }
 
     /// Records an exception a guarded call raised, as the breaker's exception rules say.
-    #[pyo3(signature = (exc, duration = None))]
+    #[pyo3(signature = (exc, duration = None, *, ticket = None))]
     fn record_exception(
         &self,
         py: Python<'_>,
         exc: &Bound<'_, PyAny>,
         duration: Option<f64>,
+        ticket: Option<u32>,
     ) -> PyResult<()> {
         let err = PyErr::from_value(exc.clone());
         let d = duration.map(|d| seconds("duration", d)).transpose()?;
-        self.classify(py, &err, d);
+        let ticket = ticket.map_or_else(|| self.now(), Ticket::from_bits);
+        self.classify(py, &err, d, ticket);
         Ok(())
     }
 
@@ -282,11 +293,10 @@ impl CircuitBreaker {
 
     fn __enter__(slf: &Bound<'_, Self>) -> PyResult<()> {
         let me = slf.get();
-        me.inner.allow().map_err(IntoPyErr::into_pyerr)?;
-        if me.timed {
-            let key = Arc::as_ptr(&me.inner) as usize;
-            WITH_STARTS.with(|s| s.borrow_mut().push((key, Instant::now())));
-        }
+        let ticket = me.inner.admit().map_err(IntoPyErr::into_pyerr)?;
+        let key = Arc::as_ptr(&me.inner) as usize;
+        let start = me.timed.then(Instant::now);
+        WITH_BLOCKS.with(|s| s.borrow_mut().push((key, ticket, start)));
         Ok(())
     }
 
@@ -299,22 +309,21 @@ impl CircuitBreaker {
         tb: Option<&Bound<'_, PyAny>>,
     ) -> bool {
         let _ = (exc_type, tb);
-        let elapsed = if self.timed {
-            let key = Arc::as_ptr(&self.inner) as usize;
-            WITH_STARTS.with(|s| {
+        let key = Arc::as_ptr(&self.inner) as usize;
+        let (ticket, start) = WITH_BLOCKS
+            .with(|s| {
                 let mut s = s.borrow_mut();
-                let pos = s.iter().rposition(|(k, _)| *k == key)?;
-                Some(s.remove(pos).1.elapsed())
+                let pos = s.iter().rposition(|(k, _, _)| *k == key)?;
+                let (_, t, st) = s.remove(pos);
+                Some((t, st))
             })
-        } else {
-            None
-        };
+            .unwrap_or_else(|| (self.now(), None));
+        let elapsed = start.map(|t| t.elapsed());
         match exc {
-            Some(e) if !e.is_none() => self.classify(py, &PyErr::from_value(e.clone()), elapsed),
-            _ => match elapsed {
-                Some(d) => self.inner.record_timed(false, d),
-                None => self.inner.record_success(),
-            },
+            Some(e) if !e.is_none() => {
+                self.classify(py, &PyErr::from_value(e.clone()), elapsed, ticket);
+            }
+            _ => self.inner.record_with(ticket, false, elapsed),
         }
         false
     }
