@@ -309,3 +309,64 @@ def test_interrupting_a_foreground_up_says_so(tmp_path: Path) -> None:
     assert p.returncode == 1 and "up was interrupted" in err and "CancelledError" not in err, err
     for pid in pids:
         wait_until(lambda pid=pid: not alive(pid), 10, f"{pid} gone")  # type: ignore[misc]
+
+
+def test_detached_and_foreground_up_report_the_same_failure(tmp_path: Path) -> None:
+    """up -d used to exit 1 with no output, or with an earlier run's error read from a stale
+    agent.log: the agent now hands its error to the waiting CLI directly."""
+    held = __import__("socket").socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    try:
+        cases = {
+            "port held by another program": (f"""
+                name: held
+                services:
+                  web: {{command: ["sleep", "300"], ports: {{http: {port}}}}}
+                """, 2, f"port {port} is in use"),
+            "does not fit": ("""
+                name: big
+                services:
+                  web: {command: ["sleep", "300"], resources: {memory: 100Ti}}
+                """, 2, "does not fit"),
+            "never ready": ("""
+                name: slow
+                services:
+                  web:
+                    command: ["sleep", "300"]
+                    start_timeout: 500ms
+                    health: {readiness: {exec: ["false"], period: 100ms}}
+                """, 1, "web not up within 0.5s"),
+        }
+        for what, (text, code, says) in cases.items():
+            write_spec(tmp_path, text)
+            (tmp_path / ".corral").mkdir(exist_ok=True, mode=0o700)
+            (tmp_path / ".corral" / "agent.log").write_text("error: a stale message from an earlier run\n")
+            fg = corral("up", cwd=tmp_path)
+            bg = corral("up", "-d", cwd=tmp_path)
+            for r in (fg, bg):
+                assert r.returncode == code and says in r.stderr, (what, r)
+                assert "stale message" not in r.stderr and "Traceback" not in r.stderr, (what, r)
+        (tmp_path / ".corral" / "state.db").write_bytes(b"this is not a database" * 100)
+        write_spec(tmp_path, "name: corrupt\nservices:\n  web: {command: [sleep, '300']}\n")
+        for r in (corral("up", cwd=tmp_path), corral("up", "-d", cwd=tmp_path)):
+            assert r.returncode == 2 and "cannot be used" in r.stderr and "Traceback" not in r.stderr, r
+    finally:
+        held.close()
+
+
+def test_detached_up_gives_up_after_its_timeout_and_stops_what_it_started(tmp_path: Path) -> None:
+    write_spec(tmp_path, """
+        name: slow
+        services:
+          web:
+            command: ["sleep", "300"]
+            health: {readiness: {exec: ["false"], period: 100ms}}
+        """)
+    r = corral("up", "-d", "--timeout", "1", cwd=tmp_path)
+    assert r.returncode == 1 and "did not finish within 1s" in r.stderr, r
+    db = tmp_path / ".corral" / "state.db"
+    for i in StateStore.read_instances(db, "slow"):
+        assert i.pid is not None
+        wait_until(lambda pid=i.pid: not alive(pid), 10, "the instance stopped")  # type: ignore[misc]

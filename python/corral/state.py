@@ -281,13 +281,17 @@ class StateStore:
         secure_state_dir(self.path.parent)
         # SQLite creates its -wal and -shm files with the database's mode: 0600 for all three.
         private_file(self.path)
-        self._db = _connect(self.path)
-        self._db.execute("PRAGMA journal_mode = WAL")
-        self._db.execute("PRAGMA synchronous = NORMAL")
-        self._db.executescript(_SCHEMA)
-        columns = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
-        if "repeats" not in columns:  # a state.db from before event coalescing
-            self._db.execute("ALTER TABLE events ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1")
+        try:
+            self._db = _connect(self.path)
+            self._db.execute("PRAGMA journal_mode = WAL")
+            self._db.execute("PRAGMA synchronous = NORMAL")
+            self._db.executescript(_SCHEMA)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
+            if "repeats" not in columns:  # a state.db from before event coalescing
+                self._db.execute("ALTER TABLE events ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1")
+        except sqlite3.DatabaseError as e:
+            raise StateDirError(f"state database {self.path} cannot be used ({e}); move it away to start "
+                                f"afresh") from None
         self._instances: dict[tuple[str, str], InstanceRow] = {}
         self._events: list[list[Any]] = []
 

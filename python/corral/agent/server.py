@@ -228,11 +228,13 @@ class ControlServer:
 
 
 async def run_agent(deployment: Deployment, *, run_for: float | None = None,
-                    on_up: Callable[[Deployment], None] | None = None) -> int:
+                    on_up: Callable[[Deployment], None] | None = None,
+                    on_failed: Callable[[CorralError], None] | None = None) -> int:
     """Brings ``deployment`` up, serves the control API and supervises until ``down``
     (API), SIGINT or SIGTERM, or ``run_for`` seconds. Returns the exit code: 0, or 1 when
-    ``up`` failed (everything it started is rolled back). Errors found before anything
-    started (a spec that does not fit, an agent already running) are raised."""
+    ``up`` failed (everything it started is rolled back; ``on_failed`` hears why). Errors
+    found before anything started (a spec that does not fit, an agent already running)
+    are raised."""
     server = ControlServer(deployment, socket_path(deployment.state_dir))
     await server.start()
     loop = asyncio.get_running_loop()
@@ -247,9 +249,13 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
             server.up_task.cancel()
             with contextlib.suppress(asyncio.CancelledError, DeploymentError):
                 await server.up_task
+            if on_failed is not None:
+                on_failed(DeploymentError("up was interrupted; everything it started was stopped"))
             return 1
         exc = server.up_task.exception()
         if isinstance(exc, DeploymentError):
+            if on_failed is not None:
+                on_failed(exc)
             return 1
         if exc is not None:
             raise exc
