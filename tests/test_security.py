@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
+import textwrap
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
 
 from corral import Deployment
-from corral.exceptions import DeploymentError, StateDirError
+from corral.exceptions import DeploymentError, SpecError, StateDirError
 from tests.e2e import await_until, kill_groups, write_spec
 
 pytestmark = pytest.mark.timeout(90)
@@ -96,3 +97,64 @@ async def test_a_planted_log_link_is_not_written_through(tmp_path: Path, deploym
     with pytest.raises(DeploymentError, match="cannot open log file"):
         await d.up()
     assert target.read_text() == "", "nothing was appended through the link"
+
+
+@pytest.fixture
+def open_project() -> Iterator[Path]:
+    """A project directory other users can enter (pytest's tmp_path is under a root-only
+    directory, which a service running as nobody could not reach)."""
+    import shutil
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="corral-users-", dir="/tmp"))
+    os.chmod(d, 0o755)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a service as another user needs root")
+async def test_a_service_runs_as_its_user_and_cannot_read_the_ca_key(open_project: Path,
+                                                                      deployments: list[Deployment]) -> None:
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    tls = open_project / ".corral" / "tls"
+    report = ("echo uid=$(id -u) gid=$(id -g) groups=$(id -G) user=$USER; "
+              "cat \"$CORRAL_TLS_KEY\" >/dev/null 2>&1 && echo own-key-readable; "
+              f"cat {tls}/ca.key >/dev/null 2>&1 && echo ca-key-readable; "
+              f"cat {open_project}/.corral/state.db >/dev/null 2>&1 && echo state-readable; "
+              "echo done; exec sleep 300")
+    spec = write_spec(open_project, f"""
+        name: users
+        services:
+          db:
+            command: ["sleep", "300"]
+            ports: {{http: auto}}
+            expose: 24191
+            mtls: true
+          app:
+            command: ["sh", "-c", {report!r}]
+            working_dir: /
+            user: nobody
+        """)
+    d = Deployment.from_file(spec)
+    deployments.append(d)
+    await d.up()
+    log = open_project / ".corral" / "logs" / "app-0.log"
+    await await_until(lambda: log.exists() and "done" in log.read_text(), what="the service's report")
+    out = log.read_text()
+    assert f"uid={nobody.pw_uid} gid={nobody.pw_gid} groups={nobody.pw_gid} user=nobody" in out, out
+    assert "own-key-readable" in out, "the service reads its own certificate key"
+    assert "ca-key-readable" not in out and "state-readable" not in out, "but not the CA key or the state"
+    assert stat.S_IMODE((tls / "ca.key").stat().st_mode) == 0o600
+
+
+def test_an_unknown_user_is_refused_at_validate(tmp_path: Path) -> None:
+    from corral.spec import load_spec
+
+    spec = write_spec(tmp_path, "name: u\nservices:\n  a: {command: [a], user: no-such-user-here}\n")
+    with pytest.raises(SpecError, match="unknown user 'no-such-user-here'") as e:
+        load_spec(spec)
+    assert e.value.field == "services.a.user"

@@ -744,6 +744,8 @@ class ProcessSpec:
         log: str | PathLike[str] | None = None,
         log_max_bytes: int = ...,
         log_keep: int = 3,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> ProcessSpec: ...
     @property
     def argv(self) -> list[str]: ...
@@ -753,6 +755,10 @@ class ProcessSpec:
     def env(self) -> list[tuple[str, str]]: ...
     @property
     def cwd(self) -> Path | None: ...
+    @property
+    def uid(self) -> int | None: ...
+    @property
+    def gid(self) -> int | None: ...
 
 @final
 class Supervisor:
@@ -775,8 +781,11 @@ class Supervisor:
         log: str | PathLike[str] | None = None,
         log_max_bytes: int = ...,
         log_keep: int = 3,
+        uid: int | None = None,
+        gid: int | None = None,
     ) -> tuple[int, int]:
-        """Starts ``argv``; returns ``(pid, start_time)``. ``log`` rotates past ``log_max_bytes``
+        """Starts ``argv`` (as ``uid``/``gid`` when given: needs root; supplementary groups are
+        dropped); returns ``(pid, start_time)``. ``log`` rotates past ``log_max_bytes``
         (default 10 MiB), keeping ``log_keep`` old files. Raises ``OSError`` subclasses
         (``FileNotFoundError`` for a missing program) naming the program."""
     def spawn_many(

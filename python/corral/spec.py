@@ -309,6 +309,10 @@ class ServiceSpec(_Model):
     allow: list[str] = Field(default_factory=list)
     """With ``mtls``: the services whose SPIFFE IDs may connect (empty: any of the mesh)."""
     start_timeout: Duration = 60.0
+    user: str | Annotated[int, Field(ge=0, le=4294967294)] | None = None
+    """Run as this user (name or uid), as systemd's ``User=``; needs corral to run as root."""
+    group: str | Annotated[int, Field(ge=0, le=4294967294)] | None = None
+    """Run with this group (default: the user's primary group)."""
 
     @model_validator(mode="before")
     @classmethod
@@ -496,6 +500,7 @@ def _cross_check(spec: DeploymentSpec, src: Source, root: Path) -> Iterator[Spec
     for name, svc in spec.services.items():
         base: Loc = ("services", name)
         yield from _files(svc, base, src, root)
+        yield from _identity(svc, base, src)
         for i, other in enumerate(svc.allow):
             if other not in spec.services:
                 yield src.error((*base, "allow", i), f"unknown service {other!r}")
@@ -561,6 +566,46 @@ def _env_collisions(spec: DeploymentSpec, src: Source) -> Iterator[SpecError]:
             if other != pname:
                 yield src.error(("services", name, "ports", pname), f"ports {other!r} and {pname!r} collide as "
                                 f"environment variables (both CORRAL_PORT_{_env_word(pname)}); rename one")
+
+
+def credentials(svc: ServiceSpec) -> tuple[int | None, int | None, str | None, str | None]:
+    """``(uid, gid, user name, home)`` a service runs with (all None without ``user:`` and
+    ``group:``); raises ``KeyError`` naming an unknown user or group."""
+    import grp
+    import pwd
+
+    if svc.user is None and svc.group is None:
+        return None, None, None, None
+    uid = gid = None
+    name = home = None
+    if svc.user is not None:
+        try:
+            pw = pwd.getpwuid(svc.user) if isinstance(svc.user, int) else pwd.getpwnam(svc.user)
+        except KeyError:
+            raise KeyError(f"unknown user {svc.user!r}") from None
+        uid, gid, name, home = pw.pw_uid, pw.pw_gid, pw.pw_name, pw.pw_dir
+    if svc.group is not None:
+        try:
+            gid = (grp.getgrgid(svc.group) if isinstance(svc.group, int) else grp.getgrnam(svc.group)).gr_gid
+        except KeyError:
+            raise KeyError(f"unknown group {svc.group!r}") from None
+    return uid, gid, name, home
+
+
+def _identity(svc: ServiceSpec, base: Loc, src: Source) -> Iterator[SpecError]:
+    import os
+
+    if svc.user is None and svc.group is None:
+        return
+    field = "user" if svc.user is not None else "group"
+    try:
+        uid, gid, _, _ = credentials(svc)
+    except KeyError as e:
+        yield src.error((*base, field), str(e.args[0]))
+        return
+    if os.geteuid() != 0 and (uid not in (None, os.geteuid()) or gid not in (None, os.getegid())):
+        yield src.error((*base, field), f"running as another {field} needs corral to run as root "
+                        f"(it runs as uid {os.geteuid()})")
 
 
 def _env_word(name: str) -> str:

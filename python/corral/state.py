@@ -33,7 +33,8 @@ def default_state_dir(spec_file: str | Path) -> Path:
 
 def secure_state_dir(path: Path) -> Path:
     """Creates the state directory owner-only (0700, whatever the umask), or checks that an
-    existing one is a directory of this user that nobody else can write, and makes it 0700.
+    existing one is a directory of this user that nobody else can write, and makes it 0700
+    (leaving 0711, which lets others enter but not list it, as it is).
     Raises :class:`~corral.exceptions.StateDirError` otherwise: another user could plant
     links in it or read what corral writes there."""
     try:
@@ -54,7 +55,8 @@ def secure_state_dir(path: Path) -> Path:
     if st.st_mode & 0o022:
         raise StateDirError(f"state directory {path} can be written by others (mode {stat.S_IMODE(st.st_mode):o}); "
                             f"refusing to use it (chmod 700 it if that is intended to be yours)")
-    if stat.S_IMODE(st.st_mode) != 0o700:
+    # 0711 (enter, not list) is what the mesh leaves when a service runs as another user.
+    if stat.S_IMODE(st.st_mode) not in (0o700, 0o711):
         os.chmod(path, 0o700)
     return path
 

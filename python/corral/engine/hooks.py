@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from corral._core import Authority, Cgroups, IssuedCert, Proxy
 from corral.engine.stack import Stack
 from corral.exceptions import CorralError
 from corral.lifecycle import State, Transition
+from corral.spec import credentials
 
 __all__ = ["CgroupsHook", "FrontsHook", "Hook", "MeshHook", "VolumesHook"]
 
@@ -108,10 +110,24 @@ class MeshHook(Hook):
             return []
         self.ca = Authority(stack.state_dir / "tls", f"{stack.name}.corral")
         for name in stack.spec.services:
-            self.certs[name] = self.ca.issue(name, stack.spec.mesh.cert_lifetime)
+            self.certs[name] = self._issue(stack, name)
         stack.journal.note(f"mesh: {len(self.certs)} certificates from {self.ca.ca_path}")
         self._rotation = asyncio.get_running_loop().create_task(self._rotate(stack), name="corral-certs")
         return []
+
+    def _issue(self, stack: Stack, name: str) -> IssuedCert:
+        """Issues ``name``'s certificate; a service that runs as another user (``user:``)
+        gets its certificate and key as its own, and the directories above them become
+        0711 (enter, not list), so it can open them; the CA key stays 0600 and corral's."""
+        assert self.ca is not None
+        cert = self.ca.issue(name, stack.spec.mesh.cert_lifetime)
+        uid, gid, _, _ = credentials(stack.spec.services[name])
+        if uid is not None or gid is not None:
+            for f in (cert.cert_path, cert.key_path):
+                os.chown(f, -1 if uid is None else uid, -1 if gid is None else gid)
+            for d in (stack.state_dir, self.ca.ca_path.parent, cert.cert_path.parent):
+                os.chmod(d, 0o711)
+        return cert
 
     def present_on(self, fronts: dict[str, Proxy]) -> None:
         """Renewed certificates go to these mTLS fronts."""
@@ -123,7 +139,7 @@ class MeshHook(Hook):
         while True:
             await asyncio.sleep(life * 2 / 3)
             for name in stack.spec.services:
-                cert = self.ca.issue(name, life)
+                cert = self._issue(stack, name)
                 self.certs[name] = cert
                 front = self._fronts.get(name)
                 if front is not None and stack.spec.services[name].mtls:

@@ -30,7 +30,7 @@ from corral.engine.instance import InstanceRuntime, Process, cpulist
 from corral.engine.stack import Stack
 from corral.lifecycle import State
 from corral.recovery import Exit
-from corral.spec import Probe, read_env_file, substitute_ports
+from corral.spec import Probe, credentials, read_env_file, substitute_ports
 
 __all__ = ["Launcher"]
 
@@ -120,7 +120,7 @@ class Launcher:
         sup = self.stack.supervisor
         assert sup is not None
         bare = ProcessSpec(spec.argv, env=spec.env, cwd=spec.cwd, cpus=spec.cpus, log=inst.log,
-                           log_max_bytes=self._log_max, log_keep=self._log_keep)
+                           log_max_bytes=self._log_max, log_keep=self._log_keep, uid=spec.uid, gid=spec.gid)
         (res,) = sup.spawn_many([(inst.id, bare)], threads=1)
         if isinstance(res, OSError):
             return error
@@ -133,12 +133,17 @@ class Launcher:
         argv = [substitute_ports(a, inst.p.ports) for a in svc.argv()]
         cwd = (self.stack.base / svc.working_dir) if svc.working_dir else self.stack.base
         inst.affinity = inst.p.cpus or self.stack.resources.shared_cpus(inst.p.numa_node)
+        uid, gid, _, _ = credentials(svc)
         return ProcessSpec(argv, env=env, cwd=cwd, cpus=inst.affinity, cgroup=inst.cgroup, log=inst.log,
-                           log_max_bytes=self._log_max, log_keep=self._log_keep)
+                           log_max_bytes=self._log_max, log_keep=self._log_keep, uid=uid, gid=gid)
 
     def _environment(self, inst: InstanceRuntime) -> list[tuple[str, str]]:
         svc, ports, stack = inst.svc, inst.p.ports, self.stack
         base: dict[str, str] = {}
+        _, _, user, home = credentials(svc)
+        if user is not None and home is not None:
+            # As systemd does for User=: the environment names the user it runs as.
+            base.update({"USER": user, "LOGNAME": user, "HOME": home})
         if svc.env_file:
             base.update(read_env_file(stack.base / svc.env_file))
         base.update({k: substitute_ports(v, ports) for k, v in svc.env.items()})

@@ -31,7 +31,7 @@ pub struct PyProcessSpec {
 impl PyProcessSpec {
     #[new]
     #[pyo3(signature = (argv, *, env = None, clear_env = false, cwd = None, cpus = Vec::new(),
-        cgroup = None, log = None, log_max_bytes = 10 << 20, log_keep = 3))]
+        cgroup = None, log = None, log_max_bytes = 10 << 20, log_keep = 3, uid = None, gid = None))]
     fn new(
         argv: Vec<String>,
         env: Option<Vec<(String, String)>>,
@@ -42,6 +42,8 @@ impl PyProcessSpec {
         log: Option<PathBuf>,
         log_max_bytes: u64,
         log_keep: usize,
+        uid: Option<u32>,
+        gid: Option<u32>,
     ) -> Self {
         PyProcessSpec {
             inner: ProcessSpec {
@@ -56,8 +58,20 @@ impl PyProcessSpec {
                     max_bytes: log_max_bytes,
                     keep: log_keep,
                 }),
+                uid,
+                gid,
             },
         }
+    }
+
+    #[getter]
+    fn uid(&self) -> Option<u32> {
+        self.inner.uid
+    }
+
+    #[getter]
+    fn gid(&self) -> Option<u32> {
+        self.inner.gid
     }
 
     #[getter]
@@ -169,7 +183,7 @@ impl Supervisor {
 
     /// Starts `argv` under `id`; returns `(pid, start_time)`. The pid is also its process group.
     #[pyo3(signature = (id, argv, *, env = None, clear_env = false, cwd = None, cpus = Vec::new(),
-        cgroup = None, log = None, log_max_bytes = 10 << 20, log_keep = 3))]
+        cgroup = None, log = None, log_max_bytes = 10 << 20, log_keep = 3, uid = None, gid = None))]
     fn spawn(
         &self,
         py: Python<'_>,
@@ -183,6 +197,8 @@ impl Supervisor {
         log: Option<PathBuf>,
         log_max_bytes: u64,
         log_keep: usize,
+        uid: Option<u32>,
+        gid: Option<u32>,
     ) -> PyResult<(u32, u64)> {
         let spec = PyProcessSpec::new(
             argv,
@@ -194,6 +210,8 @@ impl Supervisor {
             log,
             log_max_bytes,
             log_keep,
+            uid,
+            gid,
         )
         .inner;
         // fork + exec take a while in a large process; let other Python threads run.

@@ -61,6 +61,10 @@ pub struct ProcessSpec {
     pub cgroup: Option<PathBuf>,
     /// Output log; `None` discards output.
     pub log: Option<LogConfig>,
+    /// Run as this user (the supplementary groups are dropped); needs root.
+    pub uid: Option<u32>,
+    /// Run with this group; needs root.
+    pub gid: Option<u32>,
 }
 
 /// A started process.
@@ -146,6 +150,13 @@ impl Supervisor {
         cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
         if let Some(cwd) = &spec.cwd {
             cmd.current_dir(cwd);
+        }
+        // In the child before exec: setgid, setgroups([]) (when root), then setuid.
+        if let Some(gid) = spec.gid {
+            cmd.gid(gid);
+        }
+        if let Some(uid) = spec.uid {
+            cmd.uid(uid);
         }
         let log = if let Some(cfg) = &spec.log {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
