@@ -561,3 +561,31 @@ async def test_a_rolling_restart_stops_at_the_first_replica_that_does_not_come_b
     assert after["web-0"][0] != before["web-0"] and after["web-0"][1] == "failed"
     for iid in ("web-1", "web-2"):
         assert after[iid] == (before[iid], "healthy"), f"{iid} was left as it was"
+
+
+async def test_an_error_preparing_one_replica_orphans_none(tmp_path: Path, deployments: list[Deployment]) -> None:
+    """Validation catches a missing env_file, but one can vanish between validate and the
+    spawn: the batch then spawns the replicas it can, and the rollback stops them all."""
+    (tmp_path / "app.env").write_text("A=1\n")
+    spec = write_spec(tmp_path, """
+        name: vanish
+        services:
+          base:
+            replicas: 3
+            command: ["sleep", "300"]
+          web:
+            replicas: 3
+            command: ["sleep", "300"]
+            env_file: app.env
+            depends_on: {base: started}
+            restart: {policy: "no"}
+        """)
+    d = Deployment.from_file(spec)
+    deployments.append(d)
+    (tmp_path / "app.env").unlink()
+    with pytest.raises(DeploymentError, match="web-0 failed: could not start"):
+        await d.up()
+    pids = _pids(d)
+    assert len(pids) == 3, "the three base replicas had started"
+    for pid in pids:
+        assert not alive(pid), f"pid {pid} outlived the rollback"
