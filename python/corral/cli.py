@@ -69,6 +69,8 @@ err = _LazyConsole(stderr=True)
 SpecArg = Annotated[Path, typer.Argument(help="The spec file.", show_default=True)]
 StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State directory (default: .corral/ beside the "
                                                                     "spec, or $CORRAL_STATE_DIR).")]
+SpecFileOpt = Annotated[Path, typer.Option("-f", "--file", help="The spec file (after several service names, "
+                                                                 "the spec is an option).")]
 DEFAULT_SPEC = Path("corral.yaml")
 
 
@@ -420,8 +422,54 @@ def restart(service: Annotated[str, typer.Argument(help="Service name.")], spec:
     try:
         AgentClient(sd).restart(service)
     except AgentUnavailable:
-        _fail(f"no agent running for {sd}; 'corral up' first", 1)
+        _needs_agent(sd)
     out.print(f"{service}: restarted", markup=False)
+
+
+def _needs_agent(sd: Path) -> NoReturn:
+    _fail(f"no agent running for {sd}; 'corral up' first", 1)
+
+
+@app.command()
+def scale(service: Annotated[str, typer.Argument(help="Service name.")],
+          replicas: Annotated[int, typer.Argument(help="How many instances.", min=0)],
+          spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
+    """Run N instances of a service: new ones are placed, started and put behind the front
+    (exit 2, nothing changed, when they do not fit); the highest-numbered go first down."""
+    sd = _state_dir(spec, state_dir)
+    try:
+        AgentClient(sd).scale(service, replicas)
+    except AgentUnavailable:
+        _needs_agent(sd)
+    out.print(f"{service}: {replicas} instances", markup=False)
+
+
+@app.command()
+def stop(services: Annotated[list[str], typer.Argument(help="Service names.")], spec: SpecFileOpt = DEFAULT_SPEC,
+         state_dir: StateOpt = None) -> None:
+    """Stop services by their shutdown rule, keeping them in the stack (start brings them back)."""
+    sd = _state_dir(spec, state_dir)
+    try:
+        dependents = AgentClient(sd).stop_services(services)
+    except AgentUnavailable:
+        _needs_agent(sd)
+    for name, deps in dependents.items():
+        out.print(f"{name}: stopped", markup=False)
+        if deps:
+            err.print(f"warning: {', '.join(deps)} depend on {name} and keep running", markup=False)
+
+
+@app.command()
+def start(services: Annotated[list[str], typer.Argument(help="Service names.")], spec: SpecFileOpt = DEFAULT_SPEC,
+          state_dir: StateOpt = None) -> None:
+    """Start stopped services again and wait until they meet their condition."""
+    sd = _state_dir(spec, state_dir)
+    try:
+        AgentClient(sd).start_services(services)
+    except AgentUnavailable:
+        _needs_agent(sd)
+    for name in services:
+        out.print(f"{name}: started", markup=False)
 
 
 def main() -> None:

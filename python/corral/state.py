@@ -355,6 +355,12 @@ class StateStore:
                 (row.name, row.spec, row.status, row.message, row.agent_pid, row.agent_start,
                  row.started_at, row.updated_at, json.dumps(row.phases)))
 
+    def delete_instance(self, deployment: str, instance: str) -> None:
+        """Forgets one instance (it left the deployment)."""
+        self._instances.pop((deployment, instance), None)
+        with self._tx():
+            self._db.execute("DELETE FROM instances WHERE deployment = ? AND id = ?", (deployment, instance))
+
     def clear_instances(self, deployment: str) -> None:
         """Forgets the instances of a deployment (a new ``up`` starts from a clean table)."""
         self.flush()

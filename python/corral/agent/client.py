@@ -168,6 +168,22 @@ class AgentClient:
         """A rolling restart (needs the agent)."""
         self.request("POST", f"/v1/restart?service={quote(service)}", timeout=600)
 
+    def scale(self, service: str, replicas: int) -> None:
+        """Runs ``replicas`` instances of ``service`` (needs the agent)."""
+        self.request("POST", f"/v1/scale?service={quote(service)}&replicas={replicas}", timeout=600)
+
+    def stop_services(self, services: list[str]) -> dict[str, list[str]]:
+        """Stops these services, keeping them in the stack; returns each one's dependents,
+        which keep running."""
+        query = "&".join(f"service={quote(s)}" for s in services)
+        res = self.request("POST", f"/v1/stop?{query}", timeout=600)
+        return dict(res.get("dependents", {}))
+
+    def start_services(self, services: list[str]) -> None:
+        """Starts these (stopped) services again."""
+        query = "&".join(f"service={quote(s)}" for s in services)
+        self.request("POST", f"/v1/start?{query}", timeout=600)
+
     def wait_up(self, timeout: float) -> DeploymentStatus:
         """Waits until the agent's ``up`` has finished; raises its error when it failed."""
         res = self.request("GET", "/v1/up", timeout=timeout)

@@ -5,7 +5,9 @@ agent (:func:`run_agent`) serves it; :class:`~corral.agent.client.AgentClient` i
 
 Routes: ``GET /v1/status``, ``GET /v1/up`` (waits until ``up`` has finished: ``ok`` and the
 error), ``GET /v1/events?after=SEQ&limit=N`` (the event log by sequence number),
-``POST /v1/restart?service=NAME``, ``POST /v1/down``, and discovery: ``GET /v1/services``
+``POST /v1/restart?service=NAME``, ``POST /v1/scale?service=NAME&replicas=N``,
+``POST /v1/stop?service=A&service=B``, ``POST /v1/start?service=...``, ``POST /v1/down``, and
+discovery: ``GET /v1/services``
 (every service) and ``GET /v1/services/NAME`` (one; ``?wait=GENERATION&timeout=S`` answers
 once the registry has moved past that generation, a long poll for clients that follow
 changes).
@@ -80,6 +82,9 @@ class ControlServer:
             ("GET", "/v1/up"): self._up,
             ("GET", "/v1/events"): self._events,
             ("POST", "/v1/restart"): self._restart,
+            ("POST", "/v1/scale"): self._scale,
+            ("POST", "/v1/stop"): self._stop_services,
+            ("POST", "/v1/start"): self._start_services,
             ("POST", "/v1/down"): self._down,
             ("GET", "/v1/services"): self._services,
         }
@@ -220,6 +225,25 @@ class ControlServer:
         service = q.get("service", [""])[0]
         await self.deployment.restart(service)  # raises UnknownService
         return 200, {"ok": True, "service": service}
+
+    async def _scale(self, q: dict[str, list[str]]) -> tuple[int, Any]:
+        service = _one(q, "service") or ""
+        replicas = _number(q, "replicas", -1, 0, 10000)
+        if replicas < 0:
+            raise ConfigError("replicas: required")
+        await self.deployment.scale(service, replicas)
+        return 200, {"ok": True, "service": service, "replicas": replicas}
+
+    async def _stop_services(self, q: dict[str, list[str]]) -> tuple[int, Any]:
+        dependents: dict[str, list[str]] = {}
+        for service in q.get("service", []):
+            dependents[service] = await self.deployment.stop_service(service)
+        return 200, {"ok": True, "dependents": dependents}
+
+    async def _start_services(self, q: dict[str, list[str]]) -> tuple[int, Any]:
+        for service in q.get("service", []):
+            await self.deployment.start_service(service)
+        return 200, {"ok": True}
 
     async def _down(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
         self.stop.set()

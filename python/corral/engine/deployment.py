@@ -30,7 +30,7 @@ from corral.engine.journal import Journal
 from corral.engine.launch import Launcher
 from corral.engine.stack import Stack
 from corral.engine.verdicts import Verdicts
-from corral.exceptions import AgentAlreadyRunning, CorralError, DeploymentError, UnknownService
+from corral.exceptions import AgentAlreadyRunning, ConfigError, CorralError, DeploymentError, UnknownService
 from corral.leftovers import live_agent, stop_leftovers
 from corral.lifecycle import State, Transition
 from corral.recovery import BackoffRestart, Exit, RestartStrategy, RollbackStrategy
@@ -71,13 +71,13 @@ class Deployment:
         self.rollback = rollback or RollbackStrategy()
         self.plan: Plan | None = None
         self.journal = Journal(self.state_dir, spec.name, self.file,
-                               lambda iid: self._stack.instances[iid].row(self.name),
+                               self._row_of,
                                max_rows=spec.events.max_rows, max_age=spec.events.max_age)
         self._stack = Stack(spec, self.file.resolve().parent, self.state_dir, host, self.resources, self.journal)
         self._mesh = MeshHook()
         self._fronts = FrontsHook({}, self._mesh)
-        cgroups = CgroupsHook(Path(cgroup_root or os.environ.get("CORRAL_CGROUP_ROOT", "/sys/fs/cgroup")))
-        self._hooks: list[Hook] = [VolumesHook(self._volumes), cgroups, self._mesh, self._fronts]
+        self._cgroups = CgroupsHook(Path(cgroup_root or os.environ.get("CORRAL_CGROUP_ROOT", "/sys/fs/cgroup")))
+        self._hooks: list[Hook] = [VolumesHook(self._volumes), self._cgroups, self._mesh, self._fronts]
         self.launcher = Launcher(self._stack, on_spawn_error=self._spawn_failed, on_healthy=self._healthy,
                                  mesh=self._identity, log_max=spec.logs.max_size, log_keep=spec.logs.keep)
         self.verdicts = Verdicts(self._stack, self.launcher,
@@ -225,6 +225,104 @@ class Deployment:
                                       f"{done} of {len(replicas)} replicas restarted, the others left as they were")
         self.journal.flush()
 
+    # --- one service at a time -------------------------------------------------------
+
+    def _service(self, name: str) -> list[InstanceRuntime]:
+        if name not in self.spec.services:
+            raise UnknownService(f"unknown service {name!r} (services: {', '.join(self.spec.services)})", name)
+        if self.plan is None or self._stack.down:
+            raise CorralError(f"deployment {self.name!r} is not running")
+        return self._stack.by_service[name]
+
+    async def scale(self, service: str, replicas: int) -> None:
+        """Runs ``replicas`` instances of ``service``. New ones are placed through the ledgers
+        (all or none: :class:`~corral.exceptions.ConfigError` naming what is short, and
+        nothing changes), started, probed, registered and put behind the front; the call
+        returns once they meet their condition (:class:`DeploymentError`, with the new ones
+        stopped again, when they do not). Scaling down drains and stops the highest-numbered
+        instances first, and returns their resources and ports."""
+        insts = self._service(service)
+        if not 0 <= replicas <= 10000:
+            raise ConfigError(f"replicas: {replicas} is not from 0 to 10000")
+        svc = self.spec.services[service]
+        if replicas > len(insts):
+            if replicas > 1 and any(p != "auto" for p in svc.ports.values()):
+                raise ConfigError(f"{service} has a fixed port: it cannot run {replicas} replicas")
+            assert self.plan is not None
+            placed = []
+            try:
+                for i in range(len(insts), replicas):
+                    placed.append(self.scheduler.place_one(service, i, svc, self._volumes.get(service)))
+            except CorralError as e:
+                for p in placed:
+                    self.scheduler.release_one(p)
+                raise ConfigError(f"cannot scale {service} to {replicas}: {e}") from None
+            new = []
+            for p in placed:
+                inst = InstanceRuntime(p, svc, self.state_dir / "logs" / f"{p.id}.log", self._stack.on_transition)
+                self._stack.add(inst)
+                self.plan.placements[service].append(p)
+                inst.life.to(State.PLACED, placement_text(p))
+                new.append(inst)
+            for w in self._cgroups.add(new):
+                self._stack.warn(w)
+            self.journal.note(f"scale {service}: {len(insts) - len(new)} -> {replicas}")
+            self.launcher.start(new, f"scaled to {replicas}")
+            if not await self._stack.wait(lambda: all(settled(i) for i in new), svc.start_timeout) or \
+                    any(i.state not in UP for i in new):
+                bad = next(i for i in new if i.state not in UP)
+                why = bad.reason or f"not up within {svc.start_timeout:g}s"
+                await self._shrink(service, len(insts) - len(new), f"scale-up failed: {why}")
+                raise DeploymentError(f"scale {service} to {replicas}: {bad.id} is {bad.state.value} ({why}); "
+                                      f"the new instances were stopped again")
+        elif replicas < len(insts):
+            self.journal.note(f"scale {service}: {len(insts)} -> {replicas}")
+            await self._shrink(service, replicas, f"scaled to {replicas}")
+        self.journal.flush()
+
+    async def _shrink(self, service: str, keep: int, reason: str) -> None:
+        """Stops and forgets the instances of ``service`` past the first ``keep``, the
+        highest-numbered first."""
+        assert self.plan is not None
+        insts = self._stack.by_service[service]
+        for inst in reversed(insts[keep:]):
+            await self._stop(inst, reason)
+            self._cgroups.forget(inst)
+            self.scheduler.release_one(inst.p)
+            self._stack.remove(inst)
+            self.journal.forget(inst.id)
+            self.plan.placements[service] = [p for p in self.plan.placements[service] if p.id != inst.id]
+
+    async def stop_service(self, service: str) -> list[str]:
+        """Stops every instance of ``service`` by its shutdown rule; it stays in the stack,
+        ``stopped``, keeping its placement, until :meth:`start_service`. Dependents keep
+        running: their names come back (as compose warns about them)."""
+        insts = self._service(service)
+        await asyncio.gather(*(self._stop(i, "stopped by request") for i in insts))
+        dependents = [n for n, s in self.spec.services.items() if service in s.depends_on]
+        if dependents:
+            self._stack.warn(f"{service} stopped; {', '.join(dependents)} depend on it and keep running")
+        self.journal.flush()
+        return dependents
+
+    async def start_service(self, service: str) -> None:
+        """Starts the stopped (or failed, or completed) instances of ``service`` and returns
+        once they meet their condition (:class:`DeploymentError` naming the first that
+        does not)."""
+        insts = self._service(service)
+        todo = [i for i in insts if i.state.terminal]
+        for inst in todo:
+            self.restart_strategy.forget(inst.id)
+        if todo:
+            self.launcher.start(todo, "started by request")
+        timeout = self.spec.services[service].start_timeout
+        await self._stack.wait(lambda: all(settled(i) for i in todo), timeout)
+        bad = next((i for i in todo if i.state not in UP), None)
+        self.journal.flush()
+        if bad is not None:
+            raise DeploymentError(f"start {service}: {bad.id} is {bad.state.value} "
+                                  f"({bad.reason or f'not up within {timeout:g}s'})")
+
     def status(self) -> DeploymentStatus:
         """The deployment now."""
         row = self.journal.row
@@ -313,6 +411,10 @@ class Deployment:
             raise DeploymentError(f"{what}: {states}")
 
     # --- wiring of the collaborators ---------------------------------------------------
+
+    def _row_of(self, iid: str) -> InstanceRow | None:
+        inst = self._stack.instances.get(iid)
+        return inst.row(self.name) if inst is not None else None
 
     def _spawn_failed(self, inst: InstanceRuntime, exit: Exit) -> None:
         self.verdicts.on_exit(inst, exit)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from corral._core import Authority, Cgroups, IssuedCert, Proxy
+from corral.engine.instance import InstanceRuntime
 from corral.engine.stack import Stack
 from corral.exceptions import CorralError
 from corral.lifecycle import State, Transition
@@ -74,22 +75,35 @@ class CgroupsHook(Hook):
             names = sorted({i.p.service for i in wants})
             return [f"memory limits not enforced ({cg.reason}); {', '.join(names)} run without them"]
         self.cgroups = cg
+        return self.add(wants)
+
+    def add(self, insts: list[InstanceRuntime]) -> list[str]:
+        """Cgroups for instances placed after start (a scale-up); returns warnings."""
+        if self.cgroups is None:
+            return []
         warnings = []
-        for inst in wants:
+        for inst in insts:
             r = inst.svc.resources
+            if not (r.memory or r.memory_max):
+                continue
             try:
-                inst.cgroup = cg.create(inst.id, max=r.memory_max or r.memory,
-                                        low=r.memory if r.memory_max else None, swap=r.swap)
+                inst.cgroup = self.cgroups.create(inst.id, max=r.memory_max or r.memory,
+                                                  low=r.memory if r.memory_max else None, swap=r.swap)
             except (OSError, CorralError) as e:
                 warnings.append(f"memory limit of {inst.id} not enforced: {e}")
         return warnings
+
+    def forget(self, inst: InstanceRuntime) -> None:
+        """An instance left the deployment (a scale-down): its cgroup goes."""
+        if self.cgroups is not None and inst.cgroup is not None:
+            self.cgroups.remove(inst.cgroup)
+            inst.cgroup = None
 
     def postrun(self, stack: Stack) -> None:
         if self.cgroups is None:
             return
         for inst in stack.instances.values():
-            if inst.cgroup is not None:
-                self.cgroups.remove(inst.cgroup)
+            self.forget(inst)
         self.cgroups.remove(self.cgroups.base)
 
 

@@ -27,7 +27,7 @@ _PRUNE_EVERY = 1.0
 class Journal:
     """Writes one deployment's row, its instances' rows and its events."""
 
-    def __init__(self, state_dir: Path, name: str, spec_file: Path, rows: Callable[[str], InstanceRow], *,
+    def __init__(self, state_dir: Path, name: str, spec_file: Path, rows: Callable[[str], InstanceRow | None], *,
                  max_rows: int = 100_000, max_age: float = 7 * 86400.0) -> None:
         self.state_dir = state_dir
         self.name = name
@@ -80,6 +80,12 @@ class Journal:
             self._dirty.add(t.instance)
             self.flush_soon()
 
+    def forget(self, instance: str) -> None:
+        """An instance left the deployment: its row goes (its events stay)."""
+        self._dirty.discard(instance)
+        if self._store is not None:
+            self._store.delete_instance(self.name, instance)
+
     def note(self, reason: str, *, old: str | None = None, new: str | None = None,
              instance: str | None = None, service: str | None = None) -> None:
         """An event that is no transition: of the deployment (a warning, a certificate renewal,
@@ -107,7 +113,9 @@ class Journal:
         if self._store is None:
             return
         for iid in self._dirty:
-            self._store.put_instance(self._rows(iid))
+            row = self._rows(iid)
+            if row is not None:
+                self._store.put_instance(row)
         self._dirty.clear()
         self._store.flush()
         now = time.monotonic()

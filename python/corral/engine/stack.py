@@ -60,6 +60,13 @@ class Stack:
         self.instances[inst.id] = inst
         self.by_service.setdefault(inst.p.service, []).append(inst)
 
+    def remove(self, inst: InstanceRuntime) -> None:
+        """Forgets an instance that left the deployment (a scale-down)."""
+        self.instances.pop(inst.id, None)
+        with contextlib.suppress(ValueError):
+            self.by_service[inst.p.service].remove(inst)
+        self.registry.deregister(inst.id)
+
     def on_transition(self, t: Transition) -> None:
         """Every instance's lifecycle reports here."""
         self.journal.transition(t)
