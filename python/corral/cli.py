@@ -14,8 +14,9 @@ import os
 import re
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -418,16 +419,20 @@ def _print_log(iid: str, line: str, prefix: bool) -> None:
 def restart(service: Annotated[str, typer.Argument(help="Service name.")], spec: SpecArg = DEFAULT_SPEC,
             state_dir: StateOpt = None) -> None:
     """Restart a service's replicas one after the other (needs the agent)."""
-    sd = _state_dir(spec, state_dir)
-    try:
-        AgentClient(sd).restart(service)
-    except AgentUnavailable:
-        _needs_agent(sd)
+    _ask(spec, state_dir, lambda agent: agent.restart(service))
     out.print(f"{service}: restarted", markup=False)
 
 
-def _needs_agent(sd: Path) -> NoReturn:
-    _fail(f"no agent running for {sd}; 'corral up' first", 1)
+T = TypeVar("T")
+
+
+def _ask(spec: Path, state_dir: Path | None, call: Callable[[AgentClient], T]) -> T:
+    """What needs the agent: ``call`` on its client, or exit 1 saying none runs."""
+    sd = _state_dir(spec, state_dir)
+    try:
+        return call(AgentClient(sd))
+    except AgentUnavailable:
+        _fail(f"no agent running for {sd}; 'corral up' first", 1)
 
 
 @app.command()
@@ -436,11 +441,7 @@ def scale(service: Annotated[str, typer.Argument(help="Service name.")],
           spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
     """Run N instances of a service: new ones are placed, started and put behind the front
     (exit 2, nothing changed, when they do not fit); the highest-numbered go first down."""
-    sd = _state_dir(spec, state_dir)
-    try:
-        AgentClient(sd).scale(service, replicas)
-    except AgentUnavailable:
-        _needs_agent(sd)
+    _ask(spec, state_dir, lambda agent: agent.scale(service, replicas))
     out.print(f"{service}: {replicas} instances", markup=False)
 
 
@@ -448,11 +449,7 @@ def scale(service: Annotated[str, typer.Argument(help="Service name.")],
 def stop(services: Annotated[list[str], typer.Argument(help="Service names.")], spec: SpecFileOpt = DEFAULT_SPEC,
          state_dir: StateOpt = None) -> None:
     """Stop services by their shutdown rule, keeping them in the stack (start brings them back)."""
-    sd = _state_dir(spec, state_dir)
-    try:
-        dependents = AgentClient(sd).stop_services(services)
-    except AgentUnavailable:
-        _needs_agent(sd)
+    dependents = _ask(spec, state_dir, lambda agent: agent.stop_services(services))
     for name, deps in dependents.items():
         out.print(f"{name}: stopped", markup=False)
         if deps:
@@ -463,11 +460,7 @@ def stop(services: Annotated[list[str], typer.Argument(help="Service names.")], 
 def start(services: Annotated[list[str], typer.Argument(help="Service names.")], spec: SpecFileOpt = DEFAULT_SPEC,
           state_dir: StateOpt = None) -> None:
     """Start stopped services again and wait until they meet their condition."""
-    sd = _state_dir(spec, state_dir)
-    try:
-        AgentClient(sd).start_services(services)
-    except AgentUnavailable:
-        _needs_agent(sd)
+    _ask(spec, state_dir, lambda agent: agent.start_services(services))
     for name in services:
         out.print(f"{name}: started", markup=False)
 
