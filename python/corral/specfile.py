@@ -117,7 +117,7 @@ def read_document(text: str, file: str) -> tuple[Any, Source, list[tuple[Loc, in
         line = e.problem_mark.line + 1 if e.problem_mark is not None else None
         raise SpecError(f"invalid YAML: {e.problem or e}", file, line) from None
     except yaml.reader.ReaderError as e:
-        line = text[: e.position].count("\n") + 1 if isinstance(e.character, str) or e.position <= len(text) else None
+        line = text[: e.position].count("\n") + 1
         raise SpecError(f"invalid character {_char(e.character)} (control characters and NUL are not allowed)",
                         file, line) from None
     except yaml.YAMLError as e:
