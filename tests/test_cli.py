@@ -370,3 +370,54 @@ def test_detached_up_gives_up_after_its_timeout_and_stops_what_it_started(tmp_pa
     for i in StateStore.read_instances(db, "slow"):
         assert i.pid is not None
         wait_until(lambda pid=i.pid: not alive(pid), 10, "the instance stopped")  # type: ignore[misc]
+
+
+FIXED = """
+    name: NAME
+    services:
+      web:
+        command: ["{py}", "{server}"]
+        ports: {http: 24301}
+        health:
+          readiness: {tcp: {port: http}, period: 100ms}
+"""
+
+
+def test_up_right_after_an_agent_crash_and_a_rename_starts_cleanly(tmp_path: Path) -> None:
+    write_spec(tmp_path, FIXED.replace("NAME", "before"))
+    assert corral("up", "-d", cwd=tmp_path).returncode == 0
+    st = json.loads(corral("status", "--json", cwd=tmp_path).stdout)
+    old_pid = st["services"]["web"][0]["pid"]
+    os.kill(st["agent_pid"], signal.SIGKILL)
+    # At once: the dead agent may still be a zombie, and its instance still holds port 24301.
+    write_spec(tmp_path, FIXED.replace("NAME", "after"))
+    try:
+        r = corral("up", "-d", cwd=tmp_path)
+        assert r.returncode == 0, r
+        assert not alive(old_pid), "the renamed deployment's leftover was stopped"
+        st = json.loads(corral("status", "--json", cwd=tmp_path).stdout)
+        assert st["name"] == "after" and st["services"]["web"][0]["state"] == "healthy"
+    finally:
+        corral("down", cwd=tmp_path)
+        kill_groups([old_pid])
+
+
+def test_a_corrupt_state_db_does_not_hide_or_strand_a_running_stack(tmp_path: Path) -> None:
+    write_spec(tmp_path, FIXED.replace("NAME", "corrupt"))
+    assert corral("up", "-d", cwd=tmp_path).returncode == 0
+    db = tmp_path / ".corral" / "state.db"
+    pid = json.loads(corral("status", "--json", cwd=tmp_path).stdout)["services"]["web"][0]["pid"]
+    try:
+        for f in (db, db.with_name("state.db-wal"), db.with_name("state.db-shm")):
+            if f.exists():
+                f.write_bytes(b"garbage" * 4096)
+        st = corral("status", cwd=tmp_path)
+        assert st.returncode == 0 and "web-0" in st.stdout, st
+        r = corral("down", cwd=tmp_path)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r
+        wait_until(lambda: not alive(pid), 10, "the instance stopped")
+        for cmd in (["status"], ["events"], ["logs", "web"]):
+            r = corral(*cmd, cwd=tmp_path)
+            assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr, (cmd, r)
+    finally:
+        kill_groups([pid])

@@ -9,7 +9,7 @@ import signal
 import time
 from pathlib import Path
 
-from corral._core import signal_group
+from corral._core import group_members, signal_group
 from corral.state import DeploymentRow, InstanceRow, StateStore
 
 __all__ = ["live_agent", "stop_leftovers"]
@@ -46,6 +46,10 @@ def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mar
     for r in stopped:
         assert r.pid is not None
         signal_group(r.pid, signal.SIGKILL)
+    # Wait for them to be gone (a zombie holds no port), so a new up can bind their ports.
+    deadline = time.monotonic() + 5.0
+    while any(group_members(r.pid) for r in stopped if r.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
     if mark_down is not None:
         pending = [d for d in rows if d.status not in ("down", "failed")]
         if pending:

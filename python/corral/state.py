@@ -413,13 +413,16 @@ class StateStore:
 
 def _read(path: str | Path, sql: str, args: tuple[Any, ...]) -> list[Any]:
     """Rows of a query; none while the agent has not created the schema yet."""
-    with closing(_connect(Path(path))) as db:
-        try:
-            return db.execute(sql, args).fetchall()
-        except sqlite3.OperationalError as e:
-            if "no such table" in str(e):
-                return []
-            raise
+    try:
+        with closing(_connect(Path(path))) as db:
+            try:
+                return db.execute(sql, args).fetchall()
+            except sqlite3.OperationalError as e:
+                if "no such table" in str(e):
+                    return []
+                raise
+    except sqlite3.DatabaseError as e:
+        raise StateDirError(f"state database {path} cannot be read ({e}); move it away to start afresh") from None
 
 
 class _Tx:

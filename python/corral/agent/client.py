@@ -114,14 +114,15 @@ class AgentClient:
     # --- what a user asks -------------------------------------------------------------
 
     def status(self) -> DeploymentStatus:
-        """The deployment now: from the agent when it runs (front counters included), else as
-        the store last recorded it."""
-        row = self._required()
-        if self.running() is not None:
+        """The deployment now: from the agent when it answers (front counters included; the
+        store is not read, so a broken state.db does not hide a running stack), else as the
+        store last recorded it."""
+        if self.path.exists():
             try:
                 return DeploymentStatus.from_dict(self.request("GET", "/v1/status", timeout=5))
             except AgentUnavailable:
                 pass
+        row = self._required()
         return DeploymentStatus.from_rows(row, StateStore.read_instances(self.db, row.name), agent_running=False)
 
     def events(self, after: int = 0, limit: int = 1000) -> list[EventRow]:
@@ -196,19 +197,29 @@ class AgentClient:
         """Stops the deployment. With an agent: asks it, then waits (up to 10 s) for it to
         exit, and returns None. Without one: stops what a dead agent left behind (SIGTERM, 5 s,
         SIGKILL, by process group) and returns how many process groups that was."""
-        agent = self.running()
+        # The agent first: a running stack must be stoppable whatever state.db looks like.
         try:
-            self.request("POST", "/v1/down", timeout=600)
+            res = self.request("POST", "/v1/down", timeout=600)
         except AgentUnavailable:
+            agent = self.running()
             if _alive(agent):
                 raise
             return stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent")
-        if agent is not None:
-            deadline = time.monotonic() + 10
-            while _alive(agent) and time.monotonic() < deadline:
-                time.sleep(0.01)
+        pid = res.get("agent_pid") if isinstance(res, dict) else None
+        deadline = time.monotonic() + 10
+        while pid and _pid_alive(int(pid)) and time.monotonic() < deadline:
+            time.sleep(0.01)
         return None
 
 
 def _alive(agent: DeploymentRow | None) -> bool:
     return agent is not None and agent.agent_running()
+
+
+def _pid_alive(pid: int) -> bool:
+    """Not gone and not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False

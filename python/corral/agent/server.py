@@ -248,7 +248,7 @@ class ControlServer:
     async def _down(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
         self.stop.set()
         await self.stopped.wait()
-        return 200, {"ok": True}
+        return 200, {"ok": True, "agent_pid": os.getpid()}
 
 
 async def run_agent(deployment: Deployment, *, run_for: float | None = None,

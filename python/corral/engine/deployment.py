@@ -460,12 +460,13 @@ class Deployment:
         self._close()
 
     def _clean_stale(self) -> None:
-        """Refuses to start over a live agent; kills what a dead agent left behind."""
-        agent = live_agent(self.state_db, self.name)
+        """Refuses to start over a live agent; kills what a dead agent left behind, whatever
+        name its deployment had (one state directory has one agent)."""
+        agent = live_agent(self.state_db)
         if agent is not None and agent.agent_pid != os.getpid():
-            raise AgentAlreadyRunning(f"deployment {self.name!r} is already running (agent pid {agent.agent_pid}); "
-                                      f"run 'corral down' first", agent.agent_pid)
-        killed = stop_leftovers(self.state_db, name=self.name)
+            raise AgentAlreadyRunning(f"deployment {agent.name!r} is already running in {self.state_dir} (agent pid "
+                                      f"{agent.agent_pid}); run 'corral down' first", agent.agent_pid)
+        killed = stop_leftovers(self.state_db)
         if killed:
             self._stack.warn(f"killed {killed} process groups left by a previous agent that died")
 

@@ -9,16 +9,21 @@ Events are the one history of a deployment: ``Deployment.events()``, ``corral ev
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from corral._core import process_start_time
+from corral.exceptions import CorralError
 from corral.lifecycle import State, Transition
 from corral.state import DeploymentRow, EventRow, InstanceRow, StateStore
 
 __all__ = ["Journal"]
+
+log = logging.getLogger("corral")
 
 _FLUSH_DELAY = 0.05
 _PRUNE_EVERY = 1.0
@@ -40,6 +45,7 @@ class Journal:
         """The last event before this run: this run's events come after it."""
         self._max_rows, self._max_age = max_rows, max_age
         self._pruned_at = 0.0
+        self._write_failed = False
 
     @property
     def db(self) -> Path:
@@ -69,7 +75,7 @@ class Journal:
             self.row.message = message
         if self._store is None:
             return
-        self._store.put_deployment(self.row)
+        self._write(self._store.put_deployment, self.row)
         if event is not None:
             self.note(event[1], old=event[0], new=status)
 
@@ -84,7 +90,7 @@ class Journal:
         """An instance left the deployment: its row goes (its events stay)."""
         self._dirty.discard(instance)
         if self._store is not None:
-            self._store.delete_instance(self.name, instance)
+            self._write(self._store.delete_instance, self.name, instance)
 
     def note(self, reason: str, *, old: str | None = None, new: str | None = None,
              instance: str | None = None, service: str | None = None) -> None:
@@ -117,18 +123,32 @@ class Journal:
             if row is not None:
                 self._store.put_instance(row)
         self._dirty.clear()
-        self._store.flush()
+        self._write(self._store.flush)
         now = time.monotonic()
         if now - self._pruned_at >= _PRUNE_EVERY:
             self._pruned_at = now
-            self._store.prune(self._max_rows, self._max_age)
+            self._write(self._store.prune, self._max_rows, self._max_age)
+
+    def _write(self, write: Callable[..., object], *args: object) -> None:
+        """A write to the store that must not stop the deployment: supervision and ``down``
+        go on when the database is locked, corrupt or on a full disk (the failure is logged
+        once; what could not be written is dropped)."""
+        try:
+            write(*args)
+        except (sqlite3.Error, OSError) as e:
+            if not self._write_failed:
+                self._write_failed = True
+                log.error("corral: cannot write %s (%s); supervising on without recording", self.db, e)
 
     def events(self, after: int = 0, limit: int = 10000) -> list[EventRow]:
         """Events with a sequence number above ``after``, oldest first (queued ones written first)."""
         if self._store is None:
             return []
         self.flush()
-        return StateStore.read_events(self.db, after, limit)
+        try:
+            return StateStore.read_events(self.db, after, limit)
+        except CorralError:
+            return []
 
     def transitions(self) -> list[Transition]:
         """Every instance transition recorded for this run, oldest first."""
