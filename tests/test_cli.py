@@ -418,6 +418,28 @@ def test_a_corrupt_state_db_does_not_hide_or_strand_a_running_stack(tmp_path: Pa
         wait_until(lambda: not alive(pid), 10, "the instance stopped")
         for cmd in (["status"], ["events"], ["logs", "web"]):
             r = corral(*cmd, cwd=tmp_path)
-            assert r.returncode == 2 and "cannot be read" in r.stderr and "Traceback" not in r.stderr, (cmd, r)
+            assert r.returncode == 2 and "cannot be used" in r.stderr and "Traceback" not in r.stderr, (cmd, r)
     finally:
         kill_groups([pid])
+
+
+def test_an_agent_that_does_not_answer_keeps_its_socket_and_its_stack(tmp_path: Path) -> None:
+    write_spec(tmp_path, FIXED.replace("NAME", "stopped"))
+    assert corral("up", "-d", cwd=tmp_path).returncode == 0
+    st = json.loads(corral("status", "--json", cwd=tmp_path).stdout)
+    agent, web = st["agent_pid"], st["services"]["web"][0]["pid"]
+    sock = tmp_path / ".corral" / "agent.sock"
+    os.kill(agent, signal.SIGSTOP)
+    try:
+        r = corral("up", "-d", cwd=tmp_path)
+        assert r.returncode == 1 and "already running" in r.stderr, r
+        assert sock.exists(), "nobody but the agent removes its socket"
+        st = json.loads(corral("status", "--json", cwd=tmp_path).stdout)
+        assert st["agent_running"] and st["services"]["web"][0]["pid"] == web
+        r = corral("down", cwd=tmp_path, timeout=60)
+        assert r.returncode == 1 and alive(web), "down without an answering agent leaves its stack alone"
+    finally:
+        os.kill(agent, signal.SIGCONT)
+    r = corral("down", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == "down", r
+    wait_until(lambda: not alive(web), 10, "the instance stopped")

@@ -198,8 +198,14 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
         parsed = load_spec(spec)
     except SpecError as e:
         _spec_errors(e)
-    if AgentClient(sd).available():
-        raise AgentAlreadyRunning(f"a corral agent is already running for {sd} (run 'corral down' first)")
+    client = AgentClient(sd)
+    # By pid and start time, not by the socket alone: a stopped (SIGSTOP) agent does not
+    # answer, and starting a second one beside it would start the stack twice.
+    agent = client.running()
+    if agent is not None or client.available():
+        who = f" (pid {agent.agent_pid})" if agent is not None else ""
+        raise AgentAlreadyRunning(f"a corral agent is already running for {sd}{who} (run 'corral down' first)",
+                                  agent.agent_pid if agent is not None else None)
     if detach:
         from corral.agent.daemon import start_detached
 

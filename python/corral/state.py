@@ -422,7 +422,7 @@ def _read(path: str | Path, sql: str, args: tuple[Any, ...]) -> list[Any]:
                     return []
                 raise
     except sqlite3.DatabaseError as e:
-        raise StateDirError(f"state database {path} cannot be read ({e}); move it away to start afresh") from None
+        raise StateDirError(f"state database {path} cannot be used ({e}); move it away to start afresh") from None
 
 
 class _Tx:

@@ -123,7 +123,9 @@ class AgentClient:
             except AgentUnavailable:
                 pass
         row = self._required()
-        return DeploymentStatus.from_rows(row, StateStore.read_instances(self.db, row.name), agent_running=False)
+        # An agent that does not answer (stopped, or busy) still runs: by pid and start time.
+        return DeploymentStatus.from_rows(row, StateStore.read_instances(self.db, row.name),
+                                          agent_running=self.running() is not None)
 
     def events(self, after: int = 0, limit: int = 1000) -> list[EventRow]:
         """Event log entries with a sequence number above ``after``, oldest first."""
@@ -198,7 +200,10 @@ class AgentClient:
         exit, and returns None. Without one: stops what a dead agent left behind (SIGTERM, 5 s,
         SIGKILL, by process group) and returns how many process groups that was."""
         # The agent first: a running stack must be stoppable whatever state.db looks like.
+        # A quick question before the long one: a stopped agent accepts connections (the
+        # kernel queues them) but would leave down waiting for ten minutes.
         try:
+            self.request("GET", "/v1/status", timeout=5)
             res = self.request("POST", "/v1/down", timeout=600)
         except AgentUnavailable:
             agent = self.running()

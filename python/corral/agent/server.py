@@ -40,7 +40,8 @@ from urllib.parse import parse_qs, urlsplit
 
 from corral.agent.client import socket_path
 from corral.agent.wire import to_wire
-from corral.exceptions import ConfigError, CorralError, DeploymentError, UnknownService
+from corral.exceptions import AgentAlreadyRunning, ConfigError, CorralError, DeploymentError, UnknownService
+from corral.leftovers import live_agent
 from corral.state import secure_state_dir
 
 if TYPE_CHECKING:
@@ -259,6 +260,11 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
     ``up`` failed (everything it started is rolled back; ``on_failed`` hears why). Errors
     found before anything started (a spec that does not fit, an agent already running)
     are raised."""
+    # Nobody but the agent removes its socket: a live one keeps it, even if it does not answer.
+    other = live_agent(deployment.state_db)
+    if other is not None and other.agent_pid != os.getpid():
+        raise AgentAlreadyRunning(f"a corral agent is already running for {deployment.state_dir} "
+                                  f"(pid {other.agent_pid})", other.agent_pid)
     server = ControlServer(deployment, socket_path(deployment.state_dir))
     await server.start()
     loop = asyncio.get_running_loop()
