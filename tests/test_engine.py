@@ -491,8 +491,8 @@ async def test_spawn_retries_wait_on_the_event_loop(tmp_path: Path, deployments:
     class Flaky:
         """The real supervisor, whose first two spawns of web-0 fail with EAGAIN."""
 
-        def __init__(self) -> None:
-            self.real = Supervisor()
+        def __init__(self, **kwargs: object) -> None:
+            self.real = Supervisor(**kwargs)  # type: ignore[arg-type]
             self.failures = 2
 
         def spawn_many(self, items, threads=2):  # type: ignore[no-untyped-def]

@@ -65,8 +65,9 @@ async def test_everything_in_the_state_directory_is_owner_only_under_umask_000(
             seen.append(p.relative_to(state).as_posix())
             assert mode & 0o077 == 0, f"{p} is {mode:o}"
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
-    for expected in ("state.db", "logs", "logs/db-0.log", "tls", "tls/ca.key", "tls/services/db.key"):
+    for expected in ("state.db", "logs", "logs/db-0.log", "tls", "tls/ca.key", "tls/services/db.key", "pids"):
         assert expected in seen, expected
+    assert (state / "pids").read_text() == "", "the pid log is emptied once the store holds the pids"
 
 
 @pytest.mark.parametrize("mode", [0o777, 0o775])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 from pathlib import Path
@@ -59,3 +60,28 @@ def test_repeats_are_coalesced_and_the_log_is_bounded(tmp_path: Path) -> None:
     store.prune(max_rows=1000, max_age=3600)
     assert all(r.reason != "ancient" for r in StateStore.read_events(db))
     store.close()
+
+
+def test_leftovers_in_the_pid_log_alone_are_stopped_too(tmp_path: Path) -> None:
+    """A process spawned after the last commit of the store is only in the supervisor's pid
+    log: a down without an agent finds it there (and a recycled pid, whose start time
+    differs, is left alone)."""
+    import subprocess
+
+    from corral._core import process_start_time
+    from corral.leftovers import PID_LOG, stop_leftovers
+
+    db = tmp_path / "state.db"
+    store = StateStore(db)
+    store.put_deployment(DeploymentRow(name="d", spec="x", status="up"))
+    store.close()
+    p = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    try:
+        start = process_start_time(p.pid)
+        (tmp_path / PID_LOG).write_text(f"{p.pid} {start} web-0\n{os.getpid()} 1 not-this-one\n")
+        assert stop_leftovers(db, mark_down="x") == 1
+        assert p.wait(5) == -9
+        assert (tmp_path / PID_LOG).read_text() == "", "the log is emptied once its processes are stopped"
+    finally:
+        if p.poll() is None:
+            p.kill()

@@ -767,7 +767,9 @@ class Supervisor:
     (``ProcessExited``) and probe verdicts (``ProbeVerdict``) arrive, in order, from
     ``next_event``."""
 
-    def __new__(cls) -> Supervisor: ...
+    def __new__(cls, *, pid_log: str | PathLike[str] | None = None) -> Supervisor:
+        """With ``pid_log``, every spawn appends ``pid start_time id`` to that file (0600) the
+        moment the process exists: a trace that survives a supervisor killed right after."""
     def spawn(
         self,
         id: str,

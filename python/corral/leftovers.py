@@ -5,14 +5,39 @@ by process group, through here.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import time
 from pathlib import Path
 
-from corral._core import group_members, signal_group
+from corral._core import group_members, process_start_time, signal_group
 from corral.state import DeploymentRow, InstanceRow, StateStore
 
-__all__ = ["live_agent", "stop_leftovers"]
+__all__ = ["PID_LOG", "live_agent", "reset_pid_log", "stop_leftovers"]
+
+PID_LOG = "pids"
+"""The supervisor's pid log in the state directory: ``pid start_time id`` per spawn."""
+
+
+def reset_pid_log(state_dir: Path) -> None:
+    """Empties the pid log (what it held is in the store now)."""
+    with contextlib.suppress(FileNotFoundError):
+        os.truncate(state_dir / PID_LOG, 0)
+
+
+def _logged(state_dir: Path) -> list[tuple[int, int]]:
+    """``(pid, start_time)`` of the pid log's lines."""
+    try:
+        text = (state_dir / PID_LOG).read_text(errors="replace")
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
+            out.append((int(parts[0]), int(parts[1])))
+    return out
 
 
 def live_agent(db: Path, name: str | None = None) -> DeploymentRow | None:
@@ -30,12 +55,17 @@ def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mar
     all): SIGTERM, up to ``grace`` seconds, then SIGKILL, each by process group. With
     ``mark_down``, deployments not already down or failed are recorded down with that
     message. Returns how many process groups were stopped."""
-    if not db.exists():
-        return 0
-    rows = [d for d in StateStore.read_deployments(db) if name is None or d.name == name]
+    rows = [d for d in StateStore.read_deployments(db) if name is None or d.name == name] if db.exists() else []
     stopped: list[InstanceRow] = []
     for d in rows:
         stopped.extend(r for r in StateStore.read_instances(db, d.name) if r.pid is not None and r.is_running())
+    # Spawned but not yet in the store when the agent died: the pid log has them.
+    known = {r.pid for r in stopped}
+    for pid, start in _logged(db.parent):
+        if pid not in known and process_start_time(pid) == start:
+            stopped.append(InstanceRow(id=f"pid {pid}", deployment="?", service="?", idx=0, state="running",
+                                       pid=pid, pid_start=start))
+            known.add(pid)
     if grace > 0:
         for r in stopped:
             assert r.pid is not None
@@ -58,4 +88,5 @@ def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mar
                 d.status, d.message = "down", mark_down
                 store.put_deployment(d)
             store.close()
+    reset_pid_log(db.parent)
     return len(stopped)

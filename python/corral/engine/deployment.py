@@ -31,7 +31,7 @@ from corral.engine.launch import Launcher
 from corral.engine.stack import Stack
 from corral.engine.verdicts import Verdicts
 from corral.exceptions import AgentAlreadyRunning, ConfigError, CorralError, DeploymentError, UnknownService
-from corral.leftovers import live_agent, stop_leftovers
+from corral.leftovers import PID_LOG, live_agent, stop_leftovers
 from corral.lifecycle import State, Transition
 from corral.recovery import BackoffRestart, Exit, RestartStrategy, RollbackStrategy
 from corral.scheduler import Plan, Scheduler, volume_paths
@@ -157,7 +157,7 @@ class Deployment:
         except BaseException:
             self._release()
             raise
-        stack.supervisor = Supervisor()
+        stack.supervisor = Supervisor(pid_log=self.state_dir / PID_LOG)
         self._pump = asyncio.get_running_loop().create_task(self.verdicts.pump(stack.supervisor),
                                                             name="corral-events")
         tasks = {name: asyncio.create_task(self._bring_up(name), name=f"up-{name}") for name in self.spec.services}

@@ -111,25 +111,26 @@ class Journal:
             return
         self._flush_handle = loop.call_later(_FLUSH_DELAY, self.flush)
 
-    def flush(self) -> None:
-        """Writes what is queued now."""
+    def flush(self) -> bool:
+        """Writes what is queued now; False when the store refused it."""
         if self._flush_handle is not None:
             self._flush_handle.cancel()
             self._flush_handle = None
         if self._store is None:
-            return
+            return False
         for iid in self._dirty:
             row = self._rows(iid)
             if row is not None:
                 self._store.put_instance(row)
         self._dirty.clear()
-        self._write(self._store.flush)
+        ok = self._write(self._store.flush)
         now = time.monotonic()
         if now - self._pruned_at >= _PRUNE_EVERY:
             self._pruned_at = now
             self._write(self._store.prune, self._max_rows, self._max_age)
+        return ok
 
-    def _write(self, write: Callable[..., object], *args: object) -> None:
+    def _write(self, write: Callable[..., object], *args: object) -> bool:
         """A write to the store that must not stop the deployment: supervision and ``down``
         go on when the database is locked, corrupt or on a full disk (the failure is logged
         once; what could not be written is dropped)."""
@@ -139,6 +140,8 @@ class Journal:
             if not self._write_failed:
                 self._write_failed = True
                 log.error("corral: cannot write %s (%s); supervising on without recording", self.db, e)
+            return False
+        return True
 
     def events(self, after: int = 0, limit: int = 10000) -> list[EventRow]:
         """Events with a sequence number above ``after``, oldest first (queued ones written first)."""

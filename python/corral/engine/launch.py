@@ -28,6 +28,7 @@ from corral._core import (
 from corral.engine import environment as contract
 from corral.engine.instance import InstanceRuntime, Process, cpulist
 from corral.engine.stack import Stack
+from corral.leftovers import reset_pid_log
 from corral.lifecycle import State
 from corral.recovery import Exit
 from corral.spec import Probe, credentials, read_env_file, substitute_ports
@@ -87,6 +88,16 @@ class Launcher:
         results = sup.spawn_many([(i.id, spec) for i, _, spec in batch], threads=_SPAWN_THREADS)
         for (inst, env, spec), res in zip(batch, results, strict=True):
             self._spawned(inst, env, spec, res, None)
+        self._record()
+
+    def _record(self) -> None:
+        """The pids just spawned go to the store before anything else happens: instances
+        outlive the agent (their own process groups), so a kill -9 of the agent must not
+        leave processes no later down can find. Until this commit, the supervisor's pid log
+        (``pids``, one line written as each spawn returns) covers them; once the store has
+        them, the log is emptied. Spawns happen on this thread only, so none is lost."""
+        if self.stack.journal.flush():
+            reset_pid_log(self.stack.state_dir)
 
     def _spawned(self, inst: InstanceRuntime, env: list[tuple[str, str]], spec: ProcessSpec,
                  res: tuple[int, int] | OSError, attempts: RetryAttempts | None) -> None:
@@ -111,6 +122,7 @@ class Launcher:
             return
         (res,) = sup.spawn_many([(inst.id, spec)], threads=1)
         self._spawned(inst, env, spec, res, attempts)
+        self._record()
 
     def _spawn_without_cgroup(self, inst: InstanceRuntime, spec: ProcessSpec,
                               error: OSError) -> tuple[int, int] | OSError:

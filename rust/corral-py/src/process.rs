@@ -173,10 +173,15 @@ fn convert(py: Python<'_>, e: Event) -> PyResult<Py<PyAny>> {
 #[pymethods]
 impl Supervisor {
     #[new]
-    fn new() -> PyResult<Self> {
+    #[pyo3(signature = (*, pid_log = None))]
+    fn new(pid_log: Option<PathBuf>) -> PyResult<Self> {
         let rt = Dedicated::current_thread("corral-supervisor")?;
+        let inner = core::Supervisor::new(rt.handle().clone());
+        if let Some(p) = pid_log {
+            inner.log_pids_to(&p).py()?;
+        }
         Ok(Supervisor {
-            inner: core::Supervisor::new(rt.handle().clone()),
+            inner,
             _runtime: rt,
         })
     }

@@ -103,6 +103,8 @@ pub enum Event {
 /// Starts and watches processes; see the [module docs](self).
 pub struct Supervisor {
     handle: Handle,
+    /// Where each spawn appends `pid start_time id`, the moment it returns.
+    pid_log: Mutex<Option<std::fs::File>>,
     tx: mpsc::UnboundedSender<Event>,
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
     health: DashMap<String, AbortHandle>,
@@ -132,11 +134,25 @@ impl Supervisor {
         });
         Arc::new(Supervisor {
             handle,
+            pid_log: Mutex::new(None),
             tx,
             rx: tokio::sync::Mutex::new(rx),
             health: DashMap::new(),
             probe_tx,
         })
+    }
+
+    /// From now on, every spawn appends `pid start_time id` to `path` (owner-only, opened
+    /// for appending) the moment the process exists, before it is handed to the caller.
+    /// Processes live in their own process groups and outlive their supervisor, so a
+    /// supervisor killed right after a spawn must still leave a trace of what it started.
+    pub fn log_pids_to(&self, path: &Path) -> Result<(), ProcessError> {
+        let file = crate::private::open_append(path).map_err(|source| ProcessError::Log {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        *self.pid_log.lock() = Some(file);
+        Ok(())
     }
 
     /// Starts `spec` under `id`; its exit is reported as [`Event::Exited`].
@@ -208,6 +224,10 @@ impl Supervisor {
         drop(procs);
         let pid = child.id().unwrap_or(0);
         let start_time = start_time(pid).unwrap_or(0);
+        if let Some(f) = self.pid_log.lock().as_mut() {
+            // One write(2) per line (O_APPEND): lines of concurrent spawns never interleave.
+            let _ = std::io::Write::write_all(f, format!("{pid} {start_time} {id}\n").as_bytes());
+        }
         if let Some(log) = log {
             if let Some(out) = child.stdout.take() {
                 self.handle.spawn(copy_to_log(out, log.clone()));
