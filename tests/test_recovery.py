@@ -66,6 +66,7 @@ def test_rollback_stops_dependents_first() -> None:
 def test_a_crash_loop_with_no_backoff_is_still_bounded() -> None:
     s = BackoffRestart({"api": RestartSpec(initial=0, max_restarts=None)})
     quick = Exit("api-0", "api", 1, None, "exit", 0.01, 0.0)
-    assert [s.on_exit(quick).delay for _ in range(3)] == [0.1, 0.1, 0.1], "a run of 10 ms waits 100 ms"
+    assert [s.on_exit(quick).delay for _ in range(3)] == [0, 0.1, 0.1], "runs of 10 ms in a row wait 100 ms"
     lived = Exit("api-0", "api", None, 9, "exit", 30.0, 30.0)
     assert s.on_exit(lived).delay == 0, "a process that ran a while is restarted at once, as configured"
+    assert s.on_exit(quick).delay == 0, "one quick death after a long run (a kill -9, say) too"

@@ -94,22 +94,25 @@ def backoff_policy(spec: RestartSpec) -> RetryPolicy:
 
 
 CRASH_LOOP_UPTIME = 1.0
-"""A run shorter than this (seconds) is a crash, not a life: its restart waits at least..."""
+"""A run shorter than this (seconds) is a crash, not a life; from the second such run in a
+row, a restart waits at least..."""
 MIN_CRASH_DELAY = 0.1
 """... this long (seconds), whatever the backoff says, so a crash loop with ``initial: 0``
-restarts at most ten times a second per instance."""
+restarts at most ten times a second per instance (one quick death, a kill -9 say, is
+still restarted at once)."""
 
 
 class BackoffRestart(RestartStrategy):
-    """The restart rule of ``corral.yaml``: policy, backoff and crash-loop breaker. A run
-    shorter than :data:`CRASH_LOOP_UPTIME` waits at least :data:`MIN_CRASH_DELAY` before its
-    restart."""
+    """The restart rule of ``corral.yaml``: policy, backoff and crash-loop breaker. From the
+    second run in a row shorter than :data:`CRASH_LOOP_UPTIME`, a restart waits at least
+    :data:`MIN_CRASH_DELAY`."""
 
     def __init__(self, rules: dict[str, RestartSpec]) -> None:
         self.rules = rules
         self._policies = {s: backoff_policy(r) for s, r in rules.items()}
         self._schedules: dict[str, RetrySchedule] = {}
         self._restarts: dict[str, deque[float]] = {}
+        self._short_runs: dict[str, int] = {}
 
     def on_exit(self, exit: Exit) -> Decision:
         rule = self.rules.get(exit.service, RestartSpec())
@@ -126,10 +129,12 @@ class BackoffRestart(RestartStrategy):
         if exit.healthy_for >= rule.reset_after or exit.instance not in self._schedules:
             self._schedules[exit.instance] = self._policies.get(exit.service, backoff_policy(rule)).schedule()
         delay = self._schedules[exit.instance].next_delay() or 0.0
-        if exit.uptime < CRASH_LOOP_UPTIME:
-            # A process that dies at once, restarted at once, is a storm: hundreds of spawns
-            # a second cost the agent most of a core. systemd's RestartSec floor, as here,
-            # only for runs too short to have done anything.
+        short = self._short_runs[exit.instance] = self._short_runs.get(exit.instance, 0) + 1 \
+            if exit.uptime < CRASH_LOOP_UPTIME else 0
+        if short >= 2:
+            # A process that dies at once, again and again, restarted at once, is a storm:
+            # hundreds of spawns a second cost the agent most of a core (systemd's RestartSec
+            # floor, here only for runs too short to have done anything).
             delay = max(delay, MIN_CRASH_DELAY)
         times.append(now)
         return Decision("restart", delay=delay, reason=f"{what}; restart {len(times)} in {_fmt(delay)}")
@@ -137,6 +142,7 @@ class BackoffRestart(RestartStrategy):
     def forget(self, instance: str) -> None:
         self._schedules.pop(instance, None)
         self._restarts.pop(instance, None)
+        self._short_runs.pop(instance, None)
 
 
 class RollbackStrategy:
