@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+
+from corral import Deployment
+from tests.e2e import kill_groups
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
 
@@ -13,3 +18,16 @@ SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
 def sysfs() -> Path:
     """Fake sysfs trees (fakes on purpose: this machine has none of these topologies)."""
     return SYSFS
+
+
+@pytest.fixture
+async def deployments() -> AsyncIterator[list[Deployment]]:
+    """Deployments a test creates; on teardown, down and then kill any group still alive."""
+    made: list[Deployment] = []
+    yield made
+    for d in made:
+        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
+        try:
+            await asyncio.wait_for(d.down(), 30)
+        finally:
+            kill_groups([p for p in pids if p])

@@ -6,7 +6,6 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -15,22 +14,9 @@ from corral import Deployment
 from corral.exceptions import DeploymentError
 from corral.lifecycle import State
 from corral.state import StateStore
-from tests.e2e import alive, await_until, cpus_allowed, kill_groups, listening, read_json, write_spec
+from tests.e2e import alive, await_until, cpus_allowed, listening, read_json, write_spec
 
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture
-async def deployments() -> AsyncIterator[list[Deployment]]:
-    """Deployments a test creates; on teardown, down and then kill any group still alive."""
-    made: list[Deployment] = []
-    yield made
-    for d in made:
-        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
-        try:
-            await asyncio.wait_for(d.down(), 30)
-        finally:
-            kill_groups([p for p in pids if p])
 
 
 def _state(d: Deployment, service: str, index: int = 0) -> str | None:

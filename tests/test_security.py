@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from corral import Deployment
 from corral.exceptions import DeploymentError, SpecError, StateDirError
-from tests.e2e import await_until, kill_groups, write_spec
+from tests.e2e import await_until, write_spec
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -34,18 +34,6 @@ def umask_000() -> Iterator[None]:
         yield
     finally:
         os.umask(old)
-
-
-@pytest.fixture
-async def deployments() -> AsyncIterator[list[Deployment]]:
-    made: list[Deployment] = []
-    yield made
-    for d in made:
-        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
-        try:
-            await d.down()
-        finally:
-            kill_groups(pids)
 
 
 async def test_everything_in_the_state_directory_is_owner_only_under_umask_000(
