@@ -60,11 +60,11 @@ lint: dev ## rustfmt, clippy -D warnings, ruff, mypy --strict, stubtest
 bench: bench-rust bench-python ## Both suites in release mode, then one table: operation, target, median
 	$(PY) benches/report.py bench-results/python.json
 
-# supervisord runs the same workload in the same run as the reference (the machine is noisy).
+# supervisord and circus run the same workload in the same run as references (the machine is noisy).
 BRINGUP_ARGS ?= --baseline
-bench-bringup: dev-release ## 200 instances under corral up -d (and supervisord): bring-up, restart, down, idle CPU, memory
+bench-bringup: dev-release ## 200 instances under corral up -d (and supervisord, circus): bring-up, restart, down, idle CPU, memory
 	cargo build --release -p corral-core --example tiny_server
-	$(PIP) install -q supervisor
+	$(PIP) install -q supervisor circus
 	$(PY) benches/bringup.py $(BRINGUP_ARGS)
 
 bench-proxy: dev-release ## The front proxy beside HAProxy (same run): req/s, CPU per request, added latency

@@ -11,9 +11,9 @@ Measured from outside, the way a user sees it:
 Each instance has a fixed or an auto port, `readiness: tcp` every 1 s and `restart: always`.
 Results go to bench-results/bringup.json and a table with the targets.
 
-With `--baseline`, supervisord (the issue's reference, `pip install supervisor`) runs the same
-200 servers in the same run, without health probes (it has none), and the table gains its
-column: this machine is shared and noisy, so the ratio is the figure to trust.
+With `--baseline`, supervisord and circus (`pip install supervisor circus`) run the same 200
+servers in the same run, without health probes (they have none), and the table gains their
+columns: this machine is shared and noisy, so the ratios are the figures to trust.
 """
 
 from __future__ import annotations
@@ -100,11 +100,8 @@ def alive(pid: int) -> bool:
         return False
 
 
-def supervisord_baseline(n: int, idle: float, kills: int) -> dict[str, float]:
-    """The same workload under supervisord: every port listening, back after kill -9,
-    stopped, idle CPU, memory. Ports are fixed (supervisord allocates none)."""
-    work = Path(tempfile.mkdtemp(prefix="corral-supervisord-"))
-    base = 26000
+def supervisord_config(work: Path, n: int, base: int) -> list[str]:
+    """supervisord running the n servers: its command line (the config goes to ``work``)."""
     conf = ["[supervisord]", f"logfile={work}/supervisord.log", f"pidfile={work}/supervisord.pid", "nodaemon=true",
             "[unix_http_server]", f"file={work}/supervisor.sock",
             "[rpcinterface:supervisor]",
@@ -114,18 +111,40 @@ def supervisord_baseline(n: int, idle: float, kills: int) -> dict[str, float]:
         conf += [f"[program:s{i}]", f"command={SERVER}", f"environment=PORT={base + i}", "startsecs=0",
                  "autorestart=true", "stdout_logfile=NONE", "stderr_logfile=NONE", "stopwaitsecs=10"]
     (work / "supervisord.conf").write_text("\n".join(conf) + "\n")
-    bindir = Path(sys.executable).parent
+    return [str(Path(sys.executable).parent / "supervisord"), "-c", str(work / "supervisord.conf")]
+
+
+def circus_config(work: Path, n: int, base: int) -> list[str]:
+    """circusd running the n servers (its endpoints on Unix sockets in ``work``, not TCP)."""
+    conf = ["[circus]", f"endpoint = ipc://{work}/endpoint", f"pubsub_endpoint = ipc://{work}/pubsub",
+            "statsd = False", "check_delay = 1"]
+    for i in range(n):
+        conf += [f"[watcher:s{i}]", f"cmd = {SERVER}", "numprocesses = 1", "respawn = True",
+                 "copy_env = False", "graceful_timeout = 10", f"[env:s{i}]", f"PORT = {base + i}"]
+    (work / "circus.ini").write_text("\n".join(conf) + "\n")
+    return [str(Path(sys.executable).parent / "circusd"), str(work / "circus.ini")]
+
+
+PEERS = {"supervisord": (supervisord_config, 26000), "circus": (circus_config, 27000)}
+
+
+def peer_baseline(peer: str, n: int, idle: float, kills: int) -> dict[str, float]:
+    """The same workload under a peer supervisor: every port listening, back after kill -9,
+    stopped, idle CPU, memory. Ports are fixed (the peers allocate none) and there are no
+    health probes (they have none)."""
+    make, base = PEERS[peer]
+    work = Path(tempfile.mkdtemp(prefix=f"corral-{peer}-"))
+    cmd = make(work, n, base)
     res: dict[str, float] = {}
     ports = set(range(base, base + n))
     t0 = time.perf_counter()
-    sd = subprocess.Popen([bindir / "supervisord", "-c", work / "supervisord.conf"], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
+    sd = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         while ports:
             ports = {p for p in ports if not accepts(p, 0.01)}
             time.sleep(0.002)
-            if time.perf_counter() - t0 > 60:
-                raise RuntimeError("supervisord: ports not listening after 60 s")
+            if time.perf_counter() - t0 > 120:
+                raise RuntimeError(f"{peer}: ports not listening after 120 s")
         res["all_listening_s"] = time.perf_counter() - t0
         times = []
         for i in range(kills):
@@ -137,7 +156,7 @@ def supervisord_baseline(n: int, idle: float, kills: int) -> dict[str, float]:
                 pass
             while not accepts(port, 0.01):
                 if time.perf_counter() - t > 10:
-                    raise RuntimeError("supervisord: no restart")
+                    raise RuntimeError(f"{peer}: no restart")
                 time.sleep(0.0005)
             times.append(time.perf_counter() - t)
         res["restart_listening_s"] = statistics.median(times)
@@ -148,7 +167,7 @@ def supervisord_baseline(n: int, idle: float, kills: int) -> dict[str, float]:
         res["agent_rss_mib"], _ = rss_mib(sd.pid)
         pids = [int(p) for p in os.listdir("/proc") if p.isdigit() and _environ_port(int(p)) in range(base, base + n)]
         t = time.perf_counter()
-        sd.send_signal(signal.SIGTERM)  # supervisord stops every program, then exits
+        sd.send_signal(signal.SIGTERM)  # both stop every program, then exit
         while any(alive(p) for p in pids):
             time.sleep(0.001)
         res["down_s"] = time.perf_counter() - t
@@ -179,7 +198,7 @@ def main() -> int:
     ap.add_argument("--idle", type=float, default=60.0, help="seconds of idle supervision to measure")
     ap.add_argument("--kills", type=int, default=9)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "bringup.json")
-    ap.add_argument("--baseline", action="store_true", help="also run supervisord on the same workload")
+    ap.add_argument("--baseline", action="store_true", help="also run supervisord and circus on the same workload")
     args = ap.parse_args()
     if not SERVER.exists():
         sys.exit(f"{SERVER} is missing: cargo build --release -p corral-core --example tiny_server")
@@ -263,19 +282,18 @@ def main() -> int:
     finally:
         subprocess.run([*CORRAL, "down"], cwd=work, env=env, capture_output=True, timeout=120)
 
-    base = supervisord_baseline(args.instances, args.idle, args.kills) if args.baseline else {}
+    peers = {p: peer_baseline(p, args.instances, args.idle, args.kills) for p in PEERS} if args.baseline else {}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"instances": args.instances, "idle_window_s": args.idle, **res,
-                                    "supervisord": base}, indent=2))
+    args.out.write_text(json.dumps({"instances": args.instances, "idle_window_s": args.idle, **res, **peers},
+                                   indent=2))
     print(f"\n{args.instances} instances of tiny_server (readiness tcp 1s, restart always), {os.cpu_count()} CPUs")
-    head = f"{'measure':<28}{'target':>10}{'corral':>12}"
-    print(head + (f"{'supervisord':>14}" if base else ""))
+    print(f"{'measure':<28}{'target':>10}{'corral':>12}" + "".join(f"{p:>14}" for p in peers))
     rows = [("every port listening", "all_listening_s", "s"), ("up -d returned", "up_returns_s", "s"),
             ("listening again after kill", "restart_listening_s", "s"), ("down, no process left", "down_s", "s"),
             ("agent CPU, idle", "idle_cpu_pct", "%"), ("agent memory (RSS)", "agent_rss_mib", "MiB")]
     for label, key, unit in rows:
-        other = f"{base[key]:>12.3f}{unit}" if key in base else ("" if not base else f"{'-':>13}")
-        print(f"{label:<28}{TARGETS[key]:>9g}{unit}{res[key]:>11.3f}{unit}{other}")
+        others = "".join(f"{base[key]:>12.3f}{unit}" if key in base else f"{'-':>13}" for base in peers.values())
+        print(f"{label:<28}{TARGETS[key]:>9g}{unit}{res[key]:>11.3f}{unit}{others}")
     print(f"(restart max {res['restart_listening_max_s']:.3f}s over {args.kills}; down command "
           f"{res['down_command_s']:.3f}s; agent peak RSS {res['agent_peak_rss_mib']:.1f}MiB; "
           f"python start + imports alone {res['python_import_floor_s']:.3f}s)")
