@@ -52,6 +52,7 @@ __all__ = [
     "__version__",
     "group_alive",
     "group_members",
+    "process_alive",
     "process_start_time",
     "signal_group",
 ]
@@ -820,6 +821,9 @@ def group_alive(pgid: int) -> bool:
 
 def group_members(pgid: int) -> list[int]:
     """Live pids in process group ``pgid``."""
+
+def process_alive(pid: int) -> bool:
+    """Whether ``pid`` exists and is not a zombie."""
 
 def process_start_time(pid: int) -> int | None:
     """``pid``'s start time in clock ticks since boot (tells a recycled pid apart)."""

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from corral._core import group_members, process_start_time, signal_group
-from corral.state import DeploymentRow, InstanceRow, StateStore
+from corral.state import DeploymentRow, StateStore
 
 __all__ = ["PID_LOG", "live_agent", "reset_pid_log", "stop_leftovers"]
 
@@ -56,29 +56,26 @@ def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mar
     ``mark_down``, deployments not already down or failed are recorded down with that
     message. Returns how many process groups were stopped."""
     rows = [d for d in StateStore.read_deployments(db) if name is None or d.name == name] if db.exists() else []
-    stopped: list[InstanceRow] = []
+    # Process group leaders by pid, with the start time that tells them from a recycled pid.
+    groups: dict[int, int] = {}
     for d in rows:
-        stopped.extend(r for r in StateStore.read_instances(db, d.name) if r.pid is not None and r.is_running())
+        groups.update((r.pid, r.pid_start) for r in StateStore.read_instances(db, d.name)
+                      if r.pid is not None and r.pid_start is not None and r.is_running())
     # Spawned but not yet in the store when the agent died: the pid log has them.
-    known = {r.pid for r in stopped}
     for pid, start in _logged(db.parent):
-        if pid not in known and process_start_time(pid) == start:
-            stopped.append(InstanceRow(id=f"pid {pid}", deployment="?", service="?", idx=0, state="running",
-                                       pid=pid, pid_start=start))
-            known.add(pid)
+        if pid not in groups and process_start_time(pid) == start:
+            groups[pid] = start
     if grace > 0:
-        for r in stopped:
-            assert r.pid is not None
-            signal_group(r.pid, signal.SIGTERM)
+        for pid in groups:
+            signal_group(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        while any(r.is_running() for r in stopped) and time.monotonic() < deadline:
+        while any(process_start_time(p) == s for p, s in groups.items()) and time.monotonic() < deadline:
             time.sleep(0.02)
-    for r in stopped:
-        assert r.pid is not None
-        signal_group(r.pid, signal.SIGKILL)
+    for pid in groups:
+        signal_group(pid, signal.SIGKILL)
     # Wait for them to be gone (a zombie holds no port), so a new up can bind their ports.
     deadline = time.monotonic() + 5.0
-    while any(group_members(r.pid) for r in stopped if r.pid) and time.monotonic() < deadline:
+    while any(group_members(pid) for pid in groups) and time.monotonic() < deadline:
         time.sleep(0.01)
     if mark_down is not None:
         pending = [d for d in rows if d.status not in ("down", "failed")]
@@ -89,4 +86,4 @@ def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mar
                 store.put_deployment(d)
             store.close()
     reset_pid_log(db.parent)
-    return len(stopped)
+    return len(groups)

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from corral._core import process_start_time
+from corral._core import process_alive, process_start_time
 from corral.exceptions import StateDirError
 
 __all__ = ["DeploymentRow", "DeploymentStatus", "EventRow", "InstanceRow", "StateStore", "default_state_dir",
@@ -135,7 +135,7 @@ class DeploymentRow:
     def agent_running(self) -> bool:
         """Whether the recorded agent is alive: its pid, with the same start time, and not a
         zombie (a dead agent may wait a while to be reaped)."""
-        return _same_process(self.agent_pid, self.agent_start) and not _zombie(self.agent_pid or 0)
+        return _same_process(self.agent_pid, self.agent_start) and process_alive(self.agent_pid or 0)
 
 
 @dataclass
@@ -259,14 +259,6 @@ def _same_process(pid: int | None, start: int | None) -> bool:
     if not pid or not start:
         return False
     return process_start_time(pid) == start
-
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
 
 
 def _connect(path: Path) -> sqlite3.Connection:

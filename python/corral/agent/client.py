@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from corral._core import process_alive
 from corral.agent.logs import follow_lines, tail_lines
 from corral.agent.wire import from_wire
 from corral.exceptions import AgentUnavailable, ConfigError, CorralError, UnknownService
@@ -187,14 +188,6 @@ class AgentClient:
         query = "&".join(f"service={quote(s)}" for s in services)
         self.request("POST", f"/v1/start?{query}", timeout=600)
 
-    def wait_up(self, timeout: float) -> DeploymentStatus:
-        """Waits until the agent's ``up`` has finished; raises its error when it failed."""
-        res = self.request("GET", "/v1/up", timeout=timeout)
-        if not res.get("ok"):
-            err = res.get("error")
-            raise from_wire(err) if isinstance(err, dict) else CorralError(str(err))
-        return DeploymentStatus.from_dict(res["status"])
-
     def down(self) -> int | None:
         """Stops the deployment. With an agent: asks it, then waits (up to 10 s) for it to
         exit, and returns None. Without one: stops what a dead agent left behind (SIGTERM, 5 s,
@@ -206,25 +199,11 @@ class AgentClient:
             self.request("GET", "/v1/status", timeout=5)
             res = self.request("POST", "/v1/down", timeout=600)
         except AgentUnavailable:
-            agent = self.running()
-            if _alive(agent):
-                raise
+            if self.running() is not None:
+                raise  # alive but not answering: its stack is left alone
             return stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent")
         pid = res.get("agent_pid") if isinstance(res, dict) else None
         deadline = time.monotonic() + 10
-        while pid and _pid_alive(int(pid)) and time.monotonic() < deadline:
+        while pid and process_alive(int(pid)) and time.monotonic() < deadline:
             time.sleep(0.01)
         return None
-
-
-def _alive(agent: DeploymentRow | None) -> bool:
-    return agent is not None and agent.agent_running()
-
-
-def _pid_alive(pid: int) -> bool:
-    """Not gone and not a zombie."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False

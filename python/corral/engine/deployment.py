@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import AsyncIterator
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -206,26 +205,33 @@ class Deployment:
         (failed, or not up within its ``start_timeout``) stops the rollout: raises
         :class:`~corral.exceptions.DeploymentError` naming it and why; the replicas after it
         are not touched."""
-        if service not in self.spec.services:
-            raise UnknownService(f"unknown service {service!r} (services: {', '.join(self.spec.services)})",
-                                 service)
-        replicas = self._stack.by_service[service]
+        replicas = self._service(service)
         for done, inst in enumerate(replicas):
             self.restart_strategy.forget(inst.id)
             await self._stop(inst, "restart requested")
             inst.restarts += 1
             self.launcher.start([inst], "restart requested")
-            timeout = inst.svc.start_timeout
-            in_time = await self._stack.wait(partial(settled, inst), timeout)
-            if inst.state not in UP:
+            failed = await self._first_not_up([inst], inst.svc.start_timeout)
+            if failed is not None:
                 # The rest keep running the old way: a rollout that fails stops where it failed.
-                why = inst.reason if in_time and inst.reason else f"not up within {timeout:g}s"
                 self.journal.flush()
-                raise DeploymentError(f"restart of {service} stopped at {inst.id}: it is {inst.state.value} ({why}); "
-                                      f"{done} of {len(replicas)} replicas restarted, the others left as they were")
+                raise DeploymentError(f"restart of {service} stopped at {inst.id}: it is {inst.state.value} "
+                                      f"({failed[1]}); {done} of {len(replicas)} replicas restarted, the others "
+                                      f"left as they were")
         self.journal.flush()
 
     # --- one service at a time -------------------------------------------------------
+
+    async def _first_not_up(self, insts: list[InstanceRuntime], timeout: float) -> tuple[InstanceRuntime, str] | None:
+        """Waits (at most ``timeout``) until each of ``insts`` is up or failed; returns the
+        first that is not up and why, or None when all are."""
+        in_time = await self._stack.wait(lambda: all(settled(i) for i in insts), timeout)
+        bad = next((i for i in insts if i.state not in UP), None)
+        if bad is None:
+            return None
+        if in_time and bad.reason:
+            return bad, bad.reason
+        return bad, f"not up within {timeout:g}s" + (f": {bad.reason}" if bad.reason else "")
 
     def _service(self, name: str) -> list[InstanceRuntime]:
         if name not in self.spec.services:
@@ -268,10 +274,9 @@ class Deployment:
                 self._stack.warn(w)
             self.journal.note(f"scale {service}: {len(insts) - len(new)} -> {replicas}")
             self.launcher.start(new, f"scaled to {replicas}")
-            if not await self._stack.wait(lambda: all(settled(i) for i in new), svc.start_timeout) or \
-                    any(i.state not in UP for i in new):
-                bad = next(i for i in new if i.state not in UP)
-                why = bad.reason or f"not up within {svc.start_timeout:g}s"
+            failed = await self._first_not_up(new, svc.start_timeout)
+            if failed is not None:
+                bad, why = failed
                 await self._shrink(service, len(insts) - len(new), f"scale-up failed: {why}")
                 raise DeploymentError(f"scale {service} to {replicas}: {bad.id} is {bad.state.value} ({why}); "
                                       f"the new instances were stopped again")
@@ -315,13 +320,11 @@ class Deployment:
             self.restart_strategy.forget(inst.id)
         if todo:
             self.launcher.start(todo, "started by request")
-        timeout = self.spec.services[service].start_timeout
-        await self._stack.wait(lambda: all(settled(i) for i in todo), timeout)
-        bad = next((i for i in todo if i.state not in UP), None)
+        failed = await self._first_not_up(todo, self.spec.services[service].start_timeout)
         self.journal.flush()
-        if bad is not None:
-            raise DeploymentError(f"start {service}: {bad.id} is {bad.state.value} "
-                                  f"({bad.reason or f'not up within {timeout:g}s'})")
+        if failed is not None:
+            bad, why = failed
+            raise DeploymentError(f"start {service}: {bad.id} is {bad.state.value} ({why})")
 
     def status(self) -> DeploymentStatus:
         """The deployment now."""

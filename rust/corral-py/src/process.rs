@@ -313,6 +313,12 @@ fn group_members(pgid: u32) -> Vec<u32> {
     core::group_members(pgid)
 }
 
+/// Whether `pid` exists and is not a zombie.
+#[pyfunction]
+fn process_alive(pid: u32) -> bool {
+    core::alive(pid)
+}
+
 /// Start time of `pid` in clock ticks since boot, or None if it is gone.
 #[pyfunction]
 fn process_start_time(pid: u32) -> Option<u64> {
@@ -328,5 +334,6 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(group_alive, m)?)?;
     m.add_function(wrap_pyfunction!(group_members, m)?)?;
     m.add_function(wrap_pyfunction!(process_start_time, m)?)?;
+    m.add_function(wrap_pyfunction!(process_alive, m)?)?;
     Ok(())
 }

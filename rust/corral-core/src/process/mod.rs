@@ -357,6 +357,12 @@ pub fn group_members(pgid: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Whether `pid` is a live process: it exists and is not a zombie (a dead process that its
+/// parent, or a slow init, has not reaped yet).
+pub fn alive(pid: u32) -> bool {
+    stat_fields(pid).is_some_and(|f| f.state != 'Z')
+}
+
 /// A process's start time in clock ticks since boot, or `None` when it is gone.
 pub fn start_time(pid: u32) -> Option<u64> {
     stat_fields(pid).map(|f| f.start_time)
@@ -406,5 +412,7 @@ mod tests {
         let st = stat_fields(std::process::id()).unwrap();
         assert_eq!(st.pgrp, sys::getpgrp());
         assert!(st.start_time > 0);
+        assert!(alive(std::process::id()));
+        assert!(!alive(u32::MAX - 1), "no such process");
     }
 }
