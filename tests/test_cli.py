@@ -443,3 +443,29 @@ def test_an_agent_that_does_not_answer_keeps_its_socket_and_its_stack(tmp_path: 
     r = corral("down", cwd=tmp_path)
     assert r.returncode == 0 and r.stdout.strip() == "down", r
     wait_until(lambda: not alive(web), 10, "the instance stopped")
+
+
+def test_detached_up_says_so_when_the_agent_dies_before_reporting(tmp_path: Path) -> None:
+    write_spec(tmp_path, """
+        name: dying
+        services:
+          web:
+            command: ["sleep", "300"]
+            health: {readiness: {exec: ["false"], period: 100ms}}
+        """)
+    p = subprocess.Popen([sys.executable, "-m", "corral", "up", "-d"], cwd=tmp_path, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env_without_state())
+    db = tmp_path / ".corral" / "state.db"
+    try:
+        wait_until(lambda: db.exists() and bool(StateStore.read_deployments(db))
+                   and StateStore.read_deployments(db)[0].agent_pid is not None, 30, "the agent")
+        agent = StateStore.read_deployments(db)[0].agent_pid
+        assert agent is not None
+        os.kill(agent, signal.SIGKILL)
+        _out, err = p.communicate(timeout=30)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 1 and "the agent died before it could report (exit status -9" in err, err
+    assert "Traceback" not in err
+    corral("down", cwd=tmp_path)

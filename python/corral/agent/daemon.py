@@ -47,18 +47,19 @@ def start_detached(spec: Path, parsed: DeploymentSpec, state_dir: Path, timeout:
         _become_agent(spec, parsed, state_dir, log, write_end)
     os.close(write_end)
     try:
-        report = _read_report(read_end, timeout)
+        report, timed_out = _read_report(read_end, timeout)
     finally:
         os.close(read_end)
+    if timed_out:
+        # up is still running: stop it (SIGTERM makes the agent roll back) and say so.
+        os.kill(pid, signal.SIGTERM)
+        if _wait(pid, 60.0) is None:
+            os.kill(pid, signal.SIGKILL)
+        raise DeploymentError(f"up did not finish within {timeout:g}s; the agent stopped everything it started")
     if report is None:
-        if _exited(pid) is None:
-            # up is still running: stop it (SIGTERM makes the agent roll back) and say so.
-            os.kill(pid, signal.SIGTERM)
-            code = _wait(pid, 60.0)
-            if code is None:
-                os.kill(pid, signal.SIGKILL)
-            raise DeploymentError(f"up did not finish within {timeout:g}s; the agent stopped everything it started")
-        raise AgentUnavailable(f"the agent died before it could report (exit status {_exited(pid)}; log: {log})")
+        # The pipe closed without a word: the agent died (it may take a moment to be reaped).
+        raise AgentUnavailable(f"the agent died before it could report (exit status {_wait(pid, 5.0)}; "
+                               f"log: {log})")
     if not report.get("ok"):
         raise from_wire(report["error"])
     st = DeploymentStatus.from_dict(report["status"])
@@ -66,23 +67,20 @@ def start_detached(spec: Path, parsed: DeploymentSpec, state_dir: Path, timeout:
     return st
 
 
-def _read_report(fd: int, timeout: float) -> dict[str, Any] | None:
-    """The agent's one JSON line, or None at end of file or after ``timeout``."""
+def _read_report(fd: int, timeout: float) -> tuple[dict[str, Any] | None, bool]:
+    """The agent's one JSON line (None at end of file), and whether ``timeout`` ran out first."""
     deadline = time.monotonic() + timeout
     data = b""
     while b"\n" not in data:
         left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        ready, _, _ = select.select([fd], [], [], left)
-        if not ready:
-            return None
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return None, True
         chunk = os.read(fd, 65536)
         if not chunk:
-            return None
+            return None, False
         data += chunk
     doc: dict[str, Any] = json.loads(data.split(b"\n", 1)[0])
-    return doc
+    return doc, False
 
 
 def _exited(pid: int) -> int | None:
