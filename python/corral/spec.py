@@ -10,6 +10,7 @@ is bytes).
 from __future__ import annotations
 
 import math
+import os
 import re
 import shlex
 from collections.abc import Iterator, Mapping
@@ -28,6 +29,7 @@ from pydantic import (
 )
 
 from corral.exceptions import SpecError
+from corral.identity import credentials
 from corral.specfile import Loc, Source, read_document, read_text
 
 __all__ = [
@@ -568,38 +570,12 @@ def _env_collisions(spec: DeploymentSpec, src: Source) -> Iterator[SpecError]:
                                 f"environment variables (both CORRAL_PORT_{_env_word(pname)}); rename one")
 
 
-def credentials(svc: ServiceSpec) -> tuple[int | None, int | None, str | None, str | None]:
-    """``(uid, gid, user name, home)`` a service runs with (all None without ``user:`` and
-    ``group:``); raises ``KeyError`` naming an unknown user or group."""
-    import grp
-    import pwd
-
-    if svc.user is None and svc.group is None:
-        return None, None, None, None
-    uid = gid = None
-    name = home = None
-    if svc.user is not None:
-        try:
-            pw = pwd.getpwuid(svc.user) if isinstance(svc.user, int) else pwd.getpwnam(svc.user)
-        except KeyError:
-            raise KeyError(f"unknown user {svc.user!r}") from None
-        uid, gid, name, home = pw.pw_uid, pw.pw_gid, pw.pw_name, pw.pw_dir
-    if svc.group is not None:
-        try:
-            gid = (grp.getgrgid(svc.group) if isinstance(svc.group, int) else grp.getgrnam(svc.group)).gr_gid
-        except KeyError:
-            raise KeyError(f"unknown group {svc.group!r}") from None
-    return uid, gid, name, home
-
-
 def _identity(svc: ServiceSpec, base: Loc, src: Source) -> Iterator[SpecError]:
-    import os
-
     if svc.user is None and svc.group is None:
         return
     field = "user" if svc.user is not None else "group"
     try:
-        uid, gid, _, _ = credentials(svc)
+        uid, gid, _, _ = credentials(svc.user, svc.group)
     except KeyError as e:
         yield src.error((*base, field), str(e.args[0]))
         return

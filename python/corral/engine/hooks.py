@@ -20,8 +20,8 @@ from corral._core import Authority, Cgroups, IssuedCert, Proxy
 from corral.engine.instance import InstanceRuntime
 from corral.engine.stack import Stack
 from corral.exceptions import CorralError
+from corral.identity import credentials
 from corral.lifecycle import State, Transition
-from corral.spec import credentials
 
 __all__ = ["CgroupsHook", "FrontsHook", "Hook", "MeshHook", "VolumesHook"]
 
@@ -135,7 +135,8 @@ class MeshHook(Hook):
         0711 (enter, not list), so it can open them; the CA key stays 0600 and corral's."""
         assert self.ca is not None
         cert = self.ca.issue(name, stack.spec.mesh.cert_lifetime)
-        uid, gid, _, _ = credentials(stack.spec.services[name])
+        svc = stack.spec.services[name]
+        uid, gid, _, _ = credentials(svc.user, svc.group)
         if uid is not None or gid is not None:
             for f in (cert.cert_path, cert.key_path):
                 os.chown(f, -1 if uid is None else uid, -1 if gid is None else gid)

@@ -28,10 +28,11 @@ from corral._core import (
 from corral.engine import environment as contract
 from corral.engine.instance import InstanceRuntime, Process, cpulist
 from corral.engine.stack import Stack
+from corral.identity import Credentials, credentials
 from corral.leftovers import reset_pid_log
 from corral.lifecycle import State
 from corral.recovery import Exit
-from corral.spec import Probe, credentials, read_env_file, substitute_ports
+from corral.spec import Probe, read_env_file, substitute_ports
 
 __all__ = ["Launcher"]
 
@@ -75,8 +76,9 @@ class Launcher:
         batch: list[tuple[InstanceRuntime, list[tuple[str, str]], ProcessSpec]] = []
         for inst in insts:
             try:
-                env = self._environment(inst)
-                spec = self._process_spec(inst, env)
+                creds = credentials(inst.svc.user, inst.svc.group)
+                env = self._environment(inst, creds)
+                spec = self._process_spec(inst, env, creds)
             except (OSError, ValueError) as e:
                 self._on_spawn_error(inst, Exit(inst.id, inst.p.service, None, None, "spawn", 0.0, 0.0, str(e)))
                 continue
@@ -140,19 +142,19 @@ class Launcher:
         inst.cgroup = None
         return res
 
-    def _process_spec(self, inst: InstanceRuntime, env: list[tuple[str, str]]) -> ProcessSpec:
+    def _process_spec(self, inst: InstanceRuntime, env: list[tuple[str, str]], creds: Credentials) -> ProcessSpec:
         svc = inst.svc
         argv = [substitute_ports(a, inst.p.ports) for a in svc.argv()]
         cwd = (self.stack.base / svc.working_dir) if svc.working_dir else self.stack.base
         inst.affinity = inst.p.cpus or self.stack.resources.shared_cpus(inst.p.numa_node)
-        uid, gid, _, _ = credentials(svc)
+        uid, gid, _, _ = creds
         return ProcessSpec(argv, env=env, cwd=cwd, cpus=inst.affinity, cgroup=inst.cgroup, log=inst.log,
                            log_max_bytes=self._log_max, log_keep=self._log_keep, uid=uid, gid=gid)
 
-    def _environment(self, inst: InstanceRuntime) -> list[tuple[str, str]]:
+    def _environment(self, inst: InstanceRuntime, creds: Credentials) -> list[tuple[str, str]]:
         svc, ports, stack = inst.svc, inst.p.ports, self.stack
         base: dict[str, str] = {}
-        _, _, user, home = credentials(svc)
+        _, _, user, home = creds
         if user is not None and home is not None:
             # As systemd does for User=: the environment names the user it runs as.
             base.update({"USER": user, "LOGNAME": user, "HOME": home})
