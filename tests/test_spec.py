@@ -48,7 +48,8 @@ def test_the_issue_example_parses_with_units() -> None:
     spec = parse_spec(GOOD)
     api = spec.services["api"]
     assert api.replicas == 3
-    assert api.depends_on == {"db": "healthy", "migrate": "completed"}
+    assert {d: want.condition for d, want in api.depends_on.items()} == {"db": "healthy", "migrate": "completed"}
+    assert not any(want.restart for want in api.depends_on.values())
     assert api.health.startup is not None and api.health.startup.period == pytest.approx(0.2)
     assert api.restart.window == 600.0 and api.restart.max == 60.0
     db = spec.services["db"]
@@ -110,7 +111,7 @@ BAD = [
     (BASE + "  api:\n    command: [api]\n    depends_on: {dbb: healthy}\n",
      8, "services.api.depends_on.dbb", "unknown service 'dbb'"),
     (BASE + "  api:\n    command: [api]\n    depends_on: {db: ready}\n",
-     8, "services.api.depends_on.db", "'started', 'healthy' or 'completed'"),
+     8, "services.api.depends_on.db.condition", "'started', 'healthy' or 'completed'"),
     (BASE + "  api:\n    command: [api]\n    depends_on: {worker: started}\n"
             "  worker:\n    command: [w]\n    depends_on: {api: started}\n",
      8, "services.api.depends_on", "cycle: api -> worker -> api"),

@@ -600,6 +600,9 @@ class ResourceManager:
         *,
         swap_mb: int | None = None,
     ) -> ResourceManager: ...
+    def add_volume(self, name: str, path: str | PathLike[str], capacity_mb: int | None = None) -> bool:
+        """Adds a volume (capacity: the filesystem's free space unless given); False, and
+        nothing changes, when one of that name is there already."""
     def allocate(self, request: ResourceRequest) -> Grant:
         """Everything asked for, or ``InsufficientResources`` naming what was short."""
     def release(self, grant: Grant | int) -> None:
@@ -872,6 +875,13 @@ class Proxy:
         """The front's counters now."""
     def set_certificate(self, cert_pem: str, key_pem: str) -> None:
         """Presents a new certificate from the next handshake on (mTLS fronts)."""
+    def set_strategy(self, strategy: str) -> None:
+        """Changes the balancing strategy from the next connection on; the upstreams and the
+        connections in flight stay (``ConfigError`` for an unknown name)."""
+    def set_tls(self, ca_pem: str | None = None, cert_pem: str | None = None, key_pem: str | None = None,
+                allow: Iterable[str] = ()) -> None:
+        """Makes the front mTLS (all three PEMs; ``allow`` as in the constructor) or plain
+        (none of them), from the next connection on; open connections keep theirs."""
     def close(self) -> None:
         """Stops accepting; open connections finish."""
 

@@ -9,7 +9,6 @@ is bytes).
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shlex
@@ -31,8 +30,10 @@ from pydantic import (
 from corral.exceptions import SpecError
 from corral.identity import credentials
 from corral.specfile import Loc, Source, read_document, read_text
+from corral.units import parse_duration, parse_size
 
 __all__ = [
+    "Dependency",
     "DeploymentSpec",
     "EventsSpec",
     "HealthSpec",
@@ -45,77 +46,13 @@ __all__ = [
     "ShutdownSpec",
     "StorageSpec",
     "TcpCheck",
+    "UpdateSpec",
     "load_spec",
     "parse_duration",
     "parse_size",
 ]
 
-# --- scalar syntaxes -----------------------------------------------------------------
-
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h)")
-_BARE_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
-_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?|[kmgt]|B)?B?\s*$")
-_SIZE_UNITS = {
-    None: 1, "B": 1,
-    "K": 1000, "k": 1000, "M": 1000**2, "m": 1000**2, "G": 1000**3, "g": 1000**3, "T": 1000**4, "t": 1000**4,
-    "Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40,
-}
-
-
-MAX_DURATION = 10 * 365 * 86400.0
-"""Ten years: the longest duration anywhere in a spec (timers past it overflow somewhere)."""
-MAX_SIZE = 1 << 60
-"""One EiB: the largest size anywhere in a spec (cgroup and ledger arithmetic is 64-bit)."""
-
-
-def parse_duration(value: object) -> float:
-    """Seconds from ``500ms``, ``10s``, ``5m``, ``1h``, ``1m30s`` or a number of seconds (also
-    as a string: ``"30"``); finite, not negative, at most ten years."""
-    seconds: float | None = None
-    if isinstance(value, int | float) and not isinstance(value, bool):
-        seconds = float(value)
-    elif isinstance(value, str):
-        text = value.strip()
-        try:
-            seconds = float(text) if _BARE_NUMBER.match(text) else None
-        except ValueError:
-            seconds = None
-        pos, total = 0, 0.0
-        for m in _DURATION_PART.finditer(text):
-            if m.start() != pos:
-                break
-            total += float(m.group(1)) * _UNITS[m.group(2)]
-            pos = m.end()
-        if seconds is None and text and pos == len(text):
-            seconds = total
-    if seconds is None:
-        raise ValueError(f"expected a duration such as 500ms, 10s or 5m, got {value!r}")
-    if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"duration must be a finite number of seconds, not negative, got {value!r}")
-    if seconds > MAX_DURATION:
-        raise ValueError(f"duration {value!r} is longer than ten years")
-    return seconds
-
-
-def parse_size(value: object) -> int:
-    """Bytes from ``256Mi``, ``2Gi``, ``512M``, ``100k`` or a number of bytes; at most 1 EiB."""
-    size: int | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = value
-    elif isinstance(value, str):
-        m = _SIZE.match(value)
-        if m:
-            amount = float(m.group(1)) * _SIZE_UNITS[m.group(2)]
-            size = int(amount) if math.isfinite(amount) and amount <= MAX_SIZE else MAX_SIZE + 1
-    if size is None:
-        raise ValueError(f"expected a size such as 256Mi or 2Gi, got {value!r}")
-    if size < 0:
-        raise ValueError(f"size must not be negative, got {value!r}")
-    if size > MAX_SIZE:
-        raise ValueError(f"size {value!r} is larger than 1 EiB")
-    return size
-
+# --- scalar syntaxes: corral.units -----------------------------------------------------
 
 def _is_port_number(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= 65535
@@ -286,6 +223,34 @@ _NAME = r"^[a-z0-9]([a-z0-9_-]{0,62})$"
 Condition: TypeAlias = Literal["started", "healthy", "completed"]
 
 
+class Dependency(_Model):
+    """One entry of ``depends_on``: ``{db: healthy}`` is ``{db: {condition: healthy}}``.
+
+    ``restart: true`` (compose's): after ``db`` is replaced by an apply, this service is
+    restarted too, rolling, so it picks up ``db``'s new addresses (``CORRAL_DB_ADDR``)."""
+
+    condition: Condition = "started"
+    restart: bool = False
+
+
+class UpdateSpec(_Model):
+    """How an apply replaces the instances of a service (Nomad's ``update`` block).
+
+    ``start-first``: a new instance is placed, started and ready before an old one is
+    drained and stopped (Kubernetes' ``maxSurge: 1, maxUnavailable: 0``); when the extra
+    instance cannot be placed, the service falls back to ``stop-first``, and the plan says
+    so."""
+
+    max_parallel: int = Field(default=1, ge=1, le=10000)
+    order: Literal["start-first", "stop-first"] = "start-first"
+    min_healthy_time: Duration = 0.0
+    """How long a new instance must stay ready before it counts."""
+    healthy_deadline: Duration = 300.0
+    """How long a new instance may take to count; past it the rollout fails."""
+    auto_revert: bool = True
+    """On failure, roll the instances already replaced back to the previous version."""
+
+
 class ServiceSpec(_Model):
     """One service of the deployment."""
 
@@ -295,7 +260,7 @@ class ServiceSpec(_Model):
     env_file: str | None = None
     working_dir: str | None = None
     replicas: int = Field(default=1, ge=0, le=10000)
-    depends_on: dict[str, Condition] = Field(default_factory=dict)
+    depends_on: dict[str, Dependency] = Field(default_factory=dict)
     ports: dict[str, Annotated[Literal["auto"] | int, BeforeValidator(_port_value)]] = Field(default_factory=dict)
     resources: Resources = Resources()
     health: HealthSpec = HealthSpec()
@@ -311,6 +276,7 @@ class ServiceSpec(_Model):
     allow: list[str] = Field(default_factory=list)
     """With ``mtls``: the services whose SPIFFE IDs may connect (empty: any of the mesh)."""
     start_timeout: Duration = 60.0
+    update: UpdateSpec = UpdateSpec()
     user: str | Annotated[int, Field(ge=0, le=4294967294)] | None = None
     """Run as this user (name or uid), as systemd's ``User=``; needs corral to run as root."""
     group: str | Annotated[int, Field(ge=0, le=4294967294)] | None = None
@@ -319,9 +285,14 @@ class ServiceSpec(_Model):
     @model_validator(mode="before")
     @classmethod
     def _depends_list(cls, data: Any) -> Any:
-        # `depends_on: [db]` is shorthand for `{db: started}`, as in compose files.
-        if isinstance(data, dict) and isinstance(data.get("depends_on"), list):
-            data = {**data, "depends_on": {str(d): "started" for d in data["depends_on"]}}
+        # `depends_on: [db]` is shorthand for `{db: started}`, and `{db: healthy}` for
+        # `{db: {condition: healthy}}`, as in compose files.
+        deps = data.get("depends_on") if isinstance(data, dict) else None
+        if isinstance(deps, list):
+            data = {**data, "depends_on": {str(d): {"condition": "started"} for d in deps}}
+        elif isinstance(deps, dict):
+            data = {**data, "depends_on": {k: {"condition": v} if isinstance(v, str) else v
+                                           for k, v in deps.items()}}
         return data
 
     @field_validator("command")
@@ -413,6 +384,12 @@ class DeploymentSpec(_Model):
     scheduler: Literal["binpack", "spread"] = "binpack"
     port_range: tuple[int, int] = (20000, 32000)
     _source: Source | None = PrivateAttr(default=None)
+    _text: str = PrivateAttr(default="")
+
+    @property
+    def text(self) -> str:
+        """The YAML it was loaded from (empty when built in Python)."""
+        return self._text
 
     def error(self, loc: tuple[str | int, ...], message: str) -> SpecError:
         """A :class:`SpecError` at ``loc`` (e.g. ``("services", "api", "resources")``), with the
@@ -478,6 +455,7 @@ def parse_spec(text: str, file: str = "corral.yaml") -> DeploymentSpec:
     if problems:
         raise _combine(problems)
     spec._source = src
+    spec._text = text
     return spec
 
 
@@ -506,7 +484,8 @@ def _cross_check(spec: DeploymentSpec, src: Source, root: Path) -> Iterator[Spec
         for i, other in enumerate(svc.allow):
             if other not in spec.services:
                 yield src.error((*base, "allow", i), f"unknown service {other!r}")
-        for dep, cond in svc.depends_on.items():
+        for dep, want in svc.depends_on.items():
+            cond = want.condition
             if dep not in spec.services:
                 yield src.error((*base, "depends_on", dep), f"unknown service {dep!r}")
             elif dep == name:

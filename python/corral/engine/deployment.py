@@ -382,11 +382,11 @@ class Deployment:
     async def _bring_up(self, name: str) -> None:
         svc = self.spec.services[name]
         t0 = asyncio.get_running_loop().time()
-        for dep, cond in svc.depends_on.items():
+        for dep, want in svc.depends_on.items():
             # A dependency's own deadline fires first and names the real culprit; the
             # dependent's wait only bounds conditions that may never come ("completed").
             left = self._deadline(dep) + svc.start_timeout - (asyncio.get_running_loop().time() - t0)
-            await self._wait_condition(dep, cond, waiter=name, timeout=left)
+            await self._wait_condition(dep, want.condition, waiter=name, timeout=left)
         self.launcher.start(self._stack.by_service[name], "dependencies met" if svc.depends_on else "phase 0")
         await self._wait_condition(name, "up", waiter=None, timeout=svc.start_timeout)
 

@@ -22,7 +22,7 @@
 //! ```
 
 use std::cell::Cell;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
@@ -33,6 +33,7 @@ use crate::rng::{mix, stable_hash};
 
 /// How a backend is chosen.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
 pub enum Strategy {
     /// Each backend in turn.
     RoundRobin,
@@ -168,7 +169,8 @@ fn below(n: usize) -> usize {
 
 /// A load balancer over backends of type `T`.
 pub struct LoadBalancer<T> {
-    strategy: Strategy,
+    /// A [`Strategy`] as its `u8`: changeable while picks go on ([`LoadBalancer::set_strategy`]).
+    strategy: AtomicU8,
     set: ArcSwap<Set<T>>,
     cursor: AtomicUsize,
     edit: Mutex<()>,
@@ -177,7 +179,7 @@ pub struct LoadBalancer<T> {
 impl<T> std::fmt::Debug for LoadBalancer<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("LoadBalancer")
-            .field("strategy", &self.strategy)
+            .field("strategy", &self.strategy())
             .field("backends", &self.set.load().backends.len())
             .finish_non_exhaustive()
     }
@@ -208,7 +210,7 @@ impl<T> LoadBalancer<T> {
             list.push(Arc::new(Self::make(value, key, weight)?));
         }
         Ok(Self {
-            strategy,
+            strategy: AtomicU8::new(strategy as u8),
             set: ArcSwap::from_pointee(Set::new(list)),
             cursor: AtomicUsize::new(0),
             edit: Mutex::new(()),
@@ -233,7 +235,20 @@ impl<T> LoadBalancer<T> {
 
     /// The strategy.
     pub fn strategy(&self) -> Strategy {
-        self.strategy
+        const ALL: [Strategy; 5] = [
+            Strategy::RoundRobin,
+            Strategy::WeightedRoundRobin,
+            Strategy::LeastConnections,
+            Strategy::IpHash,
+            Strategy::Random,
+        ];
+        ALL[usize::from(self.strategy.load(Ordering::Relaxed))]
+    }
+
+    /// Changes the strategy from the next pick on; backends, their counts and the
+    /// connections in flight stay as they are.
+    pub fn set_strategy(&self, strategy: Strategy) {
+        self.strategy.store(strategy as u8, Ordering::Relaxed);
     }
 
     /// The backends now, in order.
@@ -316,7 +331,7 @@ impl<T> LoadBalancer<T> {
         if n == 0 {
             return Err(Self::no_backend(&set));
         }
-        let chosen = match (self.strategy, key) {
+        let chosen = match (self.strategy(), key) {
             (Strategy::RoundRobin, _) | (Strategy::IpHash, None) => self.round_robin(bs),
             (Strategy::Random, _) => {
                 let start = below(n);
@@ -442,6 +457,28 @@ mod tests {
 
     fn lb(s: Strategy, names: &[&'static str]) -> LoadBalancer<&'static str> {
         LoadBalancer::new(s, names.iter().map(|n| (*n, 1)).collect()).unwrap()
+    }
+
+    #[test]
+    fn the_strategy_changes_in_place_and_every_one_reads_back() {
+        let l = lb(Strategy::RoundRobin, &["a", "b", "c"]);
+        for s in [
+            Strategy::WeightedRoundRobin,
+            Strategy::LeastConnections,
+            Strategy::IpHash,
+            Strategy::Random,
+            Strategy::RoundRobin,
+        ] {
+            l.set_strategy(s);
+            assert_eq!(l.strategy(), s);
+        }
+        l.set_strategy(Strategy::IpHash);
+        let first = l.pick(Some(42)).unwrap().value;
+        assert!((0..20).all(|_| l.pick(Some(42)).unwrap().value == first));
+        l.set_strategy(Strategy::RoundRobin);
+        let got: std::collections::HashSet<_> =
+            (0..3).map(|_| l.pick(Some(42)).unwrap().value).collect();
+        assert_eq!(got.len(), 3, "round robin again: the key is ignored");
     }
 
     #[test]

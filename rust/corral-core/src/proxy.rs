@@ -48,6 +48,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwapOption;
 use parking_lot::Mutex;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -169,7 +170,8 @@ pub struct Proxy {
     ejected_now: Arc<AtomicUsize>,
     local: SocketAddr,
     handle: Handle,
-    tls: Option<TlsFront>,
+    /// Swapped whole by [`Proxy::set_tls`]; each connection loads it once, at accept.
+    tls: ArcSwapOption<TlsFront>,
     tls_refused: AtomicU64,
     accept: Mutex<Option<AbortHandle>>,
 }
@@ -250,7 +252,7 @@ impl Proxy {
             ejected_now: Arc::new(AtomicUsize::new(0)),
             local,
             handle: handle.clone(),
-            tls,
+            tls: ArcSwapOption::from(tls.map(Arc::new)),
             tls_refused: AtomicU64::new(0),
             accept: Mutex::new(None),
         });
@@ -302,6 +304,18 @@ impl Proxy {
         }
     }
 
+    /// Changes how upstreams are chosen, from the next connection on (an apply that changes
+    /// only `balance`): the listener, the upstreams and the connections in flight stay.
+    pub fn set_strategy(&self, strategy: Strategy) {
+        self.lb.set_strategy(strategy);
+    }
+
+    /// Makes the front mTLS with `tls`, or plain with `None`, from the next connection on;
+    /// connections accepted before keep what they were accepted with.
+    pub fn set_tls(&self, tls: Option<TlsFront>) {
+        self.tls.store(tls.map(Arc::new));
+    }
+
     /// Stops accepting; open connections finish on their own.
     pub fn close(&self) {
         if let Some(h) = self.accept.lock().take() {
@@ -320,8 +334,8 @@ impl Proxy {
     }
 
     /// The TLS side, for an mTLS front.
-    pub fn tls(&self) -> Option<&TlsFront> {
-        self.tls.as_ref()
+    pub fn tls(&self) -> Option<Arc<TlsFront>> {
+        self.tls.load_full()
     }
 
     /// Each upstream: id, address, ejected, counters.
@@ -355,11 +369,11 @@ impl Proxy {
 
     async fn serve(self: Arc<Self>, mut client: TcpStream, peer: SocketAddr) {
         let _ = client.set_nodelay(true);
-        let key = (self.cfg.strategy == Strategy::IpHash).then(|| match peer.ip() {
+        let key = (self.lb.strategy() == Strategy::IpHash).then(|| match peer.ip() {
             IpAddr::V4(ip) => stable_hash(&ip.octets()),
             IpAddr::V6(ip) => stable_hash(&ip.octets()),
         });
-        if let Some(tls) = &self.tls {
+        if let Some(tls) = self.tls.load_full() {
             // mTLS front: the handshake (client certificate, SPIFFE ID) comes first; the
             // upstream behind it speaks plain TCP.
             let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());

@@ -206,3 +206,33 @@ fn the_authority_keeps_its_files_apart_owner_only_and_trusts_no_planted_key() {
     std::fs::set_permissions(tls.join("ca.key"), std::fs::Permissions::from_mode(0o600)).unwrap();
     assert!(Authority::load_or_create(&tls, "shop.corral").is_ok());
 }
+
+/// A plain round trip through the front, without TLS.
+fn plain_call(s: &Setup) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(s.proxy.local_addr())?;
+    c.set_read_timeout(Some(Duration::from_secs(5)))?;
+    c.write_all(b"ping")?;
+    let mut buf = [0u8; 16];
+    let n = c.read(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+#[test]
+fn set_tls_turns_the_mesh_off_and_on_again_on_the_same_listener() {
+    let s = setup(&["api"]);
+    let api = s.ca.issue("api", Duration::from_secs(3600)).unwrap();
+    assert!(
+        plain_call(&s).map_or(true, |echo| echo != "ping"),
+        "mTLS front: a plain client gets no echo"
+    );
+    s.proxy.set_tls(None);
+    assert_eq!(plain_call(&s).unwrap(), "ping", "plain now");
+    let front = s.ca.issue("db", Duration::from_secs(3600)).unwrap();
+    let allow = vec![s.ca.spiffe_id("api")];
+    s.proxy.set_tls(Some(
+        TlsFront::new(s.ca.ca_pem(), &front.cert_pem, &front.key_pem, allow).unwrap(),
+    ));
+    assert_eq!(call(&s, s.ca.ca_pem(), Some(&api)).unwrap().0, "ping");
+    assert!(plain_call(&s).map_or(true, |echo| echo != "ping"));
+}

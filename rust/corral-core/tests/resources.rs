@@ -218,6 +218,32 @@ fn storage_quota_against_volume() {
 }
 
 #[test]
+fn a_volume_added_later_is_accounted_and_a_second_add_keeps_the_first() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = ResourceManager::new(fixture("no-smt"), ResourceConfig::default()).unwrap();
+    let st = |mb| ResourceRequest {
+        storage_mb: mb,
+        volume: Some("late".into()),
+        ..Default::default()
+    };
+    assert!(matches!(
+        m.allocate(&st(1)),
+        Err(ResourceError::UnknownVolume(_))
+    ));
+    let spec = |c| VolumeSpec {
+        name: "late".into(),
+        path: dir.path().into(),
+        capacity_mb: Some(c),
+    };
+    assert!(m.add_volume(spec(10)).unwrap());
+    m.allocate(&st(8)).unwrap();
+    // Added again (a second apply naming it): the reservations stay, the capacity too.
+    assert!(!m.add_volume(spec(1000)).unwrap());
+    assert!(m.allocate(&st(8)).is_err());
+    m.allocate(&st(2)).unwrap();
+}
+
+#[test]
 fn volume_capacity_defaults_to_statvfs() {
     let dir = tempfile::tempdir().unwrap();
     let m = ResourceManager::new(

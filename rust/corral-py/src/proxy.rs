@@ -272,6 +272,40 @@ impl Proxy {
             .py()
     }
 
+    /// Changes the balancing strategy from the next connection on (upstreams and
+    /// connections in flight stay).
+    fn set_strategy(&self, strategy: &str) -> PyResult<()> {
+        self.inner
+            .set_strategy(named("strategy", strategy, Strategy::parse, Strategy::NAMES)?);
+        Ok(())
+    }
+
+    /// Makes the front mTLS (all three PEMs) or plain (none), from the next connection on.
+    #[pyo3(signature = (ca_pem = None, cert_pem = None, key_pem = None, allow = Vec::new()))]
+    fn set_tls(
+        &self,
+        ca_pem: Option<String>,
+        cert_pem: Option<String>,
+        key_pem: Option<String>,
+        allow: Vec<String>,
+    ) -> PyResult<()> {
+        let tls = match (ca_pem, cert_pem, key_pem) {
+            (None, None, None) => None,
+            (Some(ca), Some(cert), Some(key)) => Some(
+                TlsFront::new(&ca, &cert, &key, allow)
+                    .map_err(ProxyError::from)
+                    .py()?,
+            ),
+            _ => {
+                return Err(config_err(
+                    "an mTLS front needs ca_pem, cert_pem and key_pem",
+                ))
+            }
+        };
+        self.inner.set_tls(tls);
+        Ok(())
+    }
+
     /// Stops accepting; open connections finish.
     fn close(&self) {
         self.inner.close();

@@ -166,6 +166,18 @@ impl ResourceManager {
         })
     }
 
+    /// Adds a volume to a running ledger; False when one of that name is there already.
+    #[pyo3(signature = (name, path, capacity_mb = None))]
+    fn add_volume(&self, name: String, path: PathBuf, capacity_mb: Option<u64>) -> PyResult<bool> {
+        self.inner
+            .add_volume(VolumeSpec {
+                name,
+                path,
+                capacity_mb,
+            })
+            .py()
+    }
+
     /// Allocates everything the request asks for, or raises and allocates nothing.
     fn allocate(&self, request: &Bound<'_, ResourceRequest>) -> PyResult<Grant> {
         let g = self.inner.allocate(&request.get().inner).py()?;

@@ -453,6 +453,41 @@ impl ResourceManager {
         })
     }
 
+    /// Adds a volume after construction (a service added to a running stack); its capacity
+    /// is measured as in [`ResourceManager::new`]. A volume of that name already there is
+    /// kept as it is (with its reservations) and `false` comes back.
+    ///
+    /// # Errors
+    /// [`ResourceError::InvalidConfig`] when the capacity cannot be measured.
+    pub fn add_volume(&self, spec: VolumeSpec) -> Result<bool, ResourceError> {
+        if self.ledger.lock().volumes.contains_key(&spec.name) {
+            return Ok(false);
+        }
+        let capacity_mb = match spec.capacity_mb {
+            Some(c) => c,
+            None => filesystem_free_mb(&spec.path).map_err(|e| {
+                ResourceError::InvalidConfig(format!(
+                    "volume '{}': cannot stat {}: {e}",
+                    spec.name,
+                    spec.path.display()
+                ))
+            })?,
+        };
+        let mut l = self.ledger.lock();
+        if l.volumes.contains_key(&spec.name) {
+            return Ok(false);
+        }
+        l.volumes.insert(
+            spec.name.clone(),
+            Volume {
+                spec,
+                capacity_mb,
+                reserved_mb: 0,
+            },
+        );
+        Ok(true)
+    }
+
     /// The topology it places on.
     pub fn topology(&self) -> &Topology {
         &self.topology
