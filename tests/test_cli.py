@@ -137,10 +137,40 @@ def test_status_answers_while_the_agent_is_down_and_down_cleans_up(stack: Path) 
     assert status(stack)["status"] == "up"
 
 
-def test_a_second_up_is_refused_while_the_agent_runs(stack: Path) -> None:
+def test_up_against_a_running_stack_applies_what_changed(stack: Path) -> None:
     assert corral("up", "-d", cwd=stack).returncode == 0
+    before = status(stack)
     r = corral("up", "-d", cwd=stack)
-    assert r.returncode == 1 and "already running" in r.stderr
+    assert r.returncode == 0 and r.stdout.splitlines()[0] == "no changes", r
+    spec = stack / "corral.yaml"
+    text = spec.read_text()
+    spec.write_text(text.replace("  api:\n    replicas: 2", "  api:\n    replicas: 3"))
+    r = corral("plan", cwd=stack)
+    assert r.returncode == 0 and r.stdout.splitlines() == [
+        "~ api: replicas 2 => 3", "= 3 unchanged: kv, job, worker"], r
+    doc = json.loads(corral("plan", "--json", cwd=stack).stdout)
+    assert [(c["name"], c["change"]) for c in doc["services"]][2] == ("api", "scale")
+    r = corral("up", cwd=stack)  # without -d too: the running agent applies it
+    assert r.returncode == 0 and "applied: spec version 2 runs" in r.stdout, r
+    after = status(stack)
+    assert after["version"] == 2 and [i["id"] for i in after["services"]["api"]] == ["api-0", "api-1", "api-2"]
+    assert after["services"]["kv"][0]["pid"] == before["services"]["kv"][0]["pid"]
+    # A spec that does not parse: exit 2, where it is, nothing touched.
+    spec.write_text(text.replace("replicas: 2", "replicas: two"))
+    r = corral("up", "-d", cwd=stack)
+    assert r.returncode == 2 and "corral.yaml:" in r.stderr and "replicas" in r.stderr, r
+    assert "Traceback" not in r.stderr and status(stack)["version"] == 2
+    # A new version of kv that exits at once: exit 1, reverted, named.
+    spec.write_text(text.replace('    command: ["sh", "-c", "echo migrated $CORRAL_KV_ADDR"]',
+                                 '    command: ["sh", "-c", "echo migrated again"]').replace(
+        "  kv:\n", '  kv:\n    env: {EXIT_NOW: "4"}\n'))
+    r = corral("up", "-d", cwd=stack)
+    assert r.returncode == 1, r
+    assert "failed at kv-0-v3 (kv): exit status 4, before it was ready; reverted" in r.stderr, r
+    final = status(stack)
+    assert final["version"] == 2 and final["services"]["kv"][0]["pid"] == before["services"]["kv"][0]["pid"]
+    r = corral("up", "--run-for", "1s", cwd=stack)
+    assert r.returncode == 2 and "--run-for starts a new stack" in r.stderr, r
 
 
 def test_failing_up_detached_exits_1_and_rolls_back(tmp_path: Path) -> None:
@@ -432,7 +462,7 @@ def test_an_agent_that_does_not_answer_keeps_its_socket_and_its_stack(tmp_path: 
     os.kill(agent, signal.SIGSTOP)
     try:
         r = corral("up", "-d", cwd=tmp_path)
-        assert r.returncode == 1 and "already running" in r.stderr, r
+        assert r.returncode == 1 and "does not answer; nothing was applied" in r.stderr, r
         assert sock.exists(), "nobody but the agent removes its socket"
         st = json.loads(corral("status", "--json", cwd=tmp_path).stdout)
         assert st["agent_running"] and st["services"]["web"][0]["pid"] == web

@@ -37,10 +37,12 @@ def whoami(port: int, timeout: float = 5.0) -> str:
 
 
 class Load:
-    """Requests in a loop on another thread; records (time, ok, who) for each."""
+    """Requests in a loop on another thread, each on a new connection, ``interval`` seconds
+    apart; records (time, ok, who) for each."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, interval: float = 0.0) -> None:
         self.port = port
+        self.interval = interval
         self.results: list[tuple[float, bool, str]] = []
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -52,6 +54,8 @@ class Load:
                 self.results.append((t, True, whoami(self.port, 2.0)))
             except OSError as e:
                 self.results.append((t, False, str(e)))
+            if self.interval:
+                self._stop.wait(self.interval)
 
     def __enter__(self) -> Load:
         self._t.start()

@@ -140,10 +140,20 @@ def validate(spec: SpecArg = DEFAULT_SPEC) -> None:
 @app.command()
 def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
          as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
-    """Show the phases and where every instance would go, without starting anything."""
+    """Show the phases and where every instance would go, without starting anything; with a
+    stack running, what 'corral up' would change in it (a diff, nothing changed)."""
     from rich.table import Table
     from rich.text import Text
 
+    client = _client(spec, state_dir)
+    if client.running() is not None or client.available():
+        res = client.plan_changes(spec)
+        if as_json:
+            out.print_json(json.dumps(res["diff"]))
+        else:
+            for line in res["lines"]:
+                out.print(_printable(line), markup=False)
+        return
     d = _deployment(spec, state_dir)
     try:
         p = d.make_plan()
@@ -181,31 +191,38 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
        run_for: Annotated[str | None, typer.Option("--run-for", help="Stop after this long (e.g. 30s); "
                                                                       "for demos and smoke runs.")] = None,
        timeout: Annotated[float, typer.Option(help="With -d: seconds to wait for the agent.")] = 600.0) -> None:
-    """Start every service in dependency order and supervise them."""
+    """Start every service in dependency order and supervise them; with a stack already
+    running, apply the spec to it (only what changed changes) and return when done."""
     seconds = None
     if run_for is not None:
-        from corral.spec import parse_duration
+        from corral.units import parse_duration
 
         try:
             seconds = parse_duration(run_for)
         except ValueError as e:
             _fail(f"--run-for: {e}", 2)
-    from corral.engine import Deployment
-    from corral.spec import load_spec
-
     sd = _state_dir(spec, state_dir)
-    try:
-        parsed = load_spec(spec)
-    except SpecError as e:
-        _spec_errors(e)
     client = AgentClient(sd)
     # By pid and start time, not by the socket alone: a stopped (SIGSTOP) agent does not
     # answer, and starting a second one beside it would start the stack twice.
     agent = client.running()
     if agent is not None or client.available():
-        who = f" (pid {agent.agent_pid})" if agent is not None else ""
-        raise AgentAlreadyRunning(f"a corral agent is already running for {sd}{who} (run 'corral down' first)",
-                                  agent.agent_pid if agent is not None else None)
+        if run_for is not None:
+            _fail("--run-for starts a new stack; one runs already (apply without it, or 'corral down' first)", 2)
+        try:
+            client.request("GET", "/v1/status", timeout=5)
+        except AgentUnavailable:
+            who = f" (pid {agent.agent_pid})" if agent is not None else ""
+            raise AgentAlreadyRunning(f"a corral agent runs for {sd}{who} but does not answer; nothing was "
+                                      f"applied", agent.agent_pid if agent is not None else None) from None
+        raise typer.Exit(_apply(client, spec))
+    from corral.engine import Deployment
+    from corral.spec import load_spec
+
+    try:
+        parsed = load_spec(spec)
+    except SpecError as e:
+        _spec_errors(e)
     if detach:
         from corral.agent.daemon import start_detached
 
@@ -216,6 +233,44 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
         raise typer.Exit(0)
     d = Deployment(parsed, file=spec, state_dir=sd)
     raise typer.Exit(_up_foreground(d, seconds))
+
+
+def _apply(client: AgentClient, spec: Path) -> int:
+    """``up`` against a running stack: the agent applies the spec; on a terminal, its events
+    print as the rollout goes. 0 when it is done, 1 when it failed (and was reverted)."""
+    import threading
+
+    from corral.exceptions import RolloutError
+
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["ok"] = client.apply(spec)
+        except BaseException as e:  # handed to the main thread below
+            result["error"] = e
+
+    after = max((e.seq for e in client.last_events(1)), default=0) if out.is_terminal else 0
+    worker = threading.Thread(target=call, name="corral-apply", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+        if out.is_terminal:
+            for ev in client.events(after):
+                after = ev.seq
+                _print_event(ev)
+    failure = result.get("error")
+    if isinstance(failure, RolloutError):
+        _error(failure)
+        return 1
+    if isinstance(failure, BaseException):
+        raise failure
+    res = result["ok"]
+    for line in res["lines"]:
+        out.print(_printable(line), markup=False)
+    if not res["diff"]["empty"]:
+        out.print(f"applied: spec version {res['version']} runs", markup=False)
+    return 0
 
 
 def _up_foreground(d: Deployment, run_for: float | None) -> int:

@@ -132,6 +132,33 @@ class DeploymentError(CorralError):
     """``up`` could not bring the deployment to its conditions; what it started was rolled back."""
 
 
+class RolloutError(DeploymentError):
+    """An apply stopped: a new instance did not become ready in time, exited before it
+    counted, or crash-looped (``args == (message, service, instance, reason, reverted)``).
+    With ``auto_revert`` the instances already replaced run the previous version again
+    (``reverted``) and the running spec stays the previous one."""
+
+    @property
+    def service(self) -> str:
+        """The service whose rollout failed."""
+        return str(self.args[1])
+
+    @property
+    def instance(self) -> str:
+        """The new instance that failed it."""
+        return str(self.args[2])
+
+    @property
+    def reason(self) -> str:
+        """Why: the last probe message, the exit status, or the deadline."""
+        return str(self.args[3])
+
+    @property
+    def reverted(self) -> bool:
+        """Whether what this apply changed was rolled back."""
+        return bool(self.args[4])
+
+
 class AgentError(CorralError):
     """About the background agent of a deployment: :class:`AgentUnavailable` or
     :class:`AgentAlreadyRunning`."""

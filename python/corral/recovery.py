@@ -114,6 +114,11 @@ class BackoffRestart(RestartStrategy):
         self._restarts: dict[str, deque[float]] = {}
         self._short_runs: dict[str, int] = {}
 
+    def set_rule(self, service: str, rule: RestartSpec) -> None:
+        """A service's restart rule from now on (an apply changed it)."""
+        self.rules[service] = rule
+        self._policies[service] = backoff_policy(rule)
+
     def on_exit(self, exit: Exit) -> Decision:
         rule = self.rules.get(exit.service, RestartSpec())
         what = exit.describe()

@@ -163,9 +163,10 @@ class Scheduler:
         return plan
 
     def place_one(self, name: str, index: int, svc: ServiceSpec, volume: Path | None,
-                  fixed: dict[tuple[str, str], int] | None = None) -> Placement:
+                  fixed: dict[tuple[str, str], int] | None = None, *, iid: str | None = None) -> Placement:
         """One instance: resources, then ports (all released again if the ports fail); a
-        fixed port reserved already in ``fixed`` is taken from there."""
+        fixed port reserved already in ``fixed`` is taken from there. Its id is
+        ``<name>-<index>`` unless ``iid`` names it (a replacement beside its predecessor)."""
         r = svc.resources
         req_memory = math.ceil((r.memory or 0) / MiB)
         node = self.choose_node(req_memory) if not r.cores and req_memory else None
@@ -178,7 +179,7 @@ class Scheduler:
             volume=str(volume) if volume is not None else None, numa_node=node,
         )
         grant = self.resources.allocate(request)
-        p = Placement(id=f"{name}-{index}", service=name, index=index, cpus=grant.cpus,
+        p = Placement(id=iid or f"{name}-{index}", service=name, index=index, cpus=grant.cpus,
                       numa_node=grant.numa_node, millicores=grant.millicores, memory_mb=grant.memory_mb,
                       swap_mb=grant.swap_mb, storage_mb=grant.storage_mb, volume=grant.volume, grant=grant)
         try:
@@ -200,6 +201,14 @@ class Scheduler:
             return None
         best: int = (min(fits) if self.policy == "binpack" else max(fits))[1]
         return best
+
+    def front_port(self, want: int, name: str) -> int:
+        """Reserves a front's port (an apply that adds or moves ``expose``)."""
+        return self._port(want, name)
+
+    def release_port(self, port: int) -> None:
+        """Gives back a port reserved with :meth:`front_port`."""
+        self._release_port(port)
 
     def _port(self, want: str | int, name: str) -> int:
         if want == "auto":

@@ -21,8 +21,8 @@ from typing import Any
 from corral._core import process_alive, process_start_time
 from corral.exceptions import StateDirError
 
-__all__ = ["DeploymentRow", "DeploymentStatus", "EventRow", "InstanceRow", "StateStore", "default_state_dir",
-           "private_file", "secure_state_dir"]
+__all__ = ["DeploymentRow", "DeploymentStatus", "EventRow", "InstanceRow", "SpecRow", "StateStore",
+           "default_state_dir", "private_file", "secure_state_dir"]
 
 
 def default_state_dir(spec_file: str | Path) -> Path:
@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     agent_start INTEGER,
     started_at REAL NOT NULL,
     updated_at REAL NOT NULL,
-    phases TEXT NOT NULL DEFAULT '[]'
+    phases TEXT NOT NULL DEFAULT '[]',
+    version INTEGER NOT NULL DEFAULT 1
 );
 CREATE TABLE IF NOT EXISTS instances (
     id TEXT NOT NULL,
@@ -102,7 +103,18 @@ CREATE TABLE IF NOT EXISTS instances (
     reason TEXT NOT NULL DEFAULT '',
     since REAL NOT NULL,
     log TEXT,
+    version INTEGER NOT NULL DEFAULT 1,
     PRIMARY KEY (deployment, id)
+);
+CREATE TABLE IF NOT EXISTS specs (
+    deployment TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    digest TEXT NOT NULL,
+    text TEXT NOT NULL,
+    state TEXT NOT NULL,
+    message TEXT NOT NULL DEFAULT '',
+    applied_at REAL NOT NULL,
+    PRIMARY KEY (deployment, version)
 );
 CREATE TABLE IF NOT EXISTS events (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -116,6 +128,13 @@ CREATE TABLE IF NOT EXISTS events (
     repeats INTEGER NOT NULL DEFAULT 1
 );
 """
+
+_ADDED_COLUMNS = (
+    ("events", "repeats", "INTEGER NOT NULL DEFAULT 1"),
+    ("instances", "version", "INTEGER NOT NULL DEFAULT 1"),
+    ("deployments", "version", "INTEGER NOT NULL DEFAULT 1"),
+)
+"""Columns newer than the first schema, added to an older state.db when it is opened."""
 
 
 @dataclass
@@ -131,6 +150,8 @@ class DeploymentRow:
     started_at: float = field(default_factory=time.time)
     updated_at: float = field(default_factory=time.time)
     phases: list[list[str]] = field(default_factory=list)
+    version: int = 1
+    """The spec version running (each apply that succeeds adds one)."""
 
     def agent_running(self) -> bool:
         """Whether the recorded agent is alive: its pid, with the same start time, and not a
@@ -161,6 +182,8 @@ class InstanceRow:
     reason: str = ""
     since: float = field(default_factory=time.time)
     log: str | None = None
+    version: int = 1
+    """The spec version it runs."""
 
     def is_running(self) -> bool:
         """Whether the recorded process is alive (its pid, with the same start time): what a
@@ -174,7 +197,7 @@ class InstanceRow:
             "pid": self.pid,
             "ports": self.ports, "cpus": self.cpus, "exclusive": self.exclusive, "numa_node": self.numa_node,
             "cpu": self.millicores / 1000, "memory_mb": self.memory_mb, "restarts": self.restarts,
-            "exit_code": self.exit_code, "reason": self.reason, "since": self.since,
+            "exit_code": self.exit_code, "reason": self.reason, "since": self.since, "version": self.version,
         }
 
 
@@ -186,7 +209,7 @@ class InstanceRow:
                    ports=dict(doc["ports"]), cpus=list(doc["cpus"]), exclusive=bool(doc["exclusive"]),
                    numa_node=doc["numa_node"], millicores=round(float(doc["cpu"]) * 1000),
                    memory_mb=int(doc["memory_mb"]), restarts=int(doc["restarts"]), exit_code=doc["exit_code"],
-                   reason=doc["reason"], since=float(doc["since"]))
+                   reason=doc["reason"], since=float(doc["since"]), version=int(doc.get("version", 1)))
 
 
 @dataclass
@@ -203,6 +226,8 @@ class DeploymentStatus:
     fronts: dict[str, dict[str, Any]] = field(default_factory=dict)
     """Per exposed service: its proxy's address and counters (``ProxyStats.to_dict()``); only
     while the agent runs, since they live in its memory."""
+    version: int = 1
+    """The spec version running (during a rollout, each instance says which it runs)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The ``corral status --json`` and ``GET /v1/status`` document."""
@@ -210,7 +235,7 @@ class DeploymentStatus:
             "name": self.name, "status": self.status, "message": self.message, "agent_pid": self.agent_pid,
             "agent_running": self.agent_running,
             "services": {s: [i.to_dict() for i in insts] for s, insts in self.services.items()},
-            "fronts": self.fronts,
+            "fronts": self.fronts, "version": self.version,
         }
 
     @classmethod
@@ -221,7 +246,7 @@ class DeploymentStatus:
                    agent_running=bool(doc.get("agent_running", False)),
                    services={s: [InstanceRow.from_dict(name, s, i) for i in insts]
                              for s, insts in doc["services"].items()},
-                   fronts=dict(doc.get("fronts", {})))
+                   fronts=dict(doc.get("fronts", {})), version=int(doc.get("version", 1)))
 
     @classmethod
     def from_rows(cls, row: DeploymentRow, instances: list[InstanceRow], agent_running: bool) -> DeploymentStatus:
@@ -229,7 +254,20 @@ class DeploymentStatus:
         services: dict[str, list[InstanceRow]] = {s: [] for phase in row.phases for s in phase}
         for i in instances:
             services.setdefault(i.service, []).append(i)
-        return cls(row.name, row.status, row.message, row.agent_pid, agent_running, services)
+        return cls(row.name, row.status, row.message, row.agent_pid, agent_running, services, version=row.version)
+
+
+@dataclass(frozen=True)
+class SpecRow:
+    """One applied (or tried) spec version."""
+
+    version: int
+    digest: str
+    text: str
+    state: str
+    """``applying``, ``applied``, ``failed`` (reverted), or ``superseded``."""
+    message: str
+    applied_at: float
 
 
 @dataclass(frozen=True)
@@ -280,9 +318,9 @@ class StateStore:
             self._db.execute("PRAGMA journal_mode = WAL")
             self._db.execute("PRAGMA synchronous = NORMAL")
             self._db.executescript(_SCHEMA)
-            columns = {r[1] for r in self._db.execute("PRAGMA table_info(events)")}
-            if "repeats" not in columns:  # a state.db from before event coalescing
-                self._db.execute("ALTER TABLE events ADD COLUMN repeats INTEGER NOT NULL DEFAULT 1")
+            for table, column, ddl in _ADDED_COLUMNS:  # a state.db from before these columns
+                if column not in {r[1] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
         except sqlite3.DatabaseError as e:
             raise StateDirError(f"state database {self.path} cannot be used ({e}); move it away to start "
                                 f"afresh") from None
@@ -320,11 +358,11 @@ class StateStore:
         self._instances, self._events = {}, []
         with self._tx():
             self._db.executemany(
-                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO instances VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 [(r.id, r.deployment, r.service, r.idx, r.state, int(r.healthy), r.pid, r.pid_start,
                   json.dumps(r.ports), json.dumps(r.cpus), int(r.exclusive), r.numa_node, r.millicores, r.memory_mb,
                   r.restarts,
-                  r.exit_code, r.reason, r.since, r.log) for r in rows])
+                  r.exit_code, r.reason, r.since, r.log, r.version) for r in rows])
             self._db.executemany(
                 "INSERT INTO events (at, deployment, instance, service, old, new, reason, repeats) "
                 "VALUES (?,?,?,?,?,?,?,?)", events)
@@ -343,9 +381,19 @@ class StateStore:
         row.updated_at = time.time()
         with self._tx():
             self._db.execute(
-                "INSERT OR REPLACE INTO deployments VALUES (?,?,?,?,?,?,?,?,?)",
+                "INSERT OR REPLACE INTO deployments (name, spec, status, message, agent_pid, agent_start, "
+                "started_at, updated_at, phases, version) VALUES (?,?,?,?,?,?,?,?,?,?)",
                 (row.name, row.spec, row.status, row.message, row.agent_pid, row.agent_start,
-                 row.started_at, row.updated_at, json.dumps(row.phases)))
+                 row.started_at, row.updated_at, json.dumps(row.phases), row.version))
+
+    def put_spec(self, deployment: str, version: int, digest: str, text: str, state: str,
+                 message: str = "") -> None:
+        """Records a spec version (``applying``, ``applied``, ``failed``, ``reverted``) now."""
+        with self._tx():
+            self._db.execute(
+                "INSERT INTO specs VALUES (?,?,?,?,?,?,?) ON CONFLICT (deployment, version) DO UPDATE SET "
+                "state = excluded.state, message = excluded.message",
+                (deployment, version, digest, text, state, message, time.time()))
 
     def delete_instance(self, deployment: str, instance: str) -> None:
         """Forgets one instance (it left the deployment)."""
@@ -372,16 +420,27 @@ class StateStore:
     @staticmethod
     def read_deployments(path: str | Path) -> list[DeploymentRow]:
         """Every deployment recorded."""
-        rows = _read(path, "SELECT * FROM deployments ORDER BY started_at", ())
+        rows = _read(path, "SELECT name, spec, status, message, agent_pid, agent_start, started_at, updated_at, "
+                           "phases, version FROM deployments ORDER BY started_at", ())
         return [DeploymentRow(name=r[0], spec=r[1], status=r[2], message=r[3], agent_pid=r[4], agent_start=r[5],
-                              started_at=r[6], updated_at=r[7], phases=json.loads(r[8])) for r in rows]
+                              started_at=r[6], updated_at=r[7], phases=json.loads(r[8]), version=r[9]) for r in rows]
+
+    @staticmethod
+    def read_specs(path: str | Path, deployment: str) -> list[SpecRow]:
+        """Every spec version recorded for a deployment, oldest first."""
+        rows = _read(path, "SELECT version, digest, text, state, message, applied_at FROM specs "
+                           "WHERE deployment = ? ORDER BY version", (deployment,))
+        return [SpecRow(*r) for r in rows]
 
     @staticmethod
     def read_instances(path: str | Path, deployment: str) -> list[InstanceRow]:
         """The instances of a deployment, by service then index."""
-        rows = _read(path, "SELECT * FROM instances WHERE deployment = ? ORDER BY service, idx", (deployment,))
+        rows = _read(path, "SELECT id, deployment, service, idx, state, healthy, pid, pid_start, ports, cpus, "
+                           "exclusive, numa_node, millicores, memory_mb, restarts, exit_code, reason, since, log, "
+                           "version FROM instances WHERE deployment = ? ORDER BY service, idx", (deployment,))
         return [InstanceRow(r[0], r[1], r[2], r[3], r[4], bool(r[5]), r[6], r[7], json.loads(r[8]),
-                            json.loads(r[9]), bool(r[10]), r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18])
+                            json.loads(r[9]), bool(r[10]), r[11], r[12], r[13], r[14], r[15], r[16], r[17], r[18],
+                            r[19])
                 for r in rows]
 
     @staticmethod
@@ -389,6 +448,12 @@ class StateStore:
         """Events with ``seq > after``, oldest first."""
         rows = _read(path, "SELECT * FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, limit))
         return [EventRow(*r) for r in rows]
+
+    @staticmethod
+    def last_version(path: str | Path, deployment: str) -> int:
+        """The newest spec version recorded for a deployment (0 when none)."""
+        rows = _read(path, "SELECT COALESCE(MAX(version), 0) FROM specs WHERE deployment = ?", (deployment,))
+        return int(rows[0][0]) if rows else 0
 
     @staticmethod
     def last_seq(path: str | Path) -> int:

@@ -70,12 +70,16 @@ class AgentClient:
 
     # --- the wire ---------------------------------------------------------------------
 
-    def request(self, method: str, target: str, timeout: float = 30.0) -> Any:
-        """A JSON request. Raises :class:`AgentUnavailable` when no agent answers, and the
-        agent's own error class when it answers with one."""
+    def request(self, method: str, target: str, timeout: float = 30.0, body: Any = None) -> Any:
+        """A JSON request (``body``, when given, is sent as JSON). Raises
+        :class:`AgentUnavailable` when no agent answers, and the agent's own error class when
+        it answers with one."""
         conn = _UnixConnection(self.path, timeout)
         try:
-            conn.request(method, target)
+            if body is None:
+                conn.request(method, target)
+            else:
+                conn.request(method, target, json.dumps(body).encode(), {"Content-Type": "application/json"})
             resp = conn.getresponse()
             body = json.loads(resp.read() or b"null")
         except (OSError, http.client.HTTPException, json.JSONDecodeError) as e:
@@ -188,6 +192,19 @@ class AgentClient:
         query = "&".join(f"service={quote(s)}" for s in services)
         self.request("POST", f"/v1/start?{query}", timeout=600)
 
+    def plan_changes(self, spec: Path) -> dict[str, Any]:
+        """What applying ``spec`` to the running stack would do: ``{"diff": ..., "lines": [...]}``
+        (the agent reads and checks the file; a bad one raises its SpecError)."""
+        res: dict[str, Any] = self.request("POST", "/v1/plan", timeout=60, body=_spec_body(spec))
+        return res
+
+    def apply(self, spec: Path, timeout: float = 24 * 3600.0) -> dict[str, Any]:
+        """Applies ``spec`` to the running stack and returns once the rollout has finished:
+        ``{"ok": true, "diff": ..., "lines": [...], "version": N}``. Raises the SpecError of a
+        bad spec (nothing changed) or the RolloutError of a rollout that failed."""
+        res: dict[str, Any] = self.request("POST", "/v1/apply", timeout=timeout, body=_spec_body(spec))
+        return res
+
     def down(self) -> int | None:
         """Stops the deployment. With an agent: asks it, then waits (up to 10 s) for it to
         exit, and returns None. Without one: stops what a dead agent left behind (SIGTERM, 5 s,
@@ -207,3 +224,12 @@ class AgentClient:
         while pid and process_alive(int(pid)) and time.monotonic() < deadline:
             time.sleep(0.01)
         return None
+
+
+def _spec_body(spec: Path) -> dict[str, str]:
+    """A spec file as a plan or apply request carries it: its absolute path and its text."""
+    try:
+        text = spec.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read {spec}: {e.strerror or e}") from None
+    return {"file": str(spec.resolve()), "text": text}

@@ -6,7 +6,9 @@ agent (:func:`run_agent`) serves it; :class:`~corral.agent.client.AgentClient` i
 Routes: ``GET /v1/status``, ``GET /v1/up`` (waits until ``up`` has finished: ``ok`` and the
 error), ``GET /v1/events?after=SEQ&limit=N`` (the event log by sequence number),
 ``POST /v1/restart?service=NAME``, ``POST /v1/scale?service=NAME&replicas=N``,
-``POST /v1/stop?service=A&service=B``, ``POST /v1/start?service=...``, ``POST /v1/down``, and
+``POST /v1/stop?service=A&service=B``, ``POST /v1/start?service=...``, ``POST /v1/down``,
+``POST /v1/plan`` and ``POST /v1/apply`` (body: ``{"file": PATH, "text": SPEC}``; plan answers
+the diff, apply carries it out and answers once the rollout has finished), and
 discovery: ``GET /v1/services``
 (every service) and ``GET /v1/services/NAME`` (one; ``?wait=GENERATION&timeout=S`` answers
 once the registry has moved past that generation, a long poll for clients that follow
@@ -46,11 +48,13 @@ from corral.state import secure_state_dir
 
 if TYPE_CHECKING:
     from corral.engine import Deployment
+    from corral.spec import DeploymentSpec
 
 __all__ = ["ControlServer", "run_agent", "socket_path"]
 
 
 Handler = Callable[[dict[str, list[str]]], Awaitable[tuple[int, Any]]]
+BodyHandler = Callable[[dict[str, list[str]], bytes], Awaitable[tuple[int, Any]]]
 
 _MAX_HEADERS = 16 * 1024
 
@@ -88,6 +92,10 @@ class ControlServer:
             ("POST", "/v1/start"): self._start_services,
             ("POST", "/v1/down"): self._down,
             ("GET", "/v1/services"): self._services,
+        }
+        self._body_routes: dict[tuple[str, str], BodyHandler] = {
+            ("POST", "/v1/plan"): self._plan,
+            ("POST", "/v1/apply"): self._apply,
         }
 
     async def start(self) -> None:
@@ -133,21 +141,23 @@ class ControlServer:
                 raise _Refused(503, f"more than {self.max_connections} connections at once")
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEADERS)
             try:
-                method, target = await asyncio.wait_for(self._read_request(conn, reader), self.header_timeout)
+                method, target, body = await asyncio.wait_for(self._read_request(conn, reader),
+                                                              self.header_timeout)
             except TimeoutError:
                 raise _Refused(408, f"the request did not arrive within {self.header_timeout:g}s") from None
             except h11.RemoteProtocolError as e:
                 raise _Refused(e.error_status_hint, f"malformed request: {e}") from None
         except _Refused as e:
             return e.status, {"error": to_wire(ConfigError(str(e)))}
-        return await self._dispatch(method, target)
+        return await self._dispatch(method, target, body)
 
-    async def _read_request(self, conn: Any, reader: asyncio.StreamReader) -> tuple[str, str]:
-        """The method and target of one whole request; a body (bounded) is read and dropped."""
+    async def _read_request(self, conn: Any, reader: asyncio.StreamReader) -> tuple[str, str, bytes]:
+        """The method, target and body (bounded) of one whole request."""
         import h11
 
         request: Any = None
         received = 0
+        body = bytearray()
         while True:
             event = conn.next_event()
             if event is h11.NEED_DATA:
@@ -165,24 +175,29 @@ class ControlServer:
                 received += len(event.data)
                 if received > self.max_body:
                     raise _Refused(413, f"request body over {self.max_body} bytes")
+                body += event.data
             elif isinstance(event, h11.EndOfMessage):
-                return request.method.decode("ascii"), request.target.decode("ascii")
+                return request.method.decode("ascii"), request.target.decode("ascii"), bytes(body)
             elif isinstance(event, h11.ConnectionClosed):
                 raise ConnectionError("closed mid-request")
 
-    async def _dispatch(self, method: str, target: str) -> tuple[int, Any]:
+    async def _dispatch(self, method: str, target: str, body: bytes = b"") -> tuple[int, Any]:
         url = urlsplit(target)
         try:
             query = parse_qs(url.query, strict_parsing=bool(url.query), max_num_fields=32)
         except ValueError as e:
             return 400, {"error": to_wire(ConfigError(f"malformed query: {e}"))}
         handler = self._routes.get((method, url.path))
+        with_body = self._body_routes.get((method, url.path))
         if handler is None and method == "GET" and url.path.startswith("/v1/services/"):
             handler = self._service
             query["name"] = [url.path.removeprefix("/v1/services/")]
-        if handler is None:
+        if handler is None and with_body is None:
             return 404, {"error": to_wire(ConfigError(f"no route {method} {url.path}"))}
         try:
+            if with_body is not None:
+                return await with_body(query, body)
+            assert handler is not None
             return await handler(query)
         except UnknownService as e:
             return 404, {"error": to_wire(e)}
@@ -245,6 +260,39 @@ class ControlServer:
         for service in q.get("service", []):
             await self.deployment.start_service(service)
         return 200, {"ok": True}
+
+    def _new_spec(self, body: bytes) -> tuple[DeploymentSpec, str]:
+        """The spec a plan or apply request carries: its text, parsed here, with the file it
+        came from (relative paths, ``env_file``) as its name."""
+        from corral.spec import parse_spec
+
+        try:
+            doc = json.loads(body or b"null")
+        except (ValueError, UnicodeDecodeError) as e:
+            raise ConfigError(f"request body: not JSON ({e})") from None
+        if not (isinstance(doc, dict) and isinstance(doc.get("text"), str) and isinstance(doc.get("file"), str)):
+            raise ConfigError('request body: expected {"file": PATH, "text": SPEC}')
+        return parse_spec(doc["text"], doc["file"]), doc["file"]
+
+    async def _plan(self, _q: dict[str, list[str]], body: bytes) -> tuple[int, Any]:
+        await self._up_finished()
+        spec, _ = self._new_spec(body)
+        diff = self.deployment.plan_changes(spec)
+        return 200, {"diff": diff.to_dict(), "lines": diff.lines()}
+
+    async def _apply(self, _q: dict[str, list[str]], body: bytes) -> tuple[int, Any]:
+        await self._up_finished()
+        spec, file = self._new_spec(body)
+        diff = await self.deployment.apply(spec, file)
+        return 200, {"ok": True, "diff": diff.to_dict(), "lines": diff.lines(),
+                     "version": self.deployment.journal.row.version}
+
+    async def _up_finished(self) -> None:
+        """A change waits for ``up`` to finish (and is refused when it failed)."""
+        if self.up_task is None or not self.up_task.done():
+            raise CorralError("the stack is still coming up; try again once 'corral up' has finished")
+        if self.up_task.cancelled() or self.up_task.exception() is not None:
+            raise CorralError("the stack failed to come up; nothing to change")
 
     async def _down(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
         self.stop.set()

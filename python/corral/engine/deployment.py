@@ -23,17 +23,27 @@ from pathlib import Path
 from typing import Any
 
 from corral._core import Authority, IssuedCert, PortAllocator, Proxy, ResourceManager, Supervisor, Topology
+from corral.engine.diff import SpecDiff, diff_specs, effective, spec_hash
+from corral.engine.fleet import Fleet
 from corral.engine.hooks import CgroupsHook, FrontsHook, Hook, MeshHook, VolumesHook
-from corral.engine.instance import STARTED, UP, InstanceRuntime, placement_text, settled
+from corral.engine.instance import STARTED, UP, InstanceRuntime, placement_text
 from corral.engine.journal import Journal
 from corral.engine.launch import Launcher
+from corral.engine.rollout import Replaced, RollFailed, new_id, revert, roll
 from corral.engine.stack import Stack
 from corral.engine.verdicts import Verdicts
-from corral.exceptions import AgentAlreadyRunning, ConfigError, CorralError, DeploymentError, UnknownService
+from corral.exceptions import (
+    AgentAlreadyRunning,
+    ConfigError,
+    CorralError,
+    DeploymentError,
+    RolloutError,
+    UnknownService,
+)
 from corral.leftovers import PID_LOG, live_agent, stop_leftovers
 from corral.lifecycle import State, Transition
 from corral.recovery import BackoffRestart, Exit, RestartStrategy, RollbackStrategy
-from corral.scheduler import Plan, Scheduler, volume_paths
+from corral.scheduler import Plan, Scheduler, check_fit, phases, volume_paths
 from corral.spec import DeploymentSpec, load_spec
 from corral.state import DeploymentStatus, EventRow, InstanceRow, default_state_dir
 
@@ -76,13 +86,23 @@ class Deployment:
         self._mesh = MeshHook()
         self._fronts = FrontsHook({}, self._mesh)
         self._cgroups = CgroupsHook(Path(cgroup_root or os.environ.get("CORRAL_CGROUP_ROOT", "/sys/fs/cgroup")))
-        self._hooks: list[Hook] = [VolumesHook(self._volumes), self._cgroups, self._mesh, self._fronts]
+        self._vols = VolumesHook(self._volumes)
+        self._hooks: list[Hook] = [self._vols, self._cgroups, self._mesh, self._fronts]
         self.launcher = Launcher(self._stack, on_spawn_error=self._spawn_failed, on_healthy=self._healthy,
                                  mesh=self._identity, log_max=spec.logs.max_size, log_keep=spec.logs.keep)
         self.verdicts = Verdicts(self._stack, self.launcher,
                                  restart_strategy or BackoffRestart({n: s.restart for n, s in spec.services.items()}))
+        self.fleet = Fleet(self._stack, self.launcher, self.verdicts, self.scheduler, self._cgroups, self._fronts,
+                           self._volumes)
         self._pump: asyncio.Task[None] | None = None
         self._ran = False
+        self._changing = asyncio.Lock()
+        """One change at a time: apply, scale, restart, stop, start."""
+        self._configs: dict[str, dict[str, Any]] = {}
+        """Each service's effective configuration as its instances run it (env_file contents then)."""
+        self._versions: dict[str, int] = {}
+        """The spec version whose configuration of each service its instances run."""
+        self._first_version = 1
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Deployment:
@@ -140,12 +160,18 @@ class Deployment:
         journal.open()
         self._clean_stale()
         plan = self.make_plan()
+        self.fleet.plan = plan
         journal.begin(plan.phases)
+        self._first_version = version = journal.next_version()
+        journal.spec(version, spec_hash(self.spec), self.spec.text, "applied", f"up {self.file.name}")
+        base = self.file.resolve().parent
+        self._configs = {n: effective(s, base) for n, s in self.spec.services.items()}
+        self._versions = dict.fromkeys(self.spec.services, version)
         journal.status("starting", event=(None, f"up {self.file.name}: {sum(1 for _ in plan.instances())} "
                                                 f"instances in {len(plan.phases)} phases"))
         for p in plan.instances():
             inst = InstanceRuntime(p, self.spec.services[p.service], self.state_dir / "logs" / f"{p.id}.log",
-                                   stack.on_transition)
+                                   stack.on_transition, version)
             stack.add(inst)
             inst.life.to(State.PLACED, placement_text(p))
         self._fronts.ports = dict(plan.fronts)
@@ -195,6 +221,8 @@ class Deployment:
             hook.stopping(stack)
         for phase in reversed(self.plan.phases):
             await asyncio.gather(*(self._stop(i, "down") for s in phase for i in stack.by_service.get(s, [])))
+        # What a change in flight added outside the phases (an apply interrupted by down).
+        await asyncio.gather(*(self._stop(i, "down") for i in list(stack.instances.values()) if i.state.alive))
         self._release()
         self.journal.status("down", event=("stopping", "every process stopped"))
         self._close()
@@ -205,33 +233,22 @@ class Deployment:
         (failed, or not up within its ``start_timeout``) stops the rollout: raises
         :class:`~corral.exceptions.DeploymentError` naming it and why; the replicas after it
         are not touched."""
-        replicas = self._service(service)
-        for done, inst in enumerate(replicas):
-            self.restart_strategy.forget(inst.id)
-            await self._stop(inst, "restart requested")
-            inst.restarts += 1
-            self.launcher.start([inst], "restart requested")
-            failed = await self._first_not_up([inst], inst.svc.start_timeout)
-            if failed is not None:
-                # The rest keep running the old way: a rollout that fails stops where it failed.
-                self.journal.flush()
-                raise DeploymentError(f"restart of {service} stopped at {inst.id}: it is {inst.state.value} "
-                                      f"({failed[1]}); {done} of {len(replicas)} replicas restarted, the others "
-                                      f"left as they were")
-        self.journal.flush()
+        async with self._changing:
+            replicas = list(self._service(service))
+            for done, inst in enumerate(replicas):
+                await self._stop(inst, "restart requested")
+                inst.restarts += 1
+                self.fleet.start([inst], "restart requested")
+                failed = await self.fleet.first_not_up([inst], inst.svc.start_timeout)
+                if failed is not None:
+                    # The rest keep running the old way: a rollout that fails stops where it failed.
+                    self.journal.flush()
+                    raise DeploymentError(f"restart of {service} stopped at {inst.id}: it is {inst.state.value} "
+                                          f"({failed[1]}); {done} of {len(replicas)} replicas restarted, the "
+                                          f"others left as they were")
+            self.journal.flush()
 
     # --- one service at a time -------------------------------------------------------
-
-    async def _first_not_up(self, insts: list[InstanceRuntime], timeout: float) -> tuple[InstanceRuntime, str] | None:
-        """Waits (at most ``timeout``) until each of ``insts`` is up or failed; returns the
-        first that is not up and why, or None when all are."""
-        in_time = await self._stack.wait(lambda: all(settled(i) for i in insts), timeout)
-        bad = next((i for i in insts if i.state not in UP), None)
-        if bad is None:
-            return None
-        if in_time and bad.reason:
-            return bad, bad.reason
-        return bad, f"not up within {timeout:g}s" + (f": {bad.reason}" if bad.reason else "")
 
     def _service(self, name: str) -> list[InstanceRuntime]:
         if name not in self.spec.services:
@@ -240,99 +257,296 @@ class Deployment:
             raise CorralError(f"deployment {self.name!r} is not running")
         return self._stack.by_service[name]
 
+    def _slots(self, service: str, indices: list[int]) -> list[tuple[int, str]]:
+        """Ids for new instances of ``service``: ``<service>-<i>`` while it runs the version
+        it came up with, ``<service>-<i>-v<version>`` after an apply replaced it."""
+        version = self._versions[service]
+        if version == self._first_version:
+            return [(i, f"{service}-{i}") for i in indices]
+        return [(i, new_id(service, i, version)) for i in indices]
+
     async def scale(self, service: str, replicas: int) -> None:
         """Runs ``replicas`` instances of ``service``. New ones are placed through the ledgers
         (all or none: :class:`~corral.exceptions.ConfigError` naming what is short, and
         nothing changes), started, probed, registered and put behind the front; the call
         returns once they meet their condition (:class:`DeploymentError`, with the new ones
         stopped again, when they do not). Scaling down drains and stops the highest-numbered
-        instances first, and returns their resources and ports."""
-        insts = self._service(service)
-        if not 0 <= replicas <= 10000:
-            raise ConfigError(f"replicas: {replicas} is not from 0 to 10000")
-        svc = self.spec.services[service]
-        if replicas > len(insts):
-            if replicas > 1 and any(p != "auto" for p in svc.ports.values()):
-                raise ConfigError(f"{service} has a fixed port: it cannot run {replicas} replicas")
-            assert self.plan is not None
-            placed = []
-            try:
-                for i in range(len(insts), replicas):
-                    placed.append(self.scheduler.place_one(service, i, svc, self._volumes.get(service)))
-            except CorralError as e:
-                for p in placed:
-                    self.scheduler.release_one(p)
-                raise ConfigError(f"cannot scale {service} to {replicas}: {e}") from None
-            new = []
-            for p in placed:
-                inst = InstanceRuntime(p, svc, self.state_dir / "logs" / f"{p.id}.log", self._stack.on_transition)
-                self._stack.add(inst)
-                self.plan.placements[service].append(p)
-                inst.life.to(State.PLACED, placement_text(p))
-                new.append(inst)
-            for w in self._cgroups.add(new):
-                self._stack.warn(w)
-            self.journal.note(f"scale {service}: {len(insts) - len(new)} -> {replicas}")
-            self.launcher.start(new, f"scaled to {replicas}")
-            failed = await self._first_not_up(new, svc.start_timeout)
-            if failed is not None:
-                bad, why = failed
-                await self._shrink(service, len(insts) - len(new), f"scale-up failed: {why}")
-                raise DeploymentError(f"scale {service} to {replicas}: {bad.id} is {bad.state.value} ({why}); "
-                                      f"the new instances were stopped again")
-        elif replicas < len(insts):
-            self.journal.note(f"scale {service}: {len(insts)} -> {replicas}")
-            await self._shrink(service, replicas, f"scaled to {replicas}")
-        self.journal.flush()
-
-    async def _shrink(self, service: str, keep: int, reason: str) -> None:
-        """Stops and forgets the instances of ``service`` past the first ``keep``, the
-        highest-numbered first."""
-        assert self.plan is not None
-        insts = self._stack.by_service[service]
-        for inst in reversed(insts[keep:]):
-            await self._stop(inst, reason)
-            self._cgroups.forget(inst)
-            self.scheduler.release_one(inst.p)
-            self._stack.remove(inst)
-            self.journal.forget(inst.id)
-            self.plan.placements[service] = [p for p in self.plan.placements[service] if p.id != inst.id]
+        instances first, and returns their resources and ports. The count holds until the
+        next apply, where the spec's wins."""
+        async with self._changing:
+            insts = self._service(service)
+            if not 0 <= replicas <= 10000:
+                raise ConfigError(f"replicas: {replicas} is not from 0 to 10000")
+            svc = self.spec.services[service]
+            have = len(insts)
+            if replicas > have:
+                if replicas > 1 and any(p != "auto" for p in svc.ports.values()):
+                    raise ConfigError(f"{service} has a fixed port: it cannot run {replicas} replicas")
+                taken = {i.p.index for i in insts}
+                free = [i for i in range(replicas + have) if i not in taken][:replicas - have]
+                try:
+                    new = self.fleet.place(service, svc, self._slots(service, free), self._versions[service])
+                except ConfigError as e:
+                    raise ConfigError(f"cannot scale {service} to {replicas}: {e}") from None
+                self.journal.note(f"scale {service}: {have} -> {replicas}")
+                self.fleet.start(new, f"scaled to {replicas}")
+                failed = await self.fleet.first_not_up(new, svc.start_timeout)
+                if failed is not None:
+                    bad, why = failed
+                    await self.fleet.retire(new, f"scale-up failed: {why}")
+                    raise DeploymentError(f"scale {service} to {replicas}: {bad.id} is {bad.state.value} ({why}); "
+                                          f"the new instances were stopped again")
+            elif replicas < have:
+                self.journal.note(f"scale {service}: {have} -> {replicas}")
+                await self.fleet.shrink(service, replicas, f"scaled to {replicas}")
+            self.journal.flush()
 
     async def stop_service(self, service: str) -> list[str]:
         """Stops every instance of ``service`` by its shutdown rule; it stays in the stack,
         ``stopped``, keeping its placement, until :meth:`start_service`. Dependents keep
         running: their names come back (as compose warns about them)."""
-        insts = self._service(service)
-        await asyncio.gather(*(self._stop(i, "stopped by request") for i in insts))
-        dependents = [n for n, s in self.spec.services.items() if service in s.depends_on]
-        if dependents:
-            self._stack.warn(f"{service} stopped; {', '.join(dependents)} depend on it and keep running")
-        self.journal.flush()
-        return dependents
+        async with self._changing:
+            insts = self._service(service)
+            await asyncio.gather(*(self._stop(i, "stopped by request") for i in insts))
+            dependents = [n for n, s in self.spec.services.items() if service in s.depends_on]
+            if dependents:
+                self._stack.warn(f"{service} stopped; {', '.join(dependents)} depend on it and keep running")
+            self.journal.flush()
+            return dependents
 
     async def start_service(self, service: str) -> None:
         """Starts the stopped (or failed, or completed) instances of ``service`` and returns
         once they meet their condition (:class:`DeploymentError` naming the first that
         does not)."""
-        insts = self._service(service)
-        todo = [i for i in insts if i.state.terminal]
-        for inst in todo:
-            self.restart_strategy.forget(inst.id)
-        if todo:
-            self.launcher.start(todo, "started by request")
-        failed = await self._first_not_up(todo, self.spec.services[service].start_timeout)
-        self.journal.flush()
-        if failed is not None:
-            bad, why = failed
-            raise DeploymentError(f"start {service}: {bad.id} is {bad.state.value} ({why})")
+        async with self._changing:
+            insts = self._service(service)
+            todo = [i for i in insts if i.state.terminal]
+            self.fleet.start(todo, "started by request")
+            failed = await self.fleet.first_not_up(todo, self.spec.services[service].start_timeout)
+            self.journal.flush()
+            if failed is not None:
+                bad, why = failed
+                raise DeploymentError(f"start {service}: {bad.id} is {bad.state.value} ({why})")
+
+    # --- apply: a changed spec on the running stack ----------------------------------------
+
+    def plan_changes(self, spec: DeploymentSpec) -> SpecDiff:
+        """What :meth:`apply` would do with ``spec``, nothing changed: the diff per service,
+        which replaced services fall back to stop-first (a trial placement of one extra
+        instance on the live ledgers), which dependents keep stale addresses. Raises the
+        :class:`~corral.exceptions.SpecError` of a change that cannot be made or does not
+        fit this machine."""
+        if self.plan is None or self._stack.down:
+            raise CorralError(f"deployment {self.name!r} is not running")
+        base = self.file.resolve().parent
+        running = {n: len(i) for n, i in self._stack.by_service.items() if n in self.spec.services}
+        diff = diff_specs(self.spec, self._configs, spec, base, running)
+        diff.version = self.journal.row.version
+        check_fit(spec, base, self.topology)
+        volumes = volume_paths(spec, base)
+        for c in diff.changed:
+            if c.change != "replace" or c.order != "start-first" or c.replicas[0] == 0:
+                continue
+            svc = spec.services[c.name]
+            if volumes.get(c.name) != self._volumes.get(c.name):
+                continue  # a new volume: the ledger learns of it at apply
+            try:
+                trial = self.scheduler.place_one(c.name, 0, svc, volumes.get(c.name), iid=f"{c.name}-surge")
+            except CorralError as e:
+                c.fallback, c.order = str(e), "stop-first"
+            else:
+                self.scheduler.release_one(trial)
+        return diff
+
+    async def apply(self, spec: DeploymentSpec, file: str | Path | None = None) -> SpecDiff:
+        """Makes the running stack what ``spec`` says, changing only what changed (see
+        :mod:`corral.engine.diff`): unchanged services keep their processes, front changes
+        apply in place, replaced services roll by their ``update:`` block, new services
+        start in dependency order, removed ones stop. A spec that cannot be applied or does
+        not fit raises its :class:`~corral.exceptions.SpecError` (or
+        :class:`~corral.exceptions.ConfigError`) with nothing changed. A rollout that fails
+        raises :class:`~corral.exceptions.RolloutError` naming the service, the instance
+        and why; with ``auto_revert`` (the default) everything this apply changed is rolled
+        back first, and the running spec stays the previous one. Returns the diff applied."""
+        async with self._changing:
+            diff = self.plan_changes(spec)
+            if diff.empty:
+                self.journal.note("apply: no changes")
+                return diff
+            version = self.journal.next_version()
+            self.journal.spec(version, diff.digest, spec.text, "applying")
+            self.journal.note(f"apply v{version}: " + "; ".join(diff.lines()))
+            old, old_file, old_versions, old_configs = self.spec, self.file, dict(self._versions), dict(self._configs)
+            added = self._place_added(spec, diff, version)  # all or none: nothing has changed yet
+            self._switch(spec, Path(file) if file is not None else self.file)
+            done: dict[str, list[Replaced]] = {}
+            try:
+                await self._carry_out(diff, spec, version, added, done)
+            except RollFailed as e:
+                service = e.service
+                svc = spec.services[service]
+                why = f"apply v{version} failed at {e.instance} ({service}): {e.reason}"
+                self.journal.note(why, service=service)
+                reverted = svc.update.auto_revert
+                if reverted:
+                    await self._revert(diff, done, added, old, old_file, old_versions, old_configs, why)
+                self.journal.spec(version, diff.digest, spec.text, "failed" if reverted else "partial", why)
+                self.journal.flush()
+                tail = ("; reverted: the previous version runs" if reverted else
+                        "; auto_revert is off: what was replaced stays replaced")
+                raise RolloutError(why + tail, service, e.instance, e.reason, reverted) from None
+            for c in diff.changed:
+                if c.change in ("replace", "scale") and c.replicas[1] < c.replicas[0]:
+                    await self.fleet.shrink(c.name, c.replicas[1], f"apply v{version}: {c.name} scaled to "
+                                                                    f"{c.replicas[1]}")
+            for c in reversed(diff.services):
+                if c.change == "removed":
+                    await self._remove(c.name, version)
+            assert self.plan is not None
+            self.plan.phases = phases(spec)
+            self.journal.row.phases = self.plan.phases
+            self.journal.spec(version, diff.digest, spec.text, "applied")
+            self.journal.status("up", "", event=("up", f"apply v{version} done"))
+            self.journal.flush()
+            return diff
+
+    def _place_added(self, spec: DeploymentSpec, diff: SpecDiff, version: int) -> dict[str, list[InstanceRuntime]]:
+        """Places the new services' instances and the scale-ups, all or none: the
+        :class:`SpecError` of the service that does not fit, everything given back."""
+        added: dict[str, list[InstanceRuntime]] = {}
+        volumes = volume_paths(spec, self.file.resolve().parent)
+        for c in diff.changed:
+            if not (c.change == "added" or (c.change == "scale" and c.replicas[1] > c.replicas[0])):
+                continue
+            have = self._stack.by_service.get(c.name, [])
+            taken = {i.p.index for i in have}
+            free = [i for i in range(c.replicas[1] + len(taken)) if i not in taken][:c.replicas[1] - len(have)]
+            try:
+                if c.change == "added":
+                    self._vols.add(self._stack, {c.name: volumes[c.name]} if c.name in volumes else {})
+                    slots, ver = [(i, f"{c.name}-{i}") for i in free], version
+                else:
+                    slots, ver = self._slots(c.name, free), self._versions[c.name]
+                added[c.name] = self.fleet.place(c.name, spec.services[c.name], slots, ver)
+            except (ConfigError, OSError) as e:
+                for insts in added.values():
+                    for inst in insts:
+                        inst.life.to(State.STOPPED, "apply refused")
+                        self.fleet.forget(inst)
+                for name in added:
+                    if diff.get(name).change == "added":
+                        self._stack.by_service.pop(name, None)
+                raise spec.error(("services", c.name, "resources"), f"does not fit now: {e}") from None
+        return added
+
+    def _switch(self, spec: DeploymentSpec, file: Path) -> None:
+        """The deployment follows ``spec`` from here: fronts, mesh, volumes, restart rules,
+        logs and events settings; instances keep the configuration they were started with."""
+        old = self.spec
+        self.spec = self._stack.spec = spec
+        self.file = file
+        base = file.resolve().parent
+        self._vols.add(self._stack, volume_paths(spec, base))
+        if any(s.mtls for s in spec.services.values()):
+            self._mesh.extend(self._stack)
+        for name, svc in spec.services.items():
+            self._stack.by_service.setdefault(name, [])
+            if isinstance(self.restart_strategy, BackoffRestart):
+                self.restart_strategy.set_rule(name, svc.restart)
+            before = old.services.get(name)
+            if before is None or (before.expose, before.balance, before.mtls, before.allow) != \
+                    (svc.expose, svc.balance, svc.mtls, svc.allow):
+                self._front(name, svc.expose)
+        for name in old.services:
+            if name not in spec.services:
+                self._front(name, None)
+        self.launcher.set_logs(spec.logs.max_size, spec.logs.keep)
+        self.journal.set_retention(spec.events.max_rows, spec.events.max_age)
+        self.scheduler.policy = spec.scheduler
+
+    def _front(self, name: str, expose: int | None) -> None:
+        """Puts ``name``'s front where ``expose`` says (None: no front)."""
+        assert self.plan is not None
+        port = self.plan.fronts.get(name)
+        if expose is not None and port != expose:
+            port = self.scheduler.front_port(expose, f"{name}.front")
+        elif expose is None:
+            port = None
+        replaced = self._fronts.reconfigure(self._stack, name, port)
+        if replaced is not None:
+            self.scheduler.release_port(replaced.port)
+        if port is None:
+            self.plan.fronts.pop(name, None)
+        else:
+            self.plan.fronts[name] = port
+
+    async def _carry_out(self, diff: SpecDiff, spec: DeploymentSpec, version: int,
+                         added: dict[str, list[InstanceRuntime]], done: dict[str, list[Replaced]]) -> None:
+        """New services, scale-ups and rollouts, phase by phase of the new spec (so a
+        dependency is replaced before its ``restart: true`` dependents). ``done`` collects
+        each service's steps, for a revert."""
+        base = self.file.resolve().parent
+        for phase in phases(spec):
+            for name in phase:
+                c = diff.get(name)
+                svc = spec.services[name]
+                steps = done.setdefault(name, [])
+                try:
+                    if c.change == "replace":
+                        try:
+                            steps += await roll(self.fleet, name, svc, version, c.replicas[1], c.fallback)
+                        except RollFailed as e:
+                            steps += e.done
+                            raise
+                        self._versions[name] = version
+                    elif name in added:
+                        steps += [Replaced(name, i.p.index, None, None, i.version, i) for i in added[name]]
+                        self.fleet.start(added[name], f"apply v{version}")
+                        bad = await self.fleet.counted(added[name], svc.update.min_healthy_time,
+                                                       min(svc.update.healthy_deadline, svc.start_timeout))
+                        if bad is not None:
+                            raise RollFailed(bad[0].id, bad[1], steps)
+                        if c.change == "added":
+                            self._versions[name] = version
+                except RollFailed as e:
+                    e.service = name
+                    raise
+                if c.change != "unchanged":
+                    self._configs[name] = effective(svc, base)
+
+    async def _revert(self, diff: SpecDiff, done: dict[str, list[Replaced]], added: dict[str, list[InstanceRuntime]],
+                      old: DeploymentSpec, old_file: Path, old_versions: dict[str, int],
+                      old_configs: dict[str, dict[str, Any]], why: str) -> None:
+        """Undoes an apply that failed: the old spec's fronts, volumes, rules and settings
+        first, then each rollout back (the last first), then the new instances stopped."""
+        self._switch(old, old_file)
+        for name in reversed(list(done)):
+            for problem in await revert(self.fleet, done[name], why):
+                self._stack.warn(problem)
+        for insts in added.values():
+            await self.fleet.retire([i for i in insts if i.id in self._stack.instances], f"revert: {why}")
+        for c in diff.services:
+            if c.change == "added":
+                self._stack.by_service.pop(c.name, None)
+        self._configs, self._versions = old_configs, old_versions
+
+    async def _remove(self, name: str, version: int) -> None:
+        """A service the new spec dropped: stopped by its shutdown rule, everything it held
+        given back."""
+        await self.fleet.retire(list(self._stack.by_service.get(name, [])), f"apply v{version}: {name} removed")
+        self._stack.by_service.pop(name, None)
+        self._configs.pop(name, None)
+        self._versions.pop(name, None)
+        self.journal.note(f"apply v{version}: {name} removed", service=name)
 
     def status(self) -> DeploymentStatus:
         """The deployment now."""
         row = self.journal.row
         st = DeploymentStatus(self.name, row.status, row.message, row.agent_pid,
-                              agent_running=self._pump is not None)
-        for name in self.spec.services:
-            st.services[name] = [i.row(self.name) for i in self._stack.by_service.get(name, [])]
+                              agent_running=self._pump is not None, version=row.version)
+        for name in [*self.spec.services, *(n for n in self._stack.by_service if n not in self.spec.services)]:
+            st.services[name] = sorted((i.row(self.name) for i in self._stack.by_service.get(name, [])),
+                                       key=lambda r: (r.idx, r.version))
         st.fronts = {name: front.stats().to_dict() for name, front in self._fronts.fronts.items()}
         return st
 
@@ -409,7 +623,8 @@ class Deployment:
             return all(i.state in want for i in insts)
 
         if not await self._stack.wait(met, timeout):
-            states = ", ".join(f"{i.id} {i.state.value}" + (f" ({i.reason})" if i.reason else "") for i in insts)
+            states = ", ".join(f"{i.id} {i.state.value}" + (f" ({i.reason or i.probe_message})"
+                                                             if i.reason or i.probe_message else "") for i in insts)
             what = f"{name} not up within {timeout:g}s" if waiter is None else f"{who}it did not get there in time"
             raise DeploymentError(f"{what}: {states}")
 
@@ -429,9 +644,7 @@ class Deployment:
         return self._mesh.certs.get(service), self._mesh.ca
 
     async def _stop(self, inst: InstanceRuntime, reason: str) -> None:
-        self.restart_strategy.forget(inst.id)
-        drain = inst.p.service in self._fronts.fronts and not self._stack.down
-        await self.launcher.stop(inst, reason, drain=drain)
+        await self.fleet.stop(inst, reason)
 
     # --- the end --------------------------------------------------------------------
 

@@ -21,7 +21,7 @@ from corral.engine.instance import InstanceRuntime
 from corral.engine.stack import Stack
 from corral.exceptions import CorralError
 from corral.identity import credentials
-from corral.lifecycle import State, Transition
+from corral.lifecycle import State
 
 __all__ = ["CgroupsHook", "FrontsHook", "Hook", "MeshHook", "VolumesHook"]
 
@@ -55,6 +55,14 @@ class VolumesHook(Hook):
             path.mkdir(parents=True, exist_ok=True)
         return []
 
+    def add(self, stack: Stack, volumes: dict[str, Path]) -> None:
+        """Volumes of services an apply adds (or moves): created, and known to the ledger."""
+        for name, path in volumes.items():
+            if self.volumes.get(name) != path:
+                path.mkdir(parents=True, exist_ok=True)
+                stack.resources.add_volume(str(path), str(path))
+                self.volumes[name] = path
+
 
 class CgroupsHook(Hook):
     """One memory cgroup per instance that asks for memory; a warning, once, when the machine
@@ -65,27 +73,31 @@ class CgroupsHook(Hook):
     def __init__(self, root: Path) -> None:
         self.root = root
         self.cgroups: Cgroups | None = None
+        self._name = ""
+        self._unavailable: str | None = None
 
     def prerun(self, stack: Stack) -> list[str]:
-        wants = [i for i in stack.instances.values() if i.svc.resources.memory or i.svc.resources.memory_max]
-        if not wants:
-            return []
-        cg = Cgroups.detect(self.root, f"corral/{stack.name}")
-        if cg.mode == "unavailable":
-            names = sorted({i.p.service for i in wants})
-            return [f"memory limits not enforced ({cg.reason}); {', '.join(names)} run without them"]
-        self.cgroups = cg
-        return self.add(wants)
+        self._name = stack.name
+        return self.add(list(stack.instances.values()))
 
     def add(self, insts: list[InstanceRuntime]) -> list[str]:
-        """Cgroups for instances placed after start (a scale-up); returns warnings."""
-        if self.cgroups is None:
+        """Cgroups for these instances (at up, and for those placed later: a scale-up, an
+        apply); returns warnings. The controller is looked for on first need."""
+        wants = [i for i in insts if i.svc.resources.memory or i.svc.resources.memory_max]
+        if not wants:
             return []
+        if self.cgroups is None and self._unavailable is None:
+            cg = Cgroups.detect(self.root, f"corral/{self._name}")
+            if cg.mode == "unavailable":
+                self._unavailable = cg.reason
+            else:
+                self.cgroups = cg
+        if self.cgroups is None:
+            names = sorted({i.p.service for i in wants})
+            return [f"memory limits not enforced ({self._unavailable}); {', '.join(names)} run without them"]
         warnings = []
-        for inst in insts:
+        for inst in wants:
             r = inst.svc.resources
-            if not (r.memory or r.memory_max):
-                continue
             try:
                 inst.cgroup = self.cgroups.create(inst.id, max=r.memory_max or r.memory,
                                                   low=r.memory if r.memory_max else None, swap=r.swap)
@@ -128,6 +140,17 @@ class MeshHook(Hook):
         stack.journal.note(f"mesh: {len(self.certs)} certificates from {self.ca.ca_path}")
         self._rotation = asyncio.get_running_loop().create_task(self._rotate(stack), name="corral-certs")
         return []
+
+    def extend(self, stack: Stack) -> None:
+        """After an apply: the mesh starts when the new spec first asks for it, and services
+        new to it get their certificates (processes already running see them from their
+        next start)."""
+        if self.ca is None:
+            self.prerun(stack)
+            return
+        for name in stack.spec.services:
+            if name not in self.certs:
+                self.certs[name] = self._issue(stack, name)
 
     def _issue(self, stack: Stack, name: str) -> IssuedCert:
         """Issues ``name``'s certificate; a service that runs as another user (``user:``)
@@ -181,28 +204,51 @@ class FrontsHook(Hook):
 
     def prerun(self, stack: Stack) -> list[str]:
         for name, port in self.ports.items():
-            svc = stack.spec.services[name]
-            tls: dict[str, Any] = {}
-            if svc.mtls:
-                assert self.mesh.ca is not None
-                cert = self.mesh.certs[name]
-                tls = {"ca_pem": self.mesh.ca.ca_pem, "cert_pem": cert.cert_pem, "key_pem": cert.key_pem,
-                       "allow": [self.mesh.ca.spiffe_id(s) for s in svc.allow]}
-            try:
-                self.fronts[name] = Proxy(stack.host, port, strategy=svc.balance, **tls)
-            except OSError as e:
-                raise stack.spec.error(("services", name, "expose"), f"cannot listen on {stack.host}:{port}: "
-                                       f"{e.strerror or e}") from None
+            self.fronts[name] = self._bind(stack, name, port)
         self.mesh.present_on(self.fronts)
-        if self.fronts:
-            stack.listeners.append(lambda t: self._follow(stack, t))
+        stack.listeners.append(lambda t: self._follow(stack, t.service))
         return []
 
-    def _follow(self, stack: Stack, t: Transition) -> None:
-        front = self.fronts.get(t.service)
+    def _tls(self, stack: Stack, name: str) -> dict[str, Any]:
+        svc = stack.spec.services[name]
+        if not svc.mtls:
+            return {}
+        assert self.mesh.ca is not None
+        cert = self.mesh.certs[name]
+        return {"ca_pem": self.mesh.ca.ca_pem, "cert_pem": cert.cert_pem, "key_pem": cert.key_pem,
+                "allow": [self.mesh.ca.spiffe_id(s) for s in svc.allow]}
+
+    def _bind(self, stack: Stack, name: str, port: int) -> Proxy:
+        try:
+            return Proxy(stack.host, port, strategy=stack.spec.services[name].balance, **self._tls(stack, name))
+        except OSError as e:
+            raise stack.spec.error(("services", name, "expose"), f"cannot listen on {stack.host}:{port}: "
+                                   f"{e.strerror or e}") from None
+
+    def reconfigure(self, stack: Stack, name: str, port: int | None) -> Proxy | None:
+        """Makes ``name``'s front what ``stack.spec`` says now: on the same port, the
+        strategy and TLS change in place (the listener and open connections stay); a new
+        port binds a new front and closes the old one; no port closes it. Returns the front
+        it replaced or closed, if any."""
+        old = self.fronts.get(name)
+        if old is not None and port is not None and old.port == port:
+            old.set_strategy(stack.spec.services[name].balance)
+            old.set_tls(**self._tls(stack, name))
+            return None
+        if port is not None:
+            self.fronts[name] = self._bind(stack, name, port)
+            self._follow(stack, name)
+        else:
+            self.fronts.pop(name, None)
+        if old is not None:
+            old.close()
+        return old
+
+    def _follow(self, stack: Stack, service: str) -> None:
+        front = self.fronts.get(service)
         if front is None:
             return
-        up = [(i.id, stack.host, i.main_port) for i in stack.by_service.get(t.service, [])
+        up = [(i.id, stack.host, i.main_port) for i in stack.by_service.get(service, [])
               if i.state is State.HEALTHY and i.main_port is not None]
         front.set_upstreams(up)
 

@@ -39,12 +39,19 @@ class Process:
 class InstanceRuntime:
     """One instance of a service: where it was placed, where it is in its life, its process."""
 
-    __slots__ = ("affinity", "cgroup", "exit_code", "healthy_since", "life", "log", "p", "proc", "reason",
-                 "restarts", "svc", "timer")
+    __slots__ = ("affinity", "cgroup", "exit_code", "exit_text", "healthy_since", "life", "log", "p",
+                 "probe_message", "proc", "reason", "restarts", "svc", "timer", "version")
 
-    def __init__(self, p: Placement, svc: ServiceSpec, log: Path, listener: Callable[[Transition], None]) -> None:
+    def __init__(self, p: Placement, svc: ServiceSpec, log: Path, listener: Callable[[Transition], None],
+                 version: int = 1) -> None:
         self.p = p
         self.svc = svc
+        self.version = version
+        """The spec version whose configuration of its service it runs."""
+        self.probe_message = ""
+        """What its startup or readiness probe said last when it failed."""
+        self.exit_text = ""
+        """How its last process ended (``exit status 3``), once one has."""
         self.log = log
         self.life = Lifecycle(p.id, p.service, listener)
         self.proc: Process | None = None
@@ -101,7 +108,7 @@ class InstanceRuntime:
             healthy=self.state is State.HEALTHY, pid=self.pid, pid_start=self.proc.start if self.proc else None,
             ports=dict(p.ports), cpus=list(self.affinity), exclusive=bool(p.cpus), numa_node=p.numa_node,
             millicores=p.millicores, memory_mb=p.memory_mb, restarts=self.restarts, exit_code=self.exit_code,
-            reason=self.reason, since=self.life.since, log=str(self.log))
+            reason=self.reason, since=self.life.since, log=str(self.log), version=self.version)
 
 
 def settled(inst: InstanceRuntime) -> bool:

@@ -36,7 +36,7 @@ class Journal:
                  max_rows: int = 100_000, max_age: float = 7 * 86400.0) -> None:
         self.state_dir = state_dir
         self.name = name
-        self.row = DeploymentRow(name=name, spec=str(spec_file.resolve()), status="new")
+        self.row = DeploymentRow(name=name, spec=str(spec_file.resolve()), status="new", version=0)
         self._rows = rows
         self._store: StateStore | None = None
         self._dirty: set[str] = set()
@@ -66,6 +66,28 @@ class Journal:
         self.row.agent_pid = os.getpid()
         self.row.agent_start = process_start_time(os.getpid())
         self._store.clear_instances(self.name)
+
+    def set_retention(self, max_rows: int, max_age: float) -> None:
+        """How much of the event log is kept, from the next prune on."""
+        self._max_rows, self._max_age = max_rows, max_age
+
+    def next_version(self) -> int:
+        """The number the next spec version gets: one past the newest recorded."""
+        if self._store is None:
+            return self.row.version + 1
+        try:
+            return max(self.row.version, StateStore.last_version(self.db, self.name)) + 1
+        except CorralError:
+            return self.row.version + 1
+
+    def spec(self, version: int, digest: str, text: str, state: str, message: str = "") -> None:
+        """Records a spec version and what became of it; ``applied`` makes it the running one."""
+        if state == "applied":
+            self.row.version = version
+        if self._store is not None:
+            self._write(self._store.put_spec, self.name, version, digest, text, state, message)
+            if state == "applied":
+                self._write(self._store.put_deployment, self.row)
 
     def status(self, status: str, message: str | None = None, *, event: tuple[str | None, str] | None = None) -> None:
         """Records the deployment's status (now, not batched) and, with ``event`` as

@@ -59,6 +59,10 @@ class Launcher:
         self._log_max, self._log_keep = log_max, log_keep
         self._queued: list[InstanceRuntime] = []
 
+    def set_logs(self, max_bytes: int, keep: int) -> None:
+        """Log rotation for processes spawned from now on (an apply changed ``logs``)."""
+        self._log_max, self._log_keep = max_bytes, keep
+
     # --- start ----------------------------------------------------------------------
 
     def start(self, insts: list[InstanceRuntime], reason: str) -> None:

@@ -101,6 +101,12 @@ class Stack:
                 await asyncio.wait_for(self._tick.wait(), left)
         return True
 
+    async def next_change(self, timeout: float) -> None:
+        """Returns after the next transition (or :meth:`poke`), or after ``timeout`` seconds."""
+        if timeout > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._tick.wait(), timeout)
+
     def poke(self) -> None:
         """Wakes every :meth:`wait` to look again (something other than a transition changed)."""
         self._tick.set()

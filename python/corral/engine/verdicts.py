@@ -77,6 +77,7 @@ class Verdicts:
         """An instance's process ended, or never started: restart, complete or fail."""
         self.stack.registry.deregister(inst.id)
         inst.healthy_since = None
+        inst.exit_text = exit.describe()
         decision: Decision = Decision("fail", reason=exit.describe()) if self.stack.down else \
             self.restart_strategy.on_exit(exit)
         inst.reason = decision.reason
@@ -104,6 +105,8 @@ class Verdicts:
         if proc is not None and proc.kill_cause:
             return
         msg = ev.message
+        if not ev.ok:
+            inst.probe_message = f"{ev.probe} probe failed: {msg}"
         if ev.probe == "startup":
             if not ev.ok:
                 self.launcher.terminate(inst, "startup", msg)
@@ -114,8 +117,9 @@ class Verdicts:
         elif ev.probe == "readiness":
             if ev.ok:
                 self.healthy(inst, f"readiness probe passed: {msg}")
-            else:
+            elif inst.state is not State.RUNNING:
                 self.unhealthy(inst, f"readiness probe failed: {msg}")
+            # Not ready from the start: it stays running; why is kept in probe_message.
         elif ev.probe == "liveness" and not ev.ok:
             self.launcher.terminate(inst, "liveness", msg)
 

@@ -347,6 +347,9 @@ async fn until_verdict(spec: &ProbeSpec, base: Instant, liveness: bool) -> (bool
 async fn readiness_loop(spec: &ProbeSpec, base: Instant, send: &impl Fn(ProbeResult) -> bool) {
     let mut t = Ticker::new(spec, base);
     let (mut ready, mut successes, mut failures) = (false, 0u32, 0u32);
+    // Not ready from the start is said once too, after `failure_threshold` failures, so
+    // whoever waits on the instance learns why (the probe's message) before it gives up.
+    let mut said_not_ready = false;
     loop {
         t.tick().await;
         let r = run_check(&spec.check, spec.timeout).await;
@@ -366,8 +369,11 @@ async fn readiness_loop(spec: &ProbeSpec, base: Instant, send: &impl Fn(ProbeRes
         } else {
             successes >= spec.success_threshold.max(1)
         };
-        if flip {
-            ready = !ready;
+        let first_failure =
+            !ready && !said_not_ready && failures >= spec.failure_threshold.max(1);
+        if flip || first_failure {
+            ready = if flip { !ready } else { ready };
+            said_not_ready = true;
             if !send(ProbeResult {
                 kind: ProbeKind::Readiness,
                 ok: ready,
