@@ -879,7 +879,7 @@ class Proxy:
         """Changes the balancing strategy from the next connection on; the upstreams and the
         connections in flight stay (``ConfigError`` for an unknown name)."""
     def set_tls(self, ca_pem: str | None = None, cert_pem: str | None = None, key_pem: str | None = None,
-                allow: Iterable[str] = ()) -> None:
+                allow: Iterable[str] = ...) -> None:
         """Makes the front mTLS (all three PEMs; ``allow`` as in the constructor) or plain
         (none of them), from the next connection on; open connections keep theirs."""
     def close(self) -> None:
