@@ -45,7 +45,6 @@ from corral._core import (
     VolumeUsage,
     __version__,
 )
-from corral.breaker import CircuitBreaker
 from corral.exceptions import (
     AgentAlreadyRunning,
     AgentError,
@@ -70,17 +69,21 @@ from corral.exceptions import (
     TopologyError,
     UnknownService,
 )
-from corral.retry import retry
 
 if TYPE_CHECKING:
+    from corral.breaker import CircuitBreaker
     from corral.discovery import Discovered, discover
     from corral.engine import Deployment, DeploymentStatus, InstanceStatus
     from corral.lifecycle import Lifecycle, State, Transition
     from corral.recovery import BackoffRestart, RestartStrategy, RollbackStrategy
+    from corral.retry import retry
     from corral.scheduler import Plan, Scheduler
     from corral.spec import DeploymentSpec, load_spec
 
+# Loaded on first use: the engine and pydantic, and asyncio under retry and the breaker, so
+# that `import corral` (and the CLI that starts with it) stays cheap.
 _LAZY = {
+    "CircuitBreaker": "corral.breaker", "retry": "corral.retry",
     "Deployment": "corral.engine", "DeploymentStatus": "corral.engine", "InstanceStatus": "corral.engine",
     "Lifecycle": "corral.lifecycle", "State": "corral.lifecycle", "Transition": "corral.lifecycle",
     "BackoffRestart": "corral.recovery", "RestartStrategy": "corral.recovery", "RollbackStrategy": "corral.recovery",

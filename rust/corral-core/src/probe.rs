@@ -369,10 +369,11 @@ async fn readiness_loop(spec: &ProbeSpec, base: Instant, send: &impl Fn(ProbeRes
         } else {
             successes >= spec.success_threshold.max(1)
         };
-        let first_failure =
-            !ready && !said_not_ready && failures >= spec.failure_threshold.max(1);
+        let first_failure = !ready && !said_not_ready && failures >= spec.failure_threshold.max(1);
         if flip || first_failure {
-            ready = if flip { !ready } else { ready };
+            if flip {
+                ready = !ready;
+            }
             said_not_ready = true;
             if !send(ProbeResult {
                 kind: ProbeKind::Readiness,

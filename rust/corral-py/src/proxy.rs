@@ -275,8 +275,12 @@ impl Proxy {
     /// Changes the balancing strategy from the next connection on (upstreams and
     /// connections in flight stay).
     fn set_strategy(&self, strategy: &str) -> PyResult<()> {
-        self.inner
-            .set_strategy(named("strategy", strategy, Strategy::parse, Strategy::NAMES)?);
+        self.inner.set_strategy(named(
+            "strategy",
+            strategy,
+            Strategy::parse,
+            Strategy::NAMES,
+        )?);
         Ok(())
     }
 
