@@ -6,7 +6,10 @@ Measured from outside, the way a user sees it:
 - from `kill -9` of an instance until its port accepts again (backoff 0), median of several;
 - the agent's CPU time per minute while it supervises the 200 idly, probes included;
 - the agent's memory (RSS, and its peak);
-- from starting `corral down` until no process of the stack is left.
+- from starting `corral down` until no process of the stack is left;
+- day 2, against the running stack: `corral plan` of a spec that changes one service of 3
+  replicas (an env var), and `corral up -d` applying it (a rolling replace, start-first),
+  less the new instances' own readiness waits (read from the event log).
 
 Each instance has a fixed or an auto port, `readiness: tcp` every 1 s and `restart: always`.
 Results go to bench-results/bringup.json and a table with the targets.
@@ -43,6 +46,8 @@ TARGETS = {
     "down_s": 0.5,
     "idle_cpu_pct": 1.0,
     "agent_rss_mib": 64.0,
+    "plan_s": 0.3,
+    "apply_overhead_s": 1.0,
 }
 
 
@@ -55,6 +60,10 @@ def spec(n: int, fixed: int, base_port: int) -> str:
     lines += ["  auto:", f"    replicas: {n - fixed}", f"    command: [\"{SERVER}\"]", "    ports: {tcp: auto}",
               "    health: {readiness: {tcp: {port: tcp}, period: 1s}}",
               "    restart: {policy: always, initial: 0s}"]
+    # What day 2 changes (one env var): 3 replicas, probed every 100 ms, no drain pause.
+    lines += ["  changed:", "    replicas: 3", f"    command: [\"{SERVER}\"]", "    ports: {tcp: auto}",
+              "    env: {VERSION: \"1\"}", "    health: {readiness: {tcp: {port: tcp}, period: 100ms}}",
+              "    shutdown: {drain: 0s}"]
     return "\n".join(lines) + "\n"
 
 
@@ -77,6 +86,22 @@ def instances(db: Path) -> list[tuple[str, int, dict[str, int]]]:
     with sqlite3.connect(db, timeout=5) as c:
         rows = c.execute("SELECT id, pid, ports FROM instances ORDER BY id").fetchall()
     return [(i, p, json.loads(ports)) for i, p, ports in rows]
+
+
+def readiness_waits(db: Path, suffix: str) -> float:
+    """Seconds the new instances (ids ending in ``suffix``) spent from running to healthy,
+    summed: a rolling replace with max_parallel 1 waits for each in turn."""
+    with sqlite3.connect(db, timeout=5) as c:
+        rows = c.execute("SELECT instance, new, at FROM events WHERE instance LIKE ? AND new IN "
+                         "('running', 'healthy') ORDER BY seq", (f"%{suffix}",)).fetchall()
+    running: dict[str, float] = {}
+    total = 0.0
+    for iid, state, at in rows:
+        if state == "running":
+            running[iid] = at
+        elif iid in running:
+            total += at - running.pop(iid)
+    return total
 
 
 def cpu_ticks(pid: int) -> int:
@@ -218,7 +243,7 @@ def main() -> int:
         while pending or not known:
             if not known:
                 ports = ports_from_state(db) if db.exists() else []
-                if len(ports) == args.instances:
+                if len(ports) == args.instances + 3:
                     pending |= set(ports)
                     known = True
             pending = {p for p in pending if not accepts(p)}
@@ -262,6 +287,25 @@ def main() -> int:
         res["idle_cpu_s_per_min"] = 60.0 * (c1 - c0) / TICK / (w1 - w0)
         res["agent_rss_mib"], res["agent_peak_rss_mib"] = rss_mib(agent)
 
+        # Day 2: plan, then apply, one changed service among the 200.
+        spec_file = work / "corral.yaml"
+        spec_file.write_text(spec_file.read_text().replace('VERSION: "1"', 'VERSION: "2"'))
+        plans = []
+        for _ in range(5):
+            t = time.perf_counter()
+            p = subprocess.run([*CORRAL, "plan"], cwd=work, env=env, capture_output=True, text=True)
+            plans.append(time.perf_counter() - t)
+            if p.returncode != 0 or "~ changed: env.VERSION" not in p.stdout:
+                sys.exit(f"plan failed: {p.stdout} {p.stderr}")
+        res["plan_s"] = statistics.median(plans)
+        t = time.perf_counter()
+        a = subprocess.run([*CORRAL, "up", "-d"], cwd=work, env=env, capture_output=True, text=True)
+        res["apply_s"] = time.perf_counter() - t
+        if a.returncode != 0:
+            sys.exit(f"apply failed: {a.stdout} {a.stderr}")
+        res["apply_readiness_s"] = readiness_waits(db, "-v2")
+        res["apply_overhead_s"] = res["apply_s"] - res["apply_readiness_s"]
+
         # down: until no process of the stack is left (polled here), and until the command
         # returns (it also waits for the agent itself to exit).
         pids = [pid for _, pid, _ in instances(db)]
@@ -290,13 +334,15 @@ def main() -> int:
     print(f"{'measure':<28}{'target':>10}{'corral':>12}" + "".join(f"{p:>14}" for p in peers))
     rows = [("every port listening", "all_listening_s", "s"), ("up -d returned", "up_returns_s", "s"),
             ("listening again after kill", "restart_listening_s", "s"), ("down, no process left", "down_s", "s"),
-            ("agent CPU, idle", "idle_cpu_pct", "%"), ("agent memory (RSS)", "agent_rss_mib", "MiB")]
+            ("agent CPU, idle", "idle_cpu_pct", "%"), ("agent memory (RSS)", "agent_rss_mib", "MiB"),
+            ("plan against the stack", "plan_s", "s"), ("apply, less readiness", "apply_overhead_s", "s")]
     for label, key, unit in rows:
         others = "".join(f"{base[key]:>12.3f}{unit}" if key in base else f"{'-':>13}" for base in peers.values())
         print(f"{label:<28}{TARGETS[key]:>9g}{unit}{res[key]:>11.3f}{unit}{others}")
     print(f"(restart max {res['restart_listening_max_s']:.3f}s over {args.kills}; down command "
           f"{res['down_command_s']:.3f}s; agent peak RSS {res['agent_peak_rss_mib']:.1f}MiB; "
-          f"python start + imports alone {res['python_import_floor_s']:.3f}s)")
+          f"python start + imports alone {res['python_import_floor_s']:.3f}s; apply {res['apply_s']:.3f}s of which "
+          f"readiness waits {res['apply_readiness_s']:.3f}s)")
     return 0
 
 

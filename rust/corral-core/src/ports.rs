@@ -388,14 +388,22 @@ fn probe_bind(addr: IpAddr, port: u16, reuse: bool) -> Result<(), Option<String>
     } else {
         socket2::Domain::IPV6
     };
-    let bound = socket2::Socket::new(domain, socket2::Type::STREAM, None).and_then(|s| {
-        s.set_reuse_address(reuse)?;
-        s.bind(&sa.into())
-    });
-    match bound {
-        Ok(()) => Ok(()),
-        Err(_) => Err(listener_holder(port)),
+    let bind = |reuse: bool| {
+        socket2::Socket::new(domain, socket2::Type::STREAM, None).and_then(|s| {
+            s.set_reuse_address(reuse)?;
+            s.bind(&sa.into())
+        })
+    };
+    if bind(reuse).is_ok() {
+        return Ok(());
     }
+    // Bindable with SO_REUSEADDR: only connections in TIME_WAIT are in the way, and no
+    // listener to name. A busy machine has thousands of those; scanning /proc for each
+    // (tens of ms with a long /proc/net/tcp) would make placement crawl.
+    if !reuse && bind(true).is_ok() {
+        return Err(Some("connections in TIME_WAIT".into()));
+    }
+    Err(listener_holder(port))
 }
 
 /// Finds the process listening on a TCP port through /proc (Linux), as "pid N (name)".
@@ -545,6 +553,11 @@ mod tests {
         drop(client);
         drop(listener);
         let addr: IpAddr = "127.0.0.1".parse().unwrap();
+        assert_eq!(
+            probe_bind(addr, port, false),
+            Err(Some("connections in TIME_WAIT".into())),
+            "told apart from a listener without a scan of /proc"
+        );
         let p = PortAllocator::new(&[(port, port.saturating_add(1))], &[]).unwrap();
         let got = p.allocate_checked(addr).unwrap();
         assert_ne!(
