@@ -142,18 +142,21 @@ def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
          as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
     """Show the phases and where every instance would go, without starting anything; with a
     stack running, what 'corral up' would change in it (a diff, nothing changed)."""
+    client = _client(spec, state_dir)
+    res = None
+    if client.path.exists() or client.running() is not None:
+        try:
+            res = client.plan_changes(spec)
+        except AgentUnavailable:
+            if client.running() is not None:
+                raise  # it runs but does not answer: no plan against it, and none without
+    if res is not None:
+        # Plain print: rich is not worth its import for lines of text (plan is a hot command).
+        print(json.dumps(res["diff"], indent=2) if as_json else "\n".join(_printable(x) for x in res["lines"]))
+        return
     from rich.table import Table
     from rich.text import Text
 
-    client = _client(spec, state_dir)
-    if client.running() is not None or client.available():
-        res = client.plan_changes(spec)
-        if as_json:
-            out.print_json(json.dumps(res["diff"]))
-        else:
-            for line in res["lines"]:
-                out.print(_printable(line), markup=False)
-        return
     d = _deployment(spec, state_dir)
     try:
         p = d.make_plan()
