@@ -20,11 +20,15 @@ $(PY):
 
 venv: $(PY) ## Create .venv (reused when present)
 
+# An editable install leaves python/ uncompiled, and with PYTHONDONTWRITEBYTECODE set every
+# command would compile the package again (~100 ms); a wheel's install compiles it, so does this.
 dev: venv ## Build the extension (debug) and install it editable with the dev extras
 	$(PIP) install -q -e '.[dev]' $(DEV_BUILD)
+	$(PY) -m compileall -q python/corral
 
 dev-release: venv ## Build the extension in release mode and install it editable
 	$(PIP) install -q -e '.[dev]' $(RELEASE_BUILD)
+	$(PY) -m compileall -q python/corral
 
 # The demo stack stops by itself after DEMO_FOR (Ctrl-C stops it sooner); DEMO_FOR= runs until Ctrl-C.
 DEMO_FOR ?= 20s

@@ -60,9 +60,10 @@ def spec(n: int, fixed: int, base_port: int) -> str:
     lines += ["  auto:", f"    replicas: {n - fixed}", f"    command: [\"{SERVER}\"]", "    ports: {tcp: auto}",
               "    health: {readiness: {tcp: {port: tcp}, period: 1s}}",
               "    restart: {policy: always, initial: 0s}"]
-    # What day 2 changes (one env var): 3 replicas, probed every 100 ms, no drain pause.
+    # What day 2 changes (one env var): 3 replicas probed like the rest (the first probe
+    # comes at once), no drain pause.
     lines += ["  changed:", "    replicas: 3", f"    command: [\"{SERVER}\"]", "    ports: {tcp: auto}",
-              "    env: {VERSION: \"1\"}", "    health: {readiness: {tcp: {port: tcp}, period: 100ms}}",
+              "    env: {VERSION: \"1\"}", "    health: {readiness: {tcp: {port: tcp}, period: 1s}}",
               "    shutdown: {drain: 0s}"]
     return "\n".join(lines) + "\n"
 

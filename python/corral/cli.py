@@ -8,7 +8,6 @@ usage. Errors are one line each (``file:line: field: message`` for specs), never
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -288,6 +287,8 @@ def _up_foreground(d: Deployment, run_for: float | None) -> int:
         else:
             out.print(msg)
 
+    import asyncio
+
     from corral.agent.server import run_agent
 
     async def main() -> int:
@@ -345,6 +346,8 @@ class _LiveView:
         return Group(self.progress, _status_table(st.services.values()), self.note)
 
     async def run(self) -> None:
+        import asyncio
+
         with self.live:
             while True:
                 self.live.update(self.render())
@@ -377,6 +380,8 @@ def _status_table(services: Any) -> Table:
 def agent(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
     """Run the agent in this process (what `up -d` starts in the background)."""
     d = _deployment(spec, state_dir)
+
+    import asyncio
 
     from corral.agent.server import run_agent
 
