@@ -321,9 +321,15 @@ def main() -> int:
 
         # The floor under the first two figures, measured now: a Python interpreter that
         # starts and imports the CLI and the engine, doing nothing else.
-        t = time.perf_counter()
-        subprocess.run([sys.executable, "-c", "import corral.cli, corral.engine.deployment"], check=True)
-        res["python_import_floor_s"] = time.perf_counter() - t
+        for key, code in (("python_import_floor_s", "import corral.cli, corral.engine.deployment"),
+                          ("import_cli_s", "import corral.cli"), ("import_cli_spec_s", "import corral.cli, corral.spec"),
+                          ("python_bare_s", "pass")):
+            runs = []
+            for _ in range(5):
+                t = time.perf_counter()
+                subprocess.run([sys.executable, "-c", code], check=True)
+                runs.append(time.perf_counter() - t)
+            res[key] = statistics.median(runs)
     finally:
         subprocess.run([*CORRAL, "down"], cwd=work, env=env, capture_output=True, timeout=120)
 
@@ -344,6 +350,8 @@ def main() -> int:
           f"{res['down_command_s']:.3f}s; agent peak RSS {res['agent_peak_rss_mib']:.1f}MiB; "
           f"python start + imports alone {res['python_import_floor_s']:.3f}s; apply {res['apply_s']:.3f}s of which "
           f"readiness waits {res['apply_readiness_s']:.3f}s)")
+    print(f"(medians of 5 interpreters: bare {res['python_bare_s']:.3f}s, import corral.cli "
+          f"{res['import_cli_s']:.3f}s, + corral.spec {res['import_cli_spec_s']:.3f}s)")
     return 0
 
 

@@ -110,3 +110,22 @@ async def test_certificates_rotate_before_expiry_without_dropping_the_front(mesh
     time.sleep(0.2)
     answer, second = _get(_ctx(tls_dir, "api"))
     assert answer == "db-0" and second != first, "new connections see the renewed certificate"
+
+
+async def test_an_allow_change_applies_in_place_and_mtls_can_be_switched_off(mesh: Deployment) -> None:
+    from corral.spec import load_spec
+
+    tls_dir = mesh.state_dir / "tls"
+    pid = mesh.status().services["db"][0].pid
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        _get(_ctx(tls_dir, "worker"))
+    mesh.file.write_text(mesh.file.read_text().replace("allow: [api]", "allow: [api, worker]"))
+    diff = await mesh.apply(load_spec(mesh.file))
+    assert diff.lines()[0] == '~ db: allow ["api"] => ["api", "worker"] (in place)'
+    assert _get(_ctx(tls_dir, "worker"))[0] == "db-0" and _get(_ctx(tls_dir, "api"))[0] == "db-0"
+    mesh.file.write_text(mesh.file.read_text().replace("    mtls: true\n    allow: [api, worker]\n", ""))
+    await mesh.apply(load_spec(mesh.file))
+    conn = http.client.HTTPConnection("127.0.0.1", 23201, timeout=5)
+    conn.request("GET", "/whoami")
+    assert conn.getresponse().read() == b"db-0", "plain TCP now, on the same port"
+    assert mesh.status().services["db"][0].pid == pid, "the instance never restarted"

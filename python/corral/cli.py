@@ -365,12 +365,12 @@ def _status_table(services: Any) -> Table:
     from rich.table import Table
     from rich.text import Text
 
-    t = Table("instance", "state", "pid", "ports", "cpus", "restarts", "reason", box=None)
+    t = Table("instance", "version", "state", "pid", "ports", "cpus", "restarts", "reason", box=None)
     for insts in services:
         for i in insts:
             style = _STATE_STYLE.get(i.state, "")
             cpus = ",".join(map(str, i.cpus)) + (" (excl)" if i.exclusive else "") if i.cpus else "-"
-            t.add_row(Text(i.id), Text(i.state, style=style), str(i.pid or "-"),
+            t.add_row(Text(i.id), f"v{i.version}", Text(i.state, style=style), str(i.pid or "-"),
                       ", ".join(f"{k}={v}" for k, v in i.ports.items()) or "-", cpus, str(i.restarts),
                       Text(_printable(i.reason[:60])))
     return t
@@ -420,7 +420,7 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
         print(json.dumps(st.to_dict(), indent=2))
         return
     agent_txt = f"agent pid {st.agent_pid}" if st.agent_running else "agent not running"
-    out.print(Text.assemble((st.name, "bold"), f": {st.status} ({agent_txt})"
+    out.print(Text.assemble((st.name, "bold"), f": {st.status}, spec v{st.version} ({agent_txt})"
                             + (f": {st.message}" if st.message else "")))
     out.print(_status_table(st.services.values()))
     for name, f in st.fronts.items():
