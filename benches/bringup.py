@@ -322,8 +322,8 @@ def main() -> int:
         # The floor under the first two figures, measured now: a Python interpreter that
         # starts and imports the CLI and the engine, doing nothing else.
         for key, code in (("python_import_floor_s", "import corral.cli, corral.engine.deployment"),
-                          ("import_cli_s", "import corral.cli"), ("import_cli_spec_s", "import corral.cli, corral.spec"),
-                          ("python_bare_s", "pass")):
+                          ("import_cli_s", "import corral.cli"),
+                          ("import_cli_spec_s", "import corral.cli, corral.spec"), ("python_bare_s", "pass")):
             runs = []
             for _ in range(5):
                 t = time.perf_counter()
