@@ -25,6 +25,7 @@ __all__ = [
     "IssuedCert",
     "L3Domain",
     "LoadBalancer",
+    "LogKeeper",
     "NodeMemory",
     "NumaNode",
     "PortAllocator",
@@ -50,6 +51,7 @@ __all__ = [
     "Usage",
     "VolumeUsage",
     "__version__",
+    "become_subreaper",
     "group_alive",
     "group_members",
     "process_alive",
@@ -544,6 +546,7 @@ class ResourceRequest:
         storage_mb: int = 0,
         volume: str | None = None,
         numa_node: int | None = None,
+        exact_cpus: Iterable[int] = ...,
     ) -> ResourceRequest: ...
     @property
     def cpu(self) -> float: ...
@@ -771,9 +774,15 @@ class Supervisor:
     (``ProcessExited``) and probe verdicts (``ProbeVerdict``) arrive, in order, from
     ``next_event``."""
 
-    def __new__(cls, *, pid_log: str | PathLike[str] | None = None) -> Supervisor:
+    def __new__(cls, *, pid_log: str | PathLike[str] | None = None,
+                keeper: str | PathLike[str] | None = None) -> Supervisor:
         """With ``pid_log``, every spawn appends ``pid start_time id`` to that file (0600) the
-        moment the process exists: a trace that survives a supervisor killed right after."""
+        moment the process exists: a trace that survives a supervisor killed right after.
+        With ``keeper`` (a ``LogKeeper``'s socket), output pipes go to that keeper, which
+        writes the logs: an instance's output then never depends on this process."""
+    def adopt(self, id: str, pid: int) -> bool:
+        """Watches ``pid``, started by an agent that died, through a pidfd: its exit arrives as
+        a ``ProcessExited`` under ``id`` with neither code nor signal; False when it is gone."""
     def spawn(
         self,
         id: str,
@@ -827,6 +836,23 @@ def group_members(pgid: int) -> list[int]:
 
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
+
+def become_subreaper() -> None:
+    """Makes this process a child subreaper: orphaned descendants come to it, not to init."""
+
+@final
+class LogKeeper:
+    """Holds the output pipes of a stack's instances and writes their rotating logs, on
+    threads of its own, so that no instance depends on its agent being alive."""
+
+    def __new__(cls, path: str | PathLike[str]) -> LogKeeper:
+        """Listens at ``path`` (owner-only; a stale socket there is replaced)."""
+    @property
+    def active(self) -> int:
+        """Pipes being copied now."""
+    @property
+    def handed(self) -> int:
+        """Pipes handed over since it started."""
 
 def process_start_time(pid: int) -> int | None:
     """``pid``'s start time in clock ticks since boot (tells a recycled pid apart)."""

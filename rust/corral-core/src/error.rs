@@ -188,6 +188,24 @@ pub enum ProcessError {
         #[source]
         source: std::io::Error,
     },
+    /// A process started elsewhere could not be watched (no pidfd for it).
+    #[error("cannot watch pid {pid}: {source}")]
+    Adopt {
+        /// The process.
+        pid: u32,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The log keeper could not be reached, or refused an instance's output.
+    #[error("log keeper {path}: {source}")]
+    Keeper {
+        /// The keeper's socket.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 /// Errors from the cgroup memory controller ([`crate::cgroup`]).

@@ -35,6 +35,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod cpuset;
 pub mod error;
+pub mod keeper;
 pub mod mesh;
 pub mod ports;
 pub mod private;

@@ -46,6 +46,11 @@ pub fn create_new(path: &Path) -> io::Result<File> {
     Ok(file)
 }
 
+/// Sets `path`'s mode exactly (a socket just bound, say: its mode came from the umask).
+pub fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
 fn owner_only(file: &File) -> io::Result<()> {
     let md = file.metadata()?;
     if md.mode() & 0o077 != 0 {

@@ -7,7 +7,7 @@
 #![allow(unsafe_code)]
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Command;
 
@@ -177,6 +177,106 @@ pub(crate) fn statvfs_available(path: &Path) -> io::Result<u64> {
     Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
 }
 
+/// Sends `payload` on a connected Unix socket with the descriptor `fd` attached
+/// (`SCM_RIGHTS`): the receiver gets its own copy of the open file.
+pub(crate) fn send_with_fd(sock: RawFd, payload: &[u8], fd: RawFd) -> io::Result<()> {
+    let space = cmsg_space();
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: payload.as_ptr().cast_mut().cast(),
+        iov_len: payload.len(),
+    };
+    // SAFETY: msghdr is plain data; every pointer in it points into `iov`, `payload` and
+    // `control`, which outlive the sendmsg call; CMSG_FIRSTHDR of a buffer of CMSG_SPACE
+    // bytes is non-null and has room for one int.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        (*cmsg).cmsg_level = libc::SOL_SOCKET;
+        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
+        (*cmsg).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>(), fd);
+        if libc::sendmsg(sock, &raw const msg, libc::MSG_NOSIGNAL) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Receives one message into `buf` and the descriptor attached to it, if any (its copy is
+/// close-on-exec). `Ok((0, None))` at end of stream.
+pub(crate) fn recv_with_fd(sock: RawFd, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
+    let space = cmsg_space();
+    let mut control = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: as in send_with_fd; recvmsg writes at most `buf.len()` bytes and `space`
+    // control bytes; a descriptor read out of an SCM_RIGHTS header is new and ours alone.
+    unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &raw mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = space as _;
+        let n = libc::recvmsg(sock, &raw mut msg, libc::MSG_CMSG_CLOEXEC);
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let mut fd = None;
+        let mut cmsg = libc::CMSG_FIRSTHDR(&raw const msg);
+        while !cmsg.is_null() {
+            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(cmsg).cast::<RawFd>());
+                fd = Some(OwnedFd::from_raw_fd(raw));
+            }
+            cmsg = libc::CMSG_NXTHDR(&raw const msg, cmsg);
+        }
+        Ok((n as usize, fd))
+    }
+}
+
+fn cmsg_space() -> usize {
+    // SAFETY: CMSG_SPACE is arithmetic.
+    unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) as usize }
+}
+
+/// A pidfd for `pid` (`pidfd_open`, Linux 5.3): readable once the process has exited,
+/// whoever its parent is.
+pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a descriptor just returned by the kernel, owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// A pidfd registered with the current tokio reactor (call inside a runtime context).
+pub(crate) fn async_pidfd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+    // SAFETY: the OwnedFd moves into the AsyncFd, which alone owns it from here on: the
+    // descriptor stays open, and the same, until the AsyncFd is dropped.
+    unsafe { tokio::io::unix::AsyncFd::register(fd) }.map_err(Into::into)
+}
+
+/// Makes this process a child subreaper (`PR_SET_CHILD_SUBREAPER`): orphaned descendants
+/// are re-parented to it rather than to init, so it can reap (and find) them.
+pub(crate) fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer flag.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +297,33 @@ mod tests {
             CpuMask::CAPACITY
         );
         assert!(!CpuMask::current().unwrap().cpus().is_empty());
+    }
+
+    #[test]
+    fn a_descriptor_crosses_a_socket_pair() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let (tx, rx) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        send_with_fd(tx.as_raw_fd(), b"hello", reader.as_raw_fd()).unwrap();
+        let mut buf = [0u8; 16];
+        let (len, fd) = recv_with_fd(rx.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..len], b"hello");
+        writer.write_all(b"x").unwrap();
+        drop(writer);
+        let mut got = String::new();
+        std::fs::File::from(fd.unwrap())
+            .read_to_string(&mut got)
+            .unwrap();
+        assert_eq!(got, "x", "the received copy reads the same pipe");
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+    }
+
+    #[test]
+    fn pidfd_of_self() {
+        assert!(pidfd_open(std::process::id()).is_ok());
+        assert!(pidfd_open(u32::MAX >> 1).is_err());
     }
 
     #[test]

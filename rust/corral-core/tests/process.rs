@@ -304,3 +304,75 @@ fn an_exec_probe_leaves_nothing_of_it_behind() {
         );
     }
 }
+
+#[test]
+fn output_goes_through_the_keeper_and_survives_its_supervisor() {
+    use corral_core::keeper::{listen, LogKeeper};
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("keeper.sock");
+    let keeper = LogKeeper::serve(listen(&sock).unwrap()).unwrap();
+    let log = dir.path().join("printer.log");
+    let rt = runtime();
+    let sup = Supervisor::new(rt.handle().clone());
+    sup.log_via_keeper(&sock).unwrap();
+    let spec = ProcessSpec {
+        argv: sh(
+            "i=0; while [ $i -lt 300 ]; do i=$((i+1)); echo line $i; done; sleep 0.3; echo last",
+        ),
+        log: Some(LogConfig {
+            path: log.clone(),
+            max_bytes: 0,
+            keep: 0,
+        }),
+        ..Default::default()
+    };
+    let child = sup.spawn("printer-0", &spec).unwrap();
+    // The supervisor and its runtime go away at once, as an agent killed with -9 would: the
+    // output still has its reader, in the keeper.
+    drop(sup);
+    drop(rt);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while keeper.active() > 0 || keeper.handed() == 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the pipe never closed"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 301, "not one line lost");
+    assert_eq!(lines[299], "line 300");
+    assert_eq!(lines[300], "last", "written after its supervisor was gone");
+    assert!(child.pid > 0);
+}
+
+#[test]
+fn an_adopted_process_reports_its_exit_through_a_pidfd() {
+    let rt = runtime();
+    let sup = Supervisor::new(rt.handle().clone());
+    let mut other = std::process::Command::new("sleep")
+        .arg("0.2")
+        .spawn()
+        .unwrap();
+    assert!(sup.adopt("elsewhere-0", other.id()).unwrap());
+    let reaper = std::thread::spawn(move || other.wait().unwrap());
+    match next(&rt, &sup) {
+        Event::Exited {
+            id, code, signal, ..
+        } => {
+            assert_eq!(id, "elsewhere-0");
+            assert_eq!(
+                (code, signal),
+                (None, None),
+                "only the parent reads the status"
+            );
+        }
+        e @ Event::Probe { .. } => panic!("{e:?}"),
+    }
+    reaper.join().unwrap();
+    assert!(
+        !sup.adopt("gone-0", u32::MAX >> 2).unwrap(),
+        "no such process"
+    );
+}

@@ -476,3 +476,35 @@ fn free_space_of_a_path_not_created_yet_is_its_ancestors() {
     // The same filesystem; free space may move a little between the two calls.
     assert!(here.abs_diff(there) < 64, "{here} vs {there}");
 }
+
+#[test]
+fn a_grant_is_restored_on_exactly_the_cpus_it_held() {
+    let m = ResourceManager::new(fixture("no-smt"), ResourceConfig::default()).unwrap();
+    let first = m
+        .allocate(&ResourceRequest {
+            cores: 2,
+            ..Default::default()
+        })
+        .unwrap();
+    m.release(first.id).unwrap();
+    let exact = |cpus: Vec<u32>| ResourceRequest {
+        cores: cpus.len() as u32,
+        exact_cpus: cpus,
+        memory_mb: 16,
+        ..Default::default()
+    };
+    let g = m
+        .allocate(&exact(first.cpus.iter().rev().copied().collect()))
+        .unwrap();
+    assert_eq!(g.cpus, first.cpus, "the same cores, ascending");
+    let e = m.allocate(&exact(vec![first.cpus[0]])).unwrap_err();
+    assert!(e.to_string().contains("is not free"), "{e}");
+    assert!(m
+        .allocate(&ResourceRequest {
+            cores: 1,
+            exact_cpus: vec![1, 2],
+            ..Default::default()
+        })
+        .is_err());
+    assert_eq!(m.usage().memory_used_mb, 16);
+}

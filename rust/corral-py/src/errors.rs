@@ -180,7 +180,9 @@ impl IntoPyErr for ProcessError {
             // the message names the program, file or process group.
             ProcessError::Spawn { source, .. }
             | ProcessError::Log { source, .. }
-            | ProcessError::Signal { source, .. } => os_error(&source, msg),
+            | ProcessError::Signal { source, .. }
+            | ProcessError::Adopt { source, .. }
+            | ProcessError::Keeper { source, .. } => os_error(&source, msg),
             _ => raise(config_error, (msg,)),
         }
     }

@@ -173,12 +173,15 @@ fn convert(py: Python<'_>, e: Event) -> PyResult<Py<PyAny>> {
 #[pymethods]
 impl Supervisor {
     #[new]
-    #[pyo3(signature = (*, pid_log = None))]
-    fn new(pid_log: Option<PathBuf>) -> PyResult<Self> {
+    #[pyo3(signature = (*, pid_log = None, keeper = None))]
+    fn new(pid_log: Option<PathBuf>, keeper: Option<PathBuf>) -> PyResult<Self> {
         let rt = Dedicated::current_thread("corral-supervisor")?;
         let inner = core::Supervisor::new(rt.handle().clone());
         if let Some(p) = pid_log {
             inner.log_pids_to(&p).py()?;
+        }
+        if let Some(k) = keeper {
+            inner.log_via_keeper(&k).py()?;
         }
         Ok(Supervisor {
             inner,
@@ -284,6 +287,12 @@ impl Supervisor {
         })
     }
 
+    /// Watches `pid`, started by an agent that died, through a pidfd: its exit arrives as
+    /// a `ProcessExited` under `id` with neither code nor signal. False when it is gone.
+    fn adopt(&self, id: &str, pid: u32) -> PyResult<bool> {
+        self.inner.adopt(id, pid).py()
+    }
+
     /// Events already queued, without waiting.
     #[pyo3(signature = (max = 4096))]
     fn drain(&self, py: Python<'_>, max: usize) -> PyResult<Vec<Py<PyAny>>> {
@@ -325,8 +334,45 @@ fn process_start_time(pid: u32) -> Option<u64> {
     core::start_time(pid)
 }
 
+/// Makes this process a child subreaper (orphaned descendants come to it, not to init).
+#[pyfunction]
+fn become_subreaper() -> PyResult<()> {
+    core::become_subreaper().py()
+}
+
+/// Holds the output pipes of a stack's instances and writes their logs.
+#[pyclass(frozen, module = "corral._core")]
+pub struct LogKeeper {
+    inner: std::sync::Arc<corral_core::keeper::LogKeeper>,
+}
+
+#[pymethods]
+impl LogKeeper {
+    /// Listens at `path` (owner-only; a stale socket there is replaced) and serves it on
+    /// threads of its own.
+    #[new]
+    fn new(path: PathBuf) -> PyResult<Self> {
+        let listener = corral_core::keeper::listen(&path)?;
+        Ok(LogKeeper {
+            inner: corral_core::keeper::LogKeeper::serve(listener)?,
+        })
+    }
+    /// Pipes being copied now.
+    #[getter]
+    fn active(&self) -> usize {
+        self.inner.active()
+    }
+    /// Pipes handed over since it started.
+    #[getter]
+    fn handed(&self) -> u64 {
+        self.inner.handed()
+    }
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Supervisor>()?;
+    m.add_class::<LogKeeper>()?;
+    m.add_function(wrap_pyfunction!(become_subreaper, m)?)?;
     m.add_class::<ProcessExited>()?;
     m.add_class::<ProbeVerdict>()?;
     m.add_class::<PyProcessSpec>()?;

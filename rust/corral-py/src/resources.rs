@@ -20,7 +20,7 @@ pub struct ResourceRequest {
 #[pymethods]
 impl ResourceRequest {
     #[new]
-    #[pyo3(signature = (*, cpu = 0.0, cores = 0, numa = "none", cache = "any", memory_mb = 0, swap_mb = 0, storage_mb = 0, volume = None, numa_node = None))]
+    #[pyo3(signature = (*, cpu = 0.0, cores = 0, numa = "none", cache = "any", memory_mb = 0, swap_mb = 0, storage_mb = 0, volume = None, numa_node = None, exact_cpus = Vec::new()))]
     fn new(
         cpu: f64,
         cores: u32,
@@ -31,6 +31,7 @@ impl ResourceRequest {
         storage_mb: u64,
         volume: Option<String>,
         numa_node: Option<u32>,
+        exact_cpus: Vec<u32>,
     ) -> PyResult<Self> {
         if !(cpu >= 0.0 && cpu.is_finite()) {
             return Err(config_err(format!(
@@ -48,6 +49,7 @@ impl ResourceRequest {
                 swap_mb,
                 storage_mb,
                 volume,
+                exact_cpus,
             },
         })
     }

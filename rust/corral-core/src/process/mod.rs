@@ -23,7 +23,7 @@
 //! }
 //! ```
 
-mod log;
+pub(crate) mod log;
 
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
@@ -41,6 +41,7 @@ use tokio::task::AbortHandle;
 use self::log::copy_to_log;
 pub use self::log::{LogConfig, RotatingLog};
 use crate::error::ProcessError;
+use crate::keeper::KeeperLink;
 use crate::probe::{run_health, Health, ProbeResult};
 use crate::sys::{self, CpuMask, ThreadMask};
 
@@ -109,6 +110,8 @@ pub struct Supervisor {
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
     health: DashMap<String, AbortHandle>,
     probe_tx: mpsc::UnboundedSender<(String, ProbeResult)>,
+    /// Where output pipes go instead of this process ([`Supervisor::log_via_keeper`]).
+    keeper: Mutex<Option<(PathBuf, Arc<KeeperLink>)>>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -139,7 +142,45 @@ impl Supervisor {
             rx: tokio::sync::Mutex::new(rx),
             health: DashMap::new(),
             probe_tx,
+            keeper: Mutex::new(None),
         })
+    }
+
+    /// From now on, the output of every spawn goes to the log keeper listening at `path`
+    /// (see [`crate::keeper`]) instead of through this process: an instance's output then
+    /// never depends on its supervisor being alive.
+    pub fn log_via_keeper(&self, path: &Path) -> Result<(), ProcessError> {
+        let link = KeeperLink::connect(path).map_err(|source| ProcessError::Keeper {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        *self.keeper.lock() = Some((path.to_path_buf(), Arc::new(link)));
+        Ok(())
+    }
+
+    /// Watches `pid`, started by another supervisor (an agent that died), through a pidfd:
+    /// its exit is reported as [`Event::Exited`] under `id`, with no code or signal (only
+    /// its parent can read those). `Ok(false)` when it is gone already.
+    pub fn adopt(&self, id: &str, pid: u32) -> Result<bool, ProcessError> {
+        let fd = match sys::pidfd_open(pid) {
+            Ok(fd) => fd,
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(false),
+            Err(source) => return Err(ProcessError::Adopt { pid, source }),
+        };
+        let _guard = self.handle.enter();
+        let watched = sys::async_pidfd(fd).map_err(|source| ProcessError::Adopt { pid, source })?;
+        let tx = self.tx.clone();
+        let id = id.to_owned();
+        self.handle.spawn(async move {
+            let _ = watched.readable().await;
+            let _ = tx.send(Event::Exited {
+                id,
+                pid,
+                code: None,
+                signal: None,
+            });
+        });
+        Ok(true)
     }
 
     /// From now on, every spawn appends `pid start_time id` to `path` (owner-only, opened
@@ -174,7 +215,21 @@ impl Supervisor {
         if let Some(uid) = spec.uid {
             cmd.uid(uid);
         }
-        let log = if let Some(cfg) = &spec.log {
+        let keeper = self.keeper.lock().clone();
+        let log = if let (Some(cfg), Some((path, link))) = (&spec.log, &keeper) {
+            // The keeper holds the read end before the child exists: whatever becomes of
+            // this process, the child's output has a reader.
+            let err = |source| ProcessError::Keeper {
+                path: path.clone(),
+                source,
+            };
+            let (read, write) = std::io::pipe().map_err(err)?;
+            link.hand_over(id, cfg, &read).map_err(err)?;
+            drop(read);
+            cmd.stdout(Stdio::from(write.try_clone().map_err(err)?))
+                .stderr(Stdio::from(write));
+            None
+        } else if let Some(cfg) = &spec.log {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
             Some(Arc::new(Mutex::new(RotatingLog::open(cfg)?)))
         } else {
@@ -340,6 +395,15 @@ pub fn signal_group(pgid: u32, signal: i32) -> Result<bool, ProcessError> {
             source,
         }),
     }
+}
+
+/// Makes this process a child subreaper: the orphaned descendants of what it starts come to
+/// it (to reap, and to find at a stop) instead of going to init.
+pub fn become_subreaper() -> Result<(), ProcessError> {
+    sys::set_child_subreaper().map_err(|source| ProcessError::Adopt {
+        pid: std::process::id(),
+        source,
+    })
 }
 
 /// Whether any process of group `pgid` is alive (zombies included: they still hold the group).

@@ -110,6 +110,10 @@ pub struct ResourceRequest {
     pub storage_mb: u64,
     /// The named volume the storage quota is taken from.
     pub volume: Option<String>,
+    /// Exactly these exclusive CPUs (`cores` of them), as a grant held before: an agent
+    /// that re-adopts running instances restores their grants as they were. Empty: the
+    /// ledger chooses.
+    pub exact_cpus: Vec<u32>,
 }
 
 /// What an allocation granted.
@@ -581,7 +585,11 @@ impl ResourceManager {
             )));
         }
 
-        let Placed { cpus, node } = self.place(&l, req)?;
+        let Placed { cpus, node } = if req.exact_cpus.is_empty() {
+            self.place(&l, req)?
+        } else {
+            self.place_exact(&l, req)?
+        };
         let pinned = req.numa != NumaPolicy::None && node.is_some();
         if pinned {
             let n = node.expect("pinned implies a node");

@@ -50,6 +50,36 @@ impl ResourceManager {
         })
     }
 
+    /// The CPUs `req` names, when each is free (a grant restored as it was).
+    pub(super) fn place_exact(
+        &self,
+        l: &Ledger,
+        req: &ResourceRequest,
+    ) -> Result<Placed, ResourceError> {
+        let mut cpus = req.exact_cpus.clone();
+        cpus.sort_unstable();
+        cpus.dedup();
+        if cpus.len() != req.cores as usize {
+            return Err(ResourceError::InvalidRequest(format!(
+                "exact_cpus names {} CPUs for {} cores",
+                cpus.len(),
+                req.cores
+            )));
+        }
+        if let Some(&busy) = cpus.iter().find(|&&c| !l.free.contains(c)) {
+            return Err(ResourceError::Insufficient(format!(
+                "cpu: CPU {busy} is not free (held, reserved or not usable)"
+            )));
+        }
+        let node = req.numa_node.or_else(|| {
+            let first = self.topology.cpu(cpus[0])?.numa_node;
+            cpus.iter()
+                .all(|&c| self.topology.cpu(c).is_some_and(|i| i.numa_node == first))
+                .then_some(first)
+        });
+        Ok(Placed { cpus, node })
+    }
+
     /// Chooses exclusive CPUs and the NUMA node for `req`.
     pub(super) fn place(&self, l: &Ledger, req: &ResourceRequest) -> Result<Placed, ResourceError> {
         let k = req.cores as usize;
