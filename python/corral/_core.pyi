@@ -52,8 +52,10 @@ __all__ = [
     "VolumeUsage",
     "__version__",
     "become_subreaper",
+    "find_by_env",
     "group_alive",
     "group_members",
+    "kill_pid",
     "process_alive",
     "process_start_time",
     "signal_group",
@@ -184,8 +186,9 @@ class PortAllocator:
         ranges: Iterable[tuple[int, int]] | None = None,
         check_bind: str | None = None,
     ) -> PortAllocator: ...
-    def allocate(self, port: int | None = None, *, name: str | None = None) -> int:
-        """A free port, or exactly ``port`` (recorded under ``name``).
+    def allocate(self, port: int | None = None, *, name: str | None = None, check: bool = True) -> int:
+        """A free port, or exactly ``port`` (recorded under ``name``); ``check=False`` skips
+        the bind check (the port's holder is ours: an instance being re-adopted).
 
         Raises ``PortsExhausted`` or ``PortInUse``.
         """
@@ -837,6 +840,13 @@ def group_members(pgid: int) -> list[int]:
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
 
+def find_by_env(entry: str) -> list[int]:
+    """Live processes (not this one) whose starting environment holds ``entry``
+    (``KEY=value``): an instance's descendants, whatever group or session they moved to."""
+
+def kill_pid(pid: int, signal: int) -> bool:
+    """Sends ``signal`` to one process; False when it is gone."""
+
 def become_subreaper() -> None:
     """Makes this process a child subreaper: orphaned descendants come to it, not to init."""
 
@@ -1032,5 +1042,8 @@ class Cgroups:
     def base(self) -> Path: ...
     def create(self, name: str, *, max: int | None = None, low: int | None = None, swap: int | None = None) -> Path:
         """Creates cgroup ``name`` with limits in bytes; returns its directory."""
+    def kill(self, path: str | PathLike[str]) -> int:
+        """Ends every process of an instance's cgroup, wherever it went: ``cgroup.kill`` (v2),
+        else SIGKILL to each pid of ``cgroup.procs``; returns how many were signalled by hand."""
     def remove(self, path: str | PathLike[str]) -> bool:
         """Removes an empty instance cgroup; returns whether it went."""

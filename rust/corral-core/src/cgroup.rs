@@ -148,6 +148,26 @@ impl Cgroups {
         Ok(dir)
     }
 
+    /// Ends every process in an instance's cgroup, wherever it went (another process
+    /// group, another session): cgroup v2's `cgroup.kill` when the kernel has it, else
+    /// SIGKILL to each pid of `cgroup.procs` (v1). Returns how many pids were signalled by
+    /// hand (0 with `cgroup.kill`, which the kernel does at once).
+    pub fn kill(&self, dir: &Path) -> Result<usize, CgroupError> {
+        let kill = dir.join("cgroup.kill");
+        if kill.exists() {
+            write(&kill, "1")?;
+            return Ok(0);
+        }
+        let procs = fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+        let mut n = 0;
+        for pid in procs.lines().filter_map(|l| l.trim().parse::<u32>().ok()) {
+            if pid > 1 && crate::process::kill_pid(pid, libc::SIGKILL) {
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+
     /// Removes an instance's cgroup once its processes are gone (best effort: the kernel
     /// refuses while a process remains).
     pub fn remove(&self, dir: &Path) -> bool {

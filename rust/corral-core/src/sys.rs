@@ -150,6 +150,18 @@ pub(crate) fn killpg(pgid: u32, signal: i32) -> io::Result<()> {
     }
 }
 
+/// `kill(pid, signal)`. The caller keeps `pid` above 1.
+pub(crate) fn kill(pid: u32, signal: i32) -> io::Result<()> {
+    debug_assert!(pid > 1);
+    // SAFETY: kill has no memory preconditions.
+    let rc = unsafe { libc::kill(pid as libc::pid_t, signal) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// This process's process group.
 #[cfg(test)]
 pub(crate) fn getpgrp() -> u32 {

@@ -376,3 +376,65 @@ fn an_adopted_process_reports_its_exit_through_a_pidfd() {
         "no such process"
     );
 }
+
+#[test]
+fn a_setsid_grandchild_is_found_by_its_inherited_marker() {
+    let marker = format!("CORRAL_TEST_MARK={}", std::process::id());
+    let mut sh = std::process::Command::new("sh")
+        .args(["-c", "setsid sleep 30 & echo $!; wait"])
+        .env("CORRAL_TEST_MARK", std::process::id().to_string())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(sh.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let daemon: u32 = line.trim().parse().unwrap();
+    let found = corral_core::process::find_by_env(&marker);
+    assert!(
+        found.contains(&daemon) && found.contains(&sh.id()),
+        "{found:?}"
+    );
+    assert!(corral_core::process::kill_pid(daemon, libc::SIGKILL));
+    sh.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while corral_core::process::find_by_env(&marker).contains(&daemon) {
+        assert!(std::time::Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[test]
+fn cgroup_kill_uses_cgroup_kill_on_v2_and_the_pid_list_on_v1() {
+    // A fake cgroupfs (this machine has v1): v2 is a directory with a cgroup.kill file.
+    use corral_core::cgroup::Cgroups;
+    let root = tempfile::tempdir().unwrap();
+    std::fs::write(root.path().join("cgroup.controllers"), "cpu memory").unwrap();
+    std::fs::write(root.path().join("cgroup.subtree_control"), "memory").unwrap();
+    let cg = Cgroups::detect(root.path(), "corral/test");
+    let v2 = root.path().join("v2-instance");
+    std::fs::create_dir_all(&v2).unwrap();
+    std::fs::write(v2.join("cgroup.kill"), "").unwrap();
+    assert_eq!(cg.kill(&v2).unwrap(), 0);
+    assert_eq!(
+        std::fs::read_to_string(v2.join("cgroup.kill")).unwrap(),
+        "1"
+    );
+    // v1: no cgroup.kill; every pid listed gets SIGKILL.
+    let mut victim = std::process::Command::new("sleep")
+        .arg("30")
+        .spawn()
+        .unwrap();
+    let v1 = root.path().join("v1-instance");
+    std::fs::create_dir_all(&v1).unwrap();
+    std::fs::write(v1.join("cgroup.procs"), format!("{}\n", victim.id())).unwrap();
+    assert_eq!(cg.kill(&v1).unwrap(), 1);
+    let status = victim.wait().unwrap();
+    assert_eq!(
+        std::os::unix::process::ExitStatusExt::signal(&status),
+        Some(libc::SIGKILL)
+    );
+}

@@ -67,6 +67,11 @@ impl Cgroups {
     fn remove(&self, path: PathBuf) -> bool {
         self.inner.remove(Path::new(&path))
     }
+    /// Ends every process of an instance's cgroup (`cgroup.kill`, or SIGKILL to each pid of
+    /// `cgroup.procs`); returns how many pids were signalled by hand.
+    fn kill(&self, path: PathBuf) -> PyResult<usize> {
+        self.inner.kill(Path::new(&path)).py()
+    }
 }
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {

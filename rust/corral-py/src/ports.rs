@@ -37,10 +37,11 @@ impl PortAllocator {
             check: check_bind.map(parse_addr).transpose()?,
         })
     }
-    /// A free port (`port=None`), or exactly `port`, recorded under `name`.
-    #[pyo3(signature = (port = None, *, name = None))]
-    fn allocate(&self, port: Option<u16>, name: Option<&str>) -> PyResult<u16> {
-        match (port, self.check) {
+    /// A free port (`port=None`), or exactly `port`, recorded under `name`; `check=False`
+    /// skips the bind check for a port whose holder is ours (an instance being re-adopted).
+    #[pyo3(signature = (port = None, *, name = None, check = true))]
+    fn allocate(&self, port: Option<u16>, name: Option<&str>, check: bool) -> PyResult<u16> {
+        match (port, self.check.filter(|_| check)) {
             (None, None) => self.inner.allocate().py(),
             (None, Some(a)) => self.inner.allocate_checked(a).py(),
             (Some(p), None) => self.inner.allocate_static(p, name).py(),

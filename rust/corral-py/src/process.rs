@@ -334,6 +334,18 @@ fn process_start_time(pid: u32) -> Option<u64> {
     core::start_time(pid)
 }
 
+/// Live processes whose starting environment holds `entry` (`KEY=value`).
+#[pyfunction]
+fn find_by_env(entry: &str) -> Vec<u32> {
+    core::find_by_env(entry)
+}
+
+/// Sends `signal` to one process; False when it is gone.
+#[pyfunction]
+fn kill_pid(pid: u32, signal: i32) -> bool {
+    core::kill_pid(pid, signal)
+}
+
 /// Makes this process a child subreaper (orphaned descendants come to it, not to init).
 #[pyfunction]
 fn become_subreaper() -> PyResult<()> {
@@ -373,6 +385,8 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Supervisor>()?;
     m.add_class::<LogKeeper>()?;
     m.add_function(wrap_pyfunction!(become_subreaper, m)?)?;
+    m.add_function(wrap_pyfunction!(find_by_env, m)?)?;
+    m.add_function(wrap_pyfunction!(kill_pid, m)?)?;
     m.add_class::<ProcessExited>()?;
     m.add_class::<ProbeVerdict>()?;
     m.add_class::<PyProcessSpec>()?;

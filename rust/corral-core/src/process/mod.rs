@@ -406,6 +406,31 @@ pub fn become_subreaper() -> Result<(), ProcessError> {
     })
 }
 
+/// Sends `signal` to one process; false when it is gone (or `pid` is 0 or 1).
+pub fn kill_pid(pid: u32, signal: i32) -> bool {
+    pid > 1 && sys::kill(pid, signal).is_ok()
+}
+
+/// Live processes (this one excepted) whose environment, as they were started, holds the
+/// entry `entry` (`KEY=value`): what an instance started inherits it, whatever group or
+/// session it moved to, so a stop can find a daemon that left its process group. Only
+/// processes this user may read are seen (all, as root).
+pub fn find_by_env(entry: &str) -> Vec<u32> {
+    let me = std::process::id();
+    let want = entry.as_bytes();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| pid != me)
+        .filter(|&pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == want))
+        })
+        .filter(|&pid| alive(pid))
+        .collect()
+}
+
 /// Whether any process of group `pgid` is alive (zombies included: they still hold the group).
 pub fn group_alive(pgid: u32) -> bool {
     signal_group(pgid, 0).unwrap_or(true)
