@@ -413,11 +413,17 @@ FIXED = """
 """
 
 
-def test_up_right_after_an_agent_crash_and_a_rename_starts_cleanly(tmp_path: Path) -> None:
+def _keeper(tmp_path: Path) -> int:
+    return int(json.loads((tmp_path / ".corral" / "keeper.json").read_text())["pid"])
+
+
+def test_up_right_after_a_crash_of_agent_and_keeper_and_a_rename_starts_cleanly(tmp_path: Path) -> None:
     write_spec(tmp_path, FIXED.replace("NAME", "before"))
     assert corral("up", "-d", cwd=tmp_path).returncode == 0
     st = json.loads(corral("status", "--json", cwd=tmp_path).stdout)
     old_pid = st["services"]["web"][0]["pid"]
+    # Both gone at once (the keeper too, or nothing would be left over): the instance runs on.
+    os.kill(_keeper(tmp_path), signal.SIGKILL)
     os.kill(st["agent_pid"], signal.SIGKILL)
     # At once: the dead agent may still be a zombie, and its instance still holds port 24301.
     write_spec(tmp_path, FIXED.replace("NAME", "after"))
@@ -430,6 +436,26 @@ def test_up_right_after_an_agent_crash_and_a_rename_starts_cleanly(tmp_path: Pat
     finally:
         corral("down", cwd=tmp_path)
         kill_groups([old_pid])
+
+
+def test_up_right_after_an_agent_crash_finds_the_agent_the_keeper_started(tmp_path: Path) -> None:
+    write_spec(tmp_path, FIXED.replace("NAME", "kept"))
+    assert corral("up", "-d", cwd=tmp_path).returncode == 0
+    st = json.loads(corral("status", "--json", cwd=tmp_path).stdout)
+    pid = st["services"]["web"][0]["pid"]
+    os.kill(st["agent_pid"], signal.SIGKILL)
+    try:
+        r = corral("up", "-d", cwd=tmp_path)  # at once, while the keeper restarts the agent
+        assert r.returncode == 0 and r.stdout.splitlines()[0] == "no changes", r
+        again = json.loads(corral("status", "--json", cwd=tmp_path).stdout)
+        assert again["agent_pid"] != st["agent_pid"] and again["services"]["web"][0]["pid"] == pid
+        write_spec(tmp_path, FIXED.replace("NAME", "renamed"))
+        r = corral("up", "-d", cwd=tmp_path)
+        assert r.returncode == 2 and "the running deployment is 'kept'" in r.stderr, r
+        assert alive(pid)
+    finally:
+        corral("down", cwd=tmp_path)
+        kill_groups([pid])
 
 
 def test_a_corrupt_state_db_does_not_hide_or_strand_a_running_stack(tmp_path: Path) -> None:

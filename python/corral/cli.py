@@ -118,6 +118,33 @@ def _deployment(spec: Path, state_dir: Path | None) -> Deployment:
         _spec_errors(e)
 
 
+def _adopting(spec: Path, state_dir: Path | None) -> Deployment:
+    """The deployment a dead agent ran: the last spec version applied, from state.db (the
+    file may have changed since), with the keeper of ``up -d`` taking the output."""
+    from corral.agent.keeper import KEEPER_SOCKET
+    from corral.engine import Deployment
+    from corral.spec import parse_spec
+    from corral.state import StateStore
+
+    sd = _state_dir(spec, state_dir)
+    db = sd / "state.db"
+    rows = StateStore.read_deployments(db) if db.exists() else []
+    if not rows:
+        _fail(f"nothing to adopt in {sd}", 2)
+    row = rows[-1]
+    applied = [v for v in StateStore.read_specs(db, row.name) if v.state == "applied" and v.version == row.version]
+    try:
+        parsed = parse_spec(applied[-1].text, row.spec) if applied and applied[-1].text else None
+        if parsed is None:
+            from corral.spec import load_spec
+
+            parsed = load_spec(row.spec)
+    except SpecError as e:
+        _spec_errors(e)
+    keeper = sd / KEEPER_SOCKET
+    return Deployment(parsed, file=row.spec, state_dir=sd, keeper=keeper if keeper.exists() else None)
+
+
 # --- validate and plan ------------------------------------------------------------------
 
 
@@ -208,6 +235,8 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
     # By pid and start time, not by the socket alone: a stopped (SIGSTOP) agent does not
     # answer, and starting a second one beside it would start the stack twice.
     agent = client.running()
+    if agent is None and client.keeper_restarting():
+        agent = client.wait_running(5.0)  # the keeper restarts a dead agent: that one applies
     if agent is not None or client.available():
         if run_for is not None:
             _fail("--run-for starts a new stack; one runs already (apply without it, or 'corral down' first)", 2)
@@ -377,21 +406,33 @@ def _status_table(services: Any) -> Table:
 
 
 @app.command(hidden=True)
-def agent(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
-    """Run the agent in this process (what `up -d` starts in the background)."""
-    d = _deployment(spec, state_dir)
+def agent(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
+          adopt: Annotated[bool, typer.Option("--adopt", help="Take over what a dead agent left (the "
+                                                             "running spec from state.db).")] = False) -> None:
+    """Run the agent in this process (what `up -d`, and the keeper, start in the background)."""
+    if adopt:
+        d = _adopting(spec, state_dir)
+    else:
+        d = _deployment(spec, state_dir)
 
     import asyncio
 
     from corral.agent.server import run_agent
 
     async def main() -> int:
-        return await run_agent(d)
+        return await run_agent(d, adopt=adopt)
 
     try:
         code = asyncio.run(main())
     except SpecError as e:
         _spec_errors(e)
+    except CorralError:
+        raise
+    except Exception as e:  # a bug: the keeper restarts an agent that ends so
+        from corral.agent.keeper import CRASHED
+
+        _error(f"the agent failed: {type(e).__name__}: {e}")
+        raise typer.Exit(CRASHED) from None
     raise typer.Exit(code)
 
 

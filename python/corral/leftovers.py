@@ -11,13 +11,35 @@ import signal
 import time
 from pathlib import Path
 
-from corral._core import group_members, process_start_time, signal_group
+from corral._core import find_by_env, group_members, kill_pid, process_alive, process_start_time, signal_group
+from corral.engine.environment import STACK, stack_id
 from corral.state import DeploymentRow, StateStore
 
-__all__ = ["PID_LOG", "live_agent", "reset_pid_log", "stop_leftovers"]
+__all__ = ["EXITS", "PID_LOG", "live_agent", "recorded_exit", "reset_pid_log", "stop_leftovers", "sweep_stack"]
 
 PID_LOG = "pids"
 """The supervisor's pid log in the state directory: ``pid start_time id`` per spawn."""
+EXITS = "exits"
+"""Where the keeper writes ``pid status`` of each orphan it reaps (an instance of a dead
+agent): the next agent reads there how an instance it did not start ended."""
+
+
+def recorded_exit(state_dir: Path, pid: int) -> int | None:
+    """The exit status the keeper recorded for ``pid`` (negative: killed by that signal),
+    the last one if several; None when it has not."""
+    try:
+        text = (state_dir / EXITS).read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    found = None
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] == str(pid):
+            try:
+                found = int(parts[1])
+            except ValueError:
+                continue
+    return found
 
 
 def reset_pid_log(state_dir: Path) -> None:
@@ -38,6 +60,19 @@ def _logged(state_dir: Path) -> list[tuple[int, int]]:
         if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
             out.append((int(parts[0]), int(parts[1])))
     return out
+
+
+def sweep_stack(state_dir: Path, wait: float = 2.0) -> int:
+    """SIGKILLs every process that inherited the stack's marker (``CORRAL_STACK``), wherever
+    it went: the daemons that left their instance's process group or session. Waits (up to
+    ``wait`` seconds) for them to be gone; returns how many there were."""
+    found = find_by_env(f"{STACK}={stack_id(state_dir)}")
+    for pid in found:
+        kill_pid(pid, signal.SIGKILL)
+    deadline = time.monotonic() + wait
+    while any(process_alive(p) for p in found) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return len(found)
 
 
 def live_agent(db: Path, name: str | None = None) -> DeploymentRow | None:
@@ -77,6 +112,7 @@ def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mar
     deadline = time.monotonic() + 5.0
     while any(group_members(pid) for pid in groups) and time.monotonic() < deadline:
         time.sleep(0.01)
+    sweep_stack(db.parent)
     if mark_down is not None:
         pending = [d for d in rows if d.status not in ("down", "failed")]
         if pending:

@@ -110,6 +110,19 @@ class Lifecycle:
         """Whether ``new`` is reachable in one step."""
         return new in TRANSITIONS[self.state]
 
+    def resume(self, state: State, reason: str) -> Transition:
+        """A new instance takes up ``state`` as the store last recorded it (an agent that
+        re-adopts what a dead one ran): one transition from ``pending``, not checked against
+        the table."""
+        if self.state is not State.PENDING:
+            raise LifecycleError(f"{self.instance}: only a new instance resumes a recorded state")
+        t = Transition(self.instance, self.service, self.state, state, reason, time.time())
+        self.state = state
+        self.since = t.at
+        if self._listener is not None:
+            self._listener(t)
+        return t
+
     def to(self, new: State, reason: str = "") -> Transition:
         """Moves to ``new``; raises :class:`LifecycleError` if the table forbids it."""
         if new not in TRANSITIONS[self.state]:

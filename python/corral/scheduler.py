@@ -191,6 +191,34 @@ class Scheduler:
             raise
         return p
 
+    def restore(self, iid: str, name: str, index: int, svc: ServiceSpec, volume: Path | None, *, cpus: list[int],
+                exclusive: bool, numa_node: int | None, ports: dict[str, int]) -> Placement:
+        """An instance that runs already (re-adopted from a dead agent) back in the ledgers,
+        on exactly the cores and ports it holds; the ports are not tried with a bind, as its
+        own process holds them. Raises what the ledger says when that is not possible."""
+        r = svc.resources
+        request = ResourceRequest(
+            cpu=r.cpu or 0.0, cores=len(cpus) if exclusive else 0, exact_cpus=cpus if exclusive else [],
+            numa=r.numa, cache=r.cache, memory_mb=math.ceil((r.memory or 0) / MiB),
+            swap_mb=math.ceil((r.swap or 0) / MiB), storage_mb=math.ceil((r.storage.size if r.storage else 0) / MiB),
+            volume=str(volume) if volume is not None else None, numa_node=numa_node,
+        )
+        grant = self.resources.allocate(request)
+        p = Placement(id=iid, service=name, index=index, cpus=grant.cpus, numa_node=grant.numa_node,
+                      millicores=grant.millicores, memory_mb=grant.memory_mb, swap_mb=grant.swap_mb,
+                      storage_mb=grant.storage_mb, volume=grant.volume, grant=grant)
+        try:
+            for pname, port in ports.items():
+                if any(lo <= port <= hi for lo, hi in self.ports.ranges):
+                    p.ports[pname] = self.ports.allocate(port, name=f"{iid}.{pname}", check=False)
+                else:
+                    self._outside.add(port)
+                    p.ports[pname] = port
+        except CorralError:
+            self.release_one(p)
+            raise
+        return p
+
     def choose_node(self, memory_mb: int) -> int | None:
         """NUMA node for a shared-CPU instance with memory (None: let the ledger decide)."""
         nodes = self.resources.usage().memory_by_node

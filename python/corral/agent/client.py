@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from corral._core import process_alive
+from corral._core import process_alive, process_start_time
 from corral.agent.logs import follow_lines, tail_lines
 from corral.agent.wire import from_wire
 from corral.exceptions import AgentUnavailable, ConfigError, CorralError, UnknownService
@@ -112,6 +112,31 @@ class AgentClient:
     def running(self) -> DeploymentRow | None:
         """The deployment whose agent runs now (pid and start time), if any."""
         return live_agent(self.db)
+
+    def keeper(self) -> dict[str, object] | None:
+        """What the keeper of ``up -d`` last recorded, when it still runs (pid and start)."""
+        from corral.agent.keeper import read_keeper
+
+        doc = read_keeper(self.state_dir)
+        kpid = doc.get("pid") if doc else None
+        if doc is None or not isinstance(kpid, int):
+            return None
+        return doc if process_start_time(kpid) == doc.get("start") and process_alive(kpid) else None
+
+    def keeper_restarting(self) -> bool:
+        """Whether a live keeper is bringing a dead agent back."""
+        doc = self.keeper()
+        return doc is not None and doc.get("agent") == "running"
+
+    def wait_running(self, timeout: float) -> DeploymentRow | None:
+        """The running agent, waiting up to ``timeout`` seconds for one to answer."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            row = self.running()
+            if row is not None and self.available():
+                return row
+            time.sleep(0.05)
+        return self.running()
 
     def _required(self) -> DeploymentRow:
         row = self.deployment()
@@ -226,7 +251,19 @@ class AgentClient:
         deadline = time.monotonic() + 10
         while pid and process_alive(int(pid)) and time.monotonic() < deadline:
             time.sleep(0.01)
+        self._wait_keeper(deadline)
         return None
+
+    def _wait_keeper(self, deadline: float) -> None:
+        """Waits for the keeper of ``up -d`` to end (it does once the last pipe closed):
+        nothing corral started outlives ``down``."""
+        doc = self.keeper()
+        kpid = doc.get("pid") if doc else None
+        if doc is None or not isinstance(kpid, int):
+            return
+        kstart = doc.get("start")
+        while process_start_time(kpid) == kstart and process_alive(kpid) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 def _spec_body(spec: Path) -> dict[str, str]:

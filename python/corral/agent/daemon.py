@@ -1,11 +1,15 @@
-"""``up -d``: the agent as a daemon, forked from the CLI.
+"""``up -d``: the agent as a daemon, under a keeper, forked from the CLI.
 
-The agent is the CLI's own process, forked: everything is imported already, which saves a
-second interpreter start-up on the way to the first process. Nothing has started a thread
-yet (the native runtimes start in the child), so forking is safe. The child starts a new
-session, sends its output to ``agent.log`` and runs the agent until ``down``; how ``up``
-ended it writes to a pipe the parent reads (never a log file, which may hold an earlier
-run's words), so ``up -d`` reports what a foreground ``up`` reports, with the same exit code.
+The CLI forks the keeper's process, which starts a new session and forks the agent: the
+agent is the CLI's own process twice forked, with everything imported already, which saves
+an interpreter start-up on the way to the first process. Nothing has started a thread yet
+(the native runtimes start in the agent), so forking is safe. The keeper's process then
+execs ``python -m corral.agent.keeper`` (see :mod:`corral.agent.keeper`: a small process
+that holds the instances' output, restarts the agent, reaps orphans); the agent, its child,
+sends its output to ``agent.log`` and runs until ``down``. How ``up`` ended the agent writes
+to a pipe the CLI reads (never a log file, which may hold an earlier run's words), so
+``up -d`` reports what a foreground ``up`` reports, with the same exit code; when the
+agent dies first, the keeper writes that line for it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
+from corral.agent.keeper import CRASHED, KEEPER_SOCKET
 from corral.agent.wire import from_wire, to_wire
 from corral.exceptions import AgentUnavailable, CorralError, DeploymentError
 from corral.spec import DeploymentSpec
@@ -30,10 +35,10 @@ __all__ = ["start_detached"]
 
 
 def start_detached(spec: Path, parsed: DeploymentSpec, state_dir: Path, timeout: float) -> DeploymentStatus:
-    """Forks the agent for ``parsed`` and returns once ``up`` succeeded (the agent goes on).
-    The agent reports how ``up`` ended through a pipe: its error is raised here as the same
-    class a foreground ``up`` raises (so both exit alike). When ``up`` does not finish
-    within ``timeout`` seconds, the agent is stopped (it rolls back) and
+    """Forks the keeper and the agent for ``parsed`` and returns once ``up`` succeeded (both
+    go on). The agent reports how ``up`` ended through a pipe: its error is raised here as
+    the same class a foreground ``up`` raises (so both exit alike). When ``up`` does not
+    finish within ``timeout`` seconds, the agent is stopped (it rolls back) and
     :class:`DeploymentError` is raised; when the agent dies without a word,
     :class:`AgentUnavailable`."""
     secure_state_dir(state_dir)
@@ -41,66 +46,80 @@ def start_detached(spec: Path, parsed: DeploymentSpec, state_dir: Path, timeout:
     sys.stdout.flush()
     sys.stderr.flush()
     read_end, write_end = os.pipe()  # not inherited by instances (O_CLOEXEC)
-    pid = os.fork()
-    if pid == 0:
+    keeper = os.fork()
+    if keeper == 0:
         os.close(read_end)
-        _become_agent(spec, parsed, state_dir, log, write_end)
+        _become_keeper(spec, parsed, state_dir, log, write_end)
     os.close(write_end)
+    agent: int | None = None
     try:
         report, timed_out = _read_report(read_end, timeout)
+        if report is not None and "agent_pid" in report and "ok" not in report:
+            agent = int(report["agent_pid"])
+            report, timed_out = _read_report(read_end, timeout)
     finally:
         os.close(read_end)
+    # The keeper's process is our child until it is reaped; it lives on as the keeper.
     if timed_out:
         # up is still running: stop it (SIGTERM makes the agent roll back) and say so.
-        os.kill(pid, signal.SIGTERM)
-        if _wait(pid, 60.0) is None:
-            os.kill(pid, signal.SIGKILL)
+        if agent is not None:
+            os.kill(agent, signal.SIGTERM)
         raise DeploymentError(f"up did not finish within {timeout:g}s; the agent stopped everything it started")
     if report is None:
-        # The pipe closed without a word: the agent died (it may take a moment to be reaped).
-        raise AgentUnavailable(f"the agent died before it could report (exit status {_wait(pid, 5.0)}; "
-                               f"log: {log})")
+        raise AgentUnavailable(f"the agent and its keeper died before they could report (log: {log})")
     if not report.get("ok"):
         raise from_wire(report["error"])
     st = DeploymentStatus.from_dict(report["status"])
-    st.agent_pid = pid
+    st.agent_pid = agent if agent is not None else st.agent_pid
     return st
 
 
+def _become_keeper(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Path, report_fd: int) -> NoReturn:
+    """The keeper's process: a new session, the agent forked, then exec of the keeper."""
+    try:
+        os.setsid()
+        agent = os.fork()
+        if agent == 0:
+            _become_agent(spec, parsed, state_dir, log, report_fd)
+        fd = os.open(state_dir / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(fd, 1)
+        os.dup2(fd, 2)
+        os.set_inheritable(report_fd, True)
+        os.execv(sys.executable, [sys.executable, "-m", "corral.agent.keeper", str(state_dir), str(agent),
+                                  str(spec.resolve()), str(report_fd)])
+    except BaseException as e:  # never return into the CLI's code
+        with contextlib.suppress(OSError):
+            os.write(report_fd, json.dumps({"ok": False, "error": to_wire(
+                CorralError(f"cannot start the keeper: {type(e).__name__}: {e}"))}).encode() + b"\n")
+    os._exit(1)
+
+
+_pending = bytearray()
+
+
 def _read_report(fd: int, timeout: float) -> tuple[dict[str, Any] | None, bool]:
-    """The agent's one JSON line (None at end of file), and whether ``timeout`` ran out first."""
+    """The next JSON line from the agent (None at end of file), and whether ``timeout`` ran
+    out first."""
     deadline = time.monotonic() + timeout
-    data = b""
-    while b"\n" not in data:
+    while b"\n" not in _pending:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             return None, True
         chunk = os.read(fd, 65536)
         if not chunk:
             return None, False
-        data += chunk
-    doc: dict[str, Any] = json.loads(data.split(b"\n", 1)[0])
+        _pending.extend(chunk)
+    line, _, rest = bytes(_pending).partition(b"\n")
+    _pending[:] = rest
+    doc: dict[str, Any] = json.loads(line)
     return doc, False
 
 
-def _exited(pid: int) -> int | None:
-    done, status = os.waitpid(pid, os.WNOHANG)
-    return os.waitstatus_to_exitcode(status) if done else None
-
-
-def _wait(pid: int, timeout: float) -> int | None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        code = _exited(pid)
-        if code is not None:
-            return code
-        time.sleep(0.01)
-    return None
-
-
 def _become_agent(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Path, report_fd: int) -> NoReturn:
-    """The forked child: a new session, output to the agent log, then the agent until down;
-    how ``up`` ended goes to ``report_fd`` as one JSON line."""
+    """The agent, forked by the keeper's process: output to the agent log, then the agent
+    until down; its pid, then how ``up`` ended, go to ``report_fd`` as JSON lines."""
     from corral.agent.server import run_agent
     from corral.engine import Deployment
 
@@ -118,7 +137,8 @@ def _become_agent(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Path
 
     code = 1
     try:
-        os.setsid()
+        # First words: who the agent is (the CLI stops it by this pid if up takes too long).
+        os.write(report_fd, json.dumps({"agent_pid": os.getpid()}).encode() + b"\n")
         fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         os.fchmod(fd, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -127,7 +147,7 @@ def _become_agent(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Path
         os.dup2(fd, 2)
         os.close(fd)
         os.close(null)
-        d = Deployment(parsed, file=spec, state_dir=state_dir)
+        d = Deployment(parsed, file=spec, state_dir=state_dir, keeper=state_dir / KEEPER_SOCKET)
         code = asyncio.run(run_agent(d, on_up=lambda dep: report({"ok": True, "status": dep.status().to_dict()}),
                                      on_failed=failed))
     except CorralError as e:
@@ -137,6 +157,7 @@ def _become_agent(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Path
     except BaseException as e:  # the agent must never return into the CLI's code
         print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
         failed(CorralError(f"the agent failed: {type(e).__name__}: {e}"))
+        code = CRASHED  # the keeper restarts it
     finally:
         sys.stdout.flush()
         sys.stderr.flush()

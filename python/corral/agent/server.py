@@ -302,12 +302,13 @@ class ControlServer:
 
 async def run_agent(deployment: Deployment, *, run_for: float | None = None,
                     on_up: Callable[[Deployment], None] | None = None,
-                    on_failed: Callable[[CorralError], None] | None = None) -> int:
+                    on_failed: Callable[[CorralError], None] | None = None, adopt: bool = False) -> int:
     """Brings ``deployment`` up, serves the control API and supervises until ``down``
     (API), SIGINT or SIGTERM, or ``run_for`` seconds. Returns the exit code: 0, or 1 when
     ``up`` failed (everything it started is rolled back; ``on_failed`` hears why). Errors
     found before anything started (a spec that does not fit, an agent already running)
-    are raised."""
+    are raised. With ``adopt``, the stack a dead agent left is taken over instead of
+    brought up (:meth:`~corral.engine.deployment.Deployment.adopt`)."""
     # Nobody but the agent removes its socket: a live one keeps it, even if it does not answer.
     other = live_agent(deployment.state_db)
     if other is not None and other.agent_pid != os.getpid():
@@ -319,7 +320,13 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop.set)
     try:
-        server.up_task = asyncio.create_task(deployment.up(), name="corral-up")
+        async def start() -> None:
+            if adopt:
+                await deployment.adopt()
+            else:
+                await deployment.up()
+
+        server.up_task = asyncio.create_task(start(), name="corral-up")
         stop_wait = asyncio.create_task(server.stop.wait())
         await asyncio.wait([server.up_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         if not server.up_task.done():

@@ -8,7 +8,10 @@ Written here (:func:`environment`) and read by discovery (:data:`AGENT_SOCKET`,
 - ``CORRAL_AGENT_SOCKET``: the control API, for discovery;
 - ``CORRAL_VOLUME`` with storage;
 - ``CORRAL_TLS_CERT``, ``CORRAL_TLS_KEY``, ``CORRAL_TLS_CA``, ``CORRAL_SPIFFE_ID`` with the mesh;
-- ``CORRAL_<DEP>_ADDR`` and ``CORRAL_<DEP>_ADDRS``: each dependency's healthy instances.
+- ``CORRAL_<DEP>_ADDR`` and ``CORRAL_<DEP>_ADDRS``: each dependency's healthy instances;
+- ``CORRAL_STACK`` (the stack's id, from its state directory) and ``CORRAL_UNIT``
+  (``<stack id>/<instance>``): markers that every process an instance starts inherits, so a
+  stop finds the daemons that left its process group or session.
 
 This module imports nothing of the engine, so discovery can read it cheaply.
 """
@@ -22,12 +25,23 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from corral._core import Authority, IssuedCert
 
-__all__ = ["AGENT_SOCKET", "STATE_DIR", "env_name", "environment"]
+__all__ = ["AGENT_SOCKET", "STACK", "STATE_DIR", "UNIT", "env_name", "environment", "stack_id"]
 
 AGENT_SOCKET = "CORRAL_AGENT_SOCKET"
 """The agent's control socket, set for every instance."""
 STATE_DIR = "CORRAL_STATE_DIR"
 """Overrides where the state directory is (read by the CLI and discovery, never set by corral)."""
+STACK = "CORRAL_STACK"
+"""The stack's id, inherited by every process of the stack."""
+UNIT = "CORRAL_UNIT"
+"""``<stack id>/<instance id>``, inherited by every process of one instance."""
+
+
+def stack_id(state_dir: Path) -> str:
+    """A stack's id: a hash of its state directory's real path (one directory, one stack)."""
+    import hashlib
+
+    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def env_name(name: str) -> str:
@@ -52,6 +66,9 @@ def environment(*, service: str, instance: str, replica: int, deployment: str, p
     env["CORRAL_REPLICA"] = str(replica)
     env["CORRAL_DEPLOYMENT"] = deployment
     env[AGENT_SOCKET] = str(agent_socket)
+    sid = stack_id(agent_socket.parent)
+    env[STACK] = sid
+    env[UNIT] = f"{sid}/{instance}"
     if volume:
         env["CORRAL_VOLUME"] = volume
     if cert is not None and ca is not None:

@@ -75,9 +75,10 @@ class CgroupsHook(Hook):
         self.cgroups: Cgroups | None = None
         self._name = ""
         self._unavailable: str | None = None
+        self._stack: Stack | None = None
 
     def prerun(self, stack: Stack) -> list[str]:
-        self._name = stack.name
+        self._name, self._stack = stack.name, stack
         return self.add(list(stack.instances.values()))
 
     def add(self, insts: list[InstanceRuntime]) -> list[str]:
@@ -92,6 +93,8 @@ class CgroupsHook(Hook):
                 self._unavailable = cg.reason
             else:
                 self.cgroups = cg
+                if self._stack is not None:
+                    self._stack.cgroups = cg
         if self.cgroups is None:
             names = sorted({i.p.service for i in wants})
             return [f"memory limits not enforced ({self._unavailable}); {', '.join(names)} run without them"]

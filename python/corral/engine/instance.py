@@ -31,6 +31,8 @@ class Process:
     started_at: float
     """``time.monotonic()`` at spawn."""
     exited: asyncio.Event = field(default_factory=asyncio.Event)
+    adopted: bool = False
+    """Started by an agent that died: not our child, its exit status comes from the keeper."""
     kill_cause: Literal["startup", "liveness"] | None = None
     """Why corral ended it (``startup``, ``liveness``), when it did."""
     kill_detail: str = ""

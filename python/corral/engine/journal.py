@@ -67,6 +67,15 @@ class Journal:
         self.row.agent_start = process_start_time(os.getpid())
         self._store.clear_instances(self.name)
 
+    def resume(self, row: DeploymentRow, phases: list[list[str]]) -> None:
+        """A run goes on under this process as its agent (a dead agent's, re-adopted): its
+        row is kept, with its version and start, and so are its instances' rows."""
+        assert self._store is not None, "open() first"
+        self.row = row
+        self.row.phases = phases
+        self.row.agent_pid = os.getpid()
+        self.row.agent_start = process_start_time(os.getpid())
+
     def set_retention(self, max_rows: int, max_age: float) -> None:
         """How much of the event log is kept, from the next prune on."""
         self._max_rows, self._max_age = max_rows, max_age

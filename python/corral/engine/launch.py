@@ -23,11 +23,14 @@ from corral._core import (
     ProcessSpec,
     RetryAttempts,
     RetryPolicy,
+    find_by_env,
+    kill_pid,
     signal_group,
 )
 from corral.engine import environment as contract
 from corral.engine.instance import InstanceRuntime, Process, cpulist
 from corral.engine.stack import Stack
+from corral.exceptions import CorralError
 from corral.identity import Credentials, credentials
 from corral.leftovers import reset_pid_log
 from corral.lifecycle import State
@@ -189,6 +192,22 @@ class Launcher:
         if any(probes.values()):
             sup.start_health(inst.id, **probes)
 
+    def adopted(self, inst: InstanceRuntime, pid: int, start: int) -> bool:
+        """Takes over a process a dead agent started: watched through a pidfd, probed again
+        from now on (False when it is gone already)."""
+        sup = self.stack.supervisor
+        assert sup is not None
+        if not sup.adopt(inst.id, pid):
+            return False
+        creds = credentials(inst.svc.user, inst.svc.group)
+        env = self._environment(inst, creds)
+        inst.affinity = inst.p.cpus or self.stack.resources.shared_cpus(inst.p.numa_node)
+        inst.life.resume(State.STARTING, f"re-adopting pid {pid}")
+        self._running(inst, (pid, start), env)
+        assert inst.proc is not None
+        inst.proc.adopted = True
+        return True
+
     # --- signals and stop -------------------------------------------------------------
 
     def terminate(self, inst: InstanceRuntime, cause: Literal["startup", "liveness"], detail: str) -> None:
@@ -211,6 +230,22 @@ class Launcher:
     def _kill_if_alive(proc: Process) -> None:
         if not proc.exited.is_set():
             signal_group(proc.pid, signals.SIGKILL)
+
+    def sweep(self, inst: InstanceRuntime) -> int:
+        """Ends what is left of an instance whose leader has exited: its cgroup's processes
+        (``cgroup.kill``), and every process that inherited its marker (``CORRAL_UNIT``),
+        wherever it went (a ``setsid`` daemon). Returns how many were found by marker."""
+        cgroups = self.stack.cgroups
+        if inst.cgroup is not None and cgroups is not None:
+            try:
+                cgroups.kill(inst.cgroup)
+            except (OSError, CorralError):
+                pass  # the marker sweep below still runs
+        unit = f"{contract.UNIT}={contract.stack_id(self.stack.state_dir)}/{inst.id}"
+        found = find_by_env(unit)
+        for pid in found:
+            kill_pid(pid, signals.SIGKILL)
+        return len(found)
 
     async def stop(self, inst: InstanceRuntime, reason: str, *, drain: bool) -> None:
         """Stops one instance by its shutdown rule and waits for its process to exit;

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from pathlib import Path
 
-from corral._core import ResourceManager, ServiceRegistry, Supervisor
+from corral._core import Cgroups, ResourceManager, ServiceRegistry, Supervisor
 from corral.engine.instance import InstanceRuntime
 from corral.engine.journal import Journal
 from corral.lifecycle import Transition
@@ -41,6 +41,8 @@ class Stack:
         self.instances: dict[str, InstanceRuntime] = {}
         self.by_service: dict[str, list[InstanceRuntime]] = {name: [] for name in spec.services}
         self.supervisor: Supervisor | None = None
+        self.cgroups: Cgroups | None = None
+        """The memory controller, when one was found (a stop ends an instance's cgroup)."""
         self.down = False
         """Set once the deployment stops (down or rollback): nothing restarts after it."""
         self.warnings: list[str] = []

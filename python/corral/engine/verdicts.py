@@ -16,6 +16,7 @@ from corral._core import Instance, ProbeVerdict, ProcessExited, Supervisor, grou
 from corral.engine.instance import InstanceRuntime
 from corral.engine.launch import Launcher
 from corral.engine.stack import Stack
+from corral.leftovers import recorded_exit
 from corral.lifecycle import State
 from corral.recovery import Decision, Exit, RestartStrategy
 
@@ -49,26 +50,43 @@ class Verdicts:
 
     # --- exits ----------------------------------------------------------------------
 
-    def exited(self, ev: ProcessExited) -> None:
+    def recorded_exit(self, pid: int) -> int | None:
+        """How a process that is not ours ended, as the keeper recorded it."""
+        return recorded_exit(self.stack.state_dir, pid)
+
+    def exited(self, ev: ProcessExited, tries: int = 0) -> None:
         """A process ended: a stop completes, anything else goes to the restart strategy."""
         inst = self.stack.instances.get(ev.id)
         proc = inst.proc if inst is not None else None
         if inst is None or proc is None or ev.pid != proc.pid:
             return
+        code, sig = ev.code, ev.signal
+        if proc.adopted and code is None and sig is None:
+            # Re-adopted: its parent is the keeper, which reaps it and records the status a
+            # moment later; wait for that a little (then: status unknown).
+            status = self.recorded_exit(ev.pid)
+            if status is None and tries < 20:
+                asyncio.get_running_loop().call_later(0.05, self.exited, ev, tries + 1)
+                return
+            if status is not None:
+                code, sig = (status, None) if status >= 0 else (None, -status)
         if self.stack.supervisor is not None:
             self.stack.supervisor.stop_health(inst.id)
         proc.exited.set()
-        inst.exit_code = ev.code if ev.code is not None else (-ev.signal if ev.signal else None)
+        inst.exit_code = code if code is not None else (-sig if sig else None)
         # Nothing of the instance may outlive its leader: its helpers would hold ports.
         if group_alive(proc.pid):
             signal_group(proc.pid, signals.SIGKILL)
+        if not self.stack.down:
+            # Nor anything that left the group (a setsid daemon); down sweeps once, at its end.
+            self.launcher.sweep(inst)
         if inst.state is State.STOPPING:
             inst.reason = "stopped"
-            inst.life.to(State.STOPPED, _exit_text(ev))
+            inst.life.to(State.STOPPED, _exit_text(ev.pid, code, sig))
             self.stack.registry.deregister(inst.id)
             return
         now = time.monotonic()
-        self.on_exit(inst, Exit(inst.id, inst.p.service, ev.code, ev.signal,
+        self.on_exit(inst, Exit(inst.id, inst.p.service, code, sig,
                                 proc.kill_cause or "exit",
                                 now - proc.started_at, now - inst.healthy_since if inst.healthy_since else 0.0,
                                 proc.kill_detail))
@@ -143,7 +161,9 @@ class Verdicts:
             self.stack.registry.set_health(inst.id, False)
 
 
-def _exit_text(ev: ProcessExited) -> str:
-    if ev.signal is not None:
-        return f"pid {ev.pid} ended by signal {ev.signal}"
-    return f"pid {ev.pid} exited with status {ev.code}"
+def _exit_text(pid: int, code: int | None, sig: int | None) -> str:
+    if sig is not None:
+        return f"pid {pid} ended by signal {sig}"
+    if code is None:
+        return f"pid {pid} ended (status unknown: not our child)"
+    return f"pid {pid} exited with status {code}"

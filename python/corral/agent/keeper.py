@@ -1,0 +1,201 @@
+"""The keeper: the small process ``up -d`` leaves beside the agent, so that the stack never
+depends on the agent being alive.
+
+- It holds every instance's output pipe and writes the logs (:class:`corral._core.LogKeeper`):
+  an agent killed with ``-9`` costs no line and no ``SIGPIPE``.
+- It is the agent's parent and restarts it when it dies (``corral agent --adopt``: the new
+  agent re-adopts the running instances), at once and then with a growing pause, at most
+  :data:`MAX_RESTARTS` times in :data:`WINDOW` seconds; past that it records why in
+  ``keeper.json`` (``corral status`` says so) and keeps holding the logs.
+- It is a child subreaper: instances whose agent died, and daemons that left their
+  instance, are re-parented to it; it reaps them and writes each exit status to the
+  ``exits`` file, where the next agent reads what became of an instance it did not start.
+- It ends once the agent exits cleanly (``down``) and the last pipe has closed.
+
+Run as ``python -m corral.agent.keeper STATE_DIR AGENT_PID SPEC [REPORT_FD]``; it imports
+the native core, the state directory's formats and the standard library, nothing of the
+engine, to stay small.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from corral._core import LogKeeper, become_subreaper, process_start_time
+from corral.leftovers import EXITS
+
+__all__ = ["CRASHED", "KEEPER_FILE", "KEEPER_SOCKET", "MAX_RESTARTS", "WINDOW", "main", "read_keeper", "restartable"]
+
+KEEPER_SOCKET = "keeper.sock"
+KEEPER_FILE = "keeper.json"
+MAX_RESTARTS = 5
+"""Agent restarts allowed within :data:`WINDOW` seconds before the keeper gives up."""
+WINDOW = 60.0
+_PAUSES = (0.0, 0.1, 0.2, 0.4, 0.8)
+"""Before each restart in a row: the first at once, none past the one-second target."""
+
+
+def read_keeper(state_dir: Path) -> dict[str, object] | None:
+    """What the keeper of a state directory last recorded (``pid``, ``start``, ``agent``,
+    ``reason``), or None."""
+    try:
+        doc = json.loads((state_dir / KEEPER_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def _write(state_dir: Path, doc: dict[str, object]) -> None:
+    tmp = state_dir / (KEEPER_FILE + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(doc, f)
+    os.replace(tmp, state_dir / KEEPER_FILE)
+
+
+class Keeper:
+    """One keeper's state; see the module docs."""
+
+    def __init__(self, state_dir: Path, agent: int, spec: Path, report_fd: int | None) -> None:
+        self.state_dir = state_dir
+        self.agent: int | None = agent
+        self.spec = spec
+        self.report_fd = report_fd
+        self.restarts: collections.deque[float] = collections.deque()
+        self.clean_exit_at: float | None = None
+        self.doc: dict[str, object] = {"pid": os.getpid(), "start": process_start_time(os.getpid()),
+                                       "agent": "running", "agent_pid": agent, "reason": ""}
+        become_subreaper()
+        self.logs = LogKeeper(state_dir / KEEPER_SOCKET)
+        _write(state_dir, self.doc)
+
+    def run(self) -> int:
+        """Until the agent has exited cleanly and the last pipe closed."""
+        pidfd = os.pidfd_open(self.agent) if self.agent else None
+        while True:
+            ready = select.select([pidfd] if pidfd is not None else [], [], [], 0.05)[0]
+            self._reap()
+            if ready and pidfd is not None:
+                os.close(pidfd)
+                pidfd = None
+            if self.agent is None and pidfd is None and self.clean_exit_at is None and self.doc["agent"] == "running":
+                pidfd = self._restart()
+            if self._done():
+                return 0
+
+    def _reap(self) -> None:
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            code = os.waitstatus_to_exitcode(status)
+            if pid == self.agent:
+                self._agent_exited(code)
+            else:
+                # An instance of a dead agent, or a daemon that left its instance.
+                with open(self.state_dir / EXITS, "a") as f:
+                    f.write(f"{pid} {code}\n")
+
+    def _agent_exited(self, code: int) -> None:
+        self.agent = None
+        if self.report_fd is not None:
+            # The first agent died before it could say how up ended: say it for it (if it
+            # did report, the CLI has read that line already and reads no more).
+            line = {"ok": False, "error": {"type": "AgentUnavailable", "args": [
+                f"the agent died before it could report (exit status {code}); the keeper starts a new "
+                f"one, which re-adopts what runs ('corral status' to look)"]}}
+            try:
+                os.write(self.report_fd, json.dumps(line).encode() + b"\n")
+            except OSError:
+                pass
+            os.close(self.report_fd)
+            self.report_fd = None
+        if not restartable(code):
+            # It ended on purpose: down (0), an up that failed and rolled back (1), a refused
+            # spec (2). Nothing to take over.
+            self.clean_exit_at = time.monotonic()
+            self.doc.update(agent="down", reason="stopped by 'corral down'" if code == 0 else
+                            f"the agent ended with status {code}")
+            _write(self.state_dir, self.doc)
+            return
+        now = time.monotonic()
+        while self.restarts and now - self.restarts[0] > WINDOW:
+            self.restarts.popleft()
+        if len(self.restarts) >= MAX_RESTARTS:
+            self.doc.update(agent="down", agent_pid=None,
+                            reason=f"the agent died {len(self.restarts) + 1} times within {WINDOW:g}s (last: exit "
+                                   f"status {code}); the instances run unsupervised; 'corral up -d' starts a new "
+                                   f"agent, 'corral down' stops them")
+            _write(self.state_dir, self.doc)
+        else:
+            self.doc.update(reason=f"the agent died (exit status {code}); restarted")
+
+    def _restart(self) -> int | None:
+        time.sleep(_PAUSES[min(len(self.restarts), len(_PAUSES) - 1)])
+        self.restarts.append(time.monotonic())
+        log = os.open(self.state_dir / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+        try:
+            proc = subprocess.Popen([sys.executable, "-m", "corral", "agent", "--adopt", "--state-dir",
+                                     str(self.state_dir), str(self.spec)],
+                                    stdin=subprocess.DEVNULL, stdout=log, stderr=log, close_fds=True)
+        finally:
+            os.close(log)
+        self.agent = proc.pid
+        # The Popen object must not reap it behind our waitpid(-1): forget it.
+        proc.returncode = 0
+        self.doc.update(agent="running", agent_pid=proc.pid)
+        _write(self.state_dir, self.doc)
+        return os.pidfd_open(proc.pid)
+
+    def _done(self) -> bool:
+        if self.agent is not None:
+            return False
+        if self.doc["agent"] == "down" and self.clean_exit_at is None:
+            # Given up: hold the logs while instances run.
+            return self.logs.active == 0 and not _has_children()
+        if self.clean_exit_at is None:
+            return False
+        # After down: until the last pipe closed (a writer that escaped gets 5 s).
+        return self.logs.active == 0 or time.monotonic() - self.clean_exit_at > 5.0
+
+
+CRASHED = 70
+"""The agent's exit status when it failed unexpectedly (EX_SOFTWARE): restarted, as a signal is."""
+
+
+def restartable(code: int) -> bool:
+    """Whether an agent that ended with ``code`` died rather than stopped: killed by a signal
+    (negative) or :data:`CRASHED`."""
+    return code < 0 or code == CRASHED
+
+
+def _has_children() -> bool:
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def main(argv: list[str]) -> int:
+    """``STATE_DIR AGENT_PID SPEC [REPORT_FD]``."""
+    signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal of `up -d` is not for it
+    state_dir, agent, spec = Path(argv[0]), int(argv[1]), Path(argv[2])
+    report = int(argv[3]) if len(argv) > 3 else None
+    return Keeper(state_dir, agent, spec, report).run()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

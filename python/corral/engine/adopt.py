@@ -1,0 +1,215 @@
+"""Re-adoption: a new agent takes over the stack a dead one left, instead of restarting it.
+
+Nomad's client re-attaches to its tasks from its state database; so does this, from
+``state.db``. An instance whose recorded pid still runs with its recorded start time is
+re-adopted and not restarted: its grants go back into the ledgers on the same cores and
+ports, its exit is watched through a pidfd (it is not our child: the keeper, the subreaper
+above it, reaps it and writes its status to the ``exits`` file), its probes resume, and the
+registry and the fronts follow once its probe passes. An instance that died while no agent
+ran goes to its restart policy; one never spawned is started. What the dead agent was doing
+is finished: a ``down`` is completed, the instances of an apply that did not finish are
+stopped (the last applied spec runs), an ``up`` goes on where it was. The event log says
+what happened ("re-adopted 198 instances; 2 had exited: restarted").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from corral._core import Supervisor, signal_group
+from corral.engine.diff import effective
+from corral.engine.fleet import Fleet
+from corral.engine.hooks import FrontsHook, Hook
+from corral.engine.instance import STARTED, UP, InstanceRuntime, Process, placement_text
+from corral.engine.journal import Journal
+from corral.engine.launch import Launcher
+from corral.engine.stack import Stack
+from corral.engine.verdicts import Verdicts
+from corral.exceptions import AgentAlreadyRunning, CorralError, StateDirError
+from corral.leftovers import PID_LOG, live_agent
+from corral.lifecycle import State
+from corral.recovery import Exit
+from corral.scheduler import Plan, Scheduler, phases
+from corral.spec import DeploymentSpec
+from corral.state import InstanceRow, StateStore
+
+__all__ = ["AdoptMixin"]
+
+_ALIVE_STATES = frozenset({"starting", "running", "healthy", "unhealthy", "stopping"})
+"""Recorded states in which an instance had a process."""
+
+
+class AdoptMixin:
+    """``adopt`` of a :class:`~corral.engine.deployment.Deployment`."""
+
+    spec: DeploymentSpec
+    file: Path
+    state_dir: Path
+    keeper: Path | None
+    journal: Journal
+    fleet: Fleet
+    scheduler: Scheduler
+    launcher: Launcher
+    verdicts: Verdicts
+    plan: Plan | None
+    _stack: Stack
+    _fronts: FrontsHook
+    _hooks: list[Hook]
+    _volumes: dict[str, Path]
+    _configs: dict[str, dict[str, Any]]
+    _versions: dict[str, int]
+    _first_version: int
+    _pump: asyncio.Task[None] | None
+    _ran: bool
+
+    async def down(self) -> None: ...  # from Deployment
+
+    def _release(self) -> None: ...  # from Deployment
+
+    async def adopt(self) -> str:
+        """Takes over what the dead agent of this state directory left (see the module docs)
+        and returns what the event log says of it. Raises
+        :class:`~corral.exceptions.AgentAlreadyRunning` when that agent still runs."""
+        if self._ran:
+            raise CorralError("this deployment has run already; create a new Deployment to adopt")
+        self._ran = True
+        journal, stack = self.journal, self._stack
+        journal.open()
+        db = journal.db
+        other = live_agent(db)
+        if other is not None and other.agent_pid != os.getpid():
+            raise AgentAlreadyRunning(f"the agent of {self.state_dir} still runs (pid {other.agent_pid})",
+                                      other.agent_pid)
+        rows_by_name = [r for r in StateStore.read_deployments(db) if r.name == self.spec.name]
+        if not rows_by_name:
+            raise StateDirError(f"nothing to adopt: no deployment {self.spec.name!r} in {db}")
+        row = rows_by_name[-1]
+        was = row.status
+        order = phases(self.spec)
+        plan = self.plan = self.fleet.plan = Plan(order, {s: [] for p in order for s in p})
+        journal.resume(row, order)
+        recorded = StateStore.read_instances(db, self.spec.name)
+        running = journal.row.version
+        base = self.file.resolve().parent
+        self._configs = {n: effective(s, base) for n, s in self.spec.services.items()}
+        self._versions = {n: max((r.version for r in recorded if r.service == n and r.version <= running),
+                                 default=running) for n in self.spec.services}
+        self._first_version = min(self._versions.values(), default=running)
+        for name, svc in self.spec.services.items():
+            if svc.expose is not None:
+                plan.fronts[name] = self.scheduler.front_port(svc.expose, f"{name}.front")
+        self._fronts.ports = dict(plan.fronts)
+
+        # Each recorded instance back in the ledgers, as it was; those that cannot be (an
+        # apply that did not finish, a service no longer in the spec) are ended.
+        pairs: list[tuple[InstanceRuntime, InstanceRow]] = []
+        dropped = 0
+        for r in recorded:
+            rsvc = self.spec.services.get(r.service)
+            if rsvc is None or r.version > running:
+                dropped += _end(r)
+                journal.forget(r.id)
+                continue
+            try:
+                p = self.scheduler.restore(r.id, r.service, r.idx, rsvc, self._volumes.get(r.service), cpus=r.cpus,
+                                           exclusive=r.exclusive, numa_node=r.numa_node, ports=r.ports)
+            except CorralError as e:
+                stack.warn(f"{r.id} cannot be re-adopted ({e}); it is stopped")
+                dropped += _end(r)
+                journal.forget(r.id)
+                continue
+            inst = InstanceRuntime(p, rsvc, Path(r.log) if r.log else self.state_dir / "logs" / f"{r.id}.log",
+                                   stack.on_transition, r.version)
+            inst.restarts = r.restarts
+            stack.add(inst)
+            plan.placements.setdefault(r.service, []).append(p)
+            pairs.append((inst, r))
+        try:
+            for hook in self._hooks:
+                for w in hook.prerun(stack):
+                    stack.warn(w)
+        except BaseException:
+            self._release()
+            raise
+        stack.supervisor = Supervisor(pid_log=self.state_dir / PID_LOG, keeper=self.keeper)
+        self._pump = asyncio.get_running_loop().create_task(self.verdicts.pump(stack.supervisor),
+                                                            name="corral-events")
+
+        adopted, exited, waiting = 0, 0, []
+        for inst, r in pairs:
+            if r.state in _ALIVE_STATES and r.pid and r.pid_start and r.is_running() \
+                    and self.launcher.adopted(inst, r.pid, r.pid_start):
+                adopted += 1
+            elif r.state in _ALIVE_STATES and r.pid:
+                exited += 1
+                inst.life.resume(State.RUNNING, f"recorded running (pid {r.pid}), found gone")
+                inst.proc = Process(r.pid, r.pid_start or 0, time.monotonic())
+                inst.proc.exited.set()
+                code = self.verdicts.recorded_exit(r.pid)
+                self.verdicts.on_exit(inst, Exit(inst.id, inst.p.service, code if code is not None and code >= 0
+                                                 else None, -code if code is not None and code < 0 else None,
+                                                 "exit", 0.0, 0.0, "exited while no agent ran"))
+            elif r.state in ("completed", "failed", "stopped"):
+                inst.exit_code = r.exit_code
+                inst.reason = r.reason
+                inst.life.resume(State(r.state), f"re-adopted: {r.state} ({r.reason})" if r.reason else
+                                 f"re-adopted: {r.state}")
+            else:
+                inst.life.resume(State.PLACED, placement_text(inst.p))
+                waiting.append(inst)
+        what = f"re-adopted {adopted} instances" + (f"; {exited} had exited: handed to their restart policy"
+                                                    if exited else "") \
+            + (f"; {dropped} of an unfinished change stopped" if dropped else "") \
+            + (f"; {len(waiting)} not started yet: starting" if waiting else "")
+        journal.status("up" if was not in ("starting", "stopping") else was, event=(was, what))
+        journal.flush()
+
+        if was == "stopping":
+            await self.down()  # it was killed in the middle of down: finish it
+            return what
+        # An up (or an apply) that did not finish: the spec's replicas, in dependency order.
+        for name, svc in self.spec.services.items():
+            have = len(stack.by_service.get(name, []))
+            if have < svc.replicas:
+                taken = {i.p.index for i in stack.by_service.get(name, [])}
+                free = [i for i in range(svc.replicas + have) if i not in taken][:svc.replicas - have]
+                for inst in self.fleet.place(name, svc, [(i, f"{name}-{i}") for i in free], self._versions[name]):
+                    waiting.append(inst)
+        if waiting:
+            await self._start_in_order(waiting)
+        journal.status("up", "", event=(None, "every service meets its condition"))
+        journal.flush()
+        return what
+
+    async def _start_in_order(self, todo: list[InstanceRuntime]) -> None:
+        """Starts ``todo`` service by service once each one's dependencies are met."""
+        names = {i.p.service for i in todo}
+
+        async def one(name: str) -> None:
+            svc = self.spec.services[name]
+            for dep, want in svc.depends_on.items():
+                need = STARTED if want.condition == "started" else UP
+                deps = self._stack.by_service[dep]
+
+                def met(deps: list[InstanceRuntime] = deps, need: frozenset[State] = need) -> bool:
+                    return all(i.state in need for i in deps)
+
+                await self._stack.wait(met, svc.start_timeout)
+            self.launcher.start([i for i in todo if i.p.service == name and i.state is State.PLACED],
+                                "re-adopted: not started before")
+            await self.fleet.first_not_up([i for i in todo if i.p.service == name], svc.start_timeout)
+
+        await asyncio.gather(*(one(n) for n in names))
+
+
+def _end(r: InstanceRow) -> int:
+    """Ends a recorded instance that is not taken over; 1 when it was still running."""
+    if r.pid and r.is_running():
+        signal_group(r.pid, signal.SIGKILL)
+        return 1
+    return 0
