@@ -456,11 +456,20 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
     """Show services and instances (answers from the state database, even without the agent)."""
     from rich.text import Text
 
-    st = _client(spec, state_dir).status()
+    client = _client(spec, state_dir)
+    st = client.status()
     if as_json:
         print(json.dumps(st.to_dict(), indent=2))
         return
-    agent_txt = f"agent pid {st.agent_pid}" if st.agent_running else "agent not running"
+    if st.agent_running:
+        agent_txt = f"agent pid {st.agent_pid}"
+    else:
+        # Said first: what runs now runs unsupervised (no restarts, no probes, no fronts).
+        alive = sum(1 for insts in st.services.values() for i in insts if i.is_running())
+        agent_txt = f"agent not running; {alive} instances run unsupervised"
+        kept = client.keeper()
+        if kept is not None and kept.get("reason"):
+            agent_txt += f"; {kept['reason']}"
     out.print(Text.assemble((st.name, "bold"), f": {st.status}, spec v{st.version} ({agent_txt})"
                             + (f": {st.message}" if st.message else "")))
     out.print(_status_table(st.services.values()))

@@ -11,11 +11,19 @@ import signal
 import time
 from pathlib import Path
 
-from corral._core import find_by_env, group_members, kill_pid, process_alive, process_start_time, signal_group
-from corral.engine.environment import STACK, stack_id
+from corral._core import (
+    find_by_env,
+    group_members,
+    kill_pid,
+    process_alive,
+    process_start_time,
+    signal_group,
+)
+from corral.engine.environment import STACK, UNIT, stack_id
 from corral.state import DeploymentRow, StateStore
 
-__all__ = ["EXITS", "PID_LOG", "live_agent", "recorded_exit", "reset_pid_log", "stop_leftovers", "sweep_stack"]
+__all__ = ["EXITS", "PID_LOG", "live_agent", "logged_spawns", "marked_leaders", "recorded_exit", "reset_pid_log",
+           "stop_leftovers", "sweep_stack"]
 
 PID_LOG = "pids"
 """The supervisor's pid log in the state directory: ``pid start_time id`` per spawn."""
@@ -50,15 +58,21 @@ def reset_pid_log(state_dir: Path) -> None:
 
 def _logged(state_dir: Path) -> list[tuple[int, int]]:
     """``(pid, start_time)`` of the pid log's lines."""
+    return list(logged_spawns(state_dir).values())
+
+
+def logged_spawns(state_dir: Path) -> dict[str, tuple[int, int]]:
+    """Instance id -> ``(pid, start_time)`` of the pid log's lines (the last for an id):
+    spawns the store may not have yet."""
     try:
         text = (state_dir / PID_LOG).read_text(errors="replace")
     except FileNotFoundError:
-        return []
-    out = []
+        return {}
+    out = {}
     for line in text.splitlines():
         parts = line.split()
-        if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit():
-            out.append((int(parts[0]), int(parts[1])))
+        if len(parts) >= 3 and parts[0].isdigit() and parts[1].isdigit():
+            out[parts[2]] = (int(parts[0]), int(parts[1]))
     return out
 
 
@@ -73,6 +87,28 @@ def sweep_stack(state_dir: Path, wait: float = 2.0) -> int:
     while any(process_alive(p) for p in found) and time.monotonic() < deadline:
         time.sleep(0.01)
     return len(found)
+
+
+def marked_leaders(state_dir: Path) -> dict[str, tuple[int, int]]:
+    """Instance id -> ``(pid, start_time)`` of the live process group leaders that carry
+    this stack's marker: the instances that run now, whatever the store and the pid log
+    say (an agent killed between a spawn and its record leaves one that only this finds)."""
+    sid = stack_id(state_dir)
+    prefix = f"{UNIT}={sid}/".encode()
+    out = {}
+    for pid in find_by_env(f"{STACK}={sid}"):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes()
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) != pid:  # not a group leader: a child of an instance
+            continue
+        unit = next((e[len(prefix):].decode(errors="replace") for e in env.split(b"\0") if e.startswith(prefix)), None)
+        start = process_start_time(pid)
+        if unit and start is not None:
+            out[unit] = (pid, start)
+    return out
 
 
 def live_agent(db: Path, name: str | None = None) -> DeploymentRow | None:

@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral._core import Supervisor, signal_group
+from corral._core import Supervisor, process_start_time, signal_group
 from corral.engine.diff import effective
 from corral.engine.fleet import Fleet
 from corral.engine.hooks import FrontsHook, Hook
@@ -31,7 +31,7 @@ from corral.engine.launch import Launcher
 from corral.engine.stack import Stack
 from corral.engine.verdicts import Verdicts
 from corral.exceptions import AgentAlreadyRunning, CorralError, StateDirError
-from corral.leftovers import PID_LOG, live_agent
+from corral.leftovers import PID_LOG, live_agent, logged_spawns, marked_leaders
 from corral.lifecycle import State
 from corral.recovery import Exit
 from corral.scheduler import Plan, Scheduler, phases
@@ -94,6 +94,15 @@ class AdoptMixin:
         plan = self.plan = self.fleet.plan = Plan(order, {s: [] for p in order for s in p})
         journal.resume(row, order)
         recorded = StateStore.read_instances(db, self.spec.name)
+        # Spawned after the store's last commit: the pid log has them, and the stack's
+        # marker finds even one spawned just before the agent died, before its log line.
+        found = {**marked_leaders(self.state_dir), **logged_spawns(self.state_dir)}
+        for r in recorded:
+            got = found.pop(r.id, None)
+            if got is not None and not r.is_running() and process_start_time(got[0]) == got[1]:
+                r.pid, r.pid_start, r.state = got[0], got[1], "running"
+        strays = sum(1 for pid, start in found.values()
+                     if process_start_time(pid) == start and signal_group(pid, signal.SIGKILL))
         running = journal.row.version
         base = self.file.resolve().parent
         self._configs = {n: effective(s, base) for n, s in self.spec.services.items()}
@@ -108,7 +117,7 @@ class AdoptMixin:
         # Each recorded instance back in the ledgers, as it was; those that cannot be (an
         # apply that did not finish, a service no longer in the spec) are ended.
         pairs: list[tuple[InstanceRuntime, InstanceRow]] = []
-        dropped = 0
+        dropped = strays
         for r in recorded:
             rsvc = self.spec.services.get(r.service)
             if rsvc is None or r.version > running:

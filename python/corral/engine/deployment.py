@@ -45,7 +45,7 @@ from corral.lifecycle import State, Transition
 from corral.recovery import BackoffRestart, Exit, RestartStrategy, RollbackStrategy
 from corral.scheduler import Plan, Scheduler, volume_paths
 from corral.spec import DeploymentSpec, load_spec
-from corral.state import DeploymentStatus, EventRow, InstanceRow, default_state_dir
+from corral.state import DeploymentStatus, EventRow, InstanceRow, StateStore, default_state_dir
 
 __all__ = ["Deployment", "DeploymentStatus", "InstanceStatus"]
 
@@ -159,6 +159,10 @@ class Deployment(ApplyMixin, AdoptMixin):
         ``down``, make a new one."""
         if self._ran:
             raise CorralError(f"deployment {self.name!r} was already brought up; create a new Deployment")
+        if self._adoptable():
+            # Its agent died and what it ran runs on, from this very spec: take it over.
+            await self.adopt()
+            return
         self._ran = True
         stack, journal = self._stack, self.journal
         journal.open()
@@ -330,7 +334,9 @@ class Deployment(ApplyMixin, AdoptMixin):
     def status(self) -> DeploymentStatus:
         """The deployment now."""
         row = self.journal.row
-        st = DeploymentStatus(self.name, row.status, row.message, row.agent_pid,
+        self.journal.flush_soon()  # and so look at the file (a removed state.db shows here)
+        message = "; ".join(m for m in (row.message, self.journal.problem) if m)
+        st = DeploymentStatus(self.name, row.status, message, row.agent_pid,
                               agent_running=self._pump is not None, version=row.version)
         for name in [*self.spec.services, *(n for n in self._stack.by_service if n not in self.spec.services)]:
             st.services[name] = sorted((i.row(self.name) for i in self._stack.by_service.get(name, [])),
@@ -462,6 +468,24 @@ class Deployment(ApplyMixin, AdoptMixin):
         self._release()
         self.journal.status("failed", reason, event=("rolling-back", reason))
         self._close()
+
+    def _adoptable(self) -> bool:
+        """Whether a dead agent of this deployment left instances that still run, from the
+        same spec as this one (``up -d`` again after the keeper gave up, say): those are
+        re-adopted, not restarted. Another spec starts afresh (what is left is stopped)."""
+        db = self.state_db
+        if not db.exists():
+            return False
+        try:
+            rows = [r for r in StateStore.read_deployments(db) if r.name == self.name]
+            if not rows or rows[-1].status in ("down", "failed") or live_agent(db) is not None:
+                return False
+            applied = [v for v in StateStore.read_specs(db, self.name) if v.version == rows[-1].version]
+            if not applied or applied[-1].digest != spec_hash(self.spec):
+                return False
+            return any(r.is_running() for r in StateStore.read_instances(db, self.name))
+        except CorralError:
+            return False
 
     def _clean_stale(self) -> None:
         """Refuses to start over a live agent; kills what a dead agent left behind, whatever

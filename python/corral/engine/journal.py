@@ -46,6 +46,9 @@ class Journal:
         self._max_rows, self._max_age = max_rows, max_age
         self._pruned_at = 0.0
         self._write_failed = False
+        self._inode: tuple[int, int] | None = None
+        self.problem = ""
+        """What is wrong with the store, when something is (shown by status)."""
 
     @property
     def db(self) -> Path:
@@ -57,6 +60,8 @@ class Journal:
         if self._store is None:
             self._store = StateStore(self.db)
             self._start_seq = StateStore.last_seq(self.db)
+            st = os.stat(self.db)
+            self._inode = (st.st_dev, st.st_ino)
 
     def begin(self, phases: list[list[str]]) -> None:
         """A run begins, with this process as its agent: the instances of an earlier run are
@@ -149,6 +154,7 @@ class Journal:
             self._flush_handle = None
         if self._store is None:
             return False
+        self._check_file()
         for iid in self._dirty:
             row = self._rows(iid)
             if row is not None:
@@ -160,6 +166,22 @@ class Journal:
             self._pruned_at = now
             self._write(self._store.prune, self._max_rows, self._max_age)
         return ok
+
+    def _check_file(self) -> None:
+        """A state.db deleted or replaced under the agent would take the writes into a file
+        nobody reads again: say so, once, in the log and in the status (nothing is killed
+        for it; supervision goes on)."""
+        if self.problem or self._inode is None:
+            return
+        try:
+            st = os.stat(self.db)
+            same = (st.st_dev, st.st_ino) == self._inode
+        except OSError:
+            same = False
+        if not same:
+            self.problem = (f"{self.db} was removed or replaced while the agent ran; it supervises on but "
+                            f"records nothing more ('corral down' and 'up' start a new one)")
+            log.error("corral: %s", self.problem)
 
     def _write(self, write: Callable[..., object], *args: object) -> bool:
         """A write to the store that must not stop the deployment: supervision and ``down``
