@@ -121,6 +121,8 @@ def test_up_detached_status_logs_restart_events_down(stack: Path) -> None:
 def test_status_answers_while_the_agent_is_down_and_down_cleans_up(stack: Path) -> None:
     assert corral("up", "-d", cwd=stack).returncode == 0
     st = status(stack)
+    # The keeper too, or it would bring the agent back (test_survival covers that).
+    os.kill(_keeper(stack), signal.SIGKILL)
     os.kill(st["agent_pid"], signal.SIGKILL)
     wait_until(lambda: not alive(st["agent_pid"]), 5, "agent gone")
     again = status(stack)
