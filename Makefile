@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 DEV_BUILD     := --config-settings=build-args="--profile dev"
 RELEASE_BUILD := --config-settings=build-args="--profile release"
 
-.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python bench-bringup bench-proxy clean
+.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python bench-bringup bench-survive bench-proxy clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -66,6 +66,10 @@ bench: bench-rust bench-python ## Both suites in release mode, then one table: o
 
 # supervisord and circus run the same workload in the same run as references (the machine is noisy).
 BRINGUP_ARGS ?= --baseline
+bench-survive: dev-release ## kill -9 of the agent under 200 instances: keeper restart, re-adoption, lines lost, keeper memory
+	cargo build --release -p corral-core --example tiny_server
+	$(PY) benches/survive.py $(SURVIVE_ARGS)
+
 bench-bringup: dev-release ## 200 instances under corral up -d (and supervisord, circus): bring-up, restart, down, idle CPU, memory
 	cargo build --release -p corral-core --example tiny_server
 	$(PIP) install -q supervisor circus
