@@ -250,3 +250,28 @@ def test_a_removed_state_db_is_said_and_kills_nothing(stack: Path) -> None:
     r = corral("down", cwd=stack)
     assert r.returncode == 0, r
     assert marked(stack) == []
+
+
+def test_down_without_an_agent_follows_each_services_shutdown_rule(tmp_path: Path) -> None:
+    write_spec(tmp_path, f"""
+        name: rules
+        services:
+          polite:
+            # No output: with its keeper killed too, a write would end it (SIGPIPE, no reader).
+            command: ["sh", "-c", "exec 2>/dev/null; trap 'touch {tmp_path}/got-usr1; exit 0' USR1;
+                      while true; do sleep 0.05; done"]
+            shutdown: {{signal: SIGUSR1, timeout: 5s}}
+          stubborn:
+            replicas: 3
+            command: ["sh", "-c", "trap '' TERM; while true; do sleep 0.05; done"]
+            shutdown: {{timeout: 1s}}
+        """)
+    assert corral("up", "-d", cwd=tmp_path).returncode == 0
+    st = status(tmp_path)
+    os.kill(keeper(tmp_path)["pid"], signal.SIGKILL)
+    os.kill(st["agent_pid"], signal.SIGKILL)
+    wait_until(lambda: not alive(st["agent_pid"]), 5, "agent gone")
+    r = corral("down", cwd=tmp_path)
+    assert r.returncode == 0 and "stopped 4 leftover process groups" in r.stdout, r
+    assert (tmp_path / "got-usr1").exists(), "the spec's signal, not SIGTERM"
+    assert marked(tmp_path) == []

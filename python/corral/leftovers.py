@@ -121,27 +121,38 @@ def live_agent(db: Path, name: str | None = None) -> DeploymentRow | None:
     return None
 
 
-def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mark_down: str | None = None) -> int:
+def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mark_down: str | None = None,
+                   rules: dict[str, tuple[int, float]] | None = None) -> int:
     """Stops every recorded instance process that still runs (of deployment ``name``, or of
-    all): SIGTERM, up to ``grace`` seconds, then SIGKILL, each by process group. With
-    ``mark_down``, deployments not already down or failed are recorded down with that
+    all), each by process group and all at once: its service's signal from ``rules``
+    (``service -> (signal, timeout)``, the spec's shutdown rule) or SIGTERM, then SIGKILL
+    after its timeout (or ``grace`` seconds); ``grace`` 0 and no rules: SIGKILL at once.
+    With ``mark_down``, deployments not already down or failed are recorded down with that
     message. Returns how many process groups were stopped."""
     rows = [d for d in StateStore.read_deployments(db) if name is None or d.name == name] if db.exists() else []
-    # Process group leaders by pid, with the start time that tells them from a recycled pid.
-    groups: dict[int, int] = {}
+    # Process group leaders by pid: the start time that tells them from a recycled pid, and
+    # the service whose shutdown rule applies.
+    groups: dict[int, tuple[int, str | None]] = {}
     for d in rows:
-        groups.update((r.pid, r.pid_start) for r in StateStore.read_instances(db, d.name)
+        groups.update((r.pid, (r.pid_start, r.service)) for r in StateStore.read_instances(db, d.name)
                       if r.pid is not None and r.pid_start is not None and r.is_running())
     # Spawned but not yet in the store when the agent died: the pid log has them.
     for pid, start in _logged(db.parent):
         if pid not in groups and process_start_time(pid) == start:
-            groups[pid] = start
-    if grace > 0:
-        for pid in groups:
-            signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while any(process_start_time(p) == s for p, s in groups.items()) and time.monotonic() < deadline:
-            time.sleep(0.02)
+            groups[pid] = (start, None)
+    now = time.monotonic()
+    deadlines: dict[int, float] = {}
+    for pid, (_, service) in groups.items():
+        sig, timeout = (rules or {}).get(service or "", (signal.SIGTERM, grace))
+        if timeout > 0:
+            signal_group(pid, sig)
+            deadlines[pid] = now + timeout
+    while deadlines:
+        now = time.monotonic()
+        for pid in [p for p, t in deadlines.items() if process_start_time(p) != groups[p][0] or now >= t]:
+            del deadlines[pid]
+            signal_group(pid, signal.SIGKILL)
+        time.sleep(0.02)
     for pid in groups:
         signal_group(pid, signal.SIGKILL)
     # Wait for them to be gone (a zombie holds no port), so a new up can bind their ports.

@@ -246,13 +246,34 @@ class AgentClient:
         except AgentUnavailable:
             if self.running() is not None:
                 raise  # alive but not answering: its stack is left alone
-            return stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent")
+            return stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent",
+                                  rules=self._shutdown_rules())
         pid = res.get("agent_pid") if isinstance(res, dict) else None
         deadline = time.monotonic() + 10
         while pid and process_alive(int(pid)) and time.monotonic() < deadline:
             time.sleep(0.01)
         self._wait_keeper(deadline)
         return None
+
+    def _shutdown_rules(self) -> dict[str, tuple[int, float]]:
+        """Each service's shutdown signal and timeout, from the running spec in the store (so
+        a stop without an agent follows the spec as the agent's own down does)."""
+        import signal as signals
+
+        row = self.deployment()
+        if row is None:
+            return {}
+        try:
+            from corral.spec import parse_spec
+
+            applied = [v for v in StateStore.read_specs(self.db, row.name) if v.version == row.version and v.text]
+            if not applied:
+                return {}
+            spec = parse_spec(applied[-1].text, row.spec)
+        except (CorralError, OSError):
+            return {}
+        return {name: (getattr(signals, svc.shutdown.signal), svc.shutdown.timeout)
+                for name, svc in spec.services.items()}
 
     def _wait_keeper(self, deadline: float) -> None:
         """Waits for the keeper of ``up -d`` to end (it does once the last pipe closed):
