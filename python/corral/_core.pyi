@@ -55,6 +55,7 @@ __all__ = [
     "find_by_env",
     "group_alive",
     "group_members",
+    "keeper_listen",
     "kill_pid",
     "process_alive",
     "process_start_time",
@@ -847,6 +848,10 @@ def find_by_env(entry: str) -> list[int]:
 def kill_pid(pid: int, signal: int) -> bool:
     """Sends ``signal`` to one process; False when it is gone."""
 
+def keeper_listen(path: str | PathLike[str]) -> int:
+    """Binds a listening keeper socket at ``path`` (owner-only) and returns its descriptor,
+    for a ``LogKeeper(fd=...)`` in a process this one execs."""
+
 def become_subreaper() -> None:
     """Makes this process a child subreaper: orphaned descendants come to it, not to init."""
 
@@ -855,8 +860,9 @@ class LogKeeper:
     """Holds the output pipes of a stack's instances and writes their rotating logs, on
     threads of its own, so that no instance depends on its agent being alive."""
 
-    def __new__(cls, path: str | PathLike[str]) -> LogKeeper:
-        """Listens at ``path`` (owner-only; a stale socket there is replaced)."""
+    def __new__(cls, path: str | PathLike[str] | None = None, *, fd: int | None = None) -> LogKeeper:
+        """Listens at ``path`` (owner-only; a stale socket there is replaced), or serves the
+        inherited listening socket ``fd`` (from ``keeper_listen``), which it then owns."""
     @property
     def active(self) -> int:
         """Pipes being copied now."""

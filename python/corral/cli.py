@@ -121,10 +121,10 @@ def _deployment(spec: Path, state_dir: Path | None) -> Deployment:
 def _adopting(spec: Path, state_dir: Path | None) -> Deployment:
     """The deployment a dead agent ran: the last spec version applied, from state.db (the
     file may have changed since), with the keeper of ``up -d`` taking the output."""
-    from corral.agent.keeper import KEEPER_SOCKET
     from corral.engine import Deployment
     from corral.spec import parse_spec
     from corral.state import StateStore
+    from corral.statedir import KEEPER_SOCKET
 
     sd = _state_dir(spec, state_dir)
     db = sd / "state.db"

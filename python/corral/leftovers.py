@@ -21,15 +21,11 @@ from corral._core import (
 )
 from corral.engine.environment import STACK, UNIT, stack_id
 from corral.state import DeploymentRow, StateStore
+from corral.statedir import EXITS, PID_LOG
 
 __all__ = ["EXITS", "PID_LOG", "live_agent", "logged_spawns", "marked_leaders", "recorded_exit", "reset_pid_log",
            "stop_leftovers", "sweep_stack"]
 
-PID_LOG = "pids"
-"""The supervisor's pid log in the state directory: ``pid start_time id`` per spawn."""
-EXITS = "exits"
-"""Where the keeper writes ``pid status`` of each orphan it reaps (an instance of a dead
-agent): the next agent reads there how an instance it did not start ended."""
 
 
 def recorded_exit(state_dir: Path, pid: int) -> int | None:

@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 from typing import Any, NoReturn
 
-from corral.agent.keeper import CRASHED, KEEPER_SOCKET
+from corral._core import keeper_listen
+from corral.agent.keeper import CRASHED
 from corral.agent.wire import from_wire, to_wire
 from corral.exceptions import AgentUnavailable, CorralError, DeploymentError
 from corral.spec import DeploymentSpec
 from corral.state import DeploymentStatus, secure_state_dir
+from corral.statedir import KEEPER_SOCKET
 
 __all__ = ["start_detached"]
 
@@ -78,8 +80,11 @@ def _become_keeper(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Pat
     """The keeper's process: a new session, the agent forked, then exec of the keeper."""
     try:
         os.setsid()
+        # Listening before the agent exists: its first hand-over needs no wait.
+        listen_fd = keeper_listen(state_dir / KEEPER_SOCKET)
         agent = os.fork()
         if agent == 0:
+            os.close(listen_fd)
             _become_agent(spec, parsed, state_dir, log, report_fd)
         fd = os.open(state_dir / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -87,8 +92,9 @@ def _become_keeper(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Pat
         os.dup2(fd, 1)
         os.dup2(fd, 2)
         os.set_inheritable(report_fd, True)
+        os.set_inheritable(listen_fd, True)
         os.execv(sys.executable, [sys.executable, "-m", "corral.agent.keeper", str(state_dir), str(agent),
-                                  str(spec.resolve()), str(report_fd)])
+                                  str(spec.resolve()), str(report_fd), str(listen_fd)])
     except BaseException as e:  # never return into the CLI's code
         with contextlib.suppress(OSError):
             os.write(report_fd, json.dumps({"ok": False, "error": to_wire(

@@ -12,9 +12,9 @@ depends on the agent being alive.
   ``exits`` file, where the next agent reads what became of an instance it did not start.
 - It ends once the agent exits cleanly (``down``) and the last pipe has closed.
 
-Run as ``python -m corral.agent.keeper STATE_DIR AGENT_PID SPEC [REPORT_FD]``; it imports
-the native core, the state directory's formats and the standard library, nothing of the
-engine, to stay small.
+Run as ``python -m corral.agent.keeper STATE_DIR AGENT_PID SPEC [REPORT_FD [LISTEN_FD]]``; it imports
+the native core, the names of the state directory's files and the standard library,
+nothing of the engine, to stay small.
 """
 
 from __future__ import annotations
@@ -30,12 +30,10 @@ import time
 from pathlib import Path
 
 from corral._core import LogKeeper, become_subreaper, process_start_time
-from corral.leftovers import EXITS
+from corral.statedir import EXITS, KEEPER_FILE, KEEPER_SOCKET
 
-__all__ = ["CRASHED", "KEEPER_FILE", "KEEPER_SOCKET", "MAX_RESTARTS", "WINDOW", "main", "read_keeper", "restartable"]
+__all__ = ["CRASHED", "MAX_RESTARTS", "WINDOW", "main", "read_keeper", "restartable"]
 
-KEEPER_SOCKET = "keeper.sock"
-KEEPER_FILE = "keeper.json"
 MAX_RESTARTS = 5
 """Agent restarts allowed within :data:`WINDOW` seconds before the keeper gives up."""
 WINDOW = 60.0
@@ -64,7 +62,8 @@ def _write(state_dir: Path, doc: dict[str, object]) -> None:
 class Keeper:
     """One keeper's state; see the module docs."""
 
-    def __init__(self, state_dir: Path, agent: int, spec: Path, report_fd: int | None) -> None:
+    def __init__(self, state_dir: Path, agent: int, spec: Path, report_fd: int | None,
+                 listen_fd: int | None = None) -> None:
         self.state_dir = state_dir
         self.agent: int | None = agent
         self.spec = spec
@@ -74,7 +73,8 @@ class Keeper:
         self.doc: dict[str, object] = {"pid": os.getpid(), "start": process_start_time(os.getpid()),
                                        "agent": "running", "agent_pid": agent, "reason": ""}
         become_subreaper()
-        self.logs = LogKeeper(state_dir / KEEPER_SOCKET)
+        # Bound before the first agent was forked (it may be handing over pipes already).
+        self.logs = LogKeeper(fd=listen_fd) if listen_fd is not None else LogKeeper(state_dir / KEEPER_SOCKET)
         _write(state_dir, self.doc)
 
     def run(self) -> int:
@@ -189,12 +189,13 @@ def _has_children() -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """``STATE_DIR AGENT_PID SPEC [REPORT_FD]``."""
+    """``STATE_DIR AGENT_PID SPEC [REPORT_FD [LISTEN_FD]]``."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal of `up -d` is not for it
     state_dir, agent, spec = Path(argv[0]), int(argv[1]), Path(argv[2])
     report = int(argv[3]) if len(argv) > 3 else None
-    return Keeper(state_dir, agent, spec, report).run()
+    listen = int(argv[4]) if len(argv) > 4 else None
+    return Keeper(state_dir, agent, spec, report, listen).run()
 
 
 if __name__ == "__main__":

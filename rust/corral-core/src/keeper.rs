@@ -99,6 +99,13 @@ impl LogKeeper {
         Ok(keeper)
     }
 
+    /// Like [`LogKeeper::serve`], on descriptor `raw`: a listening socket from [`listen`]
+    /// that this process inherited across exec (its starter binds it before the first agent
+    /// can try to connect). No other code in this process may use or close `raw`.
+    pub fn serve_inherited(raw: i32) -> io::Result<Arc<Self>> {
+        Self::serve(sys::inherited_listener(raw)?)
+    }
+
     /// Pipes it copies now (an instance's output whose writers are not all gone).
     pub fn active(&self) -> usize {
         self.active.load(Ordering::Acquire)

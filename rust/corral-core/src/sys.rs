@@ -270,6 +270,37 @@ pub(crate) fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// Takes ownership of descriptor `raw`, a listening socket this process inherited across
+/// exec for that purpose (the keeper's): it must be open, a socket and listening, or an
+/// error comes back and nothing is taken.
+pub(crate) fn inherited_listener(raw: RawFd) -> io::Result<OwnedFd> {
+    let mut accepting: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `accepting`; on a descriptor that
+    // is not an open socket it fails and writes nothing.
+    let rc = unsafe {
+        libc::getsockopt(
+            raw,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&raw mut accepting).cast(),
+            &raw mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if accepting == 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a listening socket",
+        ));
+    }
+    // SAFETY: an open, listening socket; the caller's contract (the exec that handed it
+    // over leaves no other owner in this process) makes this the only owner from here on.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
+}
+
 /// A pidfd registered with the current tokio reactor (call inside a runtime context).
 pub(crate) fn async_pidfd(fd: OwnedFd) -> io::Result<tokio::io::unix::AsyncFd<OwnedFd>> {
     // SAFETY: the OwnedFd moves into the AsyncFd, which alone owns it from here on: the

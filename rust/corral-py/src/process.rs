@@ -8,7 +8,7 @@ use corral_core::process::{self as core, Event, LogConfig, ProcessSpec};
 use corral_core::runtime::Dedicated;
 use pyo3::prelude::*;
 
-use crate::errors::{IntoPyErr, PyResultExt};
+use crate::errors::{config_err, IntoPyErr, PyResultExt};
 use crate::probe::ProbeSpec;
 
 /// Starts processes and reports their exits (`ProcessExited`) and probe verdicts
@@ -352,6 +352,14 @@ fn become_subreaper() -> PyResult<()> {
     core::become_subreaper().py()
 }
 
+/// Binds a listening keeper socket at `path` (owner-only) and returns its descriptor, left
+/// to be inherited across exec by the keeper (`LogKeeper(fd=...)`).
+#[pyfunction]
+fn keeper_listen(path: PathBuf) -> PyResult<i32> {
+    use std::os::fd::IntoRawFd;
+    Ok(corral_core::keeper::listen(&path)?.into_raw_fd())
+}
+
 /// Holds the output pipes of a stack's instances and writes their logs.
 #[pyclass(frozen, module = "corral._core")]
 pub struct LogKeeper {
@@ -361,13 +369,23 @@ pub struct LogKeeper {
 #[pymethods]
 impl LogKeeper {
     /// Listens at `path` (owner-only; a stale socket there is replaced) and serves it on
-    /// threads of its own.
+    /// threads of its own; or, with `fd`, serves that inherited listening socket (from
+    /// `keeper_listen` in the process that exec'd this one), which it then owns.
     #[new]
-    fn new(path: PathBuf) -> PyResult<Self> {
-        let listener = corral_core::keeper::listen(&path)?;
-        Ok(LogKeeper {
-            inner: corral_core::keeper::LogKeeper::serve(listener)?,
-        })
+    #[pyo3(signature = (path = None, *, fd = None))]
+    fn new(path: Option<PathBuf>, fd: Option<i32>) -> PyResult<Self> {
+        let inner = match (path, fd) {
+            (Some(p), None) => {
+                corral_core::keeper::LogKeeper::serve(corral_core::keeper::listen(&p)?)?
+            }
+            (None, Some(fd)) => corral_core::keeper::LogKeeper::serve_inherited(fd)?,
+            _ => {
+                return Err(config_err(
+                    "LogKeeper takes a path or an inherited fd, not both",
+                ))
+            }
+        };
+        Ok(LogKeeper { inner })
     }
     /// Pipes being copied now.
     #[getter]
@@ -385,6 +403,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Supervisor>()?;
     m.add_class::<LogKeeper>()?;
     m.add_function(wrap_pyfunction!(become_subreaper, m)?)?;
+    m.add_function(wrap_pyfunction!(keeper_listen, m)?)?;
     m.add_function(wrap_pyfunction!(find_by_env, m)?)?;
     m.add_function(wrap_pyfunction!(kill_pid, m)?)?;
     m.add_class::<ProcessExited>()?;
