@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bringup import CORRAL, ROOT, SERVER, TICK, cpu_ticks, spec  # noqa: E402
+from bringup import CORRAL, ROOT, SERVER, TICK, cpu_ticks, spec
 
 TARGETS = {"keeper_restart_s": 1.0, "readopted_s": 1.0, "restarted": 0, "lines_lost": 0, "idle_cpu_pct": 1.0}
 

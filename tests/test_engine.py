@@ -342,6 +342,34 @@ async def test_memory_limits_through_real_cgroup_v1(tmp_path: Path, deployments:
     assert not (V1 / rel.lstrip("/")).exists(), "the instance cgroup is removed on down"
 
 
+@pytest.mark.skipif(not _v1_writable(), reason="no writable cgroup v1 memory hierarchy on this machine")
+async def test_a_stop_ends_through_the_real_cgroup_what_shed_its_group_and_its_marker(
+        tmp_path: Path, deployments: list[Deployment]) -> None:
+    # The child leaves the session and clears its environment: neither the process group nor
+    # the CORRAL_UNIT marker finds it; its cgroup does (v1 here: SIGKILL to cgroup.procs).
+    spec = write_spec(tmp_path, f"""
+        name: escape
+        services:
+          web:
+            command: ["sh", "-c", "setsid env -i sh -c 'echo $$ > {tmp_path}/child; exec sleep 300' & exec sleep 300"]
+            resources: {{memory: 48Mi}}
+        """)
+    d = Deployment.from_file(spec, cgroup_root="/sys/fs/cgroup")
+    deployments.append(d)
+    await d.up()
+    await await_until(lambda: (tmp_path / "child").exists() and (tmp_path / "child").read_text().strip() != "",
+                      what="the escaped child")
+    child = int((tmp_path / "child").read_text())
+    assert alive(child)
+    await d.stop_service("web")
+    await await_until(lambda: not alive(child), 5, "the escaped child ended with its instance")
+    await d.start_service("web")
+    await await_until(lambda: (tmp_path / "child").read_text().strip() not in ("", str(child)), what="again")
+    again = int((tmp_path / "child").read_text())
+    await d.down()
+    await await_until(lambda: not alive(again), 5, "and with down")
+
+
 async def test_rolling_restart_and_async_context_manager(tmp_path: Path) -> None:
     spec = write_spec(tmp_path, """
         name: roll

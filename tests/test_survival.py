@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from corral._core import find_by_env, process_alive
-from corral.engine.environment import STACK, stack_id
+from corral.statedir import STACK, stack_id
 from tests.e2e import alive, kill_groups, wait_until, write_spec
 from tests.test_cli import corral
 from tests.test_proxy import whoami

@@ -19,9 +19,8 @@ from corral._core import (
     process_start_time,
     signal_group,
 )
-from corral.engine.environment import STACK, UNIT, stack_id
 from corral.state import DeploymentRow, StateStore
-from corral.statedir import EXITS, PID_LOG
+from corral.statedir import EXITS, PID_LOG, STACK, UNIT, stack_id
 
 __all__ = ["EXITS", "PID_LOG", "live_agent", "logged_spawns", "marked_leaders", "recorded_exit", "reset_pid_log",
            "stop_leftovers", "sweep_stack"]

@@ -1,9 +1,25 @@
-"""The names of the files in a state directory (``.corral/``), for whoever reads or writes
-them: the agent, the keeper, the CLI. Imports nothing."""
+"""A state directory (``.corral/``): the names of its files, for whoever reads or writes
+them (the agent, the keeper, the CLI), and the identity of the one stack it holds, which
+every process of that stack carries in its environment. Imports nothing of corral."""
 
 from __future__ import annotations
 
-__all__ = ["AGENT_LOG", "AGENT_SOCKET", "EXITS", "KEEPER_FILE", "KEEPER_LOG", "KEEPER_SOCKET", "PID_LOG", "STATE_DB"]
+import hashlib
+from pathlib import Path
+
+__all__ = ["AGENT_LOG", "AGENT_SOCKET", "EXITS", "KEEPER_FILE", "KEEPER_LOG", "KEEPER_SOCKET", "PID_LOG", "STACK",
+           "STATE_DB", "UNIT", "stack_id"]
+
+STACK = "CORRAL_STACK"
+"""The stack's id, inherited by every process of the stack."""
+UNIT = "CORRAL_UNIT"
+"""``<stack id>/<instance id>``, inherited by every process of one instance."""
+
+
+def stack_id(state_dir: Path) -> str:
+    """A stack's id: a hash of its state directory's real path (one directory, one stack)."""
+    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:16]
+
 
 STATE_DB = "state.db"
 """SQLite: deployments, instances, events, spec versions."""

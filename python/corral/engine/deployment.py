@@ -17,6 +17,7 @@ rollbacks are decided by the strategies in :mod:`corral.recovery`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -231,6 +232,10 @@ class Deployment(ApplyMixin, AdoptMixin):
             await asyncio.gather(*(self._stop(i, "down") for s in phase for i in stack.by_service.get(s, [])))
         # What a change in flight added outside the phases (an apply interrupted by down).
         await asyncio.gather(*(self._stop(i, "down") for i in list(stack.instances.values()) if i.state.alive))
+        for inst in stack.instances.values():
+            if inst.cgroup is not None and stack.cgroups is not None:
+                with contextlib.suppress(OSError, CorralError):
+                    stack.cgroups.kill(inst.cgroup)  # what shed its group and its marker too
         escaped = sweep_stack(self.state_dir)
         if escaped:
             self.journal.note(f"down: killed {escaped} processes that had left their instance's process group")

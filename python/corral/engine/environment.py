@@ -22,6 +22,8 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from corral.statedir import STACK, UNIT, stack_id
+
 if TYPE_CHECKING:
     from corral._core import Authority, IssuedCert
 
@@ -31,17 +33,7 @@ AGENT_SOCKET = "CORRAL_AGENT_SOCKET"
 """The agent's control socket, set for every instance."""
 STATE_DIR = "CORRAL_STATE_DIR"
 """Overrides where the state directory is (read by the CLI and discovery, never set by corral)."""
-STACK = "CORRAL_STACK"
-"""The stack's id, inherited by every process of the stack."""
-UNIT = "CORRAL_UNIT"
-"""``<stack id>/<instance id>``, inherited by every process of one instance."""
 
-
-def stack_id(state_dir: Path) -> str:
-    """A stack's id: a hash of its state directory's real path (one directory, one stack)."""
-    import hashlib
-
-    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:16]
 
 
 def env_name(name: str) -> str:

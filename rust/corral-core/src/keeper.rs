@@ -5,7 +5,7 @@
 //! output. Before each spawn it makes a pipe, hands the read end to the keeper over a
 //! `SOCK_SEQPACKET` Unix socket (`SCM_RIGHTS`, with the instance's log file and rotation),
 //! and gives only the write end to the child. The keeper copies every pipe into its rotating
-//! log ([`crate::process::RotatingLog`]), all of them on one thread. When the agent dies
+//! log ([`crate::log::RotatingLog`]), all of them on one thread. When the agent dies
 //! (`kill -9`), nothing changes for the instances: their pipes are still read, so none dies
 //! of `SIGPIPE` and no line is lost; a new agent connects and hands over the pipes of what
 //! it spawns. This is containerd-shim's and conmon's job, done once for a whole stack rather
@@ -15,7 +15,7 @@
 //!
 //! ```
 //! use corral_core::keeper::{listen, KeeperLink, LogKeeper};
-//! use corral_core::process::LogConfig;
+//! use corral_core::log::LogConfig;
 //! use std::io::Write;
 //!
 //! let dir = tempfile::tempdir().unwrap();
@@ -41,8 +41,7 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 
-use crate::process::log::copy_to_log;
-use crate::process::{LogConfig, RotatingLog};
+use crate::log::{copy_to_log, LogConfig, RotatingLog};
 use crate::runtime::Dedicated;
 use crate::sys;
 

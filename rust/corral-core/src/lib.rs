@@ -36,6 +36,7 @@ pub mod clock;
 pub mod cpuset;
 pub mod error;
 pub mod keeper;
+pub mod log;
 pub mod mesh;
 pub mod ports;
 pub mod private;

@@ -23,8 +23,6 @@
 //! }
 //! ```
 
-pub(crate) mod log;
-
 use std::fs::OpenOptions;
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -38,10 +36,10 @@ use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::AbortHandle;
 
-use self::log::copy_to_log;
-pub use self::log::{LogConfig, RotatingLog};
 use crate::error::ProcessError;
 use crate::keeper::KeeperLink;
+use crate::log::copy_to_log;
+pub use crate::log::{LogConfig, RotatingLog};
 use crate::probe::{run_health, Health, ProbeResult};
 use crate::sys::{self, CpuMask, ThreadMask};
 

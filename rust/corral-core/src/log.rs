@@ -1,6 +1,7 @@
 //! The rotating log of a supervised process: its stdout and stderr, appended to one file
 //! that rotates by size at line breaks, so no file grows past its limit and no line is
-//! split unless it alone is longer than the limit.
+//! split unless it alone is longer than the limit. Written by the supervisor itself, or by
+//! the log keeper ([`crate::keeper`]) that holds the output of an agent's instances.
 
 use std::fs::File;
 use std::io::Write;
