@@ -131,7 +131,7 @@ async fn attempt(check: &Check) -> Result<String, String> {
             let s = TcpStream::connect((host.as_str(), *port))
                 .await
                 .map_err(|e| e.to_string())?;
-            drop(s);
+            abort(s);
             Ok(format!("connected to {host}:{port}"))
         }
         Check::Http { host, port, path } => http_get(host, *port, path).await,
@@ -179,8 +179,7 @@ async fn http_get(host: &str, port: u16, path: &str) -> Result<String, String> {
 /// second, an orderly close would keep ~12 000 sockets in `TIME_WAIT` (eating ephemeral
 /// ports) and cost the agent the kernel's extra packets.
 fn abort(stream: TcpStream) {
-    #[allow(deprecated)]
-    let _ = stream.set_linger(Some(Duration::ZERO));
+    let _ = stream.set_zero_linger();
     drop(stream);
 }
 
