@@ -89,9 +89,12 @@ def test_up_detached_status_logs_restart_events_down(stack: Path) -> None:
         assert listening(inst["ports"]["http"])
         assert cpus_allowed(inst["pid"]) == inst["cpus"]
 
-    logs = corral("logs", "job", cwd=stack)
     kv_port = svcs["kv"][0]["ports"]["http"]
-    assert logs.returncode == 0 and f"migrated 127.0.0.1:{kv_port}" in logs.stdout
+    # The keeper writes the logs, a moment after the process printed (it may have exited).
+    wait_until(lambda: f"migrated 127.0.0.1:{kv_port}" in corral("logs", "job", cwd=stack).stdout, 10,
+               "the job's line in its log")
+    logs = corral("logs", "job", cwd=stack)
+    assert logs.returncode == 0
     api_logs = corral("logs", "api", "-n", "1", cwd=stack)
     assert "api-0 | listening on" in api_logs.stdout and "api-1 | listening on" in api_logs.stdout
     assert corral("logs", "nope", cwd=stack).returncode == 2
