@@ -131,7 +131,11 @@ async fn attempt(check: &Check) -> Result<String, String> {
             let s = TcpStream::connect((host.as_str(), *port))
                 .await
                 .map_err(|e| e.to_string())?;
-            abort(s);
+            // An orderly close, not a reset: the server may not have accepted the connection
+            // yet, and many log a reset on an accepted connection as an error (Python's
+            // socketserver prints a traceback for each). The TIME_WAIT stays on our side, on
+            // an ephemeral port, not on the service's.
+            drop(s);
             Ok(format!("connected to {host}:{port}"))
         }
         Check::Http { host, port, path } => http_get(host, *port, path).await,
