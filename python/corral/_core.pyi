@@ -55,6 +55,7 @@ __all__ = [
     "find_by_env",
     "group_alive",
     "group_members",
+    "group_usage",
     "keeper_listen",
     "kill_pid",
     "process_alive",
@@ -840,6 +841,10 @@ def group_members(pgid: int) -> list[int]:
 
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
+
+def group_usage(pgids: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """``(cpu_ticks, rss_bytes, open_fds, processes)`` of the live processes of each process
+    group, in one pass over ``/proc``."""
 
 def find_by_env(entry: str) -> list[int]:
     """Live processes (not this one) whose starting environment holds ``entry``

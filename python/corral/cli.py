@@ -219,7 +219,10 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
                                                                      "condition; the agent keeps running.")] = False,
        run_for: Annotated[str | None, typer.Option("--run-for", help="Stop after this long (e.g. 30s); "
                                                                       "for demos and smoke runs.")] = None,
-       timeout: Annotated[float, typer.Option(help="With -d: seconds to wait for the agent.")] = 600.0) -> None:
+       timeout: Annotated[float, typer.Option(help="With -d: seconds to wait for the agent.")] = 600.0,
+       metrics: Annotated[str | None, typer.Option(
+           "--metrics", help="Serve Prometheus metrics at HOST:PORT/metrics (as the spec's metrics.listen).")] = None,
+       ) -> None:
     """Start every service in dependency order and supervise them; with a stack already
     running, apply the spec to it (only what changed changes) and return when done."""
     seconds = None
@@ -252,6 +255,13 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
 
     try:
         parsed = load_spec(spec)
+        if metrics is not None:
+            from corral.spec import MetricsSpec
+
+            try:
+                parsed = parsed.model_copy(update={"metrics": MetricsSpec(listen=metrics)})
+            except ValueError as e:
+                _fail(f"--metrics: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}", 2)
     except SpecError as e:
         _spec_errors(e)
     if detach:

@@ -39,6 +39,7 @@ __all__ = [
     "HealthSpec",
     "HttpCheck",
     "LogSpec",
+    "MetricsSpec",
     "Probe",
     "Resources",
     "RestartSpec",
@@ -373,6 +374,20 @@ class MeshSpec(_Model):
         return self
 
 
+class MetricsSpec(_Model):
+    """Prometheus metrics: the agent serves ``GET /metrics`` on ``listen`` (``host:port``)."""
+
+    listen: str
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, v: str) -> str:
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"listen must be host:port (a port from 1 to 65535), got {v!r}")
+        return v
+
+
 class DeploymentSpec(_Model):
     """A whole ``corral.yaml``."""
 
@@ -380,6 +395,7 @@ class DeploymentSpec(_Model):
     logs: LogSpec = LogSpec()
     events: EventsSpec = EventsSpec()
     mesh: MeshSpec = MeshSpec()
+    metrics: MetricsSpec | None = None
     services: dict[Annotated[str, Field(pattern=_NAME)], ServiceSpec]
     scheduler: Literal["binpack", "spread"] = "binpack"
     port_range: tuple[int, int] = (20000, 32000)

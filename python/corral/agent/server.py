@@ -316,6 +316,17 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
                                   f"(pid {other.agent_pid})", other.agent_pid)
     server = ControlServer(deployment, socket_path(deployment.state_dir))
     await server.start()
+    metrics = None
+    if deployment.spec.metrics is not None:
+        from corral.agent.metrics import MetricsServer
+
+        metrics = MetricsServer(deployment.spec.metrics.listen, deployment.metrics)
+        try:
+            await metrics.start()
+        except OSError as e:
+            await server.close()
+            raise deployment.spec.error(("metrics", "listen"), f"cannot listen on {deployment.spec.metrics.listen}: "
+                                        f"{e.strerror or e}") from None
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, server.stop.set)
@@ -357,6 +368,8 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(sig)
         server.stopped.set()
+        if metrics is not None:
+            await metrics.close()
         # Let a pending /v1/down answer before the socket goes.
         await asyncio.sleep(0.05)
         await server.close()

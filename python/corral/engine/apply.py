@@ -127,6 +127,7 @@ class ApplyMixin:
                 if reverted:
                     await self._revert(diff, done, added, old, old_file, old_versions, old_configs, why)
                 self.journal.spec(version, diff.digest, spec.text, "failed" if reverted else "partial", why)
+                self.verdicts.counters.rollout("reverted" if reverted else "partial")
                 self.journal.flush()
                 tail = ("; reverted: the previous version runs" if reverted else
                         "; auto_revert is off: what was replaced stays replaced")
@@ -142,6 +143,7 @@ class ApplyMixin:
             self.plan.phases = phases(spec)
             self.journal.row.phases = self.plan.phases
             self.journal.spec(version, diff.digest, spec.text, "applied")
+            self.verdicts.counters.rollout("succeeded")
             self.journal.status("up", "", event=("up", f"apply v{version} done"))
             self.journal.flush()
             return diff

@@ -32,6 +32,7 @@ from corral.engine.hooks import CgroupsHook, FrontsHook, Hook, MeshHook, Volumes
 from corral.engine.instance import STARTED, UP, InstanceRuntime, placement_text
 from corral.engine.journal import Journal
 from corral.engine.launch import Launcher
+from corral.engine.metrics import exposition
 from corral.engine.stack import Stack
 from corral.engine.verdicts import Verdicts
 from corral.exceptions import (
@@ -348,6 +349,10 @@ class Deployment(ApplyMixin, AdoptMixin):
                                        key=lambda r: (r.idx, r.version))
         st.fronts = {name: front.stats().to_dict() for name, front in self._fronts.fronts.items()}
         return st
+
+    def metrics(self) -> str:
+        """The Prometheus exposition of this deployment now (see :mod:`corral.engine.metrics`)."""
+        return exposition(self._stack, self._fronts.fronts, self.verdicts.counters)
 
     def front(self, service: str) -> Proxy | None:
         """The proxy in front of an exposed service."""

@@ -15,6 +15,7 @@ import time
 from corral._core import Instance, ProbeVerdict, ProcessExited, Supervisor, group_alive, signal_group
 from corral.engine.instance import InstanceRuntime
 from corral.engine.launch import Launcher
+from corral.engine.metrics import Counters
 from corral.engine.stack import Stack
 from corral.leftovers import recorded_exit
 from corral.lifecycle import State
@@ -32,6 +33,8 @@ class Verdicts:
         self.stack = stack
         self.launcher = launcher
         self.restart_strategy = restart_strategy
+        self.counters = Counters()
+        """What metrics count beside the instances' own fields."""
 
     async def pump(self, sup: Supervisor) -> None:
         """Runs until the supervisor is gone (or the task is cancelled)."""
@@ -125,6 +128,7 @@ class Verdicts:
         msg = ev.message
         if not ev.ok:
             inst.probe_message = f"{ev.probe} probe failed: {msg}"
+            self.counters.probe_failed(inst.p.service, inst.id, ev.probe)
         if ev.probe == "startup":
             if not ev.ok:
                 self.launcher.terminate(inst, "startup", msg)

@@ -169,6 +169,13 @@ pub(crate) fn getpgrp() -> u32 {
     unsafe { libc::getpgrp() as u32 }
 }
 
+/// The size of a memory page, bytes (what `/proc/<pid>/stat` counts RSS in).
+pub(crate) fn page_size() -> u64 {
+    // SAFETY: sysconf has no memory preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u64::try_from(n).unwrap_or(4096)
+}
+
 /// The effective user id.
 pub(crate) fn geteuid() -> u32 {
     // SAFETY: geteuid has no preconditions and cannot fail.

@@ -334,6 +334,15 @@ fn process_start_time(pid: u32) -> Option<u64> {
     core::start_time(pid)
 }
 
+/// `(cpu_ticks, rss_bytes, open_fds, processes)` of each process group, in one pass over /proc.
+#[pyfunction]
+fn group_usage(pgids: Vec<u32>) -> Vec<(u64, u64, u64, u32)> {
+    core::group_usage(&pgids)
+        .into_iter()
+        .map(|u| (u.cpu_ticks, u.rss_bytes, u.open_fds, u.processes))
+        .collect()
+}
+
 /// Live processes whose starting environment holds `entry` (`KEY=value`).
 #[pyfunction]
 fn find_by_env(entry: &str) -> Vec<u32> {
@@ -405,6 +414,7 @@ pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(become_subreaper, m)?)?;
     m.add_function(wrap_pyfunction!(keeper_listen, m)?)?;
     m.add_function(wrap_pyfunction!(find_by_env, m)?)?;
+    m.add_function(wrap_pyfunction!(group_usage, m)?)?;
     m.add_function(wrap_pyfunction!(kill_pid, m)?)?;
     m.add_class::<ProcessExited>()?;
     m.add_class::<ProbeVerdict>()?;

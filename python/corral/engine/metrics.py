@@ -1,0 +1,146 @@
+"""Prometheus metrics of a running deployment, in the text exposition format (0.0.4).
+
+Written out here rather than through ``prometheus_client``: the values live in the engine's
+own objects and the core's counters, so a scrape is one walk over them (no registry kept in
+step with every transition, no import of the client in the agent); the output parses with
+``prometheus_client.parser`` (tested).
+
+Families (labels ``service``, ``instance``, and ``probe``, ``upstream``, ``direction``,
+``state``, ``result`` where they apply): ``corral_instance_up``, ``corral_instance_state``,
+``corral_instance_restarts_total``, ``corral_instance_cpu_seconds_total``,
+``corral_instance_memory_rss_bytes``, ``corral_instance_open_fds``,
+``corral_probe_failures_total``, ``corral_front_connections_total``,
+``corral_front_active_connections``, ``corral_front_bytes_total``,
+``corral_front_errors_total``, ``corral_front_ejections_total``, ``corral_rollouts_total``,
+and the agent's ``process_*``. CPU time and open descriptors are the instance's process
+group's (one pass over ``/proc`` for all instances); memory is its cgroup's when it has one.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from corral._core import group_usage
+from corral.lifecycle import State
+
+if TYPE_CHECKING:
+    from corral._core import Proxy
+    from corral.engine.instance import InstanceRuntime
+    from corral.engine.stack import Stack
+
+__all__ = ["CONTENT_TYPE", "Counters", "exposition"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_TICK = os.sysconf("SC_CLK_TCK")
+
+
+class Counters:
+    """What the engine counts for metrics beside what its objects hold."""
+
+    def __init__(self) -> None:
+        self.probe_failures: dict[tuple[str, str, str], int] = {}
+        """``(service, instance, probe)`` -> failed verdicts."""
+        self.rollouts: dict[str, int] = {}
+        """``result`` (succeeded, reverted, partial) -> rollouts."""
+
+    def probe_failed(self, service: str, instance: str, probe: str) -> None:
+        """A probe's verdict was a failure."""
+        key = (service, instance, probe)
+        self.probe_failures[key] = self.probe_failures.get(key, 0) + 1
+
+    def rollout(self, result: str) -> None:
+        """An apply ended so."""
+        self.rollouts[result] = self.rollouts.get(result, 0) + 1
+
+
+def _esc(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _labels(**kv: str) -> str:
+    return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}"
+
+
+class _Out:
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def family(self, name: str, kind: str, help: str, samples: Iterable[tuple[str, float]]) -> None:
+        self.lines.append(f"# HELP {name} {help}")
+        self.lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            self.lines.append(f"{name}{labels} {value:.17g}")
+
+
+def _cgroup_memory(inst: InstanceRuntime) -> int | None:
+    if inst.cgroup is None:
+        return None
+    for name in ("memory.current", "memory.usage_in_bytes"):
+        try:
+            return int((Path(inst.cgroup) / name).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> str:
+    """The whole scrape."""
+    insts = [i for i in stack.instances.values()]
+    live = [i for i in insts if i.live_process is not None]
+    usage = dict(zip((i.id for i in live), group_usage([i.pid or 0 for i in live]), strict=True))
+    ids = [(i, _labels(service=i.p.service, instance=i.id)) for i in insts]
+    out = _Out()
+    out.family("corral_instance_up", "gauge", "1 when the instance is healthy.",
+               ((lab, 1.0 if i.state is State.HEALTHY else 0.0) for i, lab in ids))
+    out.family("corral_instance_state", "gauge", "1 for the state the instance is in, 0 for the others.",
+               ((_labels(service=i.p.service, instance=i.id, state=s.value), 1.0 if i.state is s else 0.0)
+                for i, _ in ids for s in State))
+    out.family("corral_instance_restarts_total", "counter", "Restarts of the instance.",
+               ((lab, float(i.restarts)) for i, lab in ids))
+    out.family("corral_instance_cpu_seconds_total", "counter",
+               "CPU time of the instance's live processes (its process group), seconds.",
+               ((lab, usage[i.id][0] / _TICK) for i, lab in ids if i.id in usage))
+    out.family("corral_instance_memory_rss_bytes", "gauge",
+               "Resident memory of the instance: its cgroup's usage when it has one, else its processes' RSS.",
+               ((lab, float(m if (m := _cgroup_memory(i)) is not None else usage[i.id][1]))
+                for i, lab in ids if i.id in usage))
+    out.family("corral_instance_open_fds", "gauge", "Open file descriptors of the instance's processes.",
+               ((lab, float(usage[i.id][2])) for i, lab in ids if i.id in usage))
+    out.family("corral_probe_failures_total", "counter", "Failed verdicts of the instance's probes.",
+               ((_labels(service=s, instance=n, probe=p), float(c)) for (s, n, p), c in
+                sorted(counters.probe_failures.items())))
+    stats = {name: f.stats() for name, f in sorted(fronts.items())}
+    out.family("corral_front_connections_total", "counter", "Connections the front handed to an upstream.",
+               ((_labels(service=s, upstream=u.id), float(u.connections)) for s, st in stats.items()
+                for u in st.upstreams))
+    out.family("corral_front_active_connections", "gauge", "Connections open through the front now.",
+               ((_labels(service=s), float(st.active)) for s, st in stats.items()))
+    out.family("corral_front_bytes_total", "counter", "Bytes relayed by the front.",
+               ((_labels(service=s, direction=d), float(v)) for s, st in stats.items()
+                for d, v in (("in", st.bytes_in), ("out", st.bytes_out))))
+    out.family("corral_front_errors_total", "counter", "Upstream connects or relays that failed.",
+               ((_labels(service=s, upstream=u.id), float(u.errors)) for s, st in stats.items()
+                for u in st.upstreams))
+    out.family("corral_front_ejections_total", "counter", "Times an upstream was ejected (its breaker opened).",
+               ((_labels(service=s), float(st.ejections)) for s, st in stats.items()))
+    out.family("corral_rollouts_total", "counter", "Applies that replaced instances, by how they ended.",
+               ((_labels(result=r), float(c)) for r, c in sorted(counters.rollouts.items())))
+    me = resource.getrusage(resource.RUSAGE_SELF)
+    out.family("process_cpu_seconds_total", "counter", "The agent's CPU time, seconds.",
+               (("", me.ru_utime + me.ru_stime),))
+    with open("/proc/self/statm") as f:
+        rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    out.family("process_resident_memory_bytes", "gauge", "The agent's resident memory.", (("", float(rss)),))
+    out.family("process_open_fds", "gauge", "The agent's open file descriptors.",
+               (("", float(len(os.listdir("/proc/self/fd")))),))
+    out.family("process_start_time_seconds", "gauge", "When the agent started, Unix time.",
+               (("", _START),))
+    return "\n".join(out.lines) + "\n"
+
+
+_START = time.time()
