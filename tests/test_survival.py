@@ -275,3 +275,17 @@ def test_down_without_an_agent_follows_each_services_shutdown_rule(tmp_path: Pat
     assert r.returncode == 0 and "stopped 4 leftover process groups" in r.stdout, r
     assert (tmp_path / "got-usr1").exists(), "the spec's signal, not SIGTERM"
     assert marked(tmp_path) == []
+
+
+def test_the_agent_log_is_json_lines_and_events_json_follows_the_event_log(stack: Path) -> None:
+    st = status(stack)
+    os.kill(st["services"]["printer"][0]["pid"], signal.SIGKILL)
+    wait_until(lambda: pids(status(stack))["printer-0"] != st["services"]["printer"][0]["pid"], 15, "restart")
+    lines = (stack / ".corral" / "agent.log").read_text().splitlines()
+    docs = [json.loads(line) for line in lines]  # every line is one JSON object
+    assert all({"time", "level", "event", "message"} <= set(d) for d in docs)
+    moves = [(d.get("instance"), d.get("from"), d.get("to")) for d in docs if d["event"] == "transition"]
+    assert ("printer-0", "healthy", "restarting") in moves and ("web-0", "running", "healthy") in moves
+    r = corral("events", "--json", "-n", "5", cwd=stack)
+    events = [json.loads(line) for line in r.stdout.splitlines()]
+    assert len(events) == 5 and all({"seq", "at", "instance", "from", "to", "reason"} <= set(e) for e in events)

@@ -424,6 +424,9 @@ def agent(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
         d = _adopting(spec, state_dir)
     else:
         d = _deployment(spec, state_dir)
+    from corral.agent.jsonlog import log_to
+
+    log_to(d.state_dir / "agent.log", d.spec.logs.max_size, d.spec.logs.keep)
 
     import asyncio
 
@@ -495,12 +498,14 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
 @app.command()
 def events(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
            follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new events.")] = False,
-           lines: Annotated[int, typer.Option("-n", help="How many past events.")] = 100) -> None:
+           lines: Annotated[int, typer.Option("-n", help="How many past events.")] = 100,
+           as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False) -> None:
     """Print the event log (every transition, with time and reason)."""
     client = _client(spec, state_dir)
+    show = _print_event_json if as_json else _print_event
     last = 0
     for e in client.last_events(lines):
-        _print_event(e)
+        show(e)
         last = e.seq
     if not follow:
         return
@@ -508,9 +513,14 @@ def events(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
         last = max((e.seq for e in client.last_events(1)), default=0)
     try:
         for e in client.follow_events(last):
-            _print_event(e)
+            show(e)
     except KeyboardInterrupt:
         return
+
+
+def _print_event_json(e: EventRow) -> None:
+    # print, not rich: one line each, flushed, for jq and log shippers.
+    print(json.dumps(e.to_dict()), flush=True)
 
 
 def _print_event(e: EventRow) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
 import select
 import signal
@@ -26,6 +27,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from corral._core import keeper_listen
+from corral.agent.jsonlog import log_to
 from corral.agent.keeper import CRASHED
 from corral.agent.wire import from_wire, to_wire
 from corral.exceptions import AgentUnavailable, CorralError, DeploymentError
@@ -153,15 +155,17 @@ def _become_agent(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Path
         os.dup2(fd, 2)
         os.close(fd)
         os.close(null)
+        log_to(log, parsed.logs.max_size, parsed.logs.keep)
         d = Deployment(parsed, file=spec, state_dir=state_dir, keeper=state_dir / KEEPER_SOCKET)
         code = asyncio.run(run_agent(d, on_up=lambda dep: report({"ok": True, "status": dep.status().to_dict()}),
                                      on_failed=failed))
     except CorralError as e:
-        print(f"error: {e}", file=sys.stderr)
+        logging.getLogger("corral").error("%s", e, extra={"event": "agent"})
         failed(e)
         code = e.exit_code
     except BaseException as e:  # the agent must never return into the CLI's code
-        print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+        logging.getLogger("corral").exception("the agent failed: %s: %s", type(e).__name__, e,
+                                              extra={"event": "agent"})
         failed(CorralError(f"the agent failed: {type(e).__name__}: {e}"))
         code = CRASHED  # the keeper restarts it
     finally:

@@ -117,6 +117,9 @@ class Journal:
 
     def transition(self, t: Transition) -> None:
         """An instance changed state: its event now, its row with the next batch."""
+        if log.isEnabledFor(logging.INFO):
+            log.info(t.reason, extra={"event": "transition", "service": t.service, "instance": t.instance,
+                                      "from": t.old.value, "to": t.new.value})
         if self._store is not None:
             self._store.add_event(self.name, t.instance, t.service, t.old.value, t.new.value, t.reason, t.at)
             self._dirty.add(t.instance)
@@ -132,6 +135,9 @@ class Journal:
              instance: str | None = None, service: str | None = None) -> None:
         """An event that is no transition: of the deployment (a warning, a certificate renewal,
         a status) or of one instance (a startup probe that passed)."""
+        if log.isEnabledFor(logging.INFO) and not reason.startswith("warning: "):  # warnings log themselves
+            log.info(reason, extra={"event": "status" if new else "note", "service": service, "instance": instance,
+                                    "from": old, "to": new})
         if self._store is not None:
             self._store.add_event(self.name, instance, service, old, new, reason)
             self.flush_soon()
