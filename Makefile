@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 DEV_BUILD     := --config-settings=build-args="--profile dev"
 RELEASE_BUILD := --config-settings=build-args="--profile release"
 
-.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python bench-bringup bench-survive bench-proxy clean
+.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python bench-bringup bench-survive bench-metrics bench-proxy clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -69,6 +69,10 @@ BRINGUP_ARGS ?= --baseline
 bench-survive: dev-release ## kill -9 of the agent under 200 instances: keeper restart, re-adoption, lines lost, keeper memory
 	cargo build --release -p corral-core --example tiny_server
 	$(PY) benches/survive.py $(SURVIVE_ARGS)
+
+bench-metrics: dev-release ## /metrics under 200 instances: one scrape (median), agent CPU with a scrape a second
+	cargo build --release -p corral-core --example tiny_server
+	$(PY) benches/metrics.py $(METRICS_ARGS)
 
 bench-bringup: dev-release ## 200 instances under corral up -d (and supervisord, circus): bring-up, restart, down, idle CPU, memory
 	cargo build --release -p corral-core --example tiny_server

@@ -842,9 +842,9 @@ def group_members(pgid: int) -> list[int]:
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
 
-def group_usage(pgids: Sequence[int]) -> list[tuple[int, int, int, int]]:
-    """``(cpu_ticks, rss_bytes, open_fds, processes)`` of the live processes of each process
-    group, in one pass over ``/proc``."""
+def group_usage(leaders: Sequence[int]) -> list[tuple[int, int, int, int]]:
+    """``(cpu_ticks, rss_bytes, open_fds, processes)`` of the live process tree under each
+    leader (followed through ``/proc/<pid>/task/<pid>/children``)."""
 
 def find_by_env(entry: str) -> list[int]:
     """Live processes (not this one) whose starting environment holds ``entry``

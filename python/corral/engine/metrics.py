@@ -47,6 +47,8 @@ class Counters:
         """``(service, instance, probe)`` -> failed verdicts."""
         self.rollouts: dict[str, int] = {}
         """``result`` (succeeded, reverted, partial) -> rollouts."""
+        self.labels: dict[str, tuple[str, tuple[str, ...]]] = {}
+        """Per instance id: its label set, and one per state (built on its first scrape)."""
 
     def probe_failed(self, service: str, instance: str, probe: str) -> None:
         """A probe's verdict was a failure."""
@@ -88,29 +90,58 @@ def _cgroup_memory(inst: InstanceRuntime) -> int | None:
     return None
 
 
+_STATES = tuple(State)
+
+
 def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> str:
     """The whole scrape."""
-    insts = [i for i in stack.instances.values()]
+    insts = list(stack.instances.values())
     live = [i for i in insts if i.live_process is not None]
     usage = dict(zip((i.id for i in live), group_usage([i.pid or 0 for i in live]), strict=True))
-    ids = [(i, _labels(service=i.p.service, instance=i.id)) for i in insts]
+    # Label sets are built once per instance id and kept: a scrape of 200 instances writes
+    # ~3 000 lines, and escaping them anew each time was half its cost.
+    cache = counters.labels
+    ids = []
+    for i in insts:
+        entry = cache.get(i.id)
+        if entry is None:
+            base = f'service="{_esc(i.p.service)}",instance="{_esc(i.id)}"'
+            entry = cache[i.id] = (f"{{{base}}}", tuple(f'{{{base},state="{st.value}"}}' for st in _STATES))
+        ids.append((i, entry))
+    lines: list[str] = []
+    add = lines.append
+
+    def head(name: str, kind: str, help: str) -> None:
+        add(f"# HELP {name} {help}")
+        add(f"# TYPE {name} {kind}")
+
+    head("corral_instance_up", "gauge", "1 when the instance is healthy.")
+    for i, (lab, _) in ids:
+        add(f"corral_instance_up{lab} {1 if i.state is State.HEALTHY else 0}")
+    head("corral_instance_state", "gauge", "1 for the state the instance is in, 0 for the others.")
+    for i, (_, by_state) in ids:
+        for st, slab in zip(_STATES, by_state, strict=True):
+            add(f"corral_instance_state{slab} {1 if i.state is st else 0}")
+    head("corral_instance_restarts_total", "counter", "Restarts of the instance.")
+    for i, (lab, _) in ids:
+        add(f"corral_instance_restarts_total{lab} {i.restarts}")
+    head("corral_instance_cpu_seconds_total", "counter",
+         "CPU time of the instance's live process tree, seconds.")
+    for i, (lab, _) in ids:
+        if i.id in usage:
+            add(f"corral_instance_cpu_seconds_total{lab} {usage[i.id][0] / _TICK}")
+    head("corral_instance_memory_rss_bytes", "gauge",
+         "Resident memory of the instance: its cgroup's usage when it has one, else its processes' RSS.")
+    for i, (lab, _) in ids:
+        if i.id in usage:
+            m = _cgroup_memory(i)
+            add(f"corral_instance_memory_rss_bytes{lab} {m if m is not None else usage[i.id][1]}")
+    head("corral_instance_open_fds", "gauge", "Open file descriptors of the instance's processes.")
+    for i, (lab, _) in ids:
+        if i.id in usage:
+            add(f"corral_instance_open_fds{lab} {usage[i.id][2]}")
     out = _Out()
-    out.family("corral_instance_up", "gauge", "1 when the instance is healthy.",
-               ((lab, 1.0 if i.state is State.HEALTHY else 0.0) for i, lab in ids))
-    out.family("corral_instance_state", "gauge", "1 for the state the instance is in, 0 for the others.",
-               ((_labels(service=i.p.service, instance=i.id, state=s.value), 1.0 if i.state is s else 0.0)
-                for i, _ in ids for s in State))
-    out.family("corral_instance_restarts_total", "counter", "Restarts of the instance.",
-               ((lab, float(i.restarts)) for i, lab in ids))
-    out.family("corral_instance_cpu_seconds_total", "counter",
-               "CPU time of the instance's live processes (its process group), seconds.",
-               ((lab, usage[i.id][0] / _TICK) for i, lab in ids if i.id in usage))
-    out.family("corral_instance_memory_rss_bytes", "gauge",
-               "Resident memory of the instance: its cgroup's usage when it has one, else its processes' RSS.",
-               ((lab, float(m if (m := _cgroup_memory(i)) is not None else usage[i.id][1]))
-                for i, lab in ids if i.id in usage))
-    out.family("corral_instance_open_fds", "gauge", "Open file descriptors of the instance's processes.",
-               ((lab, float(usage[i.id][2])) for i, lab in ids if i.id in usage))
+    out.lines = lines
     out.family("corral_probe_failures_total", "counter", "Failed verdicts of the instance's probes.",
                ((_labels(service=s, instance=n, probe=p), float(c)) for (s, n, p), c in
                 sorted(counters.probe_failures.items())))

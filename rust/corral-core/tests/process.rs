@@ -440,7 +440,7 @@ fn cgroup_kill_uses_cgroup_kill_on_v2_and_the_pid_list_on_v1() {
 }
 
 #[test]
-fn group_usage_counts_the_live_processes_of_each_group() {
+fn group_usage_counts_the_live_processes_of_each_tree() {
     let rt = runtime();
     let sup = Supervisor::new(rt.handle().clone());
     let spec = ProcessSpec {
@@ -449,13 +449,18 @@ fn group_usage_counts_the_live_processes_of_each_group() {
     };
     let child = sup.spawn("u-0", &spec).unwrap();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    let mut usage = corral_core::process::group_usage(&[child.pid, u32::MAX - 3]);
+    let mut usage = corral_core::process::group_usage(&[child.pid, u32::MAX >> 2]);
     while usage[0].processes < 3 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
-        usage = corral_core::process::group_usage(&[child.pid, u32::MAX - 3]);
+        usage = corral_core::process::group_usage(&[child.pid, u32::MAX >> 2]);
     }
     assert_eq!(usage[0].processes, 3, "the leader and its two children");
+    assert_eq!(usage[1].processes, 0);
     assert!(usage[0].rss_bytes > 0 && usage[0].open_fds >= 3);
-    assert_eq!(usage[1], corral_core::process::GroupUsage::default(), "no such group");
+    assert_eq!(
+        usage[1],
+        corral_core::process::GroupUsage::default(),
+        "no such process"
+    );
     signal_group(child.pid, libc::SIGKILL).unwrap();
 }

@@ -334,7 +334,7 @@ fn process_start_time(pid: u32) -> Option<u64> {
     core::start_time(pid)
 }
 
-/// `(cpu_ticks, rss_bytes, open_fds, processes)` of each process group, in one pass over /proc.
+/// `(cpu_ticks, rss_bytes, open_fds, processes)` of the process tree under each leader.
 #[pyfunction]
 fn group_usage(pgids: Vec<u32>) -> Vec<(u64, u64, u64, u32)> {
     core::group_usage(&pgids)

@@ -457,50 +457,52 @@ pub struct GroupUsage {
     pub processes: u32,
 }
 
-/// The usage of each process group in `pgids`, in one pass over `/proc` (the metrics of an
-/// instance without a cgroup: its group is its process tree, but for what left it).
-pub fn group_usage(pgids: &[u32]) -> Vec<GroupUsage> {
-    let mut out = vec![GroupUsage::default(); pgids.len()];
-    let index: std::collections::HashMap<u32, usize> =
-        pgids.iter().enumerate().map(|(i, &g)| (g, i)).collect();
+/// The usage of the process tree under each of `leaders` (an instance's process and what it
+/// started, followed through `/proc/<pid>/task/<pid>/children`): the metrics of an instance
+/// without a cgroup. Only the instances' own trees are read, not all of `/proc`.
+pub fn group_usage(leaders: &[u32]) -> Vec<GroupUsage> {
     let page = sys::page_size();
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return out;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
-            continue;
-        };
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // From field 3 (state): pgrp is field 5, utime 14, stime 15, rss (pages) 24.
-        let (Some(state), Some(pgrp)) = (f.first(), f.get(2).and_then(|v| v.parse::<u32>().ok()))
-        else {
-            continue;
-        };
-        let Some(&i) = index.get(&pgrp) else {
-            continue;
-        };
-        if *state == "Z" {
-            continue;
-        }
-        let num = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-        let u = &mut out[i];
-        u.cpu_ticks += num(11) + num(12);
-        u.rss_bytes += num(21) * page;
-        u.open_fds += std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
-        u.processes += 1;
-    }
-    out
+    leaders
+        .iter()
+        .map(|&leader| {
+            let mut u = GroupUsage::default();
+            let mut todo = vec![leader];
+            let mut seen = 0usize;
+            while let Some(pid) = todo.pop() {
+                seen += 1;
+                if pid == 0 || seen > 4096 {
+                    break;
+                }
+                let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                    continue;
+                };
+                let Some(rest) = stat.rfind(')').map(|i| &stat[i + 2..]) else {
+                    continue;
+                };
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                // From field 3 (state): utime is field 14, stime 15, rss (pages) 24.
+                if f.first() == Some(&"Z") {
+                    continue;
+                }
+                let num = |k: usize| f.get(k).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                u.cpu_ticks += num(11) + num(12);
+                u.rss_bytes += num(21) * page;
+                u.open_fds +=
+                    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count() as u64);
+                u.processes += 1;
+                if let Ok(children) =
+                    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                {
+                    todo.extend(
+                        children
+                            .split_whitespace()
+                            .filter_map(|c| c.parse::<u32>().ok()),
+                    );
+                }
+            }
+            u
+        })
+        .collect()
 }
 
 /// Whether `pid` is a live process: it exists and is not a zombie (a dead process that its
