@@ -142,9 +142,9 @@ def test_the_agent_serves_metrics_and_a_real_prometheus_scrapes_them(tmp_path: P
         def query(q: str) -> list[dict]:  # type: ignore[type-arg]
             try:
                 _, _, text = _get(web, f"/api/v1/query?query={quote(q)}")
-            except OSError:
-                return []
-            doc = json.loads(text)
+                doc = json.loads(text)
+            except (OSError, ValueError):
+                return []  # not up yet (it answers 503 in plain text while it starts)
             return doc["data"]["result"] if doc.get("status") == "success" else []  # type: ignore[no-any-return]
 
         wait_until(lambda: len(query('corral_instance_up{service="web"} == 1')) == 2, 60, "Prometheus has scraped")

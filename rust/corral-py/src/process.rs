@@ -336,8 +336,8 @@ fn process_start_time(pid: u32) -> Option<u64> {
 
 /// `(cpu_ticks, rss_bytes, open_fds, processes)` of the process tree under each leader.
 #[pyfunction]
-fn group_usage(pgids: Vec<u32>) -> Vec<(u64, u64, u64, u32)> {
-    core::group_usage(&pgids)
+fn group_usage(leaders: Vec<u32>) -> Vec<(u64, u64, u64, u32)> {
+    core::group_usage(&leaders)
         .into_iter()
         .map(|u| (u.cpu_ticks, u.rss_bytes, u.open_fds, u.processes))
         .collect()
