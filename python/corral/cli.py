@@ -165,12 +165,14 @@ def validate(spec: SpecArg = DEFAULT_SPEC) -> None:
 
 @app.command()
 def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
-         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+         show_map: Annotated[bool, typer.Option("--map", help="Draw the machine: where the plan puts every "
+                                                              "exclusive core.")] = False) -> None:
     """Show the phases and where every instance would go, without starting anything; with a
     stack running, what 'corral up' would change in it (a diff, nothing changed)."""
     client = _client(spec, state_dir)
     res = None
-    if client.path.exists() or client.running() is not None:
+    if not show_map and (client.path.exists() or client.running() is not None):
         try:
             res = client.plan_changes(spec)
         except AgentUnavailable:
@@ -189,6 +191,13 @@ def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
     except SpecError as e:
         _spec_errors(e)
     try:
+        if show_map:
+            from corral.cpumap import machine_map
+
+            holders = {cpu: inst.id for inst in p.instances() for cpu in inst.cpus}
+            for line in machine_map(d.topology, holders, set(d.resources.usage().cpus)):
+                out.print(_printable(line), markup=False)
+            return
         if as_json:
             out.print_json(json.dumps(p.to_dict()))
             return
@@ -465,7 +474,9 @@ def down(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
 
 @app.command()
 def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
-           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False) -> None:
+           as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+           show_map: Annotated[bool, typer.Option("--map", help="Draw the machine: which instance holds "
+                                                                "each exclusive core.")] = False) -> None:
     """Show services and instances (answers from the state database, even without the agent)."""
     from rich.text import Text
 
@@ -473,6 +484,16 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
     st = client.status()
     if as_json:
         print(json.dumps(st.to_dict(), indent=2))
+        return
+    if show_map:
+        from corral._core import ResourceManager, Topology
+        from corral.cpumap import machine_map
+
+        topology = Topology.detect()
+        holders = {cpu: i.id for insts in st.services.values() for i in insts if i.exclusive and i.is_alive_state()
+                   for cpu in i.cpus}
+        for line in machine_map(topology, holders, set(ResourceManager(topology).usage().cpus)):
+            out.print(_printable(line), markup=False)
         return
     if st.agent_running:
         agent_txt = f"agent pid {st.agent_pid}"

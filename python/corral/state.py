@@ -185,6 +185,11 @@ class InstanceRow:
     version: int = 1
     """The spec version it runs."""
 
+    def is_alive_state(self) -> bool:
+        """Whether its recorded state is one of a process that runs (or is being started or
+        stopped): what holds its grant."""
+        return self.state in ("starting", "running", "healthy", "unhealthy", "stopping", "restarting")
+
     def is_running(self) -> bool:
         """Whether the recorded process is alive (its pid, with the same start time): what a
         dead agent may have left behind."""
