@@ -5,6 +5,7 @@ Prometheus (Debian's package, installed by .ci/run) scrapes and queries it."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import os
@@ -80,6 +81,16 @@ async def test_the_exposition_parses_and_moves_with_what_happens(stack: Deployme
     assert value(fams, "corral_instance_state", instance="web-0", state="healthy") == 1.0
     assert value(fams, "corral_instance_state", instance="web-0", state="failed") == 0.0
     assert value(fams, "corral_instance_memory_rss_bytes", instance="idle-0") > 0
+    # Every readiness attempt (every 100 ms) in the histogram; the first may have failed (the
+    # server not listening yet), not all of them.
+    count = value(fams, "corral_probe_duration_seconds_count", instance="web-0", probe="readiness")
+    assert count >= 1 and value(fams, "corral_probe_duration_seconds_bucket", instance="web-0", probe="readiness",
+                                le="+Inf") == count
+    assert value(fams, "corral_probe_duration_seconds_sum", instance="web-0", probe="readiness") > 0
+    assert value(fams, "corral_probe_failures_total", instance="web-0", probe="readiness") < count
+    await asyncio.sleep(0.5)
+    later = families(stack.metrics())
+    assert value(later, "corral_probe_duration_seconds_count", instance="web-0", probe="readiness") >= count + 3
     assert value(fams, "corral_instance_open_fds", instance="idle-0") >= 3
     # Requests through the front move its connection counters.
     before = sum(v for _, v in fams["corral_front_connections_total"])

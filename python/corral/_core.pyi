@@ -14,6 +14,7 @@ from typing_extensions import disjoint_base
 from corral.exceptions import RetryExhausted
 
 __all__ = [
+    "PROBE_BOUNDS",
     "Authority",
     "BreakerStats",
     "Cgroups",
@@ -825,6 +826,9 @@ class Supervisor:
         starting not ready) and liveness (reported once, when it fails)."""
     def stop_health(self, id: str) -> bool:
         """Stops the probes of ``id``; returns whether any ran."""
+    def probe_stats(self, id: str) -> list[tuple[str, list[int], float, int, int]]:
+        """Every probe attempt of ``id``: ``(probe, cumulative bucket counts, sum of seconds,
+        attempts, failures)`` for each probe that ran; bucket bounds in ``PROBE_BOUNDS``."""
     def next_event(self) -> Awaitable[ProcessExited | ProbeVerdict | None]:
         """The next event, waiting for one."""
     def drain(self, max: int = 4096) -> list[ProcessExited | ProbeVerdict]:
@@ -841,6 +845,9 @@ def group_members(pgid: int) -> list[int]:
 
 def process_alive(pid: int) -> bool:
     """Whether ``pid`` exists and is not a zombie."""
+
+PROBE_BOUNDS: list[float]
+"""Upper bounds (seconds) of the probe-duration histogram's buckets; ``+Inf`` beyond."""
 
 def group_usage(leaders: Sequence[int]) -> list[tuple[int, int, int, int]]:
     """``(cpu_ticks, rss_bytes, open_fds, processes)`` of the live process tree under each

@@ -9,7 +9,8 @@ Families (labels ``service``, ``instance``, and ``probe``, ``upstream``, ``direc
 ``state``, ``result`` where they apply): ``corral_instance_up``, ``corral_instance_state``,
 ``corral_instance_restarts_total``, ``corral_instance_cpu_seconds_total``,
 ``corral_instance_memory_rss_bytes``, ``corral_instance_open_fds``,
-``corral_probe_failures_total``, ``corral_front_connections_total``,
+``corral_probe_duration_seconds`` (histogram), ``corral_probe_failures_total``,
+``corral_front_connections_total``,
 ``corral_front_active_connections``, ``corral_front_bytes_total``,
 ``corral_front_errors_total``, ``corral_front_ejections_total``, ``corral_rollouts_total``,
 and the agent's ``process_*``. CPU time and open descriptors are the instance's process
@@ -25,7 +26,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral._core import group_usage
+from corral._core import PROBE_BOUNDS, group_usage
 from corral.lifecycle import State
 
 if TYPE_CHECKING:
@@ -43,17 +44,10 @@ class Counters:
     """What the engine counts for metrics beside what its objects hold."""
 
     def __init__(self) -> None:
-        self.probe_failures: dict[tuple[str, str, str], int] = {}
-        """``(service, instance, probe)`` -> failed verdicts."""
         self.rollouts: dict[str, int] = {}
         """``result`` (succeeded, reverted, partial) -> rollouts."""
         self.labels: dict[str, tuple[str, tuple[str, ...]]] = {}
         """Per instance id: its label set, and one per state (built on its first scrape)."""
-
-    def probe_failed(self, service: str, instance: str, probe: str) -> None:
-        """A probe's verdict was a failure."""
-        key = (service, instance, probe)
-        self.probe_failures[key] = self.probe_failures.get(key, 0) + 1
 
     def rollout(self, result: str) -> None:
         """An apply ended so."""
@@ -140,11 +134,23 @@ def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> st
     for i, (lab, _) in ids:
         if i.id in usage:
             add(f"corral_instance_open_fds{lab} {usage[i.id][2]}")
+    # Every probe attempt, counted by the core on the probe's task.
+    sup = stack.supervisor
+    probes = [(i, st) for i, _ in ids for st in (sup.probe_stats(i.id) if sup is not None else [])]
+    head("corral_probe_duration_seconds", "histogram", "How long each probe attempt took, seconds.")
+    for i, (kind, buckets, total, count, _) in probes:
+        base = f'service="{_esc(i.p.service)}",instance="{_esc(i.id)}",probe="{kind}"'
+        for bound, n in zip(PROBE_BOUNDS, buckets, strict=True):
+            add(f'corral_probe_duration_seconds_bucket{{{base},le="{bound}"}} {n}')
+        add(f'corral_probe_duration_seconds_bucket{{{base},le="+Inf"}} {count}')
+        add(f"corral_probe_duration_seconds_sum{{{base}}} {total}")
+        add(f"corral_probe_duration_seconds_count{{{base}}} {count}")
+    head("corral_probe_failures_total", "counter", "Probe attempts that failed.")
+    for i, (kind, _, _, _, failed) in probes:
+        add(f'corral_probe_failures_total{{service="{_esc(i.p.service)}",instance="{_esc(i.id)}",'
+            f'probe="{kind}"}} {failed}')
     out = _Out()
     out.lines = lines
-    out.family("corral_probe_failures_total", "counter", "Failed verdicts of the instance's probes.",
-               ((_labels(service=s, instance=n, probe=p), float(c)) for (s, n, p), c in
-                sorted(counters.probe_failures.items())))
     stats = {name: f.stats() for name, f in sorted(fronts.items())}
     out.family("corral_front_connections_total", "counter", "Connections the front handed to an upstream.",
                ((_labels(service=s, upstream=u.id), float(u.connections)) for s, st in stats.items()

@@ -128,7 +128,6 @@ class Verdicts:
         msg = ev.message
         if not ev.ok:
             inst.probe_message = f"{ev.probe} probe failed: {msg}"
-            self.counters.probe_failed(inst.p.service, inst.id, ev.probe)
         if ev.probe == "startup":
             if not ev.ok:
                 self.launcher.terminate(inst, "startup", msg)

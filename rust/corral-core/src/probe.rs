@@ -21,6 +21,8 @@
 //! ```
 
 use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -224,6 +226,69 @@ impl Drop for KillGroupOnDrop {
     }
 }
 
+/// Upper bounds of the probe-duration histogram, seconds (Prometheus' `le`; `+Inf` beyond).
+pub const DURATION_BOUNDS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// Every attempt of one probe: a histogram of durations and the failures, counted with
+/// atomics on the probe's own task (nothing is locked, nothing is sent per attempt).
+#[derive(Debug, Default)]
+pub struct ProbeStats {
+    buckets: [AtomicU64; DURATION_BOUNDS.len()],
+    sum_ns: AtomicU64,
+    count: AtomicU64,
+    failures: AtomicU64,
+}
+
+impl ProbeStats {
+    fn record(&self, took: Duration, ok: bool) {
+        let secs = took.as_secs_f64();
+        if let Some(i) = DURATION_BOUNDS.iter().position(|&b| secs <= b) {
+            self.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_ns.fetch_add(
+            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+        self.count.fetch_add(1, Ordering::Relaxed);
+        if !ok {
+            self.failures.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Cumulative counts per bound of [`DURATION_BOUNDS`], the sum of durations (seconds),
+    /// the number of attempts, and how many failed.
+    pub fn snapshot(&self) -> (Vec<u64>, f64, u64, u64) {
+        let mut total = 0;
+        let cumulative = self
+            .buckets
+            .iter()
+            .map(|b| {
+                total += b.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        (
+            cumulative,
+            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
+            self.count.load(Ordering::Relaxed),
+            self.failures.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The [`ProbeStats`] of an instance's three probes.
+#[derive(Debug, Default)]
+pub struct HealthStats {
+    /// Startup attempts.
+    pub startup: ProbeStats,
+    /// Readiness attempts.
+    pub readiness: ProbeStats,
+    /// Liveness attempts.
+    pub liveness: ProbeStats,
+}
+
 /// Runs the probes of one instance until they end (liveness failed, startup failed) or the
 /// task is aborted, sending each verdict tagged with `id` on `tx`.
 ///
@@ -234,9 +299,20 @@ pub async fn run_health<I: Clone + Send + 'static>(
     id: I,
     tx: UnboundedSender<(I, ProbeResult)>,
 ) {
+    run_health_counted(health, started, id, tx, Arc::default()).await;
+}
+
+/// Like [`run_health`], counting every attempt in `stats`.
+pub async fn run_health_counted<I: Clone + Send + 'static>(
+    health: Health,
+    started: Instant,
+    id: I,
+    tx: UnboundedSender<(I, ProbeResult)>,
+    stats: Arc<HealthStats>,
+) {
     let send = |r: ProbeResult| tx.send((id.clone(), r)).is_ok();
     if let Some(spec) = &health.startup {
-        let (ok, message) = until_verdict(spec, started, false).await;
+        let (ok, message) = until_verdict(spec, started, false, &stats.startup).await;
         if !send(ProbeResult {
             kind: ProbeKind::Startup,
             ok,
@@ -255,12 +331,12 @@ pub async fn run_health<I: Clone + Send + 'static>(
     };
     let readiness = async {
         if let Some(spec) = &health.readiness {
-            readiness_loop(spec, base, &send).await;
+            readiness_loop(spec, base, &send, &stats.readiness).await;
         }
     };
     let liveness = async {
         if let Some(spec) = &health.liveness {
-            let (_, message) = until_verdict(spec, base, true).await;
+            let (_, message) = until_verdict(spec, base, true, &stats.liveness).await;
             send(ProbeResult {
                 kind: ProbeKind::Liveness,
                 ok: false,
@@ -325,12 +401,17 @@ impl Ticker {
 
 /// Startup: returns at the first success (`stop_on_success`) or after `failure_threshold`
 /// consecutive failures. Liveness (`!stop_on_success`): returns only on failure.
-async fn until_verdict(spec: &ProbeSpec, base: Instant, liveness: bool) -> (bool, String) {
+async fn until_verdict(
+    spec: &ProbeSpec,
+    base: Instant,
+    liveness: bool,
+    stats: &ProbeStats,
+) -> (bool, String) {
     let mut t = Ticker::new(spec, base);
     let mut failures = 0;
     loop {
         t.tick().await;
-        match run_check(&spec.check, spec.timeout).await {
+        match timed(spec, stats).await {
             Ok(m) => {
                 failures = 0;
                 if !liveness {
@@ -347,7 +428,20 @@ async fn until_verdict(spec: &ProbeSpec, base: Instant, liveness: bool) -> (bool
     }
 }
 
-async fn readiness_loop(spec: &ProbeSpec, base: Instant, send: &impl Fn(ProbeResult) -> bool) {
+/// One attempt, counted.
+async fn timed(spec: &ProbeSpec, stats: &ProbeStats) -> Result<String, String> {
+    let t0 = std::time::Instant::now();
+    let r = run_check(&spec.check, spec.timeout).await;
+    stats.record(t0.elapsed(), r.is_ok());
+    r
+}
+
+async fn readiness_loop(
+    spec: &ProbeSpec,
+    base: Instant,
+    send: &impl Fn(ProbeResult) -> bool,
+    stats: &ProbeStats,
+) {
     let mut t = Ticker::new(spec, base);
     let (mut ready, mut successes, mut failures) = (false, 0u32, 0u32);
     // Not ready from the start is said once too, after `failure_threshold` failures, so
@@ -355,7 +449,7 @@ async fn readiness_loop(spec: &ProbeSpec, base: Instant, send: &impl Fn(ProbeRes
     let mut said_not_ready = false;
     loop {
         t.tick().await;
-        let r = run_check(&spec.check, spec.timeout).await;
+        let r = timed(spec, stats).await;
         let (ok, message) = match r {
             Ok(m) => (true, m),
             Err(m) => (false, m),

@@ -393,7 +393,15 @@ fn a_setsid_grandchild_is_found_by_its_inherited_marker() {
     )
     .unwrap();
     let daemon: u32 = line.trim().parse().unwrap();
-    let found = corral_core::process::find_by_env(&marker);
+    // The daemon may be between fork and exec for a moment (its environ unreadable then).
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut found = corral_core::process::find_by_env(&marker);
+    while !(found.contains(&daemon) && found.contains(&sh.id()))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+        found = corral_core::process::find_by_env(&marker);
+    }
     assert!(
         found.contains(&daemon) && found.contains(&sh.id()),
         "{found:?}"

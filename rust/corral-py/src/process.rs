@@ -273,6 +273,25 @@ impl Supervisor {
         );
     }
 
+    /// Every probe attempt of `id`: `(probe, cumulative bucket counts, sum of seconds,
+    /// attempts, failures)` for each probe that ran, the buckets' bounds in `PROBE_BOUNDS`.
+    fn probe_stats(&self, id: &str) -> Vec<(&'static str, Vec<u64>, f64, u64, u64)> {
+        let Some(stats) = self.inner.probe_stats(id) else {
+            return Vec::new();
+        };
+        [
+            ("startup", &stats.startup),
+            ("readiness", &stats.readiness),
+            ("liveness", &stats.liveness),
+        ]
+        .into_iter()
+        .filter_map(|(kind, s)| {
+            let (buckets, sum, count, failures) = s.snapshot();
+            (count > 0).then_some((kind, buckets, sum, count, failures))
+        })
+        .collect()
+    }
+
     /// Stops the probes of `id`; returns whether any ran.
     fn stop_health(&self, id: &str) -> bool {
         self.inner.stop_health(id)
@@ -410,6 +429,7 @@ impl LogKeeper {
 
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Supervisor>()?;
+    m.add("PROBE_BOUNDS", corral_core::probe::DURATION_BOUNDS.to_vec())?;
     m.add_class::<LogKeeper>()?;
     m.add_function(wrap_pyfunction!(become_subreaper, m)?)?;
     m.add_function(wrap_pyfunction!(keeper_listen, m)?)?;

@@ -40,7 +40,7 @@ use crate::error::ProcessError;
 use crate::keeper::KeeperLink;
 use crate::log::copy_to_log;
 pub use crate::log::{LogConfig, RotatingLog};
-use crate::probe::{run_health, Health, ProbeResult};
+use crate::probe::{run_health_counted, Health, HealthStats, ProbeResult};
 use crate::sys::{self, CpuMask, ThreadMask};
 
 /// How to start a process.
@@ -107,6 +107,8 @@ pub struct Supervisor {
     tx: mpsc::UnboundedSender<Event>,
     rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<Event>>,
     health: DashMap<String, AbortHandle>,
+    /// Every probe attempt of each id, kept across its restarts (counters only grow).
+    probe_stats: DashMap<String, Arc<HealthStats>>,
     probe_tx: mpsc::UnboundedSender<(String, ProbeResult)>,
     /// Where output pipes go instead of this process ([`Supervisor::log_via_keeper`]).
     keeper: Mutex<Option<(PathBuf, Arc<KeeperLink>)>>,
@@ -139,6 +141,7 @@ impl Supervisor {
             tx,
             rx: tokio::sync::Mutex::new(rx),
             health: DashMap::new(),
+            probe_stats: DashMap::new(),
             probe_tx,
             keeper: Mutex::new(None),
         })
@@ -342,15 +345,22 @@ impl Supervisor {
     /// Starts the probes of `health` for the instance `id`, replacing any running for it.
     /// Initial delays count from now.
     pub fn start_health(&self, id: &str, health: Health) {
-        let task = self.handle.spawn(run_health(
+        let stats = self.probe_stats.entry(id.to_owned()).or_default().clone();
+        let task = self.handle.spawn(run_health_counted(
             health,
             tokio::time::Instant::now(),
             id.to_owned(),
             self.probe_tx.clone(),
+            stats,
         ));
         if let Some(old) = self.health.insert(id.to_owned(), task.abort_handle()) {
             old.abort();
         }
+    }
+
+    /// Every probe attempt of `id` so far (None before its first probe).
+    pub fn probe_stats(&self, id: &str) -> Option<Arc<HealthStats>> {
+        self.probe_stats.get(id).map(|s| s.clone())
     }
 
     /// Stops the probes of `id`; returns whether any ran.
