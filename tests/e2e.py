@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import sys
 import textwrap
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from corral import Deployment
 from corral._core import group_alive, signal_group
 
 SERVER = Path(__file__).parent / "fixtures" / "services" / "server.py"
@@ -24,6 +26,20 @@ def write_spec(dir: Path, text: str) -> Path:
     p = dir / "corral.yaml"
     p.write_text(textwrap.dedent(text).replace("{py}", PY).replace("{server}", str(SERVER)))
     return p
+
+
+@contextlib.asynccontextmanager
+async def running(spec: Path) -> AsyncIterator[Deployment]:
+    """A deployment of ``spec``, brought up; on the way out ``down``, then SIGKILL to every
+    process group it had recorded (whatever the test left)."""
+    d = Deployment.from_file(spec)
+    try:
+        await d.up()
+        yield d
+    finally:
+        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
+        await d.down()
+        kill_groups([p for p in pids if p])
 
 
 def cpus_allowed(pid: int) -> list[int]:

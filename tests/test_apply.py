@@ -17,7 +17,7 @@ from corral import Deployment
 from corral.exceptions import RolloutError, SpecError
 from corral.spec import load_spec
 from corral.state import StateStore
-from tests.e2e import kill_groups, read_json, write_spec
+from tests.e2e import read_json, running, write_spec
 from tests.test_proxy import Load
 
 pytestmark = pytest.mark.timeout(150)
@@ -43,14 +43,8 @@ SPEC = """
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Deployment]:
-    d = Deployment.from_file(write_spec(tmp_path, SPEC))
-    try:
-        await d.up()
+    async with running(write_spec(tmp_path, SPEC)) as d:
         yield d
-    finally:
-        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
-        await d.down()
-        kill_groups([p for p in pids if p])
 
 
 def _edit(d: Deployment, old: str, new: str) -> Path:
@@ -175,15 +169,13 @@ async def test_an_apply_that_cannot_fit_changes_nothing(stack: Deployment) -> No
 
 
 async def test_a_removed_service_stops_and_gives_back_its_ports_and_grants(tmp_path: Path) -> None:
-    d = Deployment.from_file(write_spec(tmp_path, SPEC + """
+    async with running(write_spec(tmp_path, SPEC + """
       cache:
         replicas: 2
         command: ["{py}", "{server}"]
         ports: {http: auto}
         resources: {cpu: 0.25, memory: 32Mi}
-    """))
-    try:
-        await d.up()
+    """)) as d:
         usage, ports = d.resources.usage(), d.ports.in_use
         cache = [i.pid for i in d.status().services["cache"]]
         text = d.file.read_text()
@@ -200,10 +192,6 @@ async def test_a_removed_service_stops_and_gives_back_its_ports_and_grants(tmp_p
         assert not any(alive(p) for p in cache if p)
         rows = StateStore.read_instances(d.state_db, "applied")
         assert not any(r.service == "cache" for r in rows)
-    finally:
-        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
-        await d.down()
-        kill_groups([p for p in pids if p])
 
 
 async def test_a_new_service_starts_after_its_dependency_and_the_plan_says_so(stack: Deployment) -> None:
@@ -246,9 +234,7 @@ DEPS = """
 
 
 async def test_restart_true_rolls_the_dependent_after_its_dependency_with_the_new_address(tmp_path: Path) -> None:
-    d = Deployment.from_file(write_spec(tmp_path, DEPS.replace("DIR", str(tmp_path))))
-    try:
-        await d.up()
+    async with running(write_spec(tmp_path, DEPS.replace("DIR", str(tmp_path)))) as d:
         db_before = d.status().services["db"][0].ports["http"]
         first = read_json(tmp_path / "api-api-0.json")
         assert first["env"]["CORRAL_DB_ADDR"] == f"127.0.0.1:{db_before}"
@@ -270,16 +256,10 @@ async def test_restart_true_rolls_the_dependent_after_its_dependency_with_the_ne
         again = read_json(tmp_path / "api-api-0-v2.json")
         assert again["env"]["CORRAL_DB_ADDR"] == f"127.0.0.1:{db_after.ports['http']}"
         assert _pids(d, "web") == web, "without restart: true, web keeps running (and its stale address)"
-    finally:
-        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
-        await d.down()
-        kill_groups([p for p in pids if p])
 
 
 async def test_the_plan_names_each_kind_of_change_and_a_stop_first_fallback(tmp_path: Path) -> None:
-    d = Deployment.from_file(write_spec(tmp_path, DEPS.replace("DIR", str(tmp_path))))
-    try:
-        await d.up()
+    async with running(write_spec(tmp_path, DEPS.replace("DIR", str(tmp_path)))) as d:
         text = d.file.read_text()
         text = text.replace('  pinned:\n    command: ["sleep", "300"]', '  pinned:\n    command: ["sleep", "301"]')
         text = text.replace('  web:\n    command: ["sleep", "300"]\n    depends_on: {db: healthy}\n', "")
@@ -301,10 +281,6 @@ async def test_the_plan_names_each_kind_of_change_and_a_stop_first_fallback(tmp_
         await d.apply(load_spec(d.file))
         assert list(_pids(d, "pinned")) == ["pinned-0-v2"] and _pids(d, "pinned") != pinned
         assert sorted(d.status().services) == ["api", "cache", "db", "pinned"]
-    finally:
-        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
-        await d.down()
-        kill_groups([p for p in pids if p])
 
 
 async def test_an_unchanged_spec_and_an_env_file_edit(stack: Deployment, tmp_path: Path) -> None:

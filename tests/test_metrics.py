@@ -21,7 +21,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from corral import Deployment
-from tests.e2e import await_until, kill_groups, wait_until, write_spec
+from tests.e2e import await_until, running, wait_until, write_spec
 from tests.test_cli import corral
 from tests.test_proxy import whoami
 
@@ -60,14 +60,8 @@ def value(fams: dict[str, list[tuple[dict[str, str], float]]], name: str, **labe
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Deployment]:
-    d = Deployment.from_file(write_spec(tmp_path, SPEC))
-    try:
-        await d.up()
+    async with running(write_spec(tmp_path, SPEC)) as d:
         yield d
-    finally:
-        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
-        await d.down()
-        kill_groups([p for p in pids if p])
 
 
 async def test_the_exposition_parses_and_moves_with_what_happens(stack: Deployment) -> None:

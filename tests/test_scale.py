@@ -14,7 +14,7 @@ import pytest
 from corral import Deployment
 from corral.exceptions import ConfigError, UnknownService
 from corral.state import StateStore
-from tests.e2e import alive, await_until, env_without_state, kill_groups, write_spec
+from tests.e2e import alive, await_until, env_without_state, kill_groups, running, write_spec
 from tests.test_proxy import Load
 
 pytestmark = pytest.mark.timeout(120)
@@ -42,14 +42,8 @@ SPEC = """
 
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Deployment]:
-    d = Deployment.from_file(write_spec(tmp_path, SPEC))
-    try:
-        await d.up()
+    async with running(write_spec(tmp_path, SPEC)) as d:
         yield d
-    finally:
-        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
-        await d.down()
-        kill_groups([p for p in pids if p])
 
 
 def _ids(d: Deployment, service: str) -> list[str]:

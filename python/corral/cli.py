@@ -132,9 +132,9 @@ def _adopting(spec: Path, state_dir: Path | None) -> Deployment:
     if not rows:
         _fail(f"nothing to adopt in {sd}", 2)
     row = rows[-1]
-    applied = [v for v in StateStore.read_specs(db, row.name) if v.state == "applied" and v.version == row.version]
+    running = StateStore.running_spec(db, row)
     try:
-        parsed = parse_spec(applied[-1].text, row.spec) if applied and applied[-1].text else None
+        parsed = parse_spec(running.text, row.spec) if running is not None and running.text else None
         if parsed is None:
             from corral.spec import load_spec
 

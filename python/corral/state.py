@@ -455,6 +455,12 @@ class StateStore:
         return [EventRow(*r) for r in rows]
 
     @staticmethod
+    def running_spec(path: str | Path, row: DeploymentRow) -> SpecRow | None:
+        """The spec version a deployment runs (its row's ``version``), if recorded."""
+        found = [v for v in StateStore.read_specs(path, row.name) if v.version == row.version]
+        return found[-1] if found else None
+
+    @staticmethod
     def last_version(path: str | Path, deployment: str) -> int:
         """The newest spec version recorded for a deployment (0 when none)."""
         rows = _read(path, "SELECT COALESCE(MAX(version), 0) FROM specs WHERE deployment = ?", (deployment,))

@@ -266,10 +266,10 @@ class AgentClient:
         try:
             from corral.spec import parse_spec
 
-            applied = [v for v in StateStore.read_specs(self.db, row.name) if v.version == row.version and v.text]
-            if not applied:
+            running = StateStore.running_spec(self.db, row)
+            if running is None or not running.text:
                 return {}
-            spec = parse_spec(applied[-1].text, row.spec)
+            spec = parse_spec(running.text, row.spec)
         except (CorralError, OSError):
             return {}
         return {name: (getattr(signals, svc.shutdown.signal), svc.shutdown.timeout)

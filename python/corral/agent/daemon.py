@@ -57,10 +57,11 @@ def start_detached(spec: Path, parsed: DeploymentSpec, state_dir: Path, timeout:
     os.close(write_end)
     agent: int | None = None
     try:
-        report, timed_out = _read_report(read_end, timeout)
+        pending = bytearray()
+        report, timed_out = _read_report(read_end, timeout, pending)
         if report is not None and "agent_pid" in report and "ok" not in report:
             agent = int(report["agent_pid"])
-            report, timed_out = _read_report(read_end, timeout)
+            report, timed_out = _read_report(read_end, timeout, pending)
     finally:
         os.close(read_end)
     # The keeper's process is our child until it is reaped; it lives on as the keeper.
@@ -104,23 +105,20 @@ def _become_keeper(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Pat
     os._exit(1)
 
 
-_pending = bytearray()
-
-
-def _read_report(fd: int, timeout: float) -> tuple[dict[str, Any] | None, bool]:
+def _read_report(fd: int, timeout: float, pending: bytearray) -> tuple[dict[str, Any] | None, bool]:
     """The next JSON line from the agent (None at end of file), and whether ``timeout`` ran
-    out first."""
+    out first; ``pending`` keeps what was read past that line, for the next call."""
     deadline = time.monotonic() + timeout
-    while b"\n" not in _pending:
+    while b"\n" not in pending:
         left = deadline - time.monotonic()
         if left <= 0 or not select.select([fd], [], [], left)[0]:
             return None, True
         chunk = os.read(fd, 65536)
         if not chunk:
             return None, False
-        _pending.extend(chunk)
-    line, _, rest = bytes(_pending).partition(b"\n")
-    _pending[:] = rest
+        pending.extend(chunk)
+    line, _, rest = bytes(pending).partition(b"\n")
+    pending[:] = rest
     doc: dict[str, Any] = json.loads(line)
     return doc, False
 

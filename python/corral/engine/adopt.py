@@ -21,17 +21,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-from corral._core import Supervisor, process_start_time, signal_group
+from corral._core import process_start_time, signal_group
 from corral.engine.diff import effective
 from corral.engine.fleet import Fleet
-from corral.engine.hooks import FrontsHook, Hook
+from corral.engine.hooks import FrontsHook
 from corral.engine.instance import STARTED, UP, InstanceRuntime, Process, placement_text
 from corral.engine.journal import Journal
 from corral.engine.launch import Launcher
 from corral.engine.stack import Stack
 from corral.engine.verdicts import Verdicts
 from corral.exceptions import AgentAlreadyRunning, CorralError, StateDirError
-from corral.leftovers import PID_LOG, live_agent, logged_spawns, marked_leaders
+from corral.leftovers import live_agent, logged_spawns, marked_leaders
 from corral.lifecycle import State
 from corral.recovery import Exit
 from corral.scheduler import Plan, Scheduler, phases
@@ -50,7 +50,6 @@ class AdoptMixin:
     spec: DeploymentSpec
     file: Path
     state_dir: Path
-    keeper: Path | None
     journal: Journal
     fleet: Fleet
     scheduler: Scheduler
@@ -59,17 +58,15 @@ class AdoptMixin:
     plan: Plan | None
     _stack: Stack
     _fronts: FrontsHook
-    _hooks: list[Hook]
     _volumes: dict[str, Path]
     _configs: dict[str, dict[str, Any]]
     _versions: dict[str, int]
     _first_version: int
-    _pump: asyncio.Task[None] | None
     _ran: bool
 
     async def down(self) -> None: ...  # from Deployment
 
-    def _release(self) -> None: ...  # from Deployment
+    def _supervise(self) -> None: ...  # from Deployment
 
     async def adopt(self) -> str:
         """Takes over what the dead agent of this state directory left (see the module docs)
@@ -138,16 +135,7 @@ class AdoptMixin:
             stack.add(inst)
             plan.placements.setdefault(r.service, []).append(p)
             pairs.append((inst, r))
-        try:
-            for hook in self._hooks:
-                for w in hook.prerun(stack):
-                    stack.warn(w)
-        except BaseException:
-            self._release()
-            raise
-        stack.supervisor = Supervisor(pid_log=self.state_dir / PID_LOG, keeper=self.keeper)
-        self._pump = asyncio.get_running_loop().create_task(self.verdicts.pump(stack.supervisor),
-                                                            name="corral-events")
+        self._supervise()
 
         adopted, exited, waiting = 0, 0, []
         for inst, r in pairs:

@@ -51,11 +51,6 @@ class ApplyMixin:
     _first_version: int
     _changing: asyncio.Lock
 
-    @property
-    def name(self) -> str:
-        """The deployment's name."""
-        return self.spec.name
-
     def _slots(self, service: str, indices: list[int]) -> list[tuple[int, str]]:
         """Ids for new instances of ``service``: ``<service>-<i>`` while it runs the version
         it came up with, ``<service>-<i>-v<version>`` after an apply replaced it."""
@@ -73,7 +68,7 @@ class ApplyMixin:
         :class:`~corral.exceptions.SpecError` of a change that cannot be made or does not
         fit this machine."""
         if self.plan is None or self._stack.down:
-            raise CorralError(f"deployment {self.name!r} is not running")
+            raise CorralError(f"deployment {self.spec.name!r} is not running")
         base = self.file.resolve().parent
         running = {n: len(i) for n, i in self._stack.by_service.items() if n in self.spec.services}
         diff = diff_specs(self.spec, self._configs, spec, base, running)

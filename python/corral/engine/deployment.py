@@ -185,16 +185,7 @@ class Deployment(ApplyMixin, AdoptMixin):
             stack.add(inst)
             inst.life.to(State.PLACED, placement_text(p))
         self._fronts.ports = dict(plan.fronts)
-        try:
-            for hook in self._hooks:
-                for w in hook.prerun(stack):
-                    stack.warn(w)
-        except BaseException:
-            self._release()
-            raise
-        stack.supervisor = Supervisor(pid_log=self.state_dir / PID_LOG, keeper=self.keeper)
-        self._pump = asyncio.get_running_loop().create_task(self.verdicts.pump(stack.supervisor),
-                                                            name="corral-events")
+        self._supervise()
         tasks = {name: asyncio.create_task(self._bring_up(name), name=f"up-{name}") for name in self.spec.services}
         try:
             done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
@@ -395,6 +386,21 @@ class Deployment(ApplyMixin, AdoptMixin):
         finally:
             self._stack.unsubscribe(q)
 
+    def _supervise(self) -> None:
+        """The hooks' prerun (everything given back if one fails), then the supervisor and
+        the event pump: what ``up`` and ``adopt`` do once every instance is placed."""
+        stack = self._stack
+        try:
+            for hook in self._hooks:
+                for w in hook.prerun(stack):
+                    stack.warn(w)
+        except BaseException:
+            self._release()
+            raise
+        stack.supervisor = Supervisor(pid_log=self.state_dir / PID_LOG, keeper=self.keeper)
+        self._pump = asyncio.get_running_loop().create_task(self.verdicts.pump(stack.supervisor),
+                                                            name="corral-events")
+
     # --- bring-up -------------------------------------------------------------------
 
     async def _bring_up(self, name: str) -> None:
@@ -490,8 +496,8 @@ class Deployment(ApplyMixin, AdoptMixin):
             rows = [r for r in StateStore.read_deployments(db) if r.name == self.name]
             if not rows or rows[-1].status in ("down", "failed") or live_agent(db) is not None:
                 return False
-            applied = [v for v in StateStore.read_specs(db, self.name) if v.version == rows[-1].version]
-            if not applied or applied[-1].digest != spec_hash(self.spec):
+            running = StateStore.running_spec(db, rows[-1])
+            if running is None or running.digest != spec_hash(self.spec):
                 return False
             return any(r.is_running() for r in StateStore.read_instances(db, self.name))
         except CorralError:

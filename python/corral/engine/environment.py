@@ -22,12 +22,12 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral.statedir import STACK, UNIT, stack_id
+from corral.statedir import STACK, UNIT
 
 if TYPE_CHECKING:
     from corral._core import Authority, IssuedCert
 
-__all__ = ["AGENT_SOCKET", "STACK", "STATE_DIR", "UNIT", "env_name", "environment", "stack_id"]
+__all__ = ["AGENT_SOCKET", "STACK", "STATE_DIR", "UNIT", "env_name", "environment"]
 
 AGENT_SOCKET = "CORRAL_AGENT_SOCKET"
 """The agent's control socket, set for every instance."""
@@ -41,13 +41,13 @@ def env_name(name: str) -> str:
     return name.upper().replace("-", "_")
 
 
-def environment(*, service: str, instance: str, replica: int, deployment: str, ports: Mapping[str, int],
-                agent_socket: Path, volume: str | None, base: Mapping[str, str],
+def environment(*, service: str, instance: str, replica: int, deployment: str, stack: str,
+                ports: Mapping[str, int], agent_socket: Path, volume: str | None, base: Mapping[str, str],
                 cert: IssuedCert | None, ca: Authority | None,
                 dependencies: Iterable[tuple[str, list[str]]]) -> list[tuple[str, str]]:
     """The environment of one instance: ``base`` (the service's ``env_file`` and ``env``,
-    ports substituted) and then the contract above. ``dependencies`` gives each dependency's
-    healthy addresses."""
+    ports substituted) and then the contract above; ``stack`` is the stack's id.
+    ``dependencies`` gives each dependency's healthy addresses."""
     env = dict(base)
     if len(ports) == 1:
         env["PORT"] = str(next(iter(ports.values())))
@@ -58,9 +58,8 @@ def environment(*, service: str, instance: str, replica: int, deployment: str, p
     env["CORRAL_REPLICA"] = str(replica)
     env["CORRAL_DEPLOYMENT"] = deployment
     env[AGENT_SOCKET] = str(agent_socket)
-    sid = stack_id(agent_socket.parent)
-    env[STACK] = sid
-    env[UNIT] = f"{sid}/{instance}"
+    env[STACK] = stack
+    env[UNIT] = f"{stack}/{instance}"
     if volume:
         env["CORRAL_VOLUME"] = volume
     if cert is not None and ca is not None:

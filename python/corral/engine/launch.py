@@ -172,7 +172,8 @@ class Launcher:
         deps = [(dep, [f"{stack.host}:{d.main_port}" for d in stack.by_service.get(dep, [])
                        if d.state is State.HEALTHY and d.main_port is not None]) for dep in svc.depends_on]
         return contract.environment(
-            service=inst.p.service, instance=inst.id, replica=inst.p.index, deployment=stack.name, ports=ports,
+            service=inst.p.service, instance=inst.id, replica=inst.p.index, deployment=stack.name, stack=stack.id,
+            ports=ports,
             agent_socket=stack.state_dir / "agent.sock", volume=inst.p.volume, base=base,
             cert=cert, ca=ca, dependencies=deps)
 
@@ -241,7 +242,7 @@ class Launcher:
                 cgroups.kill(inst.cgroup)
             except (OSError, CorralError):
                 pass  # the marker sweep below still runs
-        unit = f"{contract.UNIT}={contract.stack_id(self.stack.state_dir)}/{inst.id}"
+        unit = f"{contract.UNIT}={self.stack.id}/{inst.id}"
         found = find_by_env(unit)
         for pid in found:
             kill_pid(pid, signals.SIGKILL)

@@ -19,6 +19,7 @@ from corral.engine.instance import InstanceRuntime
 from corral.engine.journal import Journal
 from corral.lifecycle import Transition
 from corral.spec import DeploymentSpec
+from corral.statedir import stack_id
 
 __all__ = ["Stack"]
 
@@ -34,6 +35,8 @@ class Stack:
         self.base = base
         """The spec's directory: relative paths and commands resolve from here."""
         self.state_dir = state_dir
+        self.id = stack_id(state_dir)
+        """The stack's id (``CORRAL_STACK``), from its state directory: computed once."""
         self.host = host
         self.resources = resources
         self.journal = journal
