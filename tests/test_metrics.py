@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import http.client
+import itertools
 import json
 import os
 import shutil
@@ -93,6 +94,17 @@ async def test_the_exposition_parses_and_moves_with_what_happens(stack: Deployme
     fams = families(stack.metrics())
     assert sum(v for _, v in fams["corral_front_connections_total"]) == before + 10
     assert value(fams, "corral_front_bytes_total", service="web", direction="out") > 0
+    # ... and each of them its upstream's connect histogram: a count per connect, a sum of
+    # their durations, the +Inf bucket equal to the count and the buckets cumulative.
+    connects = {lab["upstream"]: v for lab, v in fams["corral_front_connect_duration_seconds_count"]}
+    assert sorted(connects) == ["web-0", "web-1"] and sum(connects.values()) == before + 10
+    for up in connects:
+        buckets = [(float(lab["le"]), v) for lab, v in fams["corral_front_connect_duration_seconds_bucket"]
+                   if lab["upstream"] == up]
+        assert buckets[-1] == (float("inf"), connects[up])
+        assert all(a[1] <= b[1] for a, b in itertools.pairwise(buckets))
+        took = value(fams, "corral_front_connect_duration_seconds_sum", upstream=up)
+        assert 0 < took < connects[up]  # loopback connects: well under a second each
     # A kill -9 moves the restart counter by exactly one.
     pid = stack.status().services["web"][0].pid
     assert pid is not None

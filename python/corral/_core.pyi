@@ -14,6 +14,7 @@ from typing_extensions import disjoint_base
 from corral.exceptions import RetryExhausted
 
 __all__ = [
+    "CONNECT_BOUNDS",
     "PROBE_BOUNDS",
     "Authority",
     "BreakerStats",
@@ -849,6 +850,9 @@ def process_alive(pid: int) -> bool:
 PROBE_BOUNDS: list[float]
 """Upper bounds (seconds) of the probe-duration histogram's buckets; ``+Inf`` beyond."""
 
+CONNECT_BOUNDS: list[float]
+"""Upper bounds (seconds) of the front's upstream-connect histogram; ``+Inf`` beyond."""
+
 def group_usage(leaders: Sequence[int]) -> list[tuple[int, int, int, int]]:
     """``(cpu_ticks, rss_bytes, open_fds, processes)`` of the live process tree under each
     leader (followed through ``/proc/<pid>/task/<pid>/children``)."""
@@ -968,6 +972,15 @@ class UpstreamStats:
     @property
     def ejections(self) -> int:
         """Times it was ejected."""
+    @property
+    def connect_buckets(self) -> list[int]:
+        """Connects at or below each bound of ``CONNECT_BOUNDS``, cumulative."""
+    @property
+    def connect_sum(self) -> float:
+        """Seconds spent connecting to it, in all."""
+    @property
+    def connect_count(self) -> int:
+        """Connects to it attempted (failed ones too)."""
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape."""
 

@@ -12,7 +12,8 @@ Families (labels ``service``, ``instance``, and ``probe``, ``upstream``, ``direc
 ``corral_probe_duration_seconds`` (histogram), ``corral_probe_failures_total``,
 ``corral_front_connections_total``,
 ``corral_front_active_connections``, ``corral_front_bytes_total``,
-``corral_front_errors_total``, ``corral_front_ejections_total``, ``corral_rollouts_total``,
+``corral_front_errors_total``, ``corral_front_ejections_total``,
+``corral_front_connect_duration_seconds`` (histogram), ``corral_rollouts_total``,
 and the agent's ``process_*``. CPU time and open descriptors are the instance's process
 group's (one pass over ``/proc`` for all instances); memory is its cgroup's when it has one.
 """
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from corral._core import PROBE_BOUNDS, group_usage
+from corral._core import CONNECT_BOUNDS, PROBE_BOUNDS, group_usage
 from corral.lifecycle import State
 
 if TYPE_CHECKING:
@@ -165,6 +166,16 @@ def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> st
                 for u in st.upstreams))
     out.family("corral_front_ejections_total", "counter", "Times an upstream was ejected (its breaker opened).",
                ((_labels(service=s), float(st.ejections)) for s, st in stats.items()))
+    head("corral_front_connect_duration_seconds", "histogram",
+         "How long each connect from the front to an upstream took (failed ones too), seconds.")
+    for s, front in stats.items():
+        for u in front.upstreams:
+            base = f'service="{_esc(s)}",upstream="{_esc(u.id)}"'
+            for bound, n in zip(CONNECT_BOUNDS, u.connect_buckets, strict=True):
+                add(f'corral_front_connect_duration_seconds_bucket{{{base},le="{bound}"}} {n}')
+            add(f'corral_front_connect_duration_seconds_bucket{{{base},le="+Inf"}} {u.connect_count}')
+            add(f"corral_front_connect_duration_seconds_sum{{{base}}} {u.connect_sum}")
+            add(f"corral_front_connect_duration_seconds_count{{{base}}} {u.connect_count}")
     out.family("corral_rollouts_total", "counter", "Applies that replaced instances, by how they ended.",
                ((_labels(result=r), float(c)) for r, c in sorted(counters.rollouts.items())))
     me = resource.getrusage(resource.RUSAGE_SELF)

@@ -35,6 +35,7 @@ pub mod cgroup;
 pub mod clock;
 pub mod cpuset;
 pub mod error;
+pub mod histogram;
 pub mod keeper;
 pub mod log;
 pub mod mesh;

@@ -30,6 +30,8 @@ use tokio::net::TcpStream;
 use tokio::sync::mpsc::UnboundedSender;
 use tokio::time::Instant;
 
+use crate::histogram::Histogram;
+
 /// One probe attempt.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Check {
@@ -227,31 +229,28 @@ impl Drop for KillGroupOnDrop {
 }
 
 /// Upper bounds of the probe-duration histogram, seconds (Prometheus' `le`; `+Inf` beyond).
-pub const DURATION_BOUNDS: [f64; 14] = [
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+pub const DURATION_BOUNDS: [f64; 14] = crate::histogram::PROBE_BOUNDS;
 
 /// Every attempt of one probe: a histogram of durations and the failures, counted with
 /// atomics on the probe's own task (nothing is locked, nothing is sent per attempt).
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct ProbeStats {
-    buckets: [AtomicU64; DURATION_BOUNDS.len()],
-    sum_ns: AtomicU64,
-    count: AtomicU64,
+    durations: Histogram,
     failures: AtomicU64,
+}
+
+impl Default for ProbeStats {
+    fn default() -> Self {
+        ProbeStats {
+            durations: Histogram::new(&DURATION_BOUNDS),
+            failures: AtomicU64::new(0),
+        }
+    }
 }
 
 impl ProbeStats {
     fn record(&self, took: Duration, ok: bool) {
-        let secs = took.as_secs_f64();
-        if let Some(i) = DURATION_BOUNDS.iter().position(|&b| secs <= b) {
-            self.buckets[i].fetch_add(1, Ordering::Relaxed);
-        }
-        self.sum_ns.fetch_add(
-            u64::try_from(took.as_nanos()).unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        self.count.fetch_add(1, Ordering::Relaxed);
+        self.durations.record(took);
         if !ok {
             self.failures.fetch_add(1, Ordering::Relaxed);
         }
@@ -260,19 +259,11 @@ impl ProbeStats {
     /// Cumulative counts per bound of [`DURATION_BOUNDS`], the sum of durations (seconds),
     /// the number of attempts, and how many failed.
     pub fn snapshot(&self) -> (Vec<u64>, f64, u64, u64) {
-        let mut total = 0;
-        let cumulative = self
-            .buckets
-            .iter()
-            .map(|b| {
-                total += b.load(Ordering::Relaxed);
-                total
-            })
-            .collect();
+        let s = self.durations.snapshot();
         (
-            cumulative,
-            self.sum_ns.load(Ordering::Relaxed) as f64 / 1e9,
-            self.count.load(Ordering::Relaxed),
+            s.cumulative,
+            s.sum,
+            s.count,
             self.failures.load(Ordering::Relaxed),
         )
     }

@@ -109,6 +109,13 @@ fn round_robin_spreads_evenly_and_half_close_delivers_the_whole_answer() {
         totals.bytes_out,
         answers.iter().map(|a| a.len() as u64).sum::<u64>()
     );
+    // Every connect in its upstream's histogram: ten each, the last bucket (one second, the
+    // connect timeout) holding them all, their sum well under that.
+    for u in p.upstreams() {
+        assert_eq!(u.connect.count, 10, "{u:?}");
+        assert_eq!(*u.connect.cumulative.last().unwrap(), 10);
+        assert!(u.connect.sum > 0.0 && u.connect.sum < 1.0, "{u:?}");
+    }
 }
 
 #[test]
@@ -135,6 +142,7 @@ fn a_dead_upstream_is_retried_past_then_ejected() {
         d.counters.errors, 3,
         "three connect failures open the default breaker; then no more tries"
     );
+    assert_eq!(d.connect.count, 3, "the failed connects are timed too");
     assert_eq!(p.totals().1, 0, "no client saw a failure");
 }
 

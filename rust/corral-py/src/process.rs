@@ -430,6 +430,10 @@ impl LogKeeper {
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Supervisor>()?;
     m.add("PROBE_BOUNDS", corral_core::probe::DURATION_BOUNDS.to_vec())?;
+    m.add(
+        "CONNECT_BOUNDS",
+        corral_core::histogram::CONNECT_BOUNDS.to_vec(),
+    )?;
     m.add_class::<LogKeeper>()?;
     m.add_function(wrap_pyfunction!(become_subreaper, m)?)?;
     m.add_function(wrap_pyfunction!(keeper_listen, m)?)?;

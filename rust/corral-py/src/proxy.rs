@@ -22,7 +22,7 @@ pub struct Proxy {
 
 /// The counters of one upstream of a front.
 #[pyclass(frozen, eq, get_all, module = "corral._core")]
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq)]
 pub struct UpstreamStats {
     id: String,
     address: String,
@@ -33,11 +33,17 @@ pub struct UpstreamStats {
     bytes_out: u64,
     errors: u64,
     ejections: u64,
+    /// Connects at or below each bound of `CONNECT_BOUNDS`, cumulative.
+    connect_buckets: Vec<u64>,
+    /// Seconds spent connecting, in all.
+    connect_sum: f64,
+    /// Connects attempted.
+    connect_count: u64,
 }
 
 /// The counters of a front: its totals, refusals, and each upstream's.
 #[pyclass(frozen, eq, get_all, module = "corral._core")]
-#[derive(PartialEq, Eq)]
+#[derive(PartialEq)]
 pub struct ProxyStats {
     address: String,
     connections: u64,
@@ -248,6 +254,9 @@ impl Proxy {
                 bytes_out: u.counters.bytes_out,
                 errors: u.counters.errors,
                 ejections: u.counters.ejections,
+                connect_buckets: u.connect.cumulative,
+                connect_sum: u.connect.sum,
+                connect_count: u.connect.count,
             })
             .collect();
         ProxyStats {
