@@ -47,6 +47,7 @@ __all__ = [
     "ShutdownSpec",
     "StorageSpec",
     "TcpCheck",
+    "TracingSpec",
     "UpdateSpec",
     "load_spec",
     "parse_duration",
@@ -374,6 +375,19 @@ class MeshSpec(_Model):
         return self
 
 
+class TracingSpec(_Model):
+    """OpenTelemetry: spans go over OTLP/HTTP to ``otlp`` (the collector's base URL)."""
+
+    otlp: str
+
+    @field_validator("otlp")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.fullmatch(r"https?://[^/\s]+(/\S*)?", v):
+            raise ValueError(f"otlp must be an http:// or https:// URL, got {v!r}")
+        return v
+
+
 class MetricsSpec(_Model):
     """Prometheus metrics: the agent serves ``GET /metrics`` on ``listen`` (``host:port``)."""
 
@@ -396,6 +410,7 @@ class DeploymentSpec(_Model):
     events: EventsSpec = EventsSpec()
     mesh: MeshSpec = MeshSpec()
     metrics: MetricsSpec | None = None
+    tracing: TracingSpec | None = None
     services: dict[Annotated[str, Field(pattern=_NAME)], ServiceSpec]
     scheduler: Literal["binpack", "spread"] = "binpack"
     port_range: tuple[int, int] = (20000, 32000)

@@ -19,6 +19,7 @@ from corral.engine.journal import Journal
 from corral.engine.launch import Launcher
 from corral.engine.rollout import Replaced, RollFailed, new_id, revert, roll
 from corral.engine.stack import Stack
+from corral.engine.tracing import Tracing, endpoint_from
 from corral.engine.verdicts import Verdicts
 from corral.exceptions import ConfigError, CorralError, RolloutError
 from corral.lifecycle import State
@@ -105,43 +106,59 @@ class ApplyMixin:
                 self.journal.note("apply: no changes")
                 return diff
             version = self.journal.next_version()
-            self.journal.spec(version, diff.digest, spec.text, "applying")
-            self.journal.note(f"apply v{version}: " + "; ".join(diff.lines()))
-            old, old_file, old_versions, old_configs = self.spec, self.file, dict(self._versions), dict(self._configs)
-            added = self._place_added(spec, diff, version)  # all or none: nothing has changed yet
-            self._switch(spec, Path(file) if file is not None else self.file)
-            done: dict[str, list[Replaced]] = {}
-            try:
-                await self._carry_out(diff, spec, version, added, done)
-            except RollFailed as e:
-                service = e.service
-                svc = spec.services[service]
-                why = f"apply v{version} failed at {e.instance} ({service}): {e.reason}"
-                self.journal.note(why, service=service)
-                reverted = svc.update.auto_revert
-                if reverted:
-                    await self._revert(diff, done, added, old, old_file, old_versions, old_configs, why)
-                self.journal.spec(version, diff.digest, spec.text, "failed" if reverted else "partial", why)
-                self.verdicts.counters.rollout("reverted" if reverted else "partial")
-                self.journal.flush()
-                tail = ("; reverted: the previous version runs" if reverted else
-                        "; auto_revert is off: what was replaced stays replaced")
-                raise RolloutError(why + tail, service, e.instance, e.reason, reverted) from None
-            for c in diff.changed:
-                if c.change in ("replace", "scale") and c.replicas[1] < c.replicas[0]:
-                    await self.fleet.shrink(c.name, c.replicas[1], f"apply v{version}: {c.name} scaled to "
-                                                                    f"{c.replicas[1]}")
-            for c in reversed(diff.services):
-                if c.change == "removed":
-                    await self._remove(c.name, version)
-            assert self.plan is not None
-            self.plan.phases = phases(spec)
-            self.journal.row.phases = self.plan.phases
-            self.journal.spec(version, diff.digest, spec.text, "applied")
-            self.verdicts.counters.rollout("succeeded")
-            self.journal.status("up", "", event=("up", f"apply v{version} done"))
-            self.journal.flush()
+            with self._stack.tracing.operation("apply", deployment=self.spec.name, version=version,
+                                               changes=diff.lines()):
+                await self._apply(spec, file, diff, version)
+            self._retrace()
             return diff
+
+    async def _apply(self, spec: DeploymentSpec, file: str | Path | None, diff: SpecDiff, version: int) -> None:
+        self.journal.spec(version, diff.digest, spec.text, "applying")
+        self.journal.note(f"apply v{version}: " + "; ".join(diff.lines()))
+        old, old_file, old_versions, old_configs = self.spec, self.file, dict(self._versions), dict(self._configs)
+        added = self._place_added(spec, diff, version)  # all or none: nothing has changed yet
+        self._switch(spec, Path(file) if file is not None else self.file)
+        done: dict[str, list[Replaced]] = {}
+        try:
+            await self._carry_out(diff, spec, version, added, done)
+        except RollFailed as e:
+            service = e.service
+            svc = spec.services[service]
+            why = f"apply v{version} failed at {e.instance} ({service}): {e.reason}"
+            self.journal.note(why, service=service)
+            reverted = svc.update.auto_revert
+            if reverted:
+                with self._stack.tracing.span("revert", reason=why):
+                    await self._revert(diff, done, added, old, old_file, old_versions, old_configs, why)
+            self.journal.spec(version, diff.digest, spec.text, "failed" if reverted else "partial", why)
+            self.verdicts.counters.rollout("reverted" if reverted else "partial")
+            self.journal.flush()
+            tail = ("; reverted: the previous version runs" if reverted else
+                    "; auto_revert is off: what was replaced stays replaced")
+            raise RolloutError(why + tail, service, e.instance, e.reason, reverted) from None
+        for c in diff.changed:
+            if c.change in ("replace", "scale") and c.replicas[1] < c.replicas[0]:
+                await self.fleet.shrink(c.name, c.replicas[1], f"apply v{version}: {c.name} scaled to "
+                                                                f"{c.replicas[1]}")
+        for c in reversed(diff.services):
+            if c.change == "removed":
+                await self._remove(c.name, version)
+        assert self.plan is not None
+        self.plan.phases = phases(spec)
+        self.journal.row.phases = self.plan.phases
+        self.journal.spec(version, diff.digest, spec.text, "applied")
+        self.verdicts.counters.rollout("succeeded")
+        self.journal.status("up", "", event=("up", f"apply v{version} done"))
+        self.journal.flush()
+
+    def _retrace(self) -> None:
+        """A changed ``tracing`` block takes effect from the next operation on."""
+        want = endpoint_from(self.spec.tracing.otlp if self.spec.tracing else None)
+        if want != self._stack.tracing.endpoint:
+            self._stack.tracing.close()
+            self._stack.tracing = Tracing(want, self.spec.name)
+            if self._stack.tracing.problem:
+                self._stack.warn(self._stack.tracing.problem)
 
     def _place_added(self, spec: DeploymentSpec, diff: SpecDiff, version: int) -> dict[str, list[InstanceRuntime]]:
         """Places the new services' instances and the scale-ups, all or none: the
@@ -234,11 +251,13 @@ class ApplyMixin:
                         self._versions[name] = version
                     elif name in added:
                         steps += [Replaced(name, i.p.index, None, None, i.version, i) for i in added[name]]
-                        self.fleet.start(added[name], f"apply v{version}")
-                        bad = await self.fleet.counted(added[name], svc.update.min_healthy_time,
-                                                       min(svc.update.healthy_deadline, svc.start_timeout))
-                        if bad is not None:
-                            raise RollFailed(bad[0].id, bad[1], steps)
+                        with self._stack.tracing.span(f"start {name}", service=name,
+                                                      instances=[i.id for i in added[name]]):
+                            self.fleet.start(added[name], f"apply v{version}")
+                            bad = await self.fleet.counted(added[name], svc.update.min_healthy_time,
+                                                           min(svc.update.healthy_deadline, svc.start_timeout))
+                            if bad is not None:
+                                raise RollFailed(bad[0].id, bad[1], steps)
                         if c.change == "added":
                             self._versions[name] = version
                 except RollFailed as e:

@@ -34,6 +34,7 @@ from corral.engine.journal import Journal
 from corral.engine.launch import Launcher
 from corral.engine.metrics import exposition
 from corral.engine.stack import Stack
+from corral.engine.tracing import Tracing, endpoint_from
 from corral.engine.verdicts import Verdicts
 from corral.exceptions import (
     AgentAlreadyRunning,
@@ -89,6 +90,7 @@ class Deployment(ApplyMixin, AdoptMixin):
                                self._row_of,
                                max_rows=spec.events.max_rows, max_age=spec.events.max_age)
         self._stack = Stack(spec, self.file.resolve().parent, self.state_dir, host, self.resources, self.journal)
+        self._stack.tracing = Tracing(endpoint_from(spec.tracing.otlp if spec.tracing else None), spec.name)
         self._mesh = MeshHook()
         self._fronts = FrontsHook({}, self._mesh)
         self._cgroups = CgroupsHook(Path(cgroup_root or os.environ.get("CORRAL_CGROUP_ROOT", "/sys/fs/cgroup")))
@@ -121,6 +123,11 @@ class Deployment(ApplyMixin, AdoptMixin):
     def name(self) -> str:
         """The deployment's name."""
         return self.spec.name
+
+    @property
+    def tracing(self) -> Tracing:
+        """Its OpenTelemetry spans (see :mod:`corral.engine.tracing`)."""
+        return self._stack.tracing
 
     @property
     def state_db(self) -> Path:
@@ -166,10 +173,21 @@ class Deployment(ApplyMixin, AdoptMixin):
             await self.adopt()
             return
         self._ran = True
-        stack, journal = self._stack, self.journal
-        journal.open()
+        self.journal.open()
         self._clean_stale()
+        if self.tracing.problem:
+            self._stack.warn(self.tracing.problem)
         plan = self.make_plan()
+        try:
+            with self.tracing.operation("up", deployment=self.name, instances=sum(1 for _ in plan.instances()),
+                                        phases=len(plan.phases)):
+                await self._up(plan)
+        finally:
+            if self._stack.down:  # rolled back: nothing more to trace
+                self.tracing.close()
+
+    async def _up(self, plan: Plan) -> None:
+        stack, journal = self._stack, self.journal
         self.fleet.plan = plan
         journal.begin(plan.phases)
         self._first_version = version = journal.next_version()
@@ -186,6 +204,7 @@ class Deployment(ApplyMixin, AdoptMixin):
             inst.life.to(State.PLACED, placement_text(p))
         self._fronts.ports = dict(plan.fronts)
         self._supervise()
+        self.tracing.phases(plan.phases)
         tasks = {name: asyncio.create_task(self._bring_up(name), name=f"up-{name}") for name in self.spec.services}
         try:
             done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
@@ -214,14 +233,25 @@ class Deployment(ApplyMixin, AdoptMixin):
         releases every grant and port. Safe to call twice."""
         stack = self._stack
         if stack.down or self.plan is None:
+            self.tracing.close()
             self._close()
             return
         stack.down = True
+        try:
+            with self.tracing.operation("down", deployment=self.name):
+                await self._down(self.plan)
+        finally:
+            self.tracing.close()
+        self._close()
+
+    async def _down(self, plan: Plan) -> None:
+        stack = self._stack
         self.journal.status("stopping", event=(None, "down"))
         for hook in self._hooks:
             hook.stopping(stack)
-        for phase in reversed(self.plan.phases):
-            await asyncio.gather(*(self._stop(i, "down") for s in phase for i in stack.by_service.get(s, [])))
+        for k, phase in reversed(list(enumerate(plan.phases))):
+            with self.tracing.span(f"stop phase {k}", phase=k, services=sorted(phase)):
+                await asyncio.gather(*(self._stop(i, "down") for s in phase for i in stack.by_service.get(s, [])))
         # What a change in flight added outside the phases (an apply interrupted by down).
         await asyncio.gather(*(self._stop(i, "down") for i in list(stack.instances.values()) if i.state.alive))
         for inst in stack.instances.values():
@@ -233,7 +263,6 @@ class Deployment(ApplyMixin, AdoptMixin):
             self.journal.note(f"down: killed {escaped} processes that had left their instance's process group")
         self._release()
         self.journal.status("down", event=("stopping", "every process stopped"))
-        self._close()
 
     async def restart(self, service: str) -> None:
         """Restarts the replicas of ``service`` one after the other, each waited for until it
@@ -242,19 +271,20 @@ class Deployment(ApplyMixin, AdoptMixin):
         :class:`~corral.exceptions.DeploymentError` naming it and why; the replicas after it
         are not touched."""
         async with self._changing:
-            replicas = list(self._service(service))
-            for done, inst in enumerate(replicas):
-                await self._stop(inst, "restart requested")
-                inst.restarts += 1
-                self.fleet.start([inst], "restart requested")
-                failed = await self.fleet.first_not_up([inst], inst.svc.start_timeout)
-                if failed is not None:
-                    # The rest keep running the old way: a rollout that fails stops where it failed.
-                    self.journal.flush()
-                    raise DeploymentError(f"restart of {service} stopped at {inst.id}: it is {inst.state.value} "
-                                          f"({failed[1]}); {done} of {len(replicas)} replicas restarted, the "
-                                          f"others left as they were")
-            self.journal.flush()
+            with self.tracing.operation("restart", service=service):
+                replicas = list(self._service(service))
+                for done, inst in enumerate(replicas):
+                    await self._stop(inst, "restart requested")
+                    inst.restarts += 1
+                    self.fleet.start([inst], "restart requested")
+                    failed = await self.fleet.first_not_up([inst], inst.svc.start_timeout)
+                    if failed is not None:
+                        # The rest keep running the old way: a rollout that fails stops where it failed.
+                        self.journal.flush()
+                        raise DeploymentError(f"restart of {service} stopped at {inst.id}: it is {inst.state.value} "
+                                              f"({failed[1]}); {done} of {len(replicas)} replicas restarted, the "
+                                              f"others left as they were")
+                self.journal.flush()
 
     # --- one service at a time -------------------------------------------------------
 
@@ -274,32 +304,33 @@ class Deployment(ApplyMixin, AdoptMixin):
         instances first, and returns their resources and ports. The count holds until the
         next apply, where the spec's wins."""
         async with self._changing:
-            insts = self._service(service)
-            if not 0 <= replicas <= 10000:
-                raise ConfigError(f"replicas: {replicas} is not from 0 to 10000")
-            svc = self.spec.services[service]
-            have = len(insts)
-            if replicas > have:
-                if replicas > 1 and any(p != "auto" for p in svc.ports.values()):
-                    raise ConfigError(f"{service} has a fixed port: it cannot run {replicas} replicas")
-                taken = {i.p.index for i in insts}
-                free = [i for i in range(replicas + have) if i not in taken][:replicas - have]
-                try:
-                    new = self.fleet.place(service, svc, self._slots(service, free), self._versions[service])
-                except ConfigError as e:
-                    raise ConfigError(f"cannot scale {service} to {replicas}: {e}") from None
-                self.journal.note(f"scale {service}: {have} -> {replicas}")
-                self.fleet.start(new, f"scaled to {replicas}")
-                failed = await self.fleet.first_not_up(new, svc.start_timeout)
-                if failed is not None:
-                    bad, why = failed
-                    await self.fleet.retire(new, f"scale-up failed: {why}")
-                    raise DeploymentError(f"scale {service} to {replicas}: {bad.id} is {bad.state.value} ({why}); "
-                                          f"the new instances were stopped again")
-            elif replicas < have:
-                self.journal.note(f"scale {service}: {have} -> {replicas}")
-                await self.fleet.shrink(service, replicas, f"scaled to {replicas}")
-            self.journal.flush()
+            with self.tracing.operation("scale", service=service, replicas=replicas):
+                insts = self._service(service)
+                if not 0 <= replicas <= 10000:
+                    raise ConfigError(f"replicas: {replicas} is not from 0 to 10000")
+                svc = self.spec.services[service]
+                have = len(insts)
+                if replicas > have:
+                    if replicas > 1 and any(p != "auto" for p in svc.ports.values()):
+                        raise ConfigError(f"{service} has a fixed port: it cannot run {replicas} replicas")
+                    taken = {i.p.index for i in insts}
+                    free = [i for i in range(replicas + have) if i not in taken][:replicas - have]
+                    try:
+                        new = self.fleet.place(service, svc, self._slots(service, free), self._versions[service])
+                    except ConfigError as e:
+                        raise ConfigError(f"cannot scale {service} to {replicas}: {e}") from None
+                    self.journal.note(f"scale {service}: {have} -> {replicas}")
+                    self.fleet.start(new, f"scaled to {replicas}")
+                    failed = await self.fleet.first_not_up(new, svc.start_timeout)
+                    if failed is not None:
+                        bad, why = failed
+                        await self.fleet.retire(new, f"scale-up failed: {why}")
+                        raise DeploymentError(f"scale {service} to {replicas}: {bad.id} is {bad.state.value} ({why}); "
+                                              f"the new instances were stopped again")
+                elif replicas < have:
+                    self.journal.note(f"scale {service}: {have} -> {replicas}")
+                    await self.fleet.shrink(service, replicas, f"scaled to {replicas}")
+                self.journal.flush()
 
     async def stop_service(self, service: str) -> list[str]:
         """Stops every instance of ``service`` by its shutdown rule; it stays in the stack,
@@ -411,8 +442,9 @@ class Deployment(ApplyMixin, AdoptMixin):
             # dependent's wait only bounds conditions that may never come ("completed").
             left = self._deadline(dep) + svc.start_timeout - (asyncio.get_running_loop().time() - t0)
             await self._wait_condition(dep, want.condition, waiter=name, timeout=left)
-        self.launcher.start(self._stack.by_service[name], "dependencies met" if svc.depends_on else "phase 0")
-        await self._wait_condition(name, "up", waiter=None, timeout=svc.start_timeout)
+        with self.tracing.phase_of(name):
+            self.launcher.start(self._stack.by_service[name], "dependencies met" if svc.depends_on else "phase 0")
+            await self._wait_condition(name, "up", waiter=None, timeout=svc.start_timeout)
 
     def _deadline(self, name: str) -> float:
         """Seconds after ``up`` began by which ``name`` must be up: its start timeout after

@@ -38,7 +38,7 @@ FRONT_FIELDS = frozenset({"expose", "balance", "mtls", "allow"})
 """What the front reads: changed in place on the proxy."""
 CORRAL_FIELDS = frozenset({"update", "priority", "start_timeout"})
 """What only corral reads: no instance restarts."""
-DEPLOYMENT_IN_PLACE = ("logs", "events", "mesh", "scheduler", "metrics")
+DEPLOYMENT_IN_PLACE = ("logs", "events", "mesh", "scheduler", "metrics", "tracing")
 """Deployment fields an apply takes as they are (for new spawns, the next renewal...)."""
 
 

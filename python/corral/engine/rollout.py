@@ -68,32 +68,35 @@ async def roll(fleet: Fleet, service: str, svc: ServiceSpec, version: int, repli
     for at in range(0, len(keep), update.max_parallel):
         batch = keep[at:at + update.max_parallel]
         slots = [(o.p.index, new_id(service, o.p.index, version)) for o in batch]
-        memo = [Replaced(service, o.p.index, o.id, o.svc, o.version, None) for o in batch]
-        news: list[InstanceRuntime] | None = None
-        if surge:
-            try:
-                news = fleet.place(service, svc, slots, version)
-            except ConfigError as e:
-                surge = False
-                fleet.stack.warn(f"{service}: no room for a new instance beside the old ({e}); stop-first from here")
-        if news is None:
-            await fleet.retire(batch, f"replaced by v{version} (stop-first)")
-            try:
-                news = fleet.place(service, svc, slots, version)
-            except ConfigError as e:
-                raise RollFailed(slots[0][1], f"cannot be placed: {e}", done + memo) from None
-        fleet.start(news, f"apply v{version}")
-        bad = await fleet.counted(news, update.min_healthy_time, update.healthy_deadline)
-        if bad is not None:
-            await fleet.retire(news, f"rollout failed: {bad[1]}")
-            raise RollFailed(bad[0].id, bad[1], done + ([] if surge else memo))
-        if surge:
-            await fleet.retire(batch, f"replaced by v{version}: {', '.join(n.id for n in news)}")
-        for m, n in zip(memo, news, strict=True):
-            m.new = n
-        done += memo
-        fleet.stack.journal.note(f"apply v{version}: {', '.join(n.id for n in news)} ready, "
-                                 f"{', '.join(o.id for o in batch)} stopped", service=service)
+        with fleet.stack.tracing.span("rollout step", service=service, replaces=[o.id for o in batch],
+                                      instances=[s[1] for s in slots], order="start-first" if surge else "stop-first"):
+            memo = [Replaced(service, o.p.index, o.id, o.svc, o.version, None) for o in batch]
+            news: list[InstanceRuntime] | None = None
+            if surge:
+                try:
+                    news = fleet.place(service, svc, slots, version)
+                except ConfigError as e:
+                    surge = False
+                    fleet.stack.warn(f"{service}: no room for a new instance beside the old ({e}); "
+                                     "stop-first from here")
+            if news is None:
+                await fleet.retire(batch, f"replaced by v{version} (stop-first)")
+                try:
+                    news = fleet.place(service, svc, slots, version)
+                except ConfigError as e:
+                    raise RollFailed(slots[0][1], f"cannot be placed: {e}", done + memo) from None
+            fleet.start(news, f"apply v{version}")
+            bad = await fleet.counted(news, update.min_healthy_time, update.healthy_deadline)
+            if bad is not None:
+                await fleet.retire(news, f"rollout failed: {bad[1]}")
+                raise RollFailed(bad[0].id, bad[1], done + ([] if surge else memo))
+            if surge:
+                await fleet.retire(batch, f"replaced by v{version}: {', '.join(n.id for n in news)}")
+            for m, n in zip(memo, news, strict=True):
+                m.new = n
+            done += memo
+            fleet.stack.journal.note(f"apply v{version}: {', '.join(n.id for n in news)} ready, "
+                                     f"{', '.join(o.id for o in batch)} stopped", service=service)
     have = len(keep)
     if replicas > have:
         taken = {i.p.index for i in fleet.stack.by_service.get(service, [])}

@@ -17,6 +17,7 @@ from pathlib import Path
 from corral._core import Cgroups, ResourceManager, ServiceRegistry, Supervisor
 from corral.engine.instance import InstanceRuntime
 from corral.engine.journal import Journal
+from corral.engine.tracing import Tracing
 from corral.lifecycle import Transition
 from corral.spec import DeploymentSpec
 from corral.statedir import stack_id
@@ -49,6 +50,8 @@ class Stack:
         self.down = False
         """Set once the deployment stops (down or rollback): nothing restarts after it."""
         self.warnings: list[str] = []
+        self.tracing = Tracing(None, spec.name)
+        """The deployment's spans (off until the deployment configures it)."""
         self.listeners: list[Callable[[Transition], None]] = []
         """Hear every transition, in order, synchronously (a front must drop a stopping
         instance before its signal goes out)."""
@@ -77,6 +80,7 @@ class Stack:
         self.journal.transition(t)
         for listener in self.listeners:
             listener(t)
+        self.tracing.on_transition(t)
         for q in self._subscribers:
             q.put_nowait(t)
         self._tick.set()
