@@ -517,6 +517,20 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
 
 
 @app.command()
+def top(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
+        refresh: Annotated[float, typer.Option("--refresh", help="Seconds between refreshes.", min=0.1)] = 1.0) -> None:
+    """A terminal UI for the running stack: instances with CPU% and memory (sorted by any
+    column), the selected one's log, keys to restart, stop, start and scale, and the machine."""
+    client = _client(spec, state_dir)
+    if not sys.stdout.isatty():
+        _fail("corral top needs a terminal; 'corral status' prints the same table", 2)
+    client.status()  # no state at all: say so here, not inside the UI
+    from corral.top import TopApp
+
+    TopApp(client, refresh=refresh).run()
+
+
+@app.command()
 def events(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
            follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new events.")] = False,
            lines: Annotated[int, typer.Option("-n", help="How many past events.")] = 100,
