@@ -470,5 +470,17 @@ fn group_usage_counts_the_live_processes_of_each_tree() {
         corral_core::process::GroupUsage::default(),
         "no such process"
     );
+    // Past USAGE_CHUNK leaders the trees are read on several threads: every answer still
+    // sits at its leader's index.
+    let mut many = vec![u32::MAX >> 2; corral_core::process::USAGE_CHUNK * 2 + 3];
+    let last = many.len() - 1;
+    many[last] = child.pid;
+    many[70] = child.pid;
+    let spread = corral_core::process::group_usage(&many);
+    assert_eq!(spread.len(), many.len());
+    for (i, u) in spread.iter().enumerate() {
+        let want = if i == 70 || i == last { 3 } else { 0 };
+        assert_eq!(u.processes, want, "leader {i}");
+    }
     signal_group(child.pid, libc::SIGKILL).unwrap();
 }

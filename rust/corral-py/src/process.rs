@@ -353,10 +353,11 @@ fn process_start_time(pid: u32) -> Option<u64> {
     core::start_time(pid)
 }
 
-/// `(cpu_ticks, rss_bytes, open_fds, processes)` of the process tree under each leader.
+/// `(cpu_ticks, rss_bytes, open_fds, processes)` of the process tree under each leader
+/// (read without the GIL).
 #[pyfunction]
-fn group_usage(leaders: Vec<u32>) -> Vec<(u64, u64, u64, u32)> {
-    core::group_usage(&leaders)
+fn group_usage(py: Python<'_>, leaders: Vec<u32>) -> Vec<(u64, u64, u64, u32)> {
+    py.detach(|| core::group_usage(&leaders))
         .into_iter()
         .map(|u| (u.cpu_ticks, u.rss_bytes, u.open_fds, u.processes))
         .collect()
