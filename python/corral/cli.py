@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn, TypeVar
 import typer
 
 from corral.agent.client import AgentClient, default_state_dir
-from corral.exceptions import AgentAlreadyRunning, AgentUnavailable, CorralError, SpecError
+from corral.exceptions import AgentAlreadyRunning, AgentUnavailable, ConfigError, CorralError, SpecError
 
 # The engine (and pydantic under the spec) loads only for commands that deploy or validate:
 # status, logs, events, restart and down answer without it.
@@ -514,6 +514,37 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
                                 f"{f['errors']} errors, {f['refused']} refused"
                                 + (f", {f['tls_refused']} refused at TLS" if f.get("tls_refused") else "")
                                 + (f", ejected: {', '.join(ejected)}" if ejected else "")))
+
+
+@app.command()
+def export(engine: Annotated[str, typer.Argument(help="kubernetes or nomad.")], spec: SpecArg = DEFAULT_SPEC,
+           output: Annotated[Path | None, typer.Option("-o", "--output",
+                                                       help="Write one file per document into DIR.")] = None) -> None:
+    """Print the spec as Kubernetes objects (multi-document YAML) or a Nomad job (JSON API
+    shape); what the engine cannot carry is named in the export. Nothing starts."""
+    from corral.export import ENGINES, render
+    from corral.spec import load_spec
+
+    if engine not in ENGINES:
+        _fail(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})", 2)
+    try:
+        docs = render(load_spec(spec), spec.resolve().parent, engine)
+    except SpecError as e:
+        _spec_errors(e)
+    except ConfigError as e:
+        _fail(f"{spec}: {e}", 2)
+    if output is None:
+        sep = "---\n" if engine == "kubernetes" else ""
+        sys.stdout.write(sep.join(text for _, text in docs))
+        return
+    # Owner-only, as everything corral writes.
+    output.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, text in docs:
+        fd = os.open(output / name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            os.fchmod(fd, 0o600)
+            f.write(text)
+    out.print(f"{len(docs)} files in {output}", markup=False)
 
 
 @app.command()

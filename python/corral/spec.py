@@ -28,6 +28,7 @@ from pydantic import (
 )
 
 from corral.exceptions import SpecError
+from corral.exportspec import ExportSpec
 from corral.identity import credentials
 from corral.specfile import Loc, Source, read_document, read_text
 from corral.units import parse_duration, parse_size
@@ -283,6 +284,8 @@ class ServiceSpec(_Model):
     """Run as this user (name or uid), as systemd's ``User=``; needs corral to run as root."""
     group: str | Annotated[int, Field(ge=0, le=4294967294)] | None = None
     """Run with this group (default: the user's primary group)."""
+    image: str | None = None
+    """The container image ``corral export`` gives the engines that run containers."""
 
     @model_validator(mode="before")
     @classmethod
@@ -411,6 +414,7 @@ class DeploymentSpec(_Model):
     mesh: MeshSpec = MeshSpec()
     metrics: MetricsSpec | None = None
     tracing: TracingSpec | None = None
+    export: ExportSpec = ExportSpec()
     services: dict[Annotated[str, Field(pattern=_NAME)], ServiceSpec]
     scheduler: Literal["binpack", "spread"] = "binpack"
     port_range: tuple[int, int] = (20000, 32000)

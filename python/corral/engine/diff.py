@@ -36,9 +36,9 @@ Change = Literal["added", "removed", "replace", "scale", "in-place", "unchanged"
 
 FRONT_FIELDS = frozenset({"expose", "balance", "mtls", "allow"})
 """What the front reads: changed in place on the proxy."""
-CORRAL_FIELDS = frozenset({"update", "priority", "start_timeout"})
-"""What only corral reads: no instance restarts."""
-DEPLOYMENT_IN_PLACE = ("logs", "events", "mesh", "scheduler", "metrics", "tracing")
+CORRAL_FIELDS = frozenset({"update", "priority", "start_timeout", "image"})
+"""What only corral reads (``image``: only its export): no instance restarts."""
+DEPLOYMENT_IN_PLACE = ("logs", "events", "mesh", "scheduler", "metrics", "tracing", "export")
 """Deployment fields an apply takes as they are (for new spawns, the next renewal...)."""
 
 

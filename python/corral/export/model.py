@@ -1,0 +1,185 @@
+"""The engine-neutral reading of a spec that every exporter maps from.
+
+What each service means, resolved once: its kind of workload (long-running, with storage,
+or one-shot), its command with ``${ports.x}`` substituted, its environment (``env_file``
+read), fixed container ports for ``auto`` ones, probes with their timings, resources,
+dependencies, shutdown, update and front. What an engine cannot carry is the exporter's
+to say; what corral does that no engine does is listed here, per service, in ``beyond``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from corral.exceptions import ConfigError
+from corral.exportspec import ExportSpec
+from corral.spec import DeploymentSpec, Probe, ServiceSpec, read_env_file, substitute_ports
+
+__all__ = ["AUTO_PORT_BASE", "Check", "Port", "StackModel", "Workload", "build", "dns_name"]
+
+AUTO_PORT_BASE = 8080
+"""An ``auto`` port becomes this plus its position among the service's auto ports: each
+container has its own network namespace, so fixed numbers cannot collide."""
+
+Kind = Literal["service", "stateful", "job"]
+
+
+def dns_name(name: str) -> str:
+    """A service name as a DNS-1123 label (``_`` is not allowed there)."""
+    return name.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class Port:
+    name: str
+    """Empty for a probe's port given by a number the service does not name."""
+    number: int
+    auto: bool
+    """Was ``auto`` in the spec (the number is the export's choice)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """One probe: ``kind`` is http, tcp or exec; durations in seconds as the spec gave them."""
+
+    kind: Literal["http", "tcp", "exec"]
+    port: Port | None
+    path: str
+    argv: list[str]
+    initial_delay: float
+    period: float
+    timeout: float
+    success_threshold: int
+    failure_threshold: int
+
+
+@dataclass
+class Workload:
+    """One service, as the engines need it."""
+
+    name: str
+    dns: str
+    spec: ServiceSpec
+    kind: Kind
+    image: str | None
+    replicas: int
+    argv: list[str]
+    env: dict[str, str]
+    """``env`` with ports substituted (``env_file`` apart, in ``env_file``)."""
+    env_file: dict[str, str] | None
+    ports: list[Port]
+    probes: dict[str, Check]
+    depends: dict[str, str]
+    """Dependency -> condition (started, healthy, completed)."""
+    volume: str | None
+    """Where the storage is mounted (the spec's path as the container sees it)."""
+    spiffe_id: str | None
+    beyond: list[str] = field(default_factory=list)
+    """What corral does for it that the exported objects cannot express."""
+
+    @property
+    def first_port(self) -> Port | None:
+        return self.ports[0] if self.ports else None
+
+
+@dataclass
+class StackModel:
+    """The whole spec, resolved."""
+
+    name: str
+    dns: str
+    workloads: dict[str, Workload]
+    options: ExportSpec
+    notes: list[str] = field(default_factory=list)
+    """Stack-wide: what does not carry over."""
+
+    def missing_images(self) -> list[str]:
+        return [w.name for w in self.workloads.values() if w.image is None]
+
+
+def _is_job(name: str, svc: ServiceSpec, spec: DeploymentSpec) -> bool:
+    """One-shot: it is not restarted after a clean exit (``policy: no``), or it restarts only
+    on failure and something waits for it to complete."""
+    if svc.restart.policy == "no":
+        return True
+    waited = any(d.condition == "completed" for s in spec.services.values()
+                 for dep, d in s.depends_on.items() if dep == name)
+    return svc.restart.policy == "on-failure" and waited
+
+
+def _check(probe: Probe, ports: dict[str, Port]) -> Check:
+    target = probe.port
+    port = None
+    if target is not None:
+        port = ports.get(str(target)) if isinstance(target, str) else next(
+            (p for p in ports.values() if p.number == target), Port("", int(target), False))
+    kind: Literal["http", "tcp", "exec"] = "http" if probe.http else "tcp" if probe.tcp else "exec"
+    return Check(kind, port, probe.http.path if probe.http else "", list(probe.exec or []), probe.initial_delay,
+                 probe.period, probe.timeout, probe.success_threshold, probe.failure_threshold)
+
+
+def build(spec: DeploymentSpec, base: Path) -> StackModel:
+    """Resolves ``spec`` (``base``: its directory, for ``env_file``)."""
+    model = StackModel(spec.name, dns_name(spec.name), {}, spec.export)
+    for name, svc in spec.services.items():
+        ports: dict[str, Port] = {}
+        auto = 0
+        for pname, want in svc.ports.items():
+            if want == "auto":
+                ports[pname] = Port(pname, AUTO_PORT_BASE + auto, True)
+                auto += 1
+            else:
+                ports[pname] = Port(pname, int(want), False)
+        numbers = {p.name: p.number for p in ports.values()}
+        argv = [substitute_ports(a, numbers) for a in svc.argv()]
+        env = {k: substitute_ports(v, numbers) for k, v in svc.env.items()}
+        env_file = None
+        if svc.env_file is not None:
+            try:
+                env_file = {k: substitute_ports(v, numbers) for k, v in read_env_file(base / svc.env_file).items()}
+            except OSError as e:
+                raise ConfigError(f"{name}: env_file {svc.env_file}: {e.strerror or e}") from None
+        kind: Kind = "job" if _is_job(name, svc, spec) else "stateful" if svc.resources.storage else "service"
+        probes = {k: _check(p, ports) for k in ("startup", "readiness", "liveness")
+                  if (p := getattr(svc.health, k)) is not None}
+        storage = svc.resources.storage
+        w = Workload(name, dns_name(name), svc, kind, svc.image, svc.replicas, argv, env, env_file,
+                     list(ports.values()), probes, {d: dep.condition for d, dep in svc.depends_on.items()},
+                     storage.path if storage else None,
+                     f"spiffe://{spec.name}.corral/svc/{name}" if svc.mtls or any(
+                         name in s.allow for s in spec.services.values()) else None)
+        r = svc.resources
+        if r.numa == "require":
+            w.beyond.append("numa: require (every core on one NUMA node; Kubernetes needs the topology manager's "
+                            "single-numa-node policy)")
+        elif r.numa == "prefer":
+            w.beyond.append("numa: prefer (cores on one NUMA node when possible; Kubernetes' topology manager "
+                            "best-effort policy)")
+        if r.cache == "prefer-large":
+            w.beyond.append("cache: prefer-large (cores on the largest L3 domain; no engine has an equivalent)")
+        if r.cores:
+            w.beyond.append(f"cores: {r.cores} chosen SMT- and L3-aware (an engine gives whole cores, "
+                            f"not which ones)")
+        if r.swap is not None:
+            w.beyond.append("swap limit (memory.swap.max; not a pod or task resource)")
+        if svc.restart.max_restarts is not None and not w.kind == "job":
+            w.beyond.append(f"crash-loop breaker: {svc.restart.max_restarts} restarts in {svc.restart.window:g}s "
+                            f"stop the instance")
+        if svc.mtls:
+            w.beyond.append(f"mtls front (allow: {', '.join(svc.allow) or 'any of the mesh'}): needs a mesh "
+                            f"(Linkerd, Istio, Consul Connect) with SPIFFE ID {w.spiffe_id}")
+        if svc.user is not None or svc.group is not None:
+            w.beyond.append("user/group: set the container's securityContext (or the task's User) yourself")
+        if svc.working_dir is not None:
+            w.beyond.append(f"working_dir {svc.working_dir}: the image's WORKDIR decides")
+        model.workloads[name] = w
+    if any(s.mtls for s in spec.services.values()):
+        model.notes.append("mtls/allow are corral's mesh: use a service mesh (Linkerd, Istio) and give it these "
+                           "SPIFFE IDs: " + ", ".join(f"{w.name}={w.spiffe_id}" for w in model.workloads.values()
+                                                       if w.spiffe_id))
+    model.notes.append("auto ports are fixed in the export (from 8080, per container): "
+                       + (", ".join(f"{w.name}.{p.name}={p.number}" for w in model.workloads.values()
+                                    for p in w.ports if p.auto) or "none"))
+    return model

@@ -1,0 +1,234 @@
+"""``corral export nomad``: the spec as a Nomad job in the JSON API's shape
+(``{"Job": {...}}``, as ``nomad job run -json`` and ``POST /v1/jobs`` take it; field names
+and types as in hashicorp/nomad's ``api/`` structs, durations in nanoseconds).
+
+- one task group per long-running service (``Count`` = replicas), one task in it: driver
+  ``docker`` with an ``image``, else ``export.nomad.driver`` (``exec`` or ``raw_exec``);
+- ports are dynamic (``auto``: the task reads ``NOMAD_PORT_<name>``, ``${ports.x}`` becomes
+  ``${NOMAD_PORT_x}``) or static; with docker, a dynamic port maps to the container port
+  the Kubernetes export fixes;
+- a ``Service`` (provider ``nomad``) per service with ports, readiness and liveness as its
+  ``Checks`` (http, tcp, script), liveness with ``CheckRestart``; startup probes have no
+  Nomad equivalent (its checks' ``initial_status`` and grace are the nearest);
+- ``restart`` is ``RestartPolicy`` and ``ReschedulePolicy`` (the backoff kind as
+  ``DelayFunction``), ``update:`` the group's ``Update``, ``shutdown`` ``KillSignal`` and
+  ``KillTimeout``;
+- a dependency on a long-running service is a prestart task that waits for it (a TCP
+  connect to the address Nomad's service catalogue gives, rendered by a template) and a
+  template that sets ``CORRAL_<DEP>_ADDR(S)``; a one-shot service others depend on runs
+  as a prestart task of each dependent's group; one-shot services nothing depends on go
+  to a second job of type ``batch``.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any
+
+from corral.export.model import Check, Port, StackModel, Workload
+
+__all__ = ["jobs"]
+
+_NS = 1_000_000_000
+_DELAY = {"fixed": "constant", "linear": "constant", "exponential": "exponential", "fibonacci": "fibonacci",
+          "decorrelated": "exponential"}
+_PORT_REF = re.compile(r"\$\{ports\.([A-Za-z0-9_-]+)\}")
+
+
+def _ns(seconds: float) -> int:
+    return round(seconds * _NS)
+
+
+def _mib(n: int | None) -> int | None:
+    return None if n is None else max(1, math.ceil(n / (1 << 20)))
+
+
+def _nomad_ports(text: str, w: Workload) -> str:
+    """``${ports.x}``, already a fixed number in the model, back to Nomad's variable for a
+    dynamic port (a static one keeps its number)."""
+    for p in w.ports:
+        if p.auto:
+            text = text.replace(f"${{ports.{p.name}}}", f"${{NOMAD_PORT_{p.name}}}")
+    return text
+
+
+def _substitute(text: str, w: Workload) -> str:
+    """``${ports.x}``: Nomad's variable for a dynamic port, the number of a static one."""
+    fixed = {p.name: str(p.number) for p in w.ports if not p.auto}
+    return _PORT_REF.sub(lambda m: fixed.get(m.group(1), m.group(0)), _nomad_ports(text, w))
+
+
+def _argv(w: Workload) -> list[str]:
+    return [_substitute(a, w) for a in w.spec.argv()]
+
+
+def _port(p: Port) -> str:
+    return f"${{NOMAD_PORT_{p.name}}}" if p.auto else str(p.number)
+
+
+def _env(w: Workload) -> dict[str, str]:
+    env = {k: _substitute(v, w) for k, v in {**(w.env_file or {}), **w.spec.env}.items()}
+    if len(w.ports) == 1:
+        env["PORT"] = _port(w.ports[0])
+    for p in w.ports:
+        env[f"CORRAL_PORT_{p.name.upper().replace('-', '_')}"] = _port(p)
+    env["CORRAL_SERVICE"] = w.name
+    env["CORRAL_INSTANCE"] = "${NOMAD_ALLOC_NAME}"
+    env["CORRAL_REPLICA"] = "${NOMAD_ALLOC_INDEX}"
+    if w.volume:
+        env["CORRAL_VOLUME"] = "${NOMAD_ALLOC_DIR}/data"
+    return env
+
+
+def _check(name: str, kind: str, c: Check, w: Workload) -> dict[str, Any]:
+    out: dict[str, Any] = {"Name": f"{w.dns}-{kind}", "Interval": _ns(c.period), "Timeout": _ns(c.timeout)}
+    if c.kind == "http":
+        out.update({"Type": "http", "Path": c.path, "PortLabel": c.port.name if c.port and c.port.name else ""})
+    elif c.kind == "tcp":
+        out.update({"Type": "tcp", "PortLabel": c.port.name if c.port and c.port.name else ""})
+    else:
+        out.update({"Type": "script", "Command": c.argv[0], "Args": c.argv[1:], "TaskName": name})
+    if c.success_threshold > 1:
+        out["SuccessBeforePassing"] = c.success_threshold
+    if kind == "readiness":
+        out["FailuresBeforeCritical"] = c.failure_threshold
+    if kind == "liveness":
+        out["CheckRestart"] = {"Limit": c.failure_threshold, "Grace": _ns(c.initial_delay), "IgnoreWarnings": False}
+    return out
+
+
+def _task(model: StackModel, w: Workload, name: str | None = None) -> dict[str, Any]:
+    name = name or w.dns
+    argv = _argv(w)
+    if w.image:
+        config: dict[str, Any] = {"image": w.image, "command": argv[0], "args": argv[1:]}
+        if w.ports:
+            config["ports"] = [p.name for p in w.ports]
+        driver = "docker"
+    else:
+        config = {"command": argv[0], "args": argv[1:]}
+        driver = model.options.nomad.driver
+    task: dict[str, Any] = {"Name": name, "Driver": driver, "Config": config, "Env": _env(w),
+                            "KillTimeout": _ns(w.spec.shutdown.timeout), "KillSignal": w.spec.shutdown.signal}
+    r = w.spec.resources
+    res: dict[str, Any] = {}
+    if r.cores:
+        res["Cores"] = r.cores
+    elif r.cpu is not None:
+        # Nomad's CPU is MHz of a node's total: 1000 MHz a core is the usual reading.
+        res["CPU"] = max(1, round(r.cpu * 1000))
+    mem, mem_max = _mib(r.memory), _mib(r.memory_max)
+    if mem is not None:
+        res["MemoryMB"] = mem
+    if mem_max is not None:
+        res["MemoryMaxMB"] = mem_max
+        res.setdefault("MemoryMB", mem_max)
+    if res:
+        task["Resources"] = res
+    templates = [_addr_template(model, dep) for dep in w.depends if model.workloads[dep].kind != "job"
+                 and model.workloads[dep].ports]
+    if templates:
+        task["Templates"] = templates
+    return task
+
+
+def _addr_template(model: StackModel, dep: str) -> dict[str, Any]:
+    d = model.workloads[dep]
+    key = dep.upper().replace("-", "_")
+    data = (f'CORRAL_{key}_ADDR={{{{ with nomadService "{d.dns}" }}}}{{{{ with index . 0 }}}}'
+            f'{{{{ .Address }}}}:{{{{ .Port }}}}{{{{ end }}}}{{{{ end }}}}\n'
+            f'CORRAL_{key}_ADDRS={{{{ range $i, $s := nomadService "{d.dns}" }}}}{{{{ if $i }}}},{{{{ end }}}}'
+            f'{{{{ $s.Address }}}}:{{{{ $s.Port }}}}{{{{ end }}}}\n')
+    return {"EmbeddedTmpl": data, "DestPath": f"local/{d.dns}.env", "Envvars": True, "ChangeMode": "noop"}
+
+
+def _wait_task(model: StackModel, dep: str) -> dict[str, Any]:
+    d = model.workloads[dep]
+    key = dep.upper().replace("-", "_")
+    script = (f'until [ -n "$CORRAL_{key}_ADDR" ] && nc -z "${{CORRAL_{key}_ADDR%:*}}" '
+              f'"${{CORRAL_{key}_ADDR##*:}}"; do sleep 1; done')
+    return {"Name": f"wait-{d.dns}", "Driver": model.options.nomad.driver,
+            "Config": {"command": "/bin/sh", "args": ["-c", script]},
+            "Lifecycle": {"Hook": "prestart", "Sidecar": False},
+            "Templates": [_addr_template(model, dep)],
+            "Resources": {"CPU": 20, "MemoryMB": 16}}
+
+
+def _restart(w: Workload) -> tuple[dict[str, Any], dict[str, Any]]:
+    rs = w.spec.restart
+    attempts = rs.max_restarts if rs.max_restarts is not None else 1_000_000
+    restart = {"Attempts": 0 if rs.policy == "no" else attempts, "Interval": _ns(rs.window),
+               "Delay": _ns(max(rs.initial, 0.001)), "Mode": "fail"}
+    resched = {"Attempts": 0 if rs.policy == "no" else attempts, "Interval": _ns(rs.window),
+               "Delay": _ns(max(rs.initial, 0.001)), "DelayFunction": _DELAY[rs.backoff], "MaxDelay": _ns(rs.max),
+               "Unlimited": rs.policy == "always" and rs.max_restarts is None}
+    return restart, resched
+
+
+def _group(model: StackModel, w: Workload) -> dict[str, Any]:
+    restart, resched = _restart(w)
+    tasks = [_task(model, w)]
+    for dep in w.depends:
+        d = model.workloads[dep]
+        if d.kind == "job":
+            pre = _task(model, d, f"run-{d.dns}")
+            pre["Lifecycle"] = {"Hook": "prestart", "Sidecar": False}
+            tasks.insert(0, pre)
+        elif d.ports:
+            tasks.insert(0, _wait_task(model, dep))
+    group: dict[str, Any] = {"Name": w.dns, "Count": w.replicas, "Tasks": tasks, "RestartPolicy": restart,
+                             "ReschedulePolicy": resched, "Meta": {"corral.service": w.name}}
+    if w.kind != "job":
+        u = w.spec.update
+        group["Update"] = {"MaxParallel": u.max_parallel, "MinHealthyTime": _ns(u.min_healthy_time),
+                           "HealthyDeadline": _ns(u.healthy_deadline), "AutoRevert": u.auto_revert,
+                           "HealthCheck": "checks" if w.probes else "task_states"}
+    if w.ports:
+        dynamic = [{"Label": p.name, **({"To": p.number} if w.image else {})} for p in w.ports if p.auto]
+        static = [{"Label": p.name, "Value": p.number} for p in w.ports if not p.auto]
+        net: dict[str, Any] = {}
+        if dynamic:
+            net["DynamicPorts"] = dynamic
+        if static:
+            net["ReservedPorts"] = static
+        group["Networks"] = [net]
+        checks = [_check(w.dns, k, c, w) for k, c in w.probes.items() if k in ("readiness", "liveness")]
+        group["Services"] = [{"Name": w.dns, "PortLabel": w.ports[0].name, "Provider": "nomad",
+                              "Tags": [f"corral:{model.dns}"], "Checks": checks}]
+    if w.volume:
+        group["EphemeralDisk"] = {"SizeMB": _mib(int(w.spec.resources.storage.size)) if w.spec.resources.storage
+                                  else 300, "Sticky": True, "Migrate": True}
+    beyond = list(w.beyond)
+    if "startup" in w.probes:
+        beyond.append("startup probe: Nomad checks have no startup phase")
+    if w.spec.expose:
+        beyond.append(f"expose {w.spec.expose}: put a load balancer (Traefik, Fabio, nginx) on the "
+                      f"'{w.dns}' service")
+    if beyond:
+        group["Meta"]["corral.beyond"] = "; ".join(beyond)
+    return group
+
+
+def _job(model: StackModel, name: str, kind: str, groups: list[dict[str, Any]]) -> dict[str, Any]:
+    o = model.options.nomad
+    job: dict[str, Any] = {"ID": name, "Name": name, "Type": kind, "Datacenters": list(o.datacenters),
+                           "TaskGroups": groups, "Meta": {"corral.stack": model.name}}
+    if o.region:
+        job["Region"] = o.region
+    if o.namespace:
+        job["Namespace"] = o.namespace
+    if model.notes:
+        job["Meta"]["corral.notes"] = "; ".join(model.notes)
+    return {"Job": job}
+
+
+def jobs(model: StackModel) -> list[dict[str, Any]]:
+    """The service job, and a batch job for one-shot services nothing depends on."""
+    depended = {d for w in model.workloads.values() for d in w.depends}
+    services = [_group(model, w) for w in model.workloads.values() if w.kind != "job"]
+    batch = [_group(model, w) for w in model.workloads.values() if w.kind == "job" and w.name not in depended]
+    out = [_job(model, model.dns, "service", services)] if services else []
+    if batch:
+        out.append(_job(model, f"{model.dns}-jobs", "batch", batch))
+    return out
