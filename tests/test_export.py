@@ -304,7 +304,8 @@ def test_nomad_without_images_uses_the_configured_driver_and_a_batch_job_for_lon
     spec.write_text("name: plain\nexport: {nomad: {driver: raw_exec, datacenters: [dc1], region: eu}}\nservices:\n"
                     "  web: {command: [srv, '--port', '${ports.http}'], ports: {http: 9000}, restart: {policy: always,"
                     " backoff: fixed, max_restarts: null}}\n"
-                    "  backup: {command: [backup.sh], restart: {policy: 'no'}}\n")
+                    "  backup: {command: [backup.sh], restart: {policy: 'no'}}\n"
+                    "  worker: {command: [work], health: {liveness: {exec: [check.sh, -q], period: 5s}}}\n")
     docs = nomad(spec)
     assert [d["Job"]["Type"] for d in docs] == ["service", "batch"]
     for d in docs:
@@ -314,6 +315,13 @@ def test_nomad_without_images_uses_the_configured_driver_and_a_batch_job_for_lon
     assert web["Tasks"][0]["Driver"] == "raw_exec" and web["Tasks"][0]["Config"]["args"] == ["--port", "9000"]
     assert web["Networks"] == [{"ReservedPorts": [{"Label": "http", "Value": 9000}]}]
     assert web["ReschedulePolicy"]["Unlimited"] is True and web["ReschedulePolicy"]["DelayFunction"] == "constant"
+    # Probed without ports: registered all the same, with its script check.
+    worker = docs[0]["Job"]["TaskGroups"][1]
+    (check,) = worker["Services"][0]["Checks"]
+    assert "PortLabel" not in worker["Services"][0]
+    assert (check["Type"], check["Command"], check["Args"]) == ("script", "check.sh", ["-q"])
+    assert check["TaskName"] == "worker"
+    assert check["CheckRestart"]["Limit"] == 3 and check["Interval"] == 5 * 10**9
     backup = docs[1]["Job"]["TaskGroups"][0]
     assert backup["Name"] == "backup" and backup["RestartPolicy"]["Attempts"] == 0
     assert "Update" not in backup

@@ -193,9 +193,15 @@ def _group(model: StackModel, w: Workload) -> dict[str, Any]:
         if static:
             net["ReservedPorts"] = static
         group["Networks"] = [net]
-        checks = [_check(w.dns, k, c, w) for k, c in w.probes.items() if k in ("readiness", "liveness")]
-        group["Services"] = [{"Name": w.dns, "PortLabel": w.ports[0].name, "Provider": "nomad",
-                              "Tags": [f"corral:{model.dns}"], "Checks": checks}]
+    checks = [_check(w.dns, k, c, w) for k, c in w.probes.items() if k in ("readiness", "liveness")]
+    if w.ports or checks:
+        # Every exposed or probed service is registered; one without ports carries only its
+        # script checks.
+        service: dict[str, Any] = {"Name": w.dns, "Provider": "nomad", "Tags": [f"corral:{model.dns}"],
+                                   "Checks": checks}
+        if w.ports:
+            service["PortLabel"] = w.ports[0].name
+        group["Services"] = [service]
     if w.volume:
         group["EphemeralDisk"] = {"SizeMB": _mib(int(w.spec.resources.storage.size)) if w.spec.resources.storage
                                   else 300, "Sticky": True, "Migrate": True}
