@@ -24,7 +24,8 @@ from corral import Deployment
 from corral.engine.tracing import Tracing, endpoint_from
 from corral.exceptions import DeploymentError, RolloutError
 from corral.spec import load_spec
-from tests.e2e import await_until, running, write_spec
+from tests.e2e import await_until, running, wait_until, write_spec
+from tests.test_cli import corral
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -250,3 +251,17 @@ async def test_an_apply_can_turn_tracing_on(tmp_path: Path, receiver: Receiver) 
         assert d.tracing.on
         await d.scale("job", 2)
         await await_until(lambda: bool(receiver.named("corral.scale")), what="the scale root")
+
+
+def test_the_detached_agent_exports_its_spans_down_included(tmp_path: Path, receiver: Receiver) -> None:
+    write_spec(tmp_path, f"name: detached\ntracing: {{otlp: {receiver.url}}}\nservices:\n"
+                         f"  job:\n    command: [\"sleep\", \"60\"]\n")
+    r = corral("up", "-d", cwd=tmp_path)
+    assert r.returncode == 0, r
+    try:
+        wait_until(lambda: bool(receiver.named("corral.up")), what="the agent's up root")
+        assert [s.name for s in receiver.children(receiver.named("corral.up")[0])] == ["phase 0"]
+    finally:
+        assert corral("down", cwd=tmp_path).returncode == 0
+    # The agent ends with os._exit: its last batch must have gone out before.
+    wait_until(lambda: bool(receiver.named("corral.down")), timeout=5, what="the down root from the agent")

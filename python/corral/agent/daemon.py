@@ -167,6 +167,9 @@ def _become_agent(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Path
         failed(CorralError(f"the agent failed: {type(e).__name__}: {e}"))
         code = CRASHED  # the keeper restarts it
     finally:
+        from corral.engine.tracing import finish
+
+        finish()  # the last spans (the down's) out before os._exit, which waits for no thread
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

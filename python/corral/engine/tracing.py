@@ -32,7 +32,7 @@ from typing import Any
 
 from corral.lifecycle import State, Transition
 
-__all__ = ["Tracing", "endpoint_from"]
+__all__ = ["Tracing", "endpoint_from", "finish"]
 
 _scope: contextvars.ContextVar[Any] = contextvars.ContextVar("corral_span", default=None)
 """The span new children go under, per asyncio task (tasks copy it when created)."""
@@ -228,5 +228,18 @@ class Tracing:
                 span.end()
             self._instances.clear()
             self._phases.clear()
-            threading.Thread(target=self._provider.shutdown, name="corral-otlp-close").start()
+            t = threading.Thread(target=self._provider.shutdown, name="corral-otlp-close")
+            t.start()
+            _closing.append(t)
             self._provider = self._tracer = None
+
+
+_closing: list[threading.Thread] = []
+
+
+def finish(timeout: float = _EXPORT_TIMEOUT + 1.0) -> None:
+    """Waits (up to ``timeout``) for the last batches to go out: for a process that ends
+    with ``os._exit``, which does not wait for threads (the agent)."""
+    for t in _closing:
+        t.join(timeout)
+    _closing.clear()
