@@ -6,17 +6,21 @@ keep-alive connections, and a new connection per request (`Connection: close`). 
 requests per second and the proxy's own CPU time per request (utime+stime from /proc over
 the run) at 50 connections, and the latency it adds at one connection (p50, p99) over
 going to a backend directly. corral's proxy runs the way the agent runs it: a Python
-process holding a `corral.Proxy`.
+process holding a `corral.Proxy`. `--rounds N` measures every proxy N times in turn and
+reports medians; `--also DIR` adds another build of the corral package (a before/after
+comparison of a change to the proxy, in the same run).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +32,7 @@ from bringup import TICK, cpu_ticks  # the same /proc reading; benches/ is on sy
 ROOT = Path(__file__).resolve().parent.parent
 BACKEND = ROOT / "target" / "release" / "examples" / "http_backend"
 BACKENDS = [24101, 24102, 24103]
-FRONT = {"haproxy": 24110, "corral": 24111}
+FRONT = {"haproxy": 24110, "corral": 24111, "alt": 24112}
 
 TARGETS = {  # HAProxy 2.6 as the issue measured it; the real bar is HAProxy in the same run.
     ("keepalive", "cpu_us"): 10.6, ("close", "cpu_us"): 56.0,
@@ -104,9 +108,12 @@ backend be
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_corral() -> subprocess.Popen[bytes]:
-    p = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", CORRAL_PROXY, str(FRONT["corral"]),
-                          *map(str, BACKENDS)], stdout=subprocess.PIPE)
+def start_corral(port: int, pythonpath: Path | None = None) -> subprocess.Popen[bytes]:
+    """corral's proxy on ``port``; ``pythonpath``: a directory holding another build of the
+    ``corral`` package (``--also``), to measure two builds in the same run."""
+    env = {**os.environ, "PYTHONPATH": str(pythonpath)} if pythonpath else None
+    p = subprocess.Popen(["taskset", "-c", "1", sys.executable, "-c", CORRAL_PROXY, str(port),
+                          *map(str, BACKENDS)], stdout=subprocess.PIPE, env=env)
     assert p.stdout is not None and p.stdout.readline().strip() == b"ready"
     return p
 
@@ -128,11 +135,25 @@ def measure(name: str, pid: int | None, port: int, seconds: float, conns: int) -
     return out
 
 
+def _medians(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Per shape and measure, the median over rounds (errors: their sum)."""
+    out: dict[str, dict[str, float]] = {}
+    for shape in runs[0]:
+        out[shape] = {k: (sum(r[shape][k] for r in runs) if k == "errors" else
+                          statistics.median(r[shape][k] for r in runs)) for k in runs[0][shape]}
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--connections", type=int, default=50)
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results" / "proxy.json")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="measure every proxy this many times, in turn, and report medians (the machine is noisy)")
+    ap.add_argument("--also", type=Path, default=None,
+                    help="a directory holding another build of the corral package (a before/after comparison), "
+                         "measured in the same rounds as 'alt'")
     args = ap.parse_args()
     for tool in ("wrk", "haproxy", "taskset"):
         if shutil.which(tool) is None:
@@ -148,17 +169,23 @@ def main() -> int:
             wait_listening(p)
         haproxy = start_haproxy(work)
         procs.append(haproxy)
-        corral = start_corral()
+        corral = start_corral(FRONT["corral"])
         procs.append(corral)
-        for p in FRONT.values():
-            wait_listening(p)
+        proxies = [("haproxy", haproxy.pid, FRONT["haproxy"]), ("corral", corral.pid, FRONT["corral"])]
+        if args.also is not None:
+            alt = start_corral(FRONT["alt"], args.also)
+            procs.append(alt)
+            proxies.append(("alt", alt.pid, FRONT["alt"]))
+        for _, _, port in proxies:
+            wait_listening(port)
         print(f"wrk on CPU 0; proxy + 3 backends on CPU 1; {args.connections} connections for req/s and CPU, "
-              f"1 for latency; {args.seconds:g} s a run", flush=True)
-        res = {
-            "direct": measure("direct", None, BACKENDS[0], args.seconds, args.connections),
-            "haproxy": measure("haproxy", haproxy.pid, FRONT["haproxy"], args.seconds, args.connections),
-            "corral": measure("corral", corral.pid, FRONT["corral"], args.seconds, args.connections),
-        }
+              f"1 for latency; {args.seconds:g} s a run; {args.rounds} round(s)", flush=True)
+        rounds: dict[str, list[dict[str, dict[str, float]]]] = {name: [] for name, _, _ in proxies}
+        direct = measure("direct", None, BACKENDS[0], args.seconds, args.connections)
+        for _ in range(args.rounds):
+            for name, pid, port in proxies:
+                rounds[name].append(measure(name, pid, port, args.seconds, args.connections))
+        res = {"direct": direct, **{name: _medians(runs) for name, runs in rounds.items()}}
     finally:
         for p in procs:
             p.send_signal(signal.SIGTERM)
@@ -167,21 +194,29 @@ def main() -> int:
                 p.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 p.kill()
-    for name in ("haproxy", "corral"):
+    for name in [n for n in res if n != "direct"]:
         for shape in ("keepalive", "close"):
             r = res[name][shape]
             r["p50_added_us"] = r["p50_us"] - res["direct"][shape]["p50_us"]
             r["p99_added_us"] = r["p99_us"] - res["direct"][shape]["p99_us"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
-    print(f"\n{'measure':<34}{'HAProxy 2.6 (issue)':>20}{'haproxy now':>13}{'corral':>10}{'ratio':>8}")
+    alt = "alt" in res
+    print(f"\n{'measure':<34}{'HAProxy 2.6 (issue)':>20}{'haproxy now':>13}{'corral':>10}{'ratio':>8}"
+          + (f"{'alt':>10}{'ratio':>8}" if alt else ""))
     for shape in ("keepalive", "close"):
         for key, label in (("rps", "req/s"), ("cpu_us", "proxy CPU per request, µs"),
                            ("p50_added_us", "added latency p50, µs"), ("p99_added_us", "added latency p99, µs")):
             h, c = res["haproxy"][shape][key], res["corral"][shape][key]
             ref = TARGETS.get((shape, key))
             ratio = c / h if h else float("nan")
-            print(f"{shape + ' ' + label:<34}{(f'{ref:g}' if ref else '-'):>20}{h:>13.1f}{c:>10.1f}{ratio:>8.2f}")
+            line = f"{shape + ' ' + label:<34}{(f'{ref:g}' if ref else '-'):>20}{h:>13.1f}{c:>10.1f}{ratio:>8.2f}"
+            if alt:
+                a = res["alt"][shape][key]
+                line += f"{a:>10.1f}{(a / h if h else float('nan')):>8.2f}"
+            print(line)
+    if args.rounds > 1:
+        print(f"(medians of {args.rounds} rounds, each proxy measured in turn)")
     errors = sum(res[n][s]["errors"] for n in res for s in res[n])
     print(f"(socket errors or non-2xx responses in all runs: {errors})")
     return 0

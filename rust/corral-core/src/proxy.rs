@@ -379,21 +379,10 @@ impl Proxy {
             IpAddr::V6(ip) => stable_hash(&ip.octets()),
         });
         if let Some(tls) = self.tls.load_full() {
-            // mTLS front: the handshake (client certificate, SPIFFE ID) comes first; the
-            // upstream behind it speaks plain TCP.
-            let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
-            let Ok(Ok(stream)) =
-                tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(client)).await
-            else {
-                self.tls_refused.fetch_add(1, Ordering::Relaxed);
-                return;
-            };
-            let Some((server, up, guard)) = self.connect_upstream(key).await else {
-                self.refused.fetch_add(1, Ordering::Relaxed);
-                return;
-            };
-            let (cr, cw) = tokio::io::split(stream);
-            return self.relay(cr, cw, server, &up, guard).await;
+            // Boxed: the TLS state (the handshake, the session's buffers) is kilobytes, and
+            // in the plain path's future it would be allocated and moved with every
+            // connection, TLS or not.
+            return Box::pin(self.serve_tls(client, key, tls)).await;
         }
         let Some((server, up, guard)) = self.connect_upstream(key).await else {
             self.refused.fetch_add(1, Ordering::Relaxed);
@@ -401,6 +390,23 @@ impl Proxy {
             return;
         };
         let (cr, cw) = client.split();
+        self.relay(cr, cw, server, &up, guard).await;
+    }
+
+    /// An mTLS front's connection: the handshake (client certificate, SPIFFE ID) comes
+    /// first; the upstream behind it speaks plain TCP.
+    async fn serve_tls(&self, client: TcpStream, key: Option<u64>, tls: Arc<TlsFront>) {
+        let acceptor = tokio_rustls::TlsAcceptor::from(tls.config.clone());
+        let Ok(Ok(stream)) = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(client)).await
+        else {
+            self.tls_refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let Some((server, up, guard)) = self.connect_upstream(key).await else {
+            self.refused.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        let (cr, cw) = tokio::io::split(stream);
         self.relay(cr, cw, server, &up, guard).await;
     }
 
