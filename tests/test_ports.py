@@ -59,10 +59,25 @@ def test_just_released_port_is_not_reused_at_once() -> None:
     assert a not in {p.allocate() for _ in range(50)}
 
 
+def _two_free_ports() -> int:
+    """A port whose next port is free too, below the kernel's ephemeral range (32768+): a
+    port the kernel hands out (as port 0 would) may have its neighbour taken by any
+    outgoing connection on a busy machine."""
+    for base in range(24600, 25600, 2):
+        with socket.socket() as a, socket.socket() as b:
+            try:
+                a.bind(("127.0.0.1", base))
+                b.bind(("127.0.0.1", base + 1))
+            except OSError:
+                continue
+            return base
+    raise AssertionError("no two free ports in 24600-25600")
+
+
 def test_bind_check_skips_a_port_another_process_holds() -> None:
     # A real listening socket holds the port; the allocator must skip it and say who holds it.
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("127.0.0.1", _two_free_ports()))
         s.listen()
         held = s.getsockname()[1]
         p = PortAllocator(held, held + 1, check_bind="127.0.0.1")

@@ -403,7 +403,7 @@ impl GuardedCall {
         objtype: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let _ = objtype;
-        crate::bind_as_method(slf.as_any(), obj)
+        crate::callable::bind_as_method(slf.as_any(), obj)
     }
     /// The breaker guarding it.
     #[getter]

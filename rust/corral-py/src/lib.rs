@@ -12,6 +12,7 @@ use pyo3::prelude::*;
 
 mod balance;
 mod breaker;
+mod callable;
 mod cgroup;
 mod errors;
 mod mesh;
@@ -23,22 +24,6 @@ mod registry;
 mod resources;
 mod retry;
 mod topology;
-
-/// `__get__` for the callable wrappers (`GuardedCall`, `Retrying`): bound to an
-/// instance they become a method, as the function they wrap would.
-pub(crate) fn bind_as_method<'py>(
-    wrapper: &Bound<'py, PyAny>,
-    obj: Option<&Bound<'py, PyAny>>,
-) -> PyResult<Bound<'py, PyAny>> {
-    match obj {
-        Some(o) if !o.is_none() => wrapper
-            .py()
-            .import("types")?
-            .getattr("MethodType")?
-            .call1((wrapper, o)),
-        _ => Ok(wrapper.clone()),
-    }
-}
 
 /// The native core of corral.
 #[pymodule(gil_used = false)]

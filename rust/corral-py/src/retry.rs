@@ -344,7 +344,7 @@ impl Retrying {
         objtype: Option<&Bound<'py, PyAny>>,
     ) -> PyResult<Bound<'py, PyAny>> {
         let _ = objtype;
-        crate::bind_as_method(slf.as_any(), obj)
+        crate::callable::bind_as_method(slf.as_any(), obj)
     }
 }
 
