@@ -149,7 +149,8 @@ def test_env_files_fronts_signals_and_the_mesh(tmp_path: Path) -> None:
         kubernetes_validate.validate(o, "1.37.0", strict=True)
         assert o["metadata"]["namespace"] == "prod" and o["metadata"]["labels"]["team"] == "payments"
     cm = by(objs, "ConfigMap", "db-env")
-    assert cm["data"] == {"POSTGRES_DB": "shop", "PGPORT": "5432"}
+    # As corral passes an env_file: its lines literally (only command and env get ports).
+    assert cm["data"] == {"POSTGRES_DB": "shop", "PGPORT": "${ports.pg}"}
     db = container(by(objs, "Deployment", "db"))
     assert db["envFrom"] == [{"configMapRef": {"name": "db-env"}}]
     assert db["command"] == ["postgres"] and db["args"] == ["-p", "5432"]
@@ -169,6 +170,11 @@ def test_env_files_fronts_signals_and_the_mesh(tmp_path: Path) -> None:
     init = web["spec"]["template"]["spec"]["initContainers"]
     assert init[0]["image"] == "alpine:3" and "nc -z -w 2 db 5432" in init[0]["command"][2]
     assert env(container(web))["CORRAL_DB_ADDR"] == "db:5432"
+    # Nomad gets the same meaning: the env_file's lines literally, in the task's Env.
+    (job,) = nomad(spec)
+    db_task = next(t for g in job["Job"]["TaskGroups"] for t in g["Tasks"] if t["Name"] == "db")
+    assert db_task["Env"]["PGPORT"] == "${ports.pg}" and db_task["Env"]["POSTGRES_DB"] == "shop"
+    assert db_task["Config"]["args"] == ["-p", "5432"]
     text = "".join(t for _, t in render(load_spec(spec), tmp_path, "kubernetes"))
     assert "spiffe://edge_cases.corral/svc/web_front" in text.split("apiVersion")[0], "the header names the SPIFFE IDs"
 

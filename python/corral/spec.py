@@ -638,8 +638,9 @@ def _port_refs(svc: ServiceSpec) -> Iterator[tuple[str, Loc]]:
             yield m.group(1), ("env", k)
 
 
-def substitute_ports(text: str, ports: Mapping[str, int]) -> str:
-    """Replaces ``${ports.<name>}`` in ``text``."""
+def substitute_ports(text: str, ports: Mapping[str, int | str]) -> str:
+    """Replaces ``${ports.<name>}`` in ``text`` with the port's value (a number, or what an
+    exporter stands in for it, such as Nomad's ``${NOMAD_PORT_<name>}``)."""
     return _PORT_REF.sub(lambda m: str(ports[m.group(1)]), text)
 
 

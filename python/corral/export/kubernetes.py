@@ -22,6 +22,7 @@ import math
 from typing import Any
 
 from corral.export.model import Check, StackModel, Workload
+from corral.spec import substitute_ports
 
 __all__ = ["objects", "render"]
 
@@ -99,14 +100,16 @@ def _dep_env(model: StackModel, w: Workload) -> list[dict[str, Any]]:
 def _container(model: StackModel, w: Workload) -> dict[str, Any]:
     svc = w.spec
     c: dict[str, Any] = {"name": w.dns, "image": w.image}
+    numbers: dict[str, int | str] = {p.name: p.number for p in w.ports}
+    argv = [substitute_ports(a, numbers) for a in w.argv]
     if svc.shell:
-        c["command"] = w.argv[:2]
-        c["args"] = w.argv[2:]
+        c["command"] = argv[:2]
+        c["args"] = argv[2:]
     else:
-        c["command"] = w.argv[:1]
-        if w.argv[1:]:
-            c["args"] = w.argv[1:]
-    env: list[dict[str, Any]] = [{"name": k, "value": v} for k, v in w.env.items()]
+        c["command"] = argv[:1]
+        if argv[1:]:
+            c["args"] = argv[1:]
+    env: list[dict[str, Any]] = [{"name": k, "value": substitute_ports(v, numbers)} for k, v in w.env.items()]
     if len(w.ports) == 1:
         env.append({"name": "PORT", "value": str(w.ports[0].number)})
     env += [{"name": f"CORRAL_PORT_{p.name.upper().replace('-', '_')}", "value": str(p.number)} for p in w.ports]

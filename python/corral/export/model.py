@@ -1,9 +1,10 @@
 """The engine-neutral reading of a spec that every exporter maps from.
 
 What each service means, resolved once: its kind of workload (long-running, with storage,
-or one-shot), its command with ``${ports.x}`` substituted, its environment (``env_file``
-read), fixed container ports for ``auto`` ones, probes with their timings, resources,
-dependencies, shutdown, update and front. What an engine cannot carry is the exporter's
+or one-shot), its command and environment as the spec wrote them (``${ports.x}`` is each
+engine's to fill in: a number, or a variable of its own), its ``env_file`` read (literally,
+as corral passes it), fixed container ports for ``auto`` ones, probes with their timings,
+resources, dependencies, shutdown, update and front. What an engine cannot carry is the exporter's
 to say; what corral does that no engine does is listed here, per service, in ``beyond``.
 """
 
@@ -15,7 +16,7 @@ from typing import Literal
 
 from corral.exceptions import ConfigError
 from corral.exportspec import ExportSpec
-from corral.spec import DeploymentSpec, Probe, ServiceSpec, read_env_file, substitute_ports
+from corral.spec import DeploymentSpec, Probe, ServiceSpec, read_env_file
 
 __all__ = ["AUTO_PORT_BASE", "Check", "Port", "StackModel", "Workload", "build", "dns_name"]
 
@@ -66,9 +67,11 @@ class Workload:
     image: str | None
     replicas: int
     argv: list[str]
+    """The command as an argv, ``${ports.x}`` left in (see :func:`substitute_ports`)."""
     env: dict[str, str]
-    """``env`` with ports substituted (``env_file`` apart, in ``env_file``)."""
+    """The spec's ``env``, ``${ports.x}`` left in (``env_file`` apart, in ``env_file``)."""
     env_file: dict[str, str] | None
+    """What the ``env_file`` holds, as corral passes it: no ports substituted."""
     ports: list[Port]
     probes: dict[str, Check]
     depends: dict[str, str]
@@ -132,20 +135,17 @@ def build(spec: DeploymentSpec, base: Path) -> StackModel:
                 auto += 1
             else:
                 ports[pname] = Port(pname, int(want), False)
-        numbers = {p.name: p.number for p in ports.values()}
-        argv = [substitute_ports(a, numbers) for a in svc.argv()]
-        env = {k: substitute_ports(v, numbers) for k, v in svc.env.items()}
         env_file = None
         if svc.env_file is not None:
             try:
-                env_file = {k: substitute_ports(v, numbers) for k, v in read_env_file(base / svc.env_file).items()}
+                env_file = read_env_file(base / svc.env_file)
             except OSError as e:
                 raise ConfigError(f"{name}: env_file {svc.env_file}: {e.strerror or e}") from None
         kind: Kind = "job" if _is_job(name, svc, spec) else "stateful" if svc.resources.storage else "service"
         probes = {k: _check(p, ports) for k in ("startup", "readiness", "liveness")
                   if (p := getattr(svc.health, k)) is not None}
         storage = svc.resources.storage
-        w = Workload(name, dns_name(name), svc, kind, svc.image, svc.replicas, argv, env, env_file,
+        w = Workload(name, dns_name(name), svc, kind, svc.image, svc.replicas, svc.argv(), dict(svc.env), env_file,
                      list(ports.values()), probes, {d: dep.condition for d, dep in svc.depends_on.items()},
                      storage.path if storage else None,
                      f"spiffe://{spec.name}.corral/svc/{name}" if svc.mtls or any(

@@ -23,17 +23,16 @@ and types as in hashicorp/nomad's ``api/`` structs, durations in nanoseconds).
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 from corral.export.model import Check, Port, StackModel, Workload
+from corral.spec import substitute_ports
 
 __all__ = ["jobs"]
 
 _NS = 1_000_000_000
 _DELAY = {"fixed": "constant", "linear": "constant", "exponential": "exponential", "fibonacci": "fibonacci",
           "decorrelated": "exponential"}
-_PORT_REF = re.compile(r"\$\{ports\.([A-Za-z0-9_-]+)\}")
 
 
 def _ns(seconds: float) -> int:
@@ -44,31 +43,18 @@ def _mib(n: int | None) -> int | None:
     return None if n is None else max(1, math.ceil(n / (1 << 20)))
 
 
-def _nomad_ports(text: str, w: Workload) -> str:
-    """``${ports.x}``, already a fixed number in the model, back to Nomad's variable for a
-    dynamic port (a static one keeps its number)."""
-    for p in w.ports:
-        if p.auto:
-            text = text.replace(f"${{ports.{p.name}}}", f"${{NOMAD_PORT_{p.name}}}")
-    return text
-
-
-def _substitute(text: str, w: Workload) -> str:
-    """``${ports.x}``: Nomad's variable for a dynamic port, the number of a static one."""
-    fixed = {p.name: str(p.number) for p in w.ports if not p.auto}
-    return _PORT_REF.sub(lambda m: fixed.get(m.group(1), m.group(0)), _nomad_ports(text, w))
-
-
-def _argv(w: Workload) -> list[str]:
-    return [_substitute(a, w) for a in w.spec.argv()]
-
-
 def _port(p: Port) -> str:
+    """A port's value in the task: Nomad's variable for a dynamic one, the number of a static one."""
     return f"${{NOMAD_PORT_{p.name}}}" if p.auto else str(p.number)
 
 
+def _substitute(text: str, w: Workload) -> str:
+    return substitute_ports(text, {p.name: _port(p) for p in w.ports})
+
+
 def _env(w: Workload) -> dict[str, str]:
-    env = {k: _substitute(v, w) for k, v in {**(w.env_file or {}), **w.spec.env}.items()}
+    # The env_file's lines as corral passes them; the spec's env over them, ports filled in.
+    env = {**(w.env_file or {}), **{k: _substitute(v, w) for k, v in w.env.items()}}
     if len(w.ports) == 1:
         env["PORT"] = _port(w.ports[0])
     for p in w.ports:
@@ -100,7 +86,7 @@ def _check(name: str, kind: str, c: Check, w: Workload) -> dict[str, Any]:
 
 def _task(model: StackModel, w: Workload, name: str | None = None) -> dict[str, Any]:
     name = name or w.dns
-    argv = _argv(w)
+    argv = [_substitute(a, w) for a in w.argv]
     if w.image:
         config: dict[str, Any] = {"image": w.image, "command": argv[0], "args": argv[1:]}
         if w.ports:
