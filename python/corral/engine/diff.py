@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from corral.engine.environment import env_name
 from corral.spec import DeploymentSpec, ServiceSpec, read_env_file
 
 __all__ = ["Change", "FieldChange", "ServiceChange", "SpecDiff", "diff_specs", "effective", "spec_hash"]
@@ -104,7 +105,7 @@ class ServiceChange:
             if self.fallback:
                 yield f"    {self.name} falls back to stop-first: {self.fallback}"
         for dep in self.stale:
-            yield (f"    {dep} keeps the old address of {self.name} (CORRAL_{_env(self.name)}_ADDR); "
+            yield (f"    {dep} keeps the old address of {self.name} (CORRAL_{env_name(self.name)}_ADDR); "
                    f"give its depends_on.{self.name} restart: true to restart it after")
         if self.restart_after:
             yield f"    {self.name} restarts after {', '.join(self.restart_after)} (restart: true)"
@@ -290,6 +291,3 @@ def _show(value: Any, quote: bool) -> str:
 def _count(n: int) -> str:
     return f"{n} instance" + ("" if n == 1 else "s")
 
-
-def _env(name: str) -> str:
-    return name.upper().replace("-", "_")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from corral.engine.environment import env_name
 from corral.export.model import Check, StackModel, Workload
 from corral.spec import substitute_ports
 
@@ -78,7 +79,7 @@ def _rounded(w: Workload) -> list[str]:
     return out
 
 
-def _service_port(model: StackModel, w: Workload) -> int | None:
+def _service_port(w: Workload) -> int | None:
     p = w.first_port
     if p is None:
         return None
@@ -89,10 +90,10 @@ def _dep_env(model: StackModel, w: Workload) -> list[dict[str, Any]]:
     env: list[dict[str, Any]] = []
     for dep in w.depends:
         d = model.workloads[dep]
-        port = _service_port(model, d)
+        port = _service_port(d)
         if port is not None:
             addr = f"{d.dns}:{port}"
-            key = dep.upper().replace("-", "_")
+            key = env_name(dep)
             env += [{"name": f"CORRAL_{key}_ADDR", "value": addr}, {"name": f"CORRAL_{key}_ADDRS", "value": addr}]
     return env
 
@@ -112,7 +113,7 @@ def _container(model: StackModel, w: Workload) -> dict[str, Any]:
     env: list[dict[str, Any]] = [{"name": k, "value": substitute_ports(v, numbers)} for k, v in w.env.items()]
     if len(w.ports) == 1:
         env.append({"name": "PORT", "value": str(w.ports[0].number)})
-    env += [{"name": f"CORRAL_PORT_{p.name.upper().replace('-', '_')}", "value": str(p.number)} for p in w.ports]
+    env += [{"name": f"CORRAL_PORT_{env_name(p.name)}", "value": str(p.number)} for p in w.ports]
     env += [{"name": "CORRAL_SERVICE", "value": w.name}, {"name": "CORRAL_DEPLOYMENT", "value": model.name},
             {"name": "CORRAL_INSTANCE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
     if w.kind == "stateful":
@@ -202,7 +203,7 @@ def _waits(model: StackModel, w: Workload) -> list[dict[str, Any]]:
                         "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {
                             "fieldPath": "metadata.namespace"}}}]})
         else:
-            port = _service_port(model, d)
+            port = _service_port(d)
             if port is None:
                 _note(w, f"depends_on {dep}: {cond} has no port to wait on; it starts without waiting")
                 continue

@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from corral.engine.environment import env_name
 from corral.export.model import Check, Port, StackModel, Workload
 from corral.spec import substitute_ports
 
@@ -58,7 +59,7 @@ def _env(w: Workload) -> dict[str, str]:
     if len(w.ports) == 1:
         env["PORT"] = _port(w.ports[0])
     for p in w.ports:
-        env[f"CORRAL_PORT_{p.name.upper().replace('-', '_')}"] = _port(p)
+        env[f"CORRAL_PORT_{env_name(p.name)}"] = _port(p)
     env["CORRAL_SERVICE"] = w.name
     env["CORRAL_INSTANCE"] = "${NOMAD_ALLOC_NAME}"
     env["CORRAL_REPLICA"] = "${NOMAD_ALLOC_INDEX}"
@@ -121,7 +122,7 @@ def _task(model: StackModel, w: Workload, name: str | None = None) -> dict[str, 
 
 def _addr_template(model: StackModel, dep: str) -> dict[str, Any]:
     d = model.workloads[dep]
-    key = dep.upper().replace("-", "_")
+    key = env_name(dep)
     data = (f'CORRAL_{key}_ADDR={{{{ with nomadService "{d.dns}" }}}}{{{{ with index . 0 }}}}'
             f'{{{{ .Address }}}}:{{{{ .Port }}}}{{{{ end }}}}{{{{ end }}}}\n'
             f'CORRAL_{key}_ADDRS={{{{ range $i, $s := nomadService "{d.dns}" }}}}{{{{ if $i }}}},{{{{ end }}}}'
@@ -131,7 +132,7 @@ def _addr_template(model: StackModel, dep: str) -> dict[str, Any]:
 
 def _wait_task(model: StackModel, dep: str) -> dict[str, Any]:
     d = model.workloads[dep]
-    key = dep.upper().replace("-", "_")
+    key = env_name(dep)
     script = (f'until [ -n "$CORRAL_{key}_ADDR" ] && nc -z "${{CORRAL_{key}_ADDR%:*}}" '
               f'"${{CORRAL_{key}_ADDR##*:}}"; do sleep 1; done')
     return {"Name": f"wait-{d.dns}", "Driver": model.options.nomad.driver,
