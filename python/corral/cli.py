@@ -487,11 +487,10 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
         return
     if show_map:
         from corral._core import ResourceManager, Topology
-        from corral.cpumap import machine_map
+        from corral.cpumap import held_cpus, machine_map
 
         topology = Topology.detect()
-        holders = {cpu: i.id for insts in st.services.values() for i in insts if i.exclusive and i.is_alive_state()
-                   for cpu in i.cpus}
+        holders = held_cpus(i for insts in st.services.values() for i in insts)
         for line in machine_map(topology, holders, set(ResourceManager(topology).usage().cpus)):
             out.print(_printable(line), markup=False)
         return

@@ -6,11 +6,21 @@ CPU with what holds it: an instance (exclusively), the shared pool, or the syste
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 from corral._core import Topology
 
-__all__ = ["machine_map"]
+if TYPE_CHECKING:
+    from corral.state import InstanceRow
+
+__all__ = ["held_cpus", "machine_map"]
+
+
+def held_cpus(instances: Iterable[InstanceRow]) -> dict[int, str]:
+    """CPU -> the instance holding it exclusively, from a running stack's status (what
+    ``status --map`` and ``corral top`` draw)."""
+    return {cpu: i.id for i in instances if i.exclusive and i.is_alive_state() for cpu in i.cpus}
 
 
 def _size(kb: int) -> str:

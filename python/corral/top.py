@@ -32,7 +32,7 @@ from textual.widgets import DataTable, Footer, Header, Log, Static
 from corral._core import ResourceManager, Topology, group_usage
 from corral.agent.client import AgentClient
 from corral.agent.logs import tail_lines
-from corral.cpumap import machine_map
+from corral.cpumap import held_cpus, machine_map
 from corral.exceptions import AgentUnavailable, CorralError
 from corral.state import DeploymentStatus, InstanceRow
 
@@ -209,8 +209,7 @@ class TopApp(App[None]):
             table.move_cursor(row=ids.index(selected.instance))
 
     def _draw_machine(self, status: DeploymentStatus) -> None:
-        holders = {cpu: i.id for insts in status.services.values() for i in insts
-                   if i.exclusive and i.is_alive_state() for cpu in i.cpus}
+        holders = held_cpus(i for insts in status.services.values() for i in insts)
         lines = machine_map(self.topology, holders, self.usable)
         self.query_one("#machine", Static).update(Text("\n".join(lines)))
 
