@@ -19,23 +19,16 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any
 
 from corral._core import process_start_time, signal_group
 from corral.engine.diff import effective
-from corral.engine.fleet import Fleet
-from corral.engine.hooks import FrontsHook
 from corral.engine.instance import STARTED, UP, InstanceRuntime, Process, placement_text
-from corral.engine.journal import Journal
-from corral.engine.launch import Launcher
-from corral.engine.stack import Stack
-from corral.engine.verdicts import Verdicts
+from corral.engine.parts import DeploymentParts
 from corral.exceptions import AgentAlreadyRunning, CorralError, StateDirError
 from corral.leftovers import live_agent, logged_spawns, marked_leaders
 from corral.lifecycle import State
 from corral.recovery import Exit
-from corral.scheduler import Plan, Scheduler, phases
-from corral.spec import DeploymentSpec
+from corral.scheduler import Plan, phases
 from corral.state import InstanceRow, StateStore
 
 __all__ = ["AdoptMixin"]
@@ -44,25 +37,8 @@ _ALIVE_STATES = frozenset({"starting", "running", "healthy", "unhealthy", "stopp
 """Recorded states in which an instance had a process."""
 
 
-class AdoptMixin:
+class AdoptMixin(DeploymentParts):
     """``adopt`` of a :class:`~corral.engine.deployment.Deployment`."""
-
-    spec: DeploymentSpec
-    file: Path
-    state_dir: Path
-    journal: Journal
-    fleet: Fleet
-    scheduler: Scheduler
-    launcher: Launcher
-    verdicts: Verdicts
-    plan: Plan | None
-    _stack: Stack
-    _fronts: FrontsHook
-    _volumes: dict[str, Path]
-    _configs: dict[str, dict[str, Any]]
-    _versions: dict[str, int]
-    _first_version: int
-    _ran: bool
 
     async def down(self) -> None: ...  # from Deployment
 

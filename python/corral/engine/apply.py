@@ -6,51 +6,25 @@ record each spec version."""
 
 from __future__ import annotations
 
-import asyncio
 from pathlib import Path
 from typing import Any
 
-from corral._core import Topology
 from corral.engine.diff import SpecDiff, diff_specs, effective
-from corral.engine.fleet import Fleet
-from corral.engine.hooks import FrontsHook, MeshHook, VolumesHook
 from corral.engine.instance import InstanceRuntime
-from corral.engine.journal import Journal
-from corral.engine.launch import Launcher
+from corral.engine.parts import DeploymentParts
 from corral.engine.rollout import Replaced, RollFailed, new_id, revert, roll
-from corral.engine.stack import Stack
 from corral.engine.tracing import Tracing, endpoint_from
-from corral.engine.verdicts import Verdicts
 from corral.exceptions import ConfigError, CorralError, RolloutError
 from corral.lifecycle import State
 from corral.recovery import BackoffRestart
-from corral.scheduler import Plan, Scheduler, check_fit, phases, volume_paths
+from corral.scheduler import check_fit, phases, volume_paths
 from corral.spec import DeploymentSpec
 
 __all__ = ["ApplyMixin"]
 
 
-class ApplyMixin:
+class ApplyMixin(DeploymentParts):
     """``plan_changes`` and ``apply`` of a :class:`~corral.engine.deployment.Deployment`."""
-
-    spec: DeploymentSpec
-    file: Path
-    topology: Topology
-    journal: Journal
-    fleet: Fleet
-    scheduler: Scheduler
-    launcher: Launcher
-    verdicts: Verdicts
-    plan: Plan | None
-    _stack: Stack
-    _fronts: FrontsHook
-    _mesh: MeshHook
-    _vols: VolumesHook
-    _volumes: dict[str, Path]
-    _configs: dict[str, dict[str, Any]]
-    _versions: dict[str, int]
-    _first_version: int
-    _changing: asyncio.Lock
 
     def _slots(self, service: str, indices: list[int]) -> list[tuple[int, str]]:
         """Ids for new instances of ``service``: ``<service>-<i>`` while it runs the version
