@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from corral import Authority, Deployment
-from tests.e2e import await_until, kill_groups, read_json, write_spec
+from tests.e2e import await_until, read_json, running, write_spec
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -40,14 +40,8 @@ SPEC = """
 
 @pytest.fixture
 async def mesh(tmp_path: Path) -> AsyncIterator[Deployment]:
-    d = Deployment.from_file(write_spec(tmp_path, SPEC.replace("@DIR@", str(tmp_path))))
-    try:
-        await d.up()
+    async with running(write_spec(tmp_path, SPEC.replace("@DIR@", str(tmp_path)))) as d:
         yield d
-    finally:
-        pids = [i.pid for insts in d.status().services.values() for i in insts if i.pid]
-        await d.down()
-        kill_groups([p for p in pids if p])
 
 
 def _get(ctx: ssl.SSLContext) -> tuple[str, bytes]:
