@@ -63,15 +63,14 @@ def _labels(**kv: str) -> str:
     return "{" + ",".join(f'{k}="{_esc(v)}"' for k, v in kv.items()) + "}"
 
 
-class _Out:
-    def __init__(self) -> None:
-        self.lines: list[str] = []
+def _head(lines: list[str], name: str, kind: str, help: str) -> None:
+    lines.append(f"# HELP {name} {help}")
+    lines.append(f"# TYPE {name} {kind}")
 
-    def family(self, name: str, kind: str, help: str, samples: Iterable[tuple[str, float]]) -> None:
-        self.lines.append(f"# HELP {name} {help}")
-        self.lines.append(f"# TYPE {name} {kind}")
-        for labels, value in samples:
-            self.lines.append(f"{name}{labels} {value:.17g}")
+
+def _family(lines: list[str], name: str, kind: str, help: str, samples: Iterable[tuple[str, float]]) -> None:
+    _head(lines, name, kind, help)
+    lines.extend(f"{name}{labels} {value:.17g}" for labels, value in samples)
 
 
 def _cgroup_memory(inst: InstanceRuntime) -> int | None:
@@ -137,56 +136,50 @@ def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> st
     lines: list[str] = []
     add = lines.append
 
-    def head(name: str, kind: str, help: str) -> None:
-        add(f"# HELP {name} {help}")
-        add(f"# TYPE {name} {kind}")
-
-    head("corral_instance_up", "gauge", "1 when the instance is healthy.")
+    _head(lines, "corral_instance_up", "gauge", "1 when the instance is healthy.")
     lines += [f"corral_instance_up{s.lab} {1 if st is State.HEALTHY else 0}" for _, s, st, _ in rows]
-    head("corral_instance_state", "gauge", "1 for the state the instance is in, 0 for the others.")
+    _head(lines, "corral_instance_state", "gauge", "1 for the state the instance is in, 0 for the others.")
     lines += [s.state_block(st) for _, s, st, _ in rows]
-    head("corral_instance_restarts_total", "counter", "Restarts of the instance.")
+    _head(lines, "corral_instance_restarts_total", "counter", "Restarts of the instance.")
     lines += [f"corral_instance_restarts_total{s.lab} {i.restarts}" for i, s, _, _ in rows]
-    head("corral_instance_cpu_seconds_total", "counter",
-         "CPU time of the instance's live process tree, seconds.")
+    _head(lines, "corral_instance_cpu_seconds_total", "counter",
+          "CPU time of the instance's live process tree, seconds.")
     lines += [f"corral_instance_cpu_seconds_total{s.lab} {use[0] / _TICK}" for _, s, _, use in rows if use is not None]
-    head("corral_instance_memory_rss_bytes", "gauge",
-         "Resident memory of the instance: its cgroup's usage when it has one, else its processes' RSS.")
+    _head(lines, "corral_instance_memory_rss_bytes", "gauge",
+          "Resident memory of the instance: its cgroup's usage when it has one, else its processes' RSS.")
     for i, s, _, use in rows:
         if use is not None:
-            m = _cgroup_memory(i) if i.cgroup is not None else None
+            m = _cgroup_memory(i)
             add(f"corral_instance_memory_rss_bytes{s.lab} {m if m is not None else use[1]}")
-    head("corral_instance_open_fds", "gauge", "Open file descriptors of the instance's processes.")
+    _head(lines, "corral_instance_open_fds", "gauge", "Open file descriptors of the instance's processes.")
     lines += [f"corral_instance_open_fds{s.lab} {use[2]}" for _, s, _, use in rows if use is not None]
     # Every probe attempt, counted by the core on the probe's task.
     sup = stack.supervisor
     probes = [(s.probe(st[0]), st) for i, s, _, _ in rows for st in (sup.probe_stats(i.id) if sup is not None else [])]
-    head("corral_probe_duration_seconds", "histogram", "How long each probe attempt took, seconds.")
+    _head(lines, "corral_probe_duration_seconds", "histogram", "How long each probe attempt took, seconds.")
     for (prefixes, inf, total_p, count_p, _), (_, buckets, total, count, _) in probes:
         lines += [f"{p}{n}" for p, n in zip(prefixes, buckets, strict=True)]
         add(f"{inf}{count}")
         add(f"{total_p}{total}")
         add(f"{count_p}{count}")
-    head("corral_probe_failures_total", "counter", "Probe attempts that failed.")
+    _head(lines, "corral_probe_failures_total", "counter", "Probe attempts that failed.")
     lines += [f"{pre[4]}{st[4]}" for pre, st in probes]
-    out = _Out()
-    out.lines = lines
     stats = {name: f.stats() for name, f in sorted(fronts.items())}
-    out.family("corral_front_connections_total", "counter", "Connections the front handed to an upstream.",
-               ((_labels(service=s, upstream=u.id), float(u.connections)) for s, st in stats.items()
-                for u in st.upstreams))
-    out.family("corral_front_active_connections", "gauge", "Connections open through the front now.",
-               ((_labels(service=s), float(st.active)) for s, st in stats.items()))
-    out.family("corral_front_bytes_total", "counter", "Bytes relayed by the front.",
-               ((_labels(service=s, direction=d), float(v)) for s, st in stats.items()
-                for d, v in (("in", st.bytes_in), ("out", st.bytes_out))))
-    out.family("corral_front_errors_total", "counter", "Upstream connects or relays that failed.",
-               ((_labels(service=s, upstream=u.id), float(u.errors)) for s, st in stats.items()
-                for u in st.upstreams))
-    out.family("corral_front_ejections_total", "counter", "Times an upstream was ejected (its breaker opened).",
-               ((_labels(service=s), float(st.ejections)) for s, st in stats.items()))
-    head("corral_front_connect_duration_seconds", "histogram",
-         "How long each connect from the front to an upstream took (failed ones too), seconds.")
+    _family(lines, "corral_front_connections_total", "counter", "Connections the front handed to an upstream.",
+            ((_labels(service=s, upstream=u.id), float(u.connections)) for s, st in stats.items()
+             for u in st.upstreams))
+    _family(lines, "corral_front_active_connections", "gauge", "Connections open through the front now.",
+            ((_labels(service=s), float(st.active)) for s, st in stats.items()))
+    _family(lines, "corral_front_bytes_total", "counter", "Bytes relayed by the front.",
+            ((_labels(service=s, direction=d), float(v)) for s, st in stats.items()
+             for d, v in (("in", st.bytes_in), ("out", st.bytes_out))))
+    _family(lines, "corral_front_errors_total", "counter", "Upstream connects or relays that failed.",
+            ((_labels(service=s, upstream=u.id), float(u.errors)) for s, st in stats.items()
+             for u in st.upstreams))
+    _family(lines, "corral_front_ejections_total", "counter", "Times an upstream was ejected (its breaker opened).",
+            ((_labels(service=s), float(st.ejections)) for s, st in stats.items()))
+    _head(lines, "corral_front_connect_duration_seconds", "histogram",
+          "How long each connect from the front to an upstream took (failed ones too), seconds.")
     for name, front in stats.items():
         for u in front.upstreams:
             base = f'service="{_esc(name)}",upstream="{_esc(u.id)}"'
@@ -195,18 +188,18 @@ def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> st
             add(f'corral_front_connect_duration_seconds_bucket{{{base},le="+Inf"}} {u.connect_count}')
             add(f"corral_front_connect_duration_seconds_sum{{{base}}} {u.connect_sum}")
             add(f"corral_front_connect_duration_seconds_count{{{base}}} {u.connect_count}")
-    out.family("corral_rollouts_total", "counter", "Applies that replaced instances, by how they ended.",
-               ((_labels(result=r), float(c)) for r, c in sorted(counters.rollouts.items())))
+    _family(lines, "corral_rollouts_total", "counter", "Applies that replaced instances, by how they ended.",
+            ((_labels(result=r), float(c)) for r, c in sorted(counters.rollouts.items())))
     me = resource.getrusage(resource.RUSAGE_SELF)
-    out.family("process_cpu_seconds_total", "counter", "The agent's CPU time, seconds.",
-               (("", me.ru_utime + me.ru_stime),))
+    _family(lines, "process_cpu_seconds_total", "counter", "The agent's CPU time, seconds.",
+            (("", me.ru_utime + me.ru_stime),))
     with open("/proc/self/statm") as f:
         rss = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    out.family("process_resident_memory_bytes", "gauge", "The agent's resident memory.", (("", float(rss)),))
-    out.family("process_open_fds", "gauge", "The agent's open file descriptors.", (("", float(_open_fds())),))
-    out.family("process_start_time_seconds", "gauge", "When the agent started, Unix time.",
-               (("", _START),))
-    return "\n".join(out.lines) + "\n"
+    _family(lines, "process_resident_memory_bytes", "gauge", "The agent's resident memory.", (("", float(rss)),))
+    _family(lines, "process_open_fds", "gauge", "The agent's open file descriptors.", (("", float(_open_fds())),))
+    _family(lines, "process_start_time_seconds", "gauge", "When the agent started, Unix time.",
+            (("", _START),))
+    return "\n".join(lines) + "\n"
 
 
 _START = time.time()
