@@ -138,7 +138,7 @@ class Tracing:
             yield
         except BaseException as e:
             self._fail(span, str(e) or type(e).__name__)
-            for open_span in self._open_children():
+            for open_span in self._drain():
                 self._fail(open_span, f"{type(e).__name__}: {e}" if str(e) else type(e).__name__)
                 open_span.end()
             raise
@@ -146,10 +146,8 @@ class Tracing:
             _scope.reset(token)
             span.end()
 
-    def _open_children(self) -> list[Any]:
-        """Phase and instance spans still open when their operation fails."""
-        if _scope.get() is None or self._tracer is None:
-            return []
+    def _drain(self) -> list[Any]:
+        """The phase and instance spans still open (a failure or the end closes them)."""
         left = [*self._instances.values(), *self._phases.values()]
         self._instances.clear()
         self._phases.clear()
@@ -224,10 +222,8 @@ class Tracing:
         (the event loop) does not wait for the collector, and the process does not exit
         before the last batch went out (or its export timed out)."""
         if self._provider is not None:
-            for span in [*self._instances.values(), *self._phases.values()]:
+            for span in self._drain():
                 span.end()
-            self._instances.clear()
-            self._phases.clear()
             t = threading.Thread(target=self._provider.shutdown, name="corral-otlp-close")
             t.start()
             _closing.append(t)
