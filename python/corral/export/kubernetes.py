@@ -19,6 +19,7 @@ against the 1.37 schemas, strict).
 from __future__ import annotations
 
 import math
+import signal
 from typing import Any
 
 from corral.engine.environment import env_name
@@ -27,7 +28,6 @@ from corral.spec import substitute_ports
 
 __all__ = ["objects", "render"]
 
-_SIGNAL_NUMBERS = {"SIGINT": 2, "SIGQUIT": 3, "SIGHUP": 1, "SIGUSR1": 10, "SIGUSR2": 12, "SIGKILL": 9}
 
 
 def _secs(v: float, minimum: int = 1) -> int:
@@ -137,8 +137,9 @@ def _container(model: StackModel, w: Workload) -> dict[str, Any]:
         c["volumeMounts"] = [{"name": "data", "mountPath": _mount(w)}]
     if svc.shutdown.signal != "SIGTERM":
         # The kubelet always sends SIGTERM; the preStop hook sends the service's own signal first.
+        number = signal.Signals[svc.shutdown.signal].value
         c["lifecycle"] = {"preStop": {"exec": {"command": [
-            "/bin/sh", "-c", f"kill -{_SIGNAL_NUMBERS[svc.shutdown.signal]} 1; sleep {_secs(svc.shutdown.drain)}"]}}}
+            "/bin/sh", "-c", f"kill -{number} 1; sleep {_secs(svc.shutdown.drain)}"]}}}
     elif svc.expose and svc.shutdown.drain > 0:
         c["lifecycle"] = {"preStop": {"sleep": {"seconds": _secs(svc.shutdown.drain)}}}
     return c
@@ -189,12 +190,19 @@ def _resources(w: Workload) -> dict[str, Any]:
     return out
 
 
+def _waits_for_jobs(model: StackModel, w: Workload) -> list[str]:
+    """The dependencies ``w`` waits on to complete (a Job): its init containers read them
+    through the API, as the waiter service account."""
+    return [d for d, cond in w.depends.items() if cond == "completed" or model.workloads[d].kind == "job"]
+
+
 def _waits(model: StackModel, w: Workload) -> list[dict[str, Any]]:
     image = model.options.kubernetes.wait_image
     out = []
+    jobs = _waits_for_jobs(model, w)
     for dep, cond in w.depends.items():
         d = model.workloads[dep]
-        if cond == "completed" or d.kind == "job":
+        if dep in jobs:
             ns = model.options.kubernetes.namespace or "$(POD_NAMESPACE)"
             script = (f"until wget -q -O- --header \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/"
                       f"serviceaccount/token)\" --no-check-certificate https://kubernetes.default.svc/apis/batch/v1/"
@@ -219,7 +227,7 @@ def _pod(model: StackModel, w: Workload) -> dict[str, Any]:
     waits = _waits(model, w)
     if waits:
         spec["initContainers"] = waits
-    if any(model.workloads[d].kind == "job" or c == "completed" for d, c in w.depends.items()):
+    if _waits_for_jobs(model, w):
         spec["serviceAccountName"] = f"{model.dns}-waiter"
     if w.kind == "job":
         spec["restartPolicy"] = "Never" if w.spec.restart.policy == "no" else "OnFailure"
@@ -303,8 +311,7 @@ def _waiter_rbac(model: StackModel) -> list[dict[str, Any]]:
 def objects(model: StackModel) -> list[dict[str, Any]]:
     """Every object, in the order ``kubectl apply`` should see them."""
     out: list[dict[str, Any]] = []
-    if any(model.workloads[d].kind == "job" or c == "completed"
-           for w in model.workloads.values() for d, c in w.depends.items()):
+    if any(_waits_for_jobs(model, w) for w in model.workloads.values()):
         out += _waiter_rbac(model)
     for w in model.workloads.values():
         if w.env_file is not None:
