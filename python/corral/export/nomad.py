@@ -68,14 +68,14 @@ def _env(w: Workload) -> dict[str, str]:
     return env
 
 
-def _check(name: str, kind: str, c: Check, w: Workload) -> dict[str, Any]:
+def _check(kind: str, c: Check, w: Workload) -> dict[str, Any]:
     out: dict[str, Any] = {"Name": f"{w.dns}-{kind}", "Interval": _ns(c.period), "Timeout": _ns(c.timeout)}
-    if c.kind == "http":
-        out.update({"Type": "http", "Path": c.path, "PortLabel": c.port.name if c.port and c.port.name else ""})
-    elif c.kind == "tcp":
-        out.update({"Type": "tcp", "PortLabel": c.port.name if c.port and c.port.name else ""})
+    if c.kind == "exec":
+        out.update({"Type": "script", "Command": c.argv[0], "Args": c.argv[1:], "TaskName": w.dns})
     else:
-        out.update({"Type": "script", "Command": c.argv[0], "Args": c.argv[1:], "TaskName": name})
+        out.update({"Type": c.kind, "PortLabel": c.port.name if c.port and c.port.name else ""})
+        if c.kind == "http":
+            out["Path"] = c.path
     if c.success_threshold > 1:
         out["SuccessBeforePassing"] = c.success_threshold
     if kind == "readiness":
@@ -88,14 +88,13 @@ def _check(name: str, kind: str, c: Check, w: Workload) -> dict[str, Any]:
 def _task(model: StackModel, w: Workload, name: str | None = None) -> dict[str, Any]:
     name = name or w.dns
     argv = [_substitute(a, w) for a in w.argv]
+    config: dict[str, Any] = {"command": argv[0], "args": argv[1:]}
+    driver: str = model.options.nomad.driver
     if w.image:
-        config: dict[str, Any] = {"image": w.image, "command": argv[0], "args": argv[1:]}
+        config = {"image": w.image, **config}
         if w.ports:
             config["ports"] = [p.name for p in w.ports]
         driver = "docker"
-    else:
-        config = {"command": argv[0], "args": argv[1:]}
-        driver = model.options.nomad.driver
     task: dict[str, Any] = {"Name": name, "Driver": driver, "Config": config, "Env": _env(w),
                             "KillTimeout": _ns(w.spec.shutdown.timeout), "KillSignal": w.spec.shutdown.signal}
     r = w.spec.resources
@@ -113,11 +112,16 @@ def _task(model: StackModel, w: Workload, name: str | None = None) -> dict[str, 
         res.setdefault("MemoryMB", mem_max)
     if res:
         task["Resources"] = res
-    templates = [_addr_template(model, dep) for dep in w.depends if model.workloads[dep].kind != "job"
-                 and model.workloads[dep].ports]
+    templates = [_addr_template(model, dep) for dep in _awaited(model, w)]
     if templates:
         task["Templates"] = templates
     return task
+
+
+def _awaited(model: StackModel, w: Workload) -> list[str]:
+    """The long-running dependencies with an address: ``w`` waits for each and gets its
+    ``CORRAL_<DEP>_ADDR(S)`` from Nomad's service catalogue."""
+    return [d for d in w.depends if model.workloads[d].kind != "job" and model.workloads[d].ports]
 
 
 def _addr_template(model: StackModel, dep: str) -> dict[str, Any]:
@@ -156,13 +160,14 @@ def _restart(w: Workload) -> tuple[dict[str, Any], dict[str, Any]]:
 def _group(model: StackModel, w: Workload) -> dict[str, Any]:
     restart, resched = _restart(w)
     tasks = [_task(model, w)]
+    awaited = _awaited(model, w)
     for dep in w.depends:
         d = model.workloads[dep]
         if d.kind == "job":
             pre = _task(model, d, f"run-{d.dns}")
             pre["Lifecycle"] = {"Hook": "prestart", "Sidecar": False}
             tasks.insert(0, pre)
-        elif d.ports:
+        elif dep in awaited:
             tasks.insert(0, _wait_task(model, dep))
     group: dict[str, Any] = {"Name": w.dns, "Count": w.replicas, "Tasks": tasks, "RestartPolicy": restart,
                              "ReschedulePolicy": resched, "Meta": {"corral.service": w.name}}
@@ -180,7 +185,7 @@ def _group(model: StackModel, w: Workload) -> dict[str, Any]:
         if static:
             net["ReservedPorts"] = static
         group["Networks"] = [net]
-    checks = [_check(w.dns, k, c, w) for k, c in w.probes.items() if k in ("readiness", "liveness")]
+    checks = [_check(k, c, w) for k, c in w.probes.items() if k in ("readiness", "liveness")]
     if w.ports or checks:
         # Every exposed or probed service is registered; one without ports carries only its
         # script checks.
