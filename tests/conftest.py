@@ -14,6 +14,16 @@ from tests.e2e import kill_groups
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
 
 
+@pytest.fixture(autouse=True)
+def private_machine(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test reserves in a machine ledger of its own (and so do the corrals it starts):
+    never in this machine's, and never beside another test's leftovers."""
+    d = tmp_path_factory.mktemp("machine")
+    monkeypatch.setenv("CORRAL_MACHINE_DIR", str(d))
+    monkeypatch.delenv("CORRAL_MACHINE_CONFIG", raising=False)
+    return d
+
+
 @pytest.fixture(scope="session")
 def sysfs() -> Path:
     """Fake sysfs trees (fakes on purpose: this machine has none of these topologies)."""

@@ -16,6 +16,7 @@ from corral._core import (
     BreakerStats,
     Cgroups,
     ConnectionGuard,
+    FilesystemUsage,
     Grant,
     Instance,
     IssuedCert,
@@ -55,6 +56,7 @@ from corral.exceptions import (
     DeploymentError,
     InsufficientResources,
     LifecycleError,
+    MachineError,
     MeshError,
     NoBackendError,
     PortError,
@@ -75,6 +77,7 @@ if TYPE_CHECKING:
     from corral.discovery import Discovered, discover
     from corral.engine import Deployment, DeploymentStatus, InstanceStatus
     from corral.lifecycle import Lifecycle, State, Transition
+    from corral.machine import Machine, MachineView, machine_view
     from corral.recovery import BackoffRestart, RestartStrategy, RollbackStrategy
     from corral.retry import retry
     from corral.scheduler import Plan, Scheduler
@@ -90,6 +93,7 @@ _LAZY = {
     "Plan": "corral.scheduler", "Scheduler": "corral.scheduler",
     "DeploymentSpec": "corral.spec", "load_spec": "corral.spec",
     "Discovered": "corral.discovery", "discover": "corral.discovery",
+    "Machine": "corral.machine", "MachineView": "corral.machine", "machine_view": "corral.machine",
 }
 
 
@@ -121,6 +125,7 @@ __all__ = [
     "DeploymentSpec",
     "DeploymentStatus",
     "Discovered",
+    "FilesystemUsage",
     "Grant",
     "Instance",
     "InstanceStatus",
@@ -129,6 +134,9 @@ __all__ = [
     "L3Domain",
     "Lifecycle",
     "LifecycleError",
+    "Machine",
+    "MachineError",
+    "MachineView",
     "LoadBalancer",
     "MeshError",
     "NoBackendError",
@@ -174,5 +182,6 @@ __all__ = [
     "__version__",
     "discover",
     "load_spec",
+    "machine_view",
     "retry",
 ]

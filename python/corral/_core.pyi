@@ -21,6 +21,7 @@ __all__ = [
     "Cgroups",
     "CircuitBreaker",
     "ConnectionGuard",
+    "FilesystemUsage",
     "Grant",
     "GuardedCall",
     "Instance",
@@ -54,6 +55,7 @@ __all__ = [
     "VolumeUsage",
     "__version__",
     "become_subreaper",
+    "filesystem_id",
     "find_by_env",
     "group_alive",
     "group_members",
@@ -210,6 +212,13 @@ class PortAllocator:
     @property
     def in_use(self) -> int:
         """Ports held through this allocator (allocated, or reserved in range)."""
+    def set_claimed(self, ports: Iterable[int]) -> int:
+        """The ports other holders of the machine (other stacks) claim now, replacing the set
+        given before: never handed out while claimed, free again once no longer claimed.
+        Returns how many of them are held here already (0 when the two ledgers agree)."""
+    @property
+    def claimed(self) -> int:
+        """Ports in range claimed by other holders of the machine (``set_claimed``)."""
     @property
     def held_elsewhere(self) -> int:
         """Ports skipped because another process held them when checked (see ``refresh_external``)."""
@@ -584,19 +593,29 @@ class Grant:
     @property
     def memory_mb(self) -> int: ...
     @property
+    def memory_pinned(self) -> bool:
+        """Whether the memory is accounted on ``numa_node``."""
+    @property
     def swap_mb(self) -> int: ...
     @property
     def storage_mb(self) -> int: ...
     @property
     def volume(self) -> str | None: ...
+    @property
+    def filesystem(self) -> str | None:
+        """The volume's filesystem (``dev:<st_dev>``, or ``volume:<name>`` for a volume given
+        its own capacity): what the machine ledger counts storage by."""
 
 @final
 class ResourceManager:
-    """All-or-nothing CPU, memory and storage ledgers over a topology.
+    """All-or-nothing CPU, memory and storage ledgers over a topology: one holder's view of a
+    machine that others share (``set_elsewhere`` says what they have).
 
-    ``memory_mb``: what may be handed out (default: the machine's less 10%, at most 1 GiB);
-    ``reserved_cpus``: kept for the system (default: CPU 0); ``volumes``: name to a path (capacity
-    = the filesystem's free space) or a ``(path, capacity_mb)`` pair.
+    ``memory_mb``: what may be handed out (default: the machine's less ``memory_reserve_mb``,
+    itself by default 10% of it, at most 1 GiB); ``reserved_cpus``: kept for the system
+    (default: CPU 0); ``volumes``: name to a path (capacity = its filesystem's free space less
+    ``disk_reserve_mb``, by default 5% of the filesystem, at most 10 GiB; volumes on one
+    filesystem share it) or a ``(path, capacity_mb)`` pair.
     """
 
     def __new__(
@@ -609,6 +628,8 @@ class ResourceManager:
         volumes: Mapping[str, str | PathLike[str] | tuple[str | PathLike[str], int]] | None = None,
         *,
         swap_mb: int | None = None,
+        memory_reserve_mb: int | None = None,
+        disk_reserve_mb: int | None = None,
     ) -> ResourceManager: ...
     def add_volume(self, name: str, path: str | PathLike[str], capacity_mb: int | None = None) -> bool:
         """Adds a volume (capacity: the filesystem's free space unless given); False, and
@@ -617,6 +638,21 @@ class ResourceManager:
         """Everything asked for, or ``InsufficientResources`` naming what was short."""
     def release(self, grant: Grant | int) -> None:
         """Returns a grant's resources; a second release raises ``ResourceError``."""
+    def set_elsewhere(
+        self,
+        *,
+        cpus: Iterable[int] = ...,
+        millicores: int = 0,
+        memory_mb: int = 0,
+        node_memory_mb: Mapping[int, int] = ...,
+        swap_mb: int = 0,
+        storage_mb: Mapping[str, int] = ...,
+    ) -> None:
+        """What the other holders of the machine have now, replacing what was set before:
+        exclusive CPUs, shared CPU, memory (of it, ``node_memory_mb`` pinned per node), swap,
+        and storage per filesystem id. Placement keeps clear of it from the next allocation
+        on. Raises ``ResourceError`` (nothing changed) when another holder is said to have a
+        CPU a grant here holds."""
     def volume_usage(self, name: str) -> int:
         """Bytes used on disk in a volume now."""
     def usage(self) -> Usage:
@@ -637,6 +673,9 @@ class NodeMemory:
     @property
     def used_mb(self) -> int:
         """Pinned to the node by grants."""
+    @property
+    def elsewhere_mb(self) -> int:
+        """Pinned to the node by other holders of the machine."""
 
 @final
 class VolumeUsage:
@@ -647,9 +686,35 @@ class VolumeUsage:
     @property
     def path(self) -> Path: ...
     @property
-    def capacity_mb(self) -> int: ...
+    def filesystem(self) -> str:
+        """The filesystem it takes its quota from (see ``FilesystemUsage``)."""
     @property
-    def reserved_mb(self) -> int: ...
+    def capacity_mb(self) -> int:
+        """What quotas may take on that filesystem."""
+    @property
+    def reserved_mb(self) -> int:
+        """Reserved on this volume by grants."""
+
+@final
+class FilesystemUsage:
+    """Use and capacity of one filesystem, MiB: the volumes on it share its capacity with
+    the other holders of the machine."""
+
+    @property
+    def id(self) -> str:
+        """``dev:<st_dev>`` (or ``volume:<name>`` for a volume given its own capacity)."""
+    @property
+    def path(self) -> Path:
+        """Where it was measured."""
+    @property
+    def capacity_mb(self) -> int:
+        """Its free space when measured, less the disk reserve."""
+    @property
+    def reserved_mb(self) -> int:
+        """Reserved by grants here."""
+    @property
+    def elsewhere_mb(self) -> int:
+        """Reserved by other holders of the machine."""
 
 @final
 class Usage:
@@ -676,8 +741,20 @@ class Usage:
     @property
     def volumes(self) -> dict[str, VolumeUsage]: ...
     @property
+    def filesystems(self) -> dict[str, FilesystemUsage]:
+        """The filesystems the volumes sit on, by id."""
+    @property
     def grants(self) -> int:
         """Grants outstanding."""
+    @property
+    def elsewhere_cpus(self) -> list[int]:
+        """Exclusive CPUs other holders of the machine have (as last set)."""
+    @property
+    def elsewhere_millicores(self) -> int: ...
+    @property
+    def elsewhere_memory_mb(self) -> int: ...
+    @property
+    def elsewhere_swap_mb(self) -> int: ...
 
 # --- probe ------------------------------------------------------------------------
 
@@ -856,6 +933,11 @@ CONNECT_BOUNDS: list[float]
 def group_usage(leaders: Sequence[int]) -> list[tuple[int, int, int, int]]:
     """``(cpu_ticks, rss_bytes, open_fds, processes)`` of the live process tree under each
     leader (followed through ``/proc/<pid>/task/<pid>/children``)."""
+
+def filesystem_id(path: str | PathLike[str]) -> str:
+    """The id of the filesystem that holds, or will hold, ``path`` (``dev:<st_dev>`` of its
+    nearest existing ancestor): how the machine ledger counts storage. ``OSError`` when
+    nothing of the path exists."""
 
 def find_by_env(entry: str) -> list[int]:
     """Live processes (not this one) whose starting environment holds ``entry``

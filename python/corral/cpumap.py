@@ -12,15 +12,22 @@ from typing import TYPE_CHECKING
 from corral._core import Topology
 
 if TYPE_CHECKING:
+    from corral.machine import MachineView
     from corral.state import InstanceRow
 
-__all__ = ["held_cpus", "machine_map"]
+__all__ = ["held_cpus", "machine_map", "others_cpus"]
 
 
 def held_cpus(instances: Iterable[InstanceRow]) -> dict[int, str]:
     """CPU -> the instance holding it exclusively, from a running stack's status (what
     ``status --map`` and ``corral top`` draw)."""
     return {cpu: i.id for i in instances if i.exclusive and i.is_alive_state() for cpu in i.cpus}
+
+
+def others_cpus(view: MachineView, me: str) -> dict[int, str]:
+    """CPU -> ``<stack>:<instance>`` for the exclusive CPUs other stacks hold on the machine
+    (``me`` is this stack's id): the map shows them under their stack's name."""
+    return {cpu: f"{h.name}:{inst}" for cpu, (h, inst) in view.cpu_holders().items() if h.stack != me}
 
 
 def _size(kb: int) -> str:

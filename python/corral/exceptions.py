@@ -30,6 +30,7 @@ __all__ = [
     "DeploymentError",
     "InsufficientResources",
     "LifecycleError",
+    "MachineError",
     "MeshError",
     "NoBackendError",
     "PortError",
@@ -69,6 +70,11 @@ class ConfigError(CorralError, ValueError):
 class StateDirError(ConfigError):
     """The state directory cannot be trusted (another owner, writable by others, a link) or
     made owner-only."""
+
+
+class MachineError(ConfigError):
+    """The machine ledger or its settings cannot be trusted (another owner, writable by
+    others, a link) or read (corrupt beyond a safe rebuild)."""
 
 
 class UnknownService(ConfigError, KeyError):

@@ -5,6 +5,11 @@ native ledgers: exclusive cores NUMA-, L3- and SMT-aware, shared CPU, memory, sw
 and ports from the allocator. It is all or nothing: if one instance does not fit, everything
 placed so far is released and the error names the instance and what was short.
 
+The machine is shared: every placement is made inside a reservation of the stack's
+:class:`~corral.machine.Claims` (one transaction of the machine ledger), which hands the
+native ledgers what the other stacks hold before they place, records each grant and port,
+and names the other stack when one holds what was asked for.
+
 ``binpack`` and ``spread`` choose the NUMA node of shared-CPU instances with memory on
 machines with several nodes: binpack fills the fullest node that still fits, spread the
 emptiest. Subclass :class:`Scheduler` and override :meth:`Scheduler.choose_node` to change it.
@@ -21,10 +26,12 @@ from pathlib import Path
 from typing import Any
 
 from corral._core import Grant, PortAllocator, ResourceManager, ResourceRequest, Topology
-from corral.exceptions import CorralError, PortError, PortInUse
+from corral.exceptions import CorralError, InsufficientResources, PortError, PortInUse
+from corral.machine import Claims, Holder, LocalClaims, Machine
 from corral.spec import DeploymentSpec, ServiceSpec
+from corral.statedir import stack_id
 
-__all__ = ["Placement", "Plan", "Scheduler", "check_fit", "phases", "volume_paths"]
+__all__ = ["Placement", "Plan", "Scheduler", "check_fit", "phases", "port_range", "volume_paths"]
 
 MiB = 1 << 20
 
@@ -47,6 +54,11 @@ def phases(spec: DeploymentSpec) -> list[list[str]]:
     for p in out:
         p.sort(key=lambda n: (-spec.services[n].priority, n))
     return out
+
+
+def port_range(spec: DeploymentSpec, machine: Machine) -> tuple[int, int]:
+    """A spec's auto-port range: the one it names, else the machine's."""
+    return machine.port_range(spec.port_range if "port_range" in spec.model_fields_set else None)
 
 
 def volume_paths(spec: DeploymentSpec, base: Path) -> dict[str, Path]:
@@ -116,7 +128,8 @@ class Scheduler:
     """Places instances through the ledgers and the port allocator (see the module docs)."""
 
     def __init__(self, topology: Topology, resources: ResourceManager, ports: PortAllocator,
-                 policy: str = "binpack", host: str = "127.0.0.1", *, bind_check: bool = True) -> None:
+                 policy: str = "binpack", host: str = "127.0.0.1", *, bind_check: bool = True,
+                 claims: Claims | None = None) -> None:
         self.topology = topology
         self.resources = resources
         self.ports = ports
@@ -124,11 +137,17 @@ class Scheduler:
         self.host = host
         self.bind_check = bind_check
         """Whether a fixed port outside the allocator's ranges is tried with a bind."""
+        self.claims: Claims = claims or LocalClaims()
+        """The machine's ledger, as this stack reserves in it (none: nothing is shared)."""
         self._outside: set[int] = set()
 
     def plan(self, spec: DeploymentSpec, volumes: dict[str, Path] | None = None) -> Plan:
         """Places every instance, or releases everything and raises :class:`SpecError`
         pointing at the service that does not fit."""
+        with self.claims.reserving():
+            return self._plan(spec, volumes)
+
+    def _plan(self, spec: DeploymentSpec, volumes: dict[str, Path] | None) -> Plan:
         order = phases(spec)
         rank = {s: i for i, p in enumerate(order) for s in p}
         services = sorted(spec.services, key=lambda s: (-spec.services[s].priority, rank[s], s))
@@ -167,6 +186,11 @@ class Scheduler:
         """One instance: resources, then ports (all released again if the ports fail); a
         fixed port reserved already in ``fixed`` is taken from there. Its id is
         ``<name>-<index>`` unless ``iid`` names it (a replacement beside its predecessor)."""
+        with self.claims.reserving():
+            return self._place_one(name, index, svc, volume, fixed, iid)
+
+    def _place_one(self, name: str, index: int, svc: ServiceSpec, volume: Path | None,
+                   fixed: dict[tuple[str, str], int] | None, iid: str | None) -> Placement:
         r = svc.resources
         req_memory = math.ceil((r.memory or 0) / MiB)
         node = self.choose_node(req_memory) if not r.cores and req_memory else None
@@ -178,10 +202,7 @@ class Scheduler:
             swap_mb=math.ceil((r.swap or 0) / MiB), storage_mb=math.ceil((r.storage.size if r.storage else 0) / MiB),
             volume=str(volume) if volume is not None else None, numa_node=node,
         )
-        grant = self.resources.allocate(request)
-        p = Placement(id=iid or f"{name}-{index}", service=name, index=index, cpus=grant.cpus,
-                      numa_node=grant.numa_node, millicores=grant.millicores, memory_mb=grant.memory_mb,
-                      swap_mb=grant.swap_mb, storage_mb=grant.storage_mb, volume=grant.volume, grant=grant)
+        p = self._granted(iid or f"{name}-{index}", name, index, request)
         try:
             for pname, want in svc.ports.items():
                 reserved = fixed.pop((name, pname), None) if fixed is not None else None
@@ -196,6 +217,12 @@ class Scheduler:
         """An instance that runs already (re-adopted from a dead agent) back in the ledgers,
         on exactly the cores and ports it holds; the ports are not tried with a bind, as its
         own process holds them. Raises what the ledger says when that is not possible."""
+        with self.claims.reserving():
+            return self._restore(iid, name, index, svc, volume, cpus=cpus, exclusive=exclusive, numa_node=numa_node,
+                                 ports=ports)
+
+    def _restore(self, iid: str, name: str, index: int, svc: ServiceSpec, volume: Path | None, *, cpus: list[int],
+                 exclusive: bool, numa_node: int | None, ports: dict[str, int]) -> Placement:
         r = svc.resources
         request = ResourceRequest(
             cpu=r.cpu or 0.0, cores=len(cpus) if exclusive else 0, exact_cpus=cpus if exclusive else [],
@@ -203,17 +230,36 @@ class Scheduler:
             swap_mb=math.ceil((r.swap or 0) / MiB), storage_mb=math.ceil((r.storage.size if r.storage else 0) / MiB),
             volume=str(volume) if volume is not None else None, numa_node=numa_node,
         )
-        grant = self.resources.allocate(request)
-        p = Placement(id=iid, service=name, index=index, cpus=grant.cpus, numa_node=grant.numa_node,
-                      millicores=grant.millicores, memory_mb=grant.memory_mb, swap_mb=grant.swap_mb,
-                      storage_mb=grant.storage_mb, volume=grant.volume, grant=grant)
+        p = self._granted(iid, name, index, request)
         try:
             for pname, port in ports.items():
+                owner = f"{iid}.{pname}"
+                holder = self.claims.port_holder(port)
+                if holder is not None:
+                    raise PortInUse(f"port {port} is held by {holder}", port, None)
                 if any(lo <= port <= hi for lo, hi in self.ports.ranges):
-                    p.ports[pname] = self.ports.allocate(port, name=f"{iid}.{pname}", check=False)
+                    p.ports[pname] = self.ports.allocate(port, name=owner, check=False)
                 else:
                     self._outside.add(port)
                     p.ports[pname] = port
+                self.claims.port(port, owner)
+        except CorralError:
+            self.release_one(p)
+            raise
+        return p
+
+    def _granted(self, iid: str, service: str, index: int, request: ResourceRequest) -> Placement:
+        """The grant of one instance, claimed on the machine; a shortage names the other
+        stacks that hold what was short."""
+        try:
+            grant = self.resources.allocate(request)
+        except InsufficientResources as e:
+            raise InsufficientResources(self.claims.explain(str(e))) from None
+        p = Placement(id=iid, service=service, index=index, cpus=grant.cpus, numa_node=grant.numa_node,
+                      millicores=grant.millicores, memory_mb=grant.memory_mb, swap_mb=grant.swap_mb,
+                      storage_mb=grant.storage_mb, volume=grant.volume, grant=grant)
+        try:
+            self.claims.grant(iid, service, grant)
         except CorralError:
             self.release_one(p)
             raise
@@ -232,16 +278,31 @@ class Scheduler:
 
     def front_port(self, want: int, name: str) -> int:
         """Reserves a front's port (an apply that adds or moves ``expose``)."""
-        return self._port(want, name)
+        with self.claims.reserving():
+            return self._port(want, name)
 
     def release_port(self, port: int) -> None:
         """Gives back a port reserved with :meth:`front_port`."""
         self._release_port(port)
 
     def _port(self, want: str | int, name: str) -> int:
+        """One port for ``name``, claimed on the machine (inside a reservation)."""
+        port = self._take_port(want, name)
+        try:
+            self.claims.port(port, name)
+        except CorralError:
+            self._release_port(port)
+            raise
+        return port
+
+    def _take_port(self, want: str | int, name: str) -> int:
         if want == "auto":
             return self.ports.allocate(name=name)
         port = int(want)
+        holder = self.claims.port_holder(port)
+        if holder is not None:
+            # Held from placement on, listening or not (its holder may be stopped).
+            raise PortInUse(f"port {port} is held by {holder}", port, None)
         if any(lo <= port <= hi for lo, hi in self.ports.ranges):
             return self.ports.allocate(port, name=name)
         # Outside the allocator's ranges: only a bind tells whether it is free.
@@ -264,6 +325,7 @@ class Scheduler:
         if p.grant is not None:
             self.resources.release(p.grant)
             p.grant = None
+            self.claims.release_instance(p.id)
         for port in p.ports.values():
             self._release_port(port)
         p.ports = {}
@@ -273,26 +335,40 @@ class Scheduler:
             self._outside.discard(port)
         elif self.ports.is_allocated(port):
             self.ports.release(port)
+        else:
+            return
+        self.claims.release_port(port)
 
     def release(self, plan: Plan) -> None:
         """Returns everything a plan holds."""
-        for ps in plan.placements.values():
-            for p in ps:
-                self.release_one(p)
-        for port in [*plan.fronts.values(), *plan.fixed.values()]:
-            self._release_port(port)
+        with self.claims.reserving():
+            for ps in plan.placements.values():
+                for p in ps:
+                    self.release_one(p)
+            for port in [*plan.fronts.values(), *plan.fixed.values()]:
+                self._release_port(port)
         plan.fronts = {}
         plan.fixed = {}
 
 
-def check_fit(spec: DeploymentSpec, base: Path, topology: Topology | None = None) -> None:
-    """Places the whole spec on this machine's ledgers and gives everything back: raises the
-    :class:`SpecError` of the first instance that does not fit. Ports are not tried with a
-    bind (the stack itself may hold them): whether something else holds one is known only
-    when ``up`` places it."""
+def check_fit(spec: DeploymentSpec, base: Path, topology: Topology | None = None, *,
+              machine: Machine | None = None, state_dir: Path | None = None) -> None:
+    """Places the whole spec on this machine, beside what the other stacks hold in its
+    ledger, and gives everything back (a dry reservation: nothing is claimed): raises the
+    :class:`SpecError` of the first instance that does not fit, naming the stack that holds
+    what was short. The stack of ``state_dir`` (default: ``.corral`` beside the spec) does
+    not count against itself. Ports are not tried with a bind (the stack itself may hold
+    them): whether a process outside corral holds one is known only when ``up`` places it."""
+    from corral.state import default_state_dir
+
     topo = topology or Topology.detect()
+    m = machine or Machine()
     volumes = volume_paths(spec, base)
-    resources = ResourceManager(topo, volumes={str(p): str(p) for p in volumes.values()})
-    lo, hi = spec.port_range
-    s = Scheduler(topo, resources, PortAllocator(lo, hi), spec.scheduler, bind_check=False)
-    s.release(s.plan(spec, volumes))
+    resources = m.resources(topo, {str(p): str(p) for p in volumes.values()})
+    lo, hi = port_range(spec, m)
+    ports = PortAllocator(lo, hi)
+    sd = state_dir or default_state_dir(base / "corral.yaml")
+    claims = m.claims(Holder.of(stack_id(sd), spec.name, base, sd), resources, ports)
+    s = Scheduler(topo, resources, ports, spec.scheduler, bind_check=False, claims=claims)
+    with claims.reserving(dry=True):
+        s.release(s.plan(spec, volumes))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["MAX_DURATION", "MAX_SIZE", "parse_duration", "parse_size"]
+__all__ = ["MAX_DURATION", "MAX_SIZE", "format_mib", "parse_duration", "parse_size"]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h)")
 _BARE_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
@@ -73,3 +73,11 @@ def parse_size(value: object) -> int:
     if size > MAX_SIZE:
         raise ValueError(f"size {value!r} is larger than 1 EiB")
     return size
+
+
+def format_mib(mib: float) -> str:
+    """A size in MiB as the spec writes sizes: ``512Mi``, ``13Gi``, ``9.6Gi``, ``1.5Ti``."""
+    for unit, scale in (("Ti", 1 << 20), ("Gi", 1 << 10)):
+        if mib >= scale:
+            return f"{mib / scale:.1f}".removesuffix(".0") + unit
+    return f"{mib:.0f}Mi"

@@ -12,6 +12,7 @@ recycled pid or a zombie does not count), not merely because its socket exists.
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import time
 from collections.abc import Iterator
@@ -27,6 +28,8 @@ from corral.leftovers import live_agent, stop_leftovers
 from corral.state import DeploymentRow, DeploymentStatus, EventRow, StateStore, default_state_dir
 
 __all__ = ["AgentClient", "DeploymentStatus", "EventRow", "default_state_dir", "socket_path"]
+
+log = logging.getLogger("corral")
 
 
 def socket_path(state_dir: Path) -> Path:
@@ -246,14 +249,27 @@ class AgentClient:
         except AgentUnavailable:
             if self.running() is not None:
                 raise  # alive but not answering: its stack is left alone
-            return stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent",
-                                  rules=self._shutdown_rules())
+            n = stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent",
+                               rules=self._shutdown_rules())
+            self._forget_claims()
+            return n
         pid = res.get("agent_pid") if isinstance(res, dict) else None
         deadline = time.monotonic() + 10
         while pid and process_alive(int(pid)) and time.monotonic() < deadline:
             time.sleep(0.01)
         self._wait_keeper(deadline)
         return None
+
+    def _forget_claims(self) -> None:
+        """What the stack held on the machine goes back, now that nothing of it runs; a
+        ledger that cannot be written does not stop a down."""
+        from corral.machine import Machine
+        from corral.statedir import stack_id
+
+        try:
+            Machine().forget(stack_id(self.state_dir))
+        except CorralError as e:
+            log.warning("corral: %s", e)
 
     def _shutdown_rules(self) -> dict[str, tuple[int, float]]:
         """Each service's shutdown signal and timeout, from the running spec in the store (so

@@ -82,35 +82,13 @@ class AdoptMixin(DeploymentParts):
         self._versions = {n: max((r.version for r in recorded if r.service == n and r.version <= running),
                                  default=running) for n in self.spec.services}
         self._first_version = min(self._versions.values(), default=running)
-        for name, svc in self.spec.services.items():
-            if svc.expose is not None:
-                plan.fronts[name] = self.scheduler.front_port(svc.expose, f"{name}.front")
+        # One reservation on the machine: what the dead agent claimed is claimed again, as
+        # each instance is taken over, and nothing else.
+        with self.claims.reserving():
+            self.claims.reset()
+            pairs, dropped = self._restore_all(recorded, running, plan)
+        dropped += strays
         self._fronts.ports = dict(plan.fronts)
-
-        # Each recorded instance back in the ledgers, as it was; those that cannot be (an
-        # apply that did not finish, a service no longer in the spec) are ended.
-        pairs: list[tuple[InstanceRuntime, InstanceRow]] = []
-        dropped = strays
-        for r in recorded:
-            rsvc = self.spec.services.get(r.service)
-            if rsvc is None or r.version > running:
-                dropped += _end(r)
-                journal.forget(r.id)
-                continue
-            try:
-                p = self.scheduler.restore(r.id, r.service, r.idx, rsvc, self._volumes.get(r.service), cpus=r.cpus,
-                                           exclusive=r.exclusive, numa_node=r.numa_node, ports=r.ports)
-            except CorralError as e:
-                stack.warn(f"{r.id} cannot be re-adopted ({e}); it is stopped")
-                dropped += _end(r)
-                journal.forget(r.id)
-                continue
-            inst = InstanceRuntime(p, rsvc, Path(r.log) if r.log else self.state_dir / "logs" / f"{r.id}.log",
-                                   stack.on_transition, r.version)
-            inst.restarts = r.restarts
-            stack.add(inst)
-            plan.placements.setdefault(r.service, []).append(p)
-            pairs.append((inst, r))
         self._supervise()
 
         adopted, exited, waiting = 0, 0, []
@@ -158,6 +136,39 @@ class AdoptMixin(DeploymentParts):
         journal.status("up", "", event=(None, "every service meets its condition"))
         journal.flush()
         return what
+
+    def _restore_all(self, recorded: list[InstanceRow], running: int,
+                     plan: Plan) -> tuple[list[tuple[InstanceRuntime, InstanceRow]], int]:
+        """The fronts' ports and each recorded instance back in the ledgers, as they were;
+        the instances that cannot be (an apply that did not finish, a service no longer in
+        the spec) are ended. Returns the pairs taken over and how many were ended."""
+        journal, stack = self.journal, self._stack
+        for name, svc in self.spec.services.items():
+            if svc.expose is not None:
+                plan.fronts[name] = self.scheduler.front_port(svc.expose, f"{name}.front")
+        pairs: list[tuple[InstanceRuntime, InstanceRow]] = []
+        dropped = 0
+        for r in recorded:
+            rsvc = self.spec.services.get(r.service)
+            if rsvc is None or r.version > running:
+                dropped += _end(r)
+                journal.forget(r.id)
+                continue
+            try:
+                p = self.scheduler.restore(r.id, r.service, r.idx, rsvc, self._volumes.get(r.service), cpus=r.cpus,
+                                           exclusive=r.exclusive, numa_node=r.numa_node, ports=r.ports)
+            except CorralError as e:
+                stack.warn(f"{r.id} cannot be re-adopted ({e}); it is stopped")
+                dropped += _end(r)
+                journal.forget(r.id)
+                continue
+            inst = InstanceRuntime(p, rsvc, Path(r.log) if r.log else self.state_dir / "logs" / f"{r.id}.log",
+                                   stack.on_transition, r.version)
+            inst.restarts = r.restarts
+            stack.add(inst)
+            plan.placements.setdefault(r.service, []).append(p)
+            pairs.append((inst, r))
+        return pairs, dropped
 
     async def _start_in_order(self, todo: list[InstanceRuntime]) -> None:
         """Starts ``todo`` service by service once each one's dependencies are met."""

@@ -48,20 +48,21 @@ class ApplyMixin(DeploymentParts):
         running = {n: len(i) for n, i in self._stack.by_service.items() if n in self.spec.services}
         diff = diff_specs(self.spec, self._configs, spec, base, running)
         diff.version = self.journal.row.version
-        check_fit(spec, base, self.topology)
+        check_fit(spec, base, self.topology, machine=self.machine, state_dir=self.state_dir)
         volumes = volume_paths(spec, base)
-        for c in diff.changed:
-            if c.change != "replace" or c.order != "start-first" or c.replicas[0] == 0:
-                continue
-            svc = spec.services[c.name]
-            if volumes.get(c.name) != self._volumes.get(c.name):
-                continue  # a new volume: the ledger learns of it at apply
-            try:
-                trial = self.scheduler.place_one(c.name, 0, svc, volumes.get(c.name), iid=f"{c.name}-surge")
-            except CorralError as e:
-                c.fallback, c.order = str(e), "stop-first"
-            else:
-                self.scheduler.release_one(trial)
+        with self.claims.reserving(dry=True):  # trials: nothing is claimed
+            for c in diff.changed:
+                if c.change != "replace" or c.order != "start-first" or c.replicas[0] == 0:
+                    continue
+                svc = spec.services[c.name]
+                if volumes.get(c.name) != self._volumes.get(c.name):
+                    continue  # a new volume: the ledger learns of it at apply
+                try:
+                    trial = self.scheduler.place_one(c.name, 0, svc, volumes.get(c.name), iid=f"{c.name}-surge")
+                except CorralError as e:
+                    c.fallback, c.order = str(e), "stop-first"
+                else:
+                    self.scheduler.release_one(trial)
         return diff
 
     async def apply(self, spec: DeploymentSpec, file: str | Path | None = None) -> SpecDiff:
@@ -139,6 +140,12 @@ class ApplyMixin(DeploymentParts):
         :class:`SpecError` of the service that does not fit, everything given back."""
         added: dict[str, list[InstanceRuntime]] = {}
         volumes = volume_paths(spec, self.file.resolve().parent)
+        with self.claims.reserving():  # one reservation on the machine for all of them
+            self._place_each(spec, diff, version, volumes, added)
+        return added
+
+    def _place_each(self, spec: DeploymentSpec, diff: SpecDiff, version: int, volumes: dict[str, Path],
+                    added: dict[str, list[InstanceRuntime]]) -> None:
         for c in diff.changed:
             if not (c.change == "added" or (c.change == "scale" and c.replicas[1] > c.replicas[0])):
                 continue
@@ -161,7 +168,6 @@ class ApplyMixin(DeploymentParts):
                     if diff.get(name).change == "added":
                         self._stack.by_service.pop(name, None)
                 raise spec.error(("services", c.name, "resources"), f"does not fit now: {e}") from None
-        return added
 
     def _switch(self, spec: DeploymentSpec, file: Path) -> None:
         """The deployment follows ``spec`` from here: fronts, mesh, volumes, restart rules,

@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from corral._core import Authority, IssuedCert, PortAllocator, Proxy, ResourceManager, Supervisor, Topology
+from corral._core import Authority, IssuedCert, PortAllocator, Proxy, Supervisor, Topology
 from corral.engine.adopt import AdoptMixin
 from corral.engine.apply import ApplyMixin
 from corral.engine.diff import effective, spec_hash
@@ -45,10 +45,12 @@ from corral.exceptions import (
 )
 from corral.leftovers import PID_LOG, live_agent, stop_leftovers, sweep_stack
 from corral.lifecycle import State, Transition
+from corral.machine import Holder, Machine
 from corral.recovery import BackoffRestart, Exit, RestartStrategy, RollbackStrategy
-from corral.scheduler import Plan, Scheduler, volume_paths
+from corral.scheduler import Plan, Scheduler, port_range, volume_paths
 from corral.spec import DeploymentSpec, load_spec
 from corral.state import DeploymentStatus, EventRow, InstanceRow, StateStore, default_state_dir
+from corral.statedir import stack_id
 
 __all__ = ["Deployment", "DeploymentStatus", "InstanceStatus"]
 
@@ -62,14 +64,16 @@ class Deployment(ApplyMixin, AdoptMixin):
     ``restart_strategy`` and ``rollback`` take subclasses of the strategies in
     :mod:`corral.recovery`; ``scheduler`` a :class:`~corral.scheduler.Scheduler` subclass.
     ``cgroup_root`` points memory limits at another cgroup mount (a test tree, say);
-    ``keeper`` is a :class:`~corral._core.LogKeeper`'s socket that takes the instances' output.
+    ``keeper`` is a :class:`~corral._core.LogKeeper`'s socket that takes the instances' output;
+    ``machine`` is the :class:`~corral.machine.Machine` whose ledger every placement is
+    reserved in (default: this machine's, see :mod:`corral.machine.settings`).
     """
 
     def __init__(self, spec: DeploymentSpec, *, file: str | Path = "corral.yaml", state_dir: str | Path | None = None,
                  restart_strategy: RestartStrategy | None = None, rollback: RollbackStrategy | None = None,
                  scheduler: type[Scheduler] = Scheduler, topology: Topology | None = None,
                  cgroup_root: str | Path | None = None, host: str = "127.0.0.1",
-                 keeper: str | Path | None = None) -> None:
+                 keeper: str | Path | None = None, machine: Machine | None = None) -> None:
         self.spec = spec
         self.file = Path(file)
         self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.file)
@@ -77,18 +81,26 @@ class Deployment(ApplyMixin, AdoptMixin):
         self.keeper = Path(keeper) if keeper is not None else None
         """The log keeper's socket (``up -d``): instances' output goes there, not through us."""
         self.topology = topology or Topology.detect()
-        self._volumes = volume_paths(spec, self.file.resolve().parent)
+        self.machine = machine or Machine()
+        """The machine's settings and ledger, shared with every other stack."""
+        base = self.file.resolve().parent
+        self._volumes = volume_paths(spec, base)
         # A volume's capacity is its filesystem's free space, measured by the core (at the
         # nearest existing ancestor: the directory is created at up).
-        self.resources = ResourceManager(self.topology, volumes={str(p): str(p) for p in self._volumes.values()})
-        lo, hi = spec.port_range
+        self.resources = self.machine.resources(self.topology, {str(p): str(p) for p in self._volumes.values()})
+        lo, hi = port_range(spec, self.machine)
         self.ports = PortAllocator(lo, hi, check_bind=host)
-        self.scheduler = scheduler(self.topology, self.resources, self.ports, spec.scheduler, host)
-        self.rollback = rollback or RollbackStrategy()
-        self.plan: Plan | None = None
         self.journal = Journal(self.state_dir, spec.name, self.file,
                                self._row_of,
                                max_rows=spec.events.max_rows, max_age=spec.events.max_age)
+        holder = Holder.of(stack_id(self.state_dir), spec.name, base, self.state_dir,
+                           keeper_pid=os.getppid() if self.keeper is not None else None)
+        self.claims = self.machine.claims(holder, self.resources, self.ports, on_reclaim=self.journal.note)
+        """What this stack holds in the machine ledger."""
+        self.scheduler = scheduler(self.topology, self.resources, self.ports, spec.scheduler, host,
+                                   claims=self.claims)
+        self.rollback = rollback or RollbackStrategy()
+        self.plan: Plan | None = None
         self._stack = Stack(spec, self.file.resolve().parent, self.state_dir, host, self.resources, self.journal)
         self._stack.tracing = Tracing(endpoint_from(spec.tracing.otlp if spec.tracing else None), spec.name)
         self._mesh = MeshHook()
@@ -155,10 +167,15 @@ class Deployment(ApplyMixin, AdoptMixin):
     async def __aexit__(self, *exc: object) -> None:
         await self.down()
 
-    def make_plan(self) -> Plan:
-        """Places every instance without starting anything (raises SpecError when it does not fit)."""
+    def make_plan(self, *, dry: bool = False) -> Plan:
+        """Places every instance without starting anything (raises SpecError when it does not
+        fit), claimed in the machine ledger for this stack (in place of whatever it claimed
+        before); ``dry`` claims nothing (the placement is only shown)."""
         if self.plan is None:
-            self.plan = self.scheduler.plan(self.spec, self._volumes)
+            with self.claims.reserving(dry=dry):
+                if not dry:
+                    self.claims.reset()
+                self.plan = self.scheduler.plan(self.spec, self._volumes)
         return self.plan
 
     async def up(self) -> None:
@@ -177,7 +194,11 @@ class Deployment(ApplyMixin, AdoptMixin):
         self._clean_stale()
         if self.tracing.problem:
             self._stack.warn(self.tracing.problem)
-        plan = self.make_plan()
+        try:
+            plan = self.make_plan()
+        except BaseException:
+            self.claims.forget()  # refused: the stack holds nothing, and is no holder
+            raise
         try:
             with self.tracing.operation("up", deployment=self.name, instances=sum(1 for _ in plan.instances()),
                                         phases=len(plan.phases)):
@@ -491,11 +512,13 @@ class Deployment(ApplyMixin, AdoptMixin):
     # --- the end --------------------------------------------------------------------
 
     def _release(self) -> None:
-        """Undoes every hook and returns every grant and port of the plan."""
+        """Undoes every hook and returns every grant and port of the plan; the stack holds
+        nothing on the machine any more."""
         for hook in reversed(self._hooks):
             hook.postrun(self._stack)
         if self.plan is not None:
             self.scheduler.release(self.plan)
+        self.claims.forget()
 
     async def _roll_back(self, reason: str) -> None:
         stack = self._stack

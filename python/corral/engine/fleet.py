@@ -50,13 +50,14 @@ class Fleet:
         :class:`ConfigError` naming what is short, with nothing held."""
         assert self.plan is not None
         placed = []
-        try:
-            for index, iid in slots:
-                placed.append(self.scheduler.place_one(service, index, svc, self.volumes.get(service), iid=iid))
-        except CorralError as e:
-            for p in placed:
-                self.scheduler.release_one(p)
-            raise ConfigError(f"{service}: {e}") from None
+        with self.scheduler.claims.reserving():  # one reservation on the machine for them all
+            try:
+                for index, iid in slots:
+                    placed.append(self.scheduler.place_one(service, index, svc, self.volumes.get(service), iid=iid))
+            except CorralError as e:
+                for p in placed:
+                    self.scheduler.release_one(p)
+                raise ConfigError(f"{service}: {e}") from None
         stack = self.stack
         out = []
         for p in placed:

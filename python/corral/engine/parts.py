@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from corral.engine.launch import Launcher
     from corral.engine.stack import Stack
     from corral.engine.verdicts import Verdicts
+    from corral.machine import Machine, StackClaims
     from corral.scheduler import Plan, Scheduler
     from corral.spec import DeploymentSpec
 
@@ -30,6 +31,8 @@ class DeploymentParts:
     file: Path
     state_dir: Path
     topology: Topology
+    machine: Machine
+    claims: StackClaims
     journal: Journal
     fleet: Fleet
     scheduler: Scheduler

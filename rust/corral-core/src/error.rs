@@ -100,6 +100,9 @@ pub enum ResourceError {
     /// The manager's configuration is inconsistent (a reserved CPU that does not exist, ...).
     #[error("invalid resource configuration: {0}")]
     InvalidConfig(String),
+    /// What other holders have contradicts a grant held here (see `set_elsewhere`).
+    #[error("resource conflict: {0}")]
+    Conflict(String),
 }
 
 /// Errors from retry policies: construction, and retries that ran out on a result.

@@ -9,6 +9,9 @@
 //! Kubernetes avoid it too. When nothing else is free, the coolest port goes.
 //! An optional bind check skips ports something else on the machine holds and
 //! remembers them as held elsewhere until [`PortAllocator::refresh_external`].
+//! Ports that other holders of the machine have claimed (other stacks, through a
+//! machine ledger), listening or not, come in through [`PortAllocator::set_claimed`]
+//! and are never handed out while claimed.
 //!
 //! ```
 //! use corral_core::ports::PortAllocator;
@@ -89,6 +92,9 @@ struct Inner {
     cool: Bits,
     /// Ports not free for a reason worth naming; dynamic allocations are not listed.
     holders: HashMap<u16, Holder>,
+    /// Set bit: claimed by another holder of the machine (and so not free here).
+    claimed: Bits,
+    claimed_count: usize,
 }
 
 /// Hands out ports from a set of ranges. All methods take `&self` and are safe from many threads.
@@ -155,6 +161,8 @@ impl PortAllocator {
                 cooling: VecDeque::new(),
                 cool: Bits::new(),
                 holders,
+                claimed: Bits::new(),
+                claimed_count: 0,
             }),
             ranges: sorted,
             total,
@@ -236,6 +244,12 @@ impl PortAllocator {
             inner.cooling.retain(|&c| c != port);
             inner.free.set(port, true);
         }
+        if inner.claimed.get(port) {
+            return Err(PortError::InUse {
+                port,
+                holder: Some("another holder of the machine".into()),
+            });
+        }
         if !inner.free.get(port) {
             let holder = match inner.holders.get(&port) {
                 Some(Holder::Named(n)) => Some(n.clone()),
@@ -279,7 +293,11 @@ impl PortAllocator {
     /// Returns a port to the pool. Reserved ports and ports never handed out are an error.
     pub fn release(&self, port: u16) -> Result<(), PortError> {
         let mut inner = self.inner.lock();
-        if !self.in_range(port) || inner.free.get(port) || inner.cool.get(port) {
+        if !self.in_range(port)
+            || inner.free.get(port)
+            || inner.cool.get(port)
+            || inner.claimed.get(port)
+        {
             return Err(PortError::NotAllocated { port });
         }
         match inner.holders.get(&port) {
@@ -333,6 +351,56 @@ impl PortAllocator {
         back
     }
 
+    /// The ports other holders of the machine have claimed now, replacing the set given
+    /// before: from now on they are not handed out, and those no longer claimed are free
+    /// again. Ports out of range are of no concern; a port held here (allocated, reserved,
+    /// or found held by a bind check) stays as it is. Returns how many claimed ports were
+    /// held here already (0 when the machine's ledger and this one agree).
+    pub fn set_claimed(&self, ports: &[u16]) -> usize {
+        let mut want = Bits::new();
+        for &p in ports {
+            if self.in_range(p) {
+                want.set(p, true);
+            }
+        }
+        let mut inner = self.inner.lock();
+        let mut clash = 0;
+        for w in 0..WORDS {
+            let changed = inner.claimed.0[w] ^ want.0[w];
+            let mut bits = changed;
+            while bits != 0 {
+                let p = (w * 64 + bits.trailing_zeros() as usize) as u16;
+                bits &= bits - 1;
+                if want.get(p) {
+                    if inner.cool.get(p) {
+                        inner.cool.set(p, false);
+                        inner.cooling.retain(|&c| c != p);
+                        inner.free.set(p, true);
+                    }
+                    if !inner.free.get(p) {
+                        clash += 1; // held here: the claim elsewhere is not ours to honour
+                        continue;
+                    }
+                    inner.free.set(p, false);
+                    inner.free_count -= 1;
+                    inner.claimed.set(p, true);
+                    inner.claimed_count += 1;
+                } else {
+                    inner.claimed.set(p, false);
+                    inner.claimed_count -= 1;
+                    inner.free.set(p, true);
+                    inner.free_count += 1;
+                }
+            }
+        }
+        clash
+    }
+
+    /// Ports in range that other holders of the machine have claimed ([`Self::set_claimed`]).
+    pub fn claimed(&self) -> usize {
+        self.inner.lock().claimed_count
+    }
+
     /// Whether `port` is currently allocated (or reserved, or held elsewhere).
     pub fn is_allocated(&self, port: u16) -> bool {
         let inner = self.inner.lock();
@@ -350,9 +418,10 @@ impl PortAllocator {
     }
 
     /// Ports held through this allocator: allocated or reserved in range. Ports skipped
-    /// because another process held them are [`held_elsewhere`](Self::held_elsewhere), not
-    /// counted here, so a caller that released everything it took sees 0 whatever other
-    /// processes on the machine bound meanwhile.
+    /// because another process held them are [`held_elsewhere`](Self::held_elsewhere), and
+    /// ports claimed by other holders [`claimed`](Self::claimed), not counted here, so a
+    /// caller that released everything it took sees 0 whatever others on the machine took
+    /// meanwhile.
     pub fn in_use(&self) -> usize {
         let inner = self.inner.lock();
         let external = inner
@@ -360,7 +429,7 @@ impl PortAllocator {
             .values()
             .filter(|h| matches!(h, Holder::External(_)))
             .count();
-        self.total - inner.free_count - external
+        self.total - inner.free_count - external - inner.claimed_count
     }
 
     /// Ports skipped by [`allocate_checked`](Self::allocate_checked) because another

@@ -182,8 +182,9 @@ pub(crate) fn geteuid() -> u32 {
     unsafe { libc::geteuid() }
 }
 
-/// Bytes available to an unprivileged user on the filesystem holding `path` (`statvfs`).
-pub(crate) fn statvfs_available(path: &Path) -> io::Result<u64> {
+/// Bytes available to an unprivileged user on the filesystem holding `path`, and the
+/// filesystem's size in bytes (`statvfs`).
+pub(crate) fn statvfs_space(path: &Path) -> io::Result<(u64, u64)> {
     use std::os::unix::ffi::OsStrExt;
     let c = std::ffi::CString::new(path.as_os_str().as_bytes())
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))?;
@@ -193,7 +194,11 @@ pub(crate) fn statvfs_available(path: &Path) -> io::Result<u64> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+    let frsize = st.f_frsize as u64;
+    Ok((
+        (st.f_bavail as u64).saturating_mul(frsize),
+        (st.f_blocks as u64).saturating_mul(frsize),
+    ))
 }
 
 /// Sends `payload` on a connected Unix socket with the descriptor `fd` attached
@@ -378,7 +383,8 @@ mod tests {
 
     #[test]
     fn statvfs_of_root() {
-        assert!(statvfs_available(Path::new("/")).is_ok());
-        assert!(statvfs_available(Path::new("/definitely/not/here")).is_err());
+        let (free, size) = statvfs_space(Path::new("/")).unwrap();
+        assert!(free <= size && size > 0);
+        assert!(statvfs_space(Path::new("/definitely/not/here")).is_err());
     }
 }

@@ -3,6 +3,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use corral_core::error::PortError;
 use corral_core::ports::PortAllocator;
 use proptest::prelude::*;
 
@@ -81,4 +82,45 @@ fn concurrent_allocate_release() {
         }
     }
     assert_eq!(p.available(), 1000 - all.len());
+}
+
+#[test]
+fn ports_claimed_elsewhere_are_skipped_until_released() {
+    let ports = PortAllocator::new(&[(20000, 20004)], &[]).unwrap();
+    let mine = ports.allocate().unwrap();
+    assert_eq!(mine, 20000);
+    // 20000 is held here already: a claim on it elsewhere is a clash, not honoured.
+    assert_eq!(ports.set_claimed(&[20000, 20001, 20002, 9999]), 1);
+    assert_eq!(ports.claimed(), 2);
+    assert_eq!(ports.in_use(), 1, "claims elsewhere are not ours");
+    assert_eq!(ports.allocate().unwrap(), 20003);
+    assert!(matches!(
+        ports.allocate_static(20001, Some("x")),
+        Err(PortError::InUse { port: 20001, .. })
+    ));
+    assert!(ports.release(20002).is_err(), "not ours to release");
+    assert!(ports.is_allocated(20002));
+    // The other stack let 20001 go: it is free here again; 20002 stays claimed.
+    assert_eq!(ports.set_claimed(&[20002]), 0);
+    assert_eq!(ports.claimed(), 1);
+    assert_eq!(ports.allocate_static(20001, Some("x")).unwrap(), 20001);
+    assert_eq!(ports.allocate().unwrap(), 20004);
+    assert!(
+        ports.allocate().is_err(),
+        "20002 is claimed, the rest held here"
+    );
+    ports.set_claimed(&[]);
+    assert_eq!(ports.allocate().unwrap(), 20002);
+}
+
+#[test]
+fn a_cooling_port_claimed_elsewhere_leaves_the_cooling_queue() {
+    let ports = PortAllocator::new(&[(20000, 20009)], &[]).unwrap();
+    let p = ports.allocate().unwrap();
+    ports.release(p).unwrap();
+    ports.set_claimed(&[p]);
+    for _ in 0..9 {
+        assert_ne!(ports.allocate().unwrap(), p);
+    }
+    assert!(ports.allocate().is_err());
 }

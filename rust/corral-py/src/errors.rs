@@ -204,7 +204,11 @@ fn os_error(source: &std::io::Error, msg: String) -> PyErr {
     os_error_at(source, msg, None)
 }
 
-fn os_error_at(source: &std::io::Error, msg: String, path: Option<&std::path::Path>) -> PyErr {
+pub(crate) fn os_error_at(
+    source: &std::io::Error,
+    msg: String,
+    path: Option<&std::path::Path>,
+) -> PyErr {
     match source.raw_os_error() {
         Some(errno) => match path {
             Some(p) => PyOSError::new_err((errno, msg, p.display().to_string())),

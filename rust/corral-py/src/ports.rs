@@ -81,6 +81,16 @@ impl PortAllocator {
     fn held_elsewhere(&self) -> usize {
         self.inner.held_elsewhere()
     }
+    /// The ports other holders of the machine claim now (replacing the last set): never
+    /// handed out while claimed. Returns how many of them are held here already.
+    fn set_claimed(&self, ports: Vec<u16>) -> usize {
+        self.inner.set_claimed(&ports)
+    }
+    /// Ports in range claimed by other holders of the machine.
+    #[getter]
+    fn claimed(&self) -> usize {
+        self.inner.claimed()
+    }
     /// The ranges, inclusive.
     #[getter]
     fn ranges(&self) -> Vec<(u16, u16)> {

@@ -6,9 +6,9 @@ use std::path::PathBuf;
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyInt};
 
-use corral_core::resources::{self as core, CachePolicy, NumaPolicy, VolumeSpec};
+use corral_core::resources::{self as core, CachePolicy, Elsewhere, NumaPolicy, VolumeSpec};
 
-use crate::errors::{bad_type, config_err, named, PyResultExt};
+use crate::errors::{bad_type, config_err, named, os_error_at, PyResultExt};
 use crate::topology::Topology;
 
 /// What one instance asks for.
@@ -97,12 +97,16 @@ pub struct Grant {
     millicores: u32,
     /// Memory, MiB.
     memory_mb: u64,
+    /// Whether the memory is accounted on `numa_node`.
+    memory_pinned: bool,
     /// Swap allowance, MiB.
     swap_mb: u64,
     /// Storage, MiB.
     storage_mb: u64,
     /// Volume of the storage.
     volume: Option<String>,
+    /// The volume's filesystem.
+    filesystem: Option<String>,
 }
 
 #[pymethods]
@@ -124,7 +128,8 @@ pub struct ResourceManager {
 #[pymethods]
 impl ResourceManager {
     #[new]
-    #[pyo3(signature = (topology, memory_mb = None, reserved_cpus = None, cpu_overcommit = 1.0, memory_overcommit = 1.0, volumes = None, *, swap_mb = None))]
+    #[pyo3(signature = (topology, memory_mb = None, reserved_cpus = None, cpu_overcommit = 1.0, memory_overcommit = 1.0, volumes = None, *, swap_mb = None, memory_reserve_mb = None, disk_reserve_mb = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         topology: &Bound<'_, Topology>,
         memory_mb: Option<u64>,
@@ -133,6 +138,8 @@ impl ResourceManager {
         memory_overcommit: f64,
         volumes: Option<&Bound<'_, PyDict>>,
         swap_mb: Option<u64>,
+        memory_reserve_mb: Option<u64>,
+        disk_reserve_mb: Option<u64>,
     ) -> PyResult<Self> {
         let mut specs = Vec::new();
         if let Some(v) = volumes {
@@ -157,6 +164,8 @@ impl ResourceManager {
         }
         let config = core::ResourceConfig {
             memory_mb,
+            memory_reserve_mb,
+            disk_reserve_mb,
             reserved_cpus,
             cpu_overcommit,
             memory_overcommit,
@@ -190,10 +199,36 @@ impl ResourceManager {
             l3_domains: g.l3_domains,
             millicores: g.millicores,
             memory_mb: g.memory_mb,
+            memory_pinned: g.memory_pinned,
             swap_mb: g.swap_mb,
             storage_mb: g.storage_mb,
             volume: g.volume,
+            filesystem: g.filesystem,
         })
+    }
+
+    /// What the other holders of the machine have now (replacing what was set before);
+    /// placement keeps clear of it from the next allocation on.
+    #[pyo3(signature = (*, cpus = Vec::new(), millicores = 0, memory_mb = 0, node_memory_mb = BTreeMap::new(), swap_mb = 0, storage_mb = BTreeMap::new()))]
+    fn set_elsewhere(
+        &self,
+        cpus: Vec<u32>,
+        millicores: u64,
+        memory_mb: u64,
+        node_memory_mb: BTreeMap<u32, u64>,
+        swap_mb: u64,
+        storage_mb: BTreeMap<String, u64>,
+    ) -> PyResult<()> {
+        self.inner
+            .set_elsewhere(&Elsewhere {
+                cpus,
+                millicores,
+                memory_mb,
+                node_memory_mb: node_memory_mb.into_iter().collect(),
+                swap_mb,
+                storage_mb: storage_mb.into_iter().collect(),
+            })
+            .py()
     }
 
     /// Returns everything a grant holds (a `Grant` or its id); a second release raises `ResourceError`.
@@ -233,6 +268,7 @@ impl ResourceManager {
                             node: n.node,
                             capacity_mb: n.capacity_mb,
                             used_mb: n.used_mb,
+                            elsewhere_mb: n.elsewhere_mb,
                         },
                     )
                 })
@@ -247,13 +283,34 @@ impl ResourceManager {
                         VolumeUsage {
                             name: v.name,
                             path: v.path,
+                            filesystem: v.filesystem,
                             capacity_mb: v.capacity_mb,
                             reserved_mb: v.reserved_mb,
                         },
                     )
                 })
                 .collect(),
+            filesystems: u
+                .filesystems
+                .into_iter()
+                .map(|f| {
+                    (
+                        f.id.clone(),
+                        FilesystemUsage {
+                            id: f.id,
+                            path: f.path,
+                            capacity_mb: f.capacity_mb,
+                            reserved_mb: f.reserved_mb,
+                            elsewhere_mb: f.elsewhere_mb,
+                        },
+                    )
+                })
+                .collect(),
             grants: u.grants,
+            elsewhere_cpus: u.elsewhere.cpus,
+            elsewhere_millicores: u.elsewhere.millicores,
+            elsewhere_memory_mb: u.elsewhere.memory_mb,
+            elsewhere_swap_mb: u.elsewhere.swap_mb,
         }
     }
 
@@ -272,14 +329,15 @@ pub struct NodeMemory {
     node: u32,
     capacity_mb: u64,
     used_mb: u64,
+    elsewhere_mb: u64,
 }
 
 #[pymethods]
 impl NodeMemory {
     fn __repr__(&self) -> String {
         format!(
-            "NodeMemory(node={}, capacity_mb={}, used_mb={})",
-            self.node, self.capacity_mb, self.used_mb
+            "NodeMemory(node={}, capacity_mb={}, used_mb={}, elsewhere_mb={})",
+            self.node, self.capacity_mb, self.used_mb, self.elsewhere_mb
         )
     }
 }
@@ -290,6 +348,7 @@ impl NodeMemory {
 pub struct VolumeUsage {
     name: String,
     path: PathBuf,
+    filesystem: String,
     capacity_mb: u64,
     reserved_mb: u64,
 }
@@ -307,6 +366,31 @@ impl VolumeUsage {
     }
 }
 
+/// Use and capacity of one filesystem, MiB.
+#[pyclass(frozen, eq, get_all, module = "corral._core")]
+#[derive(Clone, PartialEq, Eq)]
+pub struct FilesystemUsage {
+    id: String,
+    path: PathBuf,
+    capacity_mb: u64,
+    reserved_mb: u64,
+    elsewhere_mb: u64,
+}
+
+#[pymethods]
+impl FilesystemUsage {
+    fn __repr__(&self) -> String {
+        format!(
+            "FilesystemUsage({:?}, path='{}', capacity_mb={}, reserved_mb={}, elsewhere_mb={})",
+            self.id,
+            self.path.display(),
+            self.capacity_mb,
+            self.reserved_mb,
+            self.elsewhere_mb
+        )
+    }
+}
+
 /// A snapshot of the ledgers (`ResourceManager.usage()`).
 #[pyclass(frozen, eq, get_all, module = "corral._core")]
 #[derive(Clone, PartialEq, Eq)]
@@ -320,7 +404,12 @@ pub struct Usage {
     memory_by_node: BTreeMap<u32, NodeMemory>,
     swap_used_mb: u64,
     volumes: BTreeMap<String, VolumeUsage>,
+    filesystems: BTreeMap<String, FilesystemUsage>,
     grants: usize,
+    elsewhere_cpus: Vec<u32>,
+    elsewhere_millicores: u64,
+    elsewhere_memory_mb: u64,
+    elsewhere_swap_mb: u64,
 }
 
 #[pymethods]
@@ -338,12 +427,22 @@ impl Usage {
     }
 }
 
+/// The id of the filesystem that holds, or will hold, `path` (`dev:<st_dev>` of its nearest
+/// existing ancestor): how the machine ledger counts storage.
+#[pyfunction]
+fn filesystem_id(path: PathBuf) -> PyResult<String> {
+    core::filesystem_id(&path)
+        .map_err(|e| os_error_at(&e, format!("cannot stat {}", path.display()), Some(&path)))
+}
+
 pub(crate) fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add_function(wrap_pyfunction!(filesystem_id, m)?)?;
     m.add_class::<ResourceManager>()?;
     m.add_class::<ResourceRequest>()?;
     m.add_class::<Grant>()?;
     m.add_class::<Usage>()?;
     m.add_class::<NodeMemory>()?;
     m.add_class::<VolumeUsage>()?;
+    m.add_class::<FilesystemUsage>()?;
     Ok(())
 }

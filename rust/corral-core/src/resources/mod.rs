@@ -8,10 +8,17 @@
 //! CPUs included, as in Kubernetes' static CPU manager), with an overcommit ratio.
 //! Memory is MiB against a capacity, also per NUMA node for pinned requests.
 //! Storage is a quota on a named volume against the space its filesystem had
-//! free.
+//! free (see [`storage`]).
 //!
 //! One lock guards the whole ledger, so an allocation either takes everything
 //! it asked for or nothing, and a grant is released exactly once.
+//!
+//! A ledger is one holder's view of a machine that others share. What the other holders
+//! have (their exclusive CPUs, shared CPU, memory, swap and storage per filesystem) comes
+//! in as an [`Elsewhere`] through [`ResourceManager::set_elsewhere`], and placement keeps
+//! clear of it by the same rules: a machine ledger (corral's is an `SQLite` file every stack
+//! reserves in, one transaction at a time) hands each holder what the others have, then
+//! lets it place.
 //!
 //! ```
 //! use corral_core::resources::{ResourceConfig, ResourceManager, ResourceRequest};
@@ -27,13 +34,17 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
 
 use parking_lot::Mutex;
 
 mod place;
+pub mod storage;
 
 use self::place::Placed;
+use self::storage::Storage;
+pub use self::storage::{
+    disk_usage_bytes, filesystem_free_mb, filesystem_id, FilesystemUsage, VolumeSpec, VolumeUsage,
+};
 use crate::cpuset::CpuSet;
 use crate::error::ResourceError;
 use crate::topology::{format_cpulist, Topology};
@@ -139,24 +150,38 @@ pub struct Grant {
     pub storage_mb: u64,
     /// Volume of the storage quota.
     pub volume: Option<String>,
+    /// The filesystem of that volume (see [`filesystem_id`]).
+    pub filesystem: Option<String>,
 }
 
-/// A named volume: a directory whose filesystem space is handed out as quotas.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeSpec {
-    /// Name used in requests.
-    pub name: String,
-    /// Directory.
-    pub path: PathBuf,
-    /// Capacity, MiB; `None` takes the filesystem's free space (statvfs) at construction.
-    pub capacity_mb: Option<u64>,
+/// What the other holders of the machine have, as one ledger must keep clear of it
+/// ([`ResourceManager::set_elsewhere`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Elsewhere {
+    /// Exclusive CPUs.
+    pub cpus: Vec<u32>,
+    /// Shared CPU, millicores.
+    pub millicores: u64,
+    /// Memory, MiB (pinned or not).
+    pub memory_mb: u64,
+    /// Of that memory, what is pinned to NUMA nodes: `(node, MiB)`.
+    pub node_memory_mb: Vec<(u32, u64)>,
+    /// Swap allowance, MiB.
+    pub swap_mb: u64,
+    /// Storage by filesystem id (see [`filesystem_id`]): `(filesystem, MiB)`.
+    pub storage_mb: Vec<(String, u64)>,
 }
 
 /// The manager's configuration.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResourceConfig {
-    /// Memory that may be handed out, MiB; `None`: the machine's, less a system reservation of 10% (at most 1 GiB).
+    /// Memory that may be handed out, MiB; `None`: the machine's, less `memory_reserve_mb`.
     pub memory_mb: Option<u64>,
+    /// Memory kept for the system when `memory_mb` is `None`, MiB; `None`: 10% of the
+    /// machine's, at most 1 GiB.
+    pub memory_reserve_mb: Option<u64>,
+    /// Space kept free on each measured filesystem, MiB; `None`: 5% of its size, at most 10 GiB.
+    pub disk_reserve_mb: Option<u64>,
     /// CPUs kept for the system; `None`: CPU 0 when there is more than one CPU.
     pub reserved_cpus: Option<Vec<u32>>,
     /// Shared-pool overcommit (1.0 = none).
@@ -173,6 +198,8 @@ impl Default for ResourceConfig {
     fn default() -> Self {
         Self {
             memory_mb: None,
+            memory_reserve_mb: None,
+            disk_reserve_mb: None,
             reserved_cpus: None,
             cpu_overcommit: 1.0,
             memory_overcommit: 1.0,
@@ -180,19 +207,6 @@ impl Default for ResourceConfig {
             volumes: Vec::new(),
         }
     }
-}
-
-/// Use and capacity of one volume.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct VolumeUsage {
-    /// Name.
-    pub name: String,
-    /// Directory.
-    pub path: PathBuf,
-    /// Capacity, MiB.
-    pub capacity_mb: u64,
-    /// Reserved by grants, MiB.
-    pub reserved_mb: u64,
 }
 
 /// Memory of one NUMA node.
@@ -204,6 +218,8 @@ pub struct NodeMemory {
     pub capacity_mb: u64,
     /// Pinned to it by grants, MiB.
     pub used_mb: u64,
+    /// Pinned to it by other holders, MiB.
+    pub elsewhere_mb: u64,
 }
 
 /// A snapshot of the ledgers.
@@ -227,8 +243,12 @@ pub struct Usage {
     pub swap_used_mb: u64,
     /// Volumes.
     pub volumes: Vec<VolumeUsage>,
+    /// The filesystems they sit on.
+    pub filesystems: Vec<FilesystemUsage>,
     /// Grants outstanding.
     pub grants: usize,
+    /// What other holders of the machine have (as last set).
+    pub elsewhere: Elsewhere,
 }
 
 /// What placement needs of the topology, computed once.
@@ -263,21 +283,29 @@ struct L3Info {
     size_kb: u64,
 }
 
-struct Volume {
-    spec: VolumeSpec,
-    capacity_mb: u64,
-    reserved_mb: u64,
-}
-
 struct Ledger {
+    /// Usable CPUs nobody holds: neither a grant here nor another holder.
     free: CpuSet,
+    /// Usable CPUs held by grants here.
+    held: CpuSet,
     shared_used: u64,
     memory_used: u64,
     node_memory_used: BTreeMap<u32, u64>,
     swap_used: u64,
-    volumes: BTreeMap<String, Volume>,
+    storage: Storage,
     grants: HashMap<u64, Grant>,
     next_id: u64,
+    /// What other holders have (storage's share is in `storage`).
+    elsewhere: Elsewhere,
+    elsewhere_node: BTreeMap<u32, u64>,
+}
+
+impl Ledger {
+    /// Memory pinned to `node`, here and elsewhere, MiB.
+    fn node_used(&self, node: u32) -> u64 {
+        self.node_memory_used.get(&node).copied().unwrap_or(0)
+            + self.elsewhere_node.get(&node).copied().unwrap_or(0)
+    }
 }
 
 /// CPU, memory and storage ledgers over a topology.
@@ -294,42 +322,6 @@ impl std::fmt::Debug for ResourceManager {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-/// Free space of the filesystem that holds, or will hold, `path`, MiB: a path that does not
-/// exist yet (a volume created at start) is measured at its nearest existing ancestor.
-pub fn filesystem_free_mb(path: &Path) -> std::io::Result<u64> {
-    let mut at = path;
-    loop {
-        match crate::sys::statvfs_available(at) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => match at.parent() {
-                Some(parent) if !parent.as_os_str().is_empty() => at = parent,
-                _ => return Err(e),
-            },
-            other => return other.map(|bytes| bytes / (1024 * 1024)),
-        }
-    }
-}
-
-/// Bytes used on disk under `path` (allocated blocks, as `du` counts them; hard links once).
-pub fn disk_usage_bytes(path: &Path) -> std::io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let mut seen = std::collections::HashSet::new();
-    let mut total = 0u64;
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        let md = std::fs::symlink_metadata(&p)?;
-        if md.nlink() > 1 && !md.is_dir() && !seen.insert((md.dev(), md.ino())) {
-            continue;
-        }
-        total += md.blocks() * 512;
-        if md.is_dir() {
-            for e in std::fs::read_dir(&p)? {
-                stack.push(e?.path());
-            }
-        }
-    }
-    Ok(total)
 }
 
 impl ResourceManager {
@@ -371,7 +363,11 @@ impl ResourceManager {
         let machine_mb = topology.memory_mb();
         let memory_capacity = match config.memory_mb {
             Some(m) => m,
-            None => machine_mb - (machine_mb / 10).min(1024),
+            None => machine_mb.saturating_sub(
+                config
+                    .memory_reserve_mb
+                    .unwrap_or_else(|| (machine_mb / 10).min(1024)),
+            ),
         };
         let node_count = topology.numa_nodes().len().max(1) as u64;
         let nodes = topology
@@ -408,26 +404,9 @@ impl ResourceManager {
             core_of.insert(c, info.core as usize);
             l3_of.insert(c, info.l3);
         }
-        let mut volumes = BTreeMap::new();
+        let mut storage = Storage::default();
         for v in &config.volumes {
-            let capacity_mb = match v.capacity_mb {
-                Some(c) => c,
-                None => filesystem_free_mb(&v.path).map_err(|e| {
-                    ResourceError::InvalidConfig(format!(
-                        "volume '{}': cannot stat {}: {e}",
-                        v.name,
-                        v.path.display()
-                    ))
-                })?,
-            };
-            volumes.insert(
-                v.name.clone(),
-                Volume {
-                    spec: v.clone(),
-                    capacity_mb,
-                    reserved_mb: 0,
-                },
-            );
+            storage.insert(storage::measure(v.clone(), config.disk_reserve_mb)?);
         }
         let pre = Precomputed {
             usable: usable.clone(),
@@ -446,13 +425,16 @@ impl ResourceManager {
             pre,
             ledger: Mutex::new(Ledger {
                 free: usable,
+                held: CpuSet::new(),
                 shared_used: 0,
                 memory_used: 0,
                 node_memory_used: BTreeMap::new(),
                 swap_used: 0,
-                volumes,
+                storage,
                 grants: HashMap::new(),
                 next_id: 1,
+                elsewhere: Elsewhere::default(),
+                elsewhere_node: BTreeMap::new(),
             }),
         })
     }
@@ -464,32 +446,45 @@ impl ResourceManager {
     /// # Errors
     /// [`ResourceError::InvalidConfig`] when the capacity cannot be measured.
     pub fn add_volume(&self, spec: VolumeSpec) -> Result<bool, ResourceError> {
-        if self.ledger.lock().volumes.contains_key(&spec.name) {
+        if self.ledger.lock().storage.has(&spec.name) {
             return Ok(false);
         }
-        let capacity_mb = match spec.capacity_mb {
-            Some(c) => c,
-            None => filesystem_free_mb(&spec.path).map_err(|e| {
-                ResourceError::InvalidConfig(format!(
-                    "volume '{}': cannot stat {}: {e}",
-                    spec.name,
-                    spec.path.display()
-                ))
-            })?,
-        };
+        let measured = storage::measure(spec, self.config.disk_reserve_mb)?;
+        Ok(self.ledger.lock().storage.insert(measured))
+    }
+
+    /// What the other holders of the machine have now, replacing what was set before:
+    /// placement keeps clear of it from the next allocation on. CPUs that are not usable
+    /// here (reserved, offline) are ignored.
+    ///
+    /// # Errors
+    /// [`ResourceError::Conflict`] when another holder has an exclusive CPU a grant here
+    /// holds (the machine's ledger and this one disagree); nothing changes then.
+    pub fn set_elsewhere(&self, elsewhere: &Elsewhere) -> Result<(), ResourceError> {
         let mut l = self.ledger.lock();
-        if l.volumes.contains_key(&spec.name) {
-            return Ok(false);
+        let mut taken = CpuSet::new();
+        for &c in &elsewhere.cpus {
+            if l.held.contains(c) {
+                return Err(ResourceError::Conflict(format!(
+                    "CPU {c} is held here and by another holder of the machine"
+                )));
+            }
+            if self.pre.usable.contains(c) {
+                taken.insert(c);
+            }
         }
-        l.volumes.insert(
-            spec.name.clone(),
-            Volume {
-                spec,
-                capacity_mb,
-                reserved_mb: 0,
-            },
-        );
-        Ok(true)
+        let mut free = self.pre.usable.clone();
+        for c in l.held.iter().chain(taken.iter()) {
+            free.remove(c);
+        }
+        l.free = free;
+        l.elsewhere_node.clear();
+        for &(n, mb) in &elsewhere.node_memory_mb {
+            *l.elsewhere_node.entry(n).or_default() += mb;
+        }
+        l.storage.set_elsewhere(&elsewhere.storage_mb);
+        l.elsewhere = elsewhere.clone();
+        Ok(())
     }
 
     /// The topology it places on.
@@ -534,32 +529,32 @@ impl ResourceManager {
         let mut l = self.ledger.lock();
 
         // Storage and swap first: cheap checks, no placement.
-        if let Some(name) = &req.volume {
-            let v = l
-                .volumes
-                .get(name)
-                .ok_or_else(|| ResourceError::UnknownVolume(name.clone()))?;
-            let free = v.capacity_mb - v.reserved_mb;
-            if req.storage_mb > free {
-                return Err(ResourceError::Insufficient(format!(
-                    "storage: asked {} MiB on volume '{name}', {free} MiB free of {} MiB",
-                    req.storage_mb, v.capacity_mb
-                )));
-            }
-        }
+        let filesystem = match &req.volume {
+            Some(name) => Some(l.storage.check(name, req.storage_mb)?.to_string()),
+            None => None,
+        };
         if let Some(cap) = self.pre.swap_capacity {
-            if l.swap_used + req.swap_mb > cap {
+            let used = l.swap_used + l.elsewhere.swap_mb;
+            if used + req.swap_mb > cap {
                 return Err(ResourceError::Insufficient(format!(
                     "swap: asked {} MiB, {} MiB free of {cap} MiB",
                     req.swap_mb,
-                    cap - l.swap_used
+                    cap.saturating_sub(used)
                 )));
             }
         }
-        let mem_free_total = self.pre.memory_capacity.saturating_sub(l.memory_used);
+        let mem_free_total = self
+            .pre
+            .memory_capacity
+            .saturating_sub(l.memory_used + l.elsewhere.memory_mb);
         if req.memory_mb > mem_free_total {
+            let elsewhere = if l.elsewhere.memory_mb > 0 {
+                format!(", {} MiB held elsewhere", l.elsewhere.memory_mb)
+            } else {
+                String::new()
+            };
             return Err(ResourceError::Insufficient(format!(
-                "memory: asked {} MiB, {mem_free_total} MiB free in total",
+                "memory: asked {} MiB, {mem_free_total} MiB free in total{elsewhere}",
                 req.memory_mb
             )));
         }
@@ -571,17 +566,23 @@ impl ResourceManager {
             return Err(ResourceError::Insufficient(self.cpu_shortage(&l, k)));
         }
         let pool_after = self.shared_capacity(free_count - k);
-        if l.shared_used + millicores > pool_after {
+        let shared_used = l.shared_used + l.elsewhere.millicores;
+        if shared_used + millicores > pool_after {
             return Err(ResourceError::Insufficient(format!(
-                "cpu: asked {} millicores shared{}, {} free of {} in the shared pool",
+                "cpu: asked {} millicores shared{}, {} free of {} in the shared pool{}",
                 millicores,
                 if k > 0 {
                     format!(" and {k} exclusive cores")
                 } else {
                     String::new()
                 },
-                pool_after.saturating_sub(l.shared_used),
-                pool_after
+                pool_after.saturating_sub(shared_used),
+                pool_after,
+                if l.elsewhere.millicores > 0 {
+                    format!(" ({} held elsewhere)", l.elsewhere.millicores)
+                } else {
+                    String::new()
+                }
             )));
         }
 
@@ -593,7 +594,7 @@ impl ResourceManager {
         let pinned = req.numa != NumaPolicy::None && node.is_some();
         if pinned {
             let n = node.expect("pinned implies a node");
-            let used = l.node_memory_used.get(&n).copied().unwrap_or(0);
+            let used = l.node_used(n);
             let cap = self.node_capacity(n);
             if used + req.memory_mb > cap {
                 // `place` checks this for nodes it picks; reaching here means no node had room.
@@ -608,6 +609,7 @@ impl ResourceManager {
         // Commit.
         for &c in &cpus {
             l.free.remove(c);
+            l.held.insert(c);
         }
         l.shared_used += millicores;
         l.memory_used += req.memory_mb;
@@ -616,7 +618,7 @@ impl ResourceManager {
         }
         l.swap_used += req.swap_mb;
         if let Some(name) = &req.volume {
-            l.volumes.get_mut(name).expect("checked above").reserved_mb += req.storage_mb;
+            l.storage.take(name, req.storage_mb);
         }
         let id = l.next_id;
         l.next_id += 1;
@@ -634,6 +636,7 @@ impl ResourceManager {
             swap_mb: req.swap_mb,
             storage_mb: req.storage_mb,
             volume: req.volume.clone(),
+            filesystem,
         };
         l.grants.insert(id, grant.clone());
         Ok(grant)
@@ -645,12 +648,19 @@ impl ResourceManager {
             l.free.len(),
             self.pre.usable.len()
         );
+        let elsewhere = self.pre.usable.len() - l.free.len() - l.held.len();
+        let mut notes = Vec::new();
+        if elsewhere > 0 {
+            notes.push(format!("{elsewhere} held elsewhere"));
+        }
         if !self.pre.reserved.is_empty() {
-            let _ = write!(
-                s,
-                " (CPU {} reserved for the system)",
+            notes.push(format!(
+                "CPU {} reserved for the system",
                 format_cpulist(&self.pre.reserved)
-            );
+            ));
+        }
+        if !notes.is_empty() {
+            let _ = write!(s, " ({})", notes.join("; "));
         }
         s
     }
@@ -664,6 +674,7 @@ impl ResourceManager {
             .ok_or(ResourceError::UnknownGrant(grant_id))?;
         for &c in &g.cpus {
             l.free.insert(c);
+            l.held.remove(c);
         }
         l.shared_used -= u64::from(g.millicores);
         l.memory_used -= g.memory_mb;
@@ -674,9 +685,7 @@ impl ResourceManager {
         }
         l.swap_used -= g.swap_mb;
         if let Some(v) = &g.volume {
-            if let Some(vol) = l.volumes.get_mut(v) {
-                vol.reserved_mb -= g.storage_mb;
-            }
+            l.storage.give(v, g.storage_mb);
         }
         Ok(())
     }
@@ -713,15 +722,7 @@ impl ResourceManager {
 
     /// Bytes used on disk in a volume now (walks the directory).
     pub fn volume_usage_bytes(&self, name: &str) -> Result<u64, ResourceError> {
-        let path = {
-            let l = self.ledger.lock();
-            l.volumes
-                .get(name)
-                .ok_or_else(|| ResourceError::UnknownVolume(name.into()))?
-                .spec
-                .path
-                .clone()
-        };
+        let path = self.ledger.lock().storage.path(name)?;
         disk_usage_bytes(&path)
             .map_err(|e| ResourceError::InvalidRequest(format!("volume '{name}': {e}")))
     }
@@ -729,12 +730,7 @@ impl ResourceManager {
     /// A snapshot of the ledgers.
     pub fn usage(&self) -> Usage {
         let l = self.ledger.lock();
-        let exclusive: Vec<u32> = self
-            .pre
-            .usable
-            .iter()
-            .filter(|c| !l.free.contains(*c))
-            .collect();
+        let exclusive: Vec<u32> = l.held.iter().collect();
         Usage {
             cpus: self.pre.usable.to_vec(),
             exclusive_cpus: exclusive,
@@ -750,20 +746,14 @@ impl ResourceManager {
                     node: n.id,
                     capacity_mb: self.node_capacity(n.id),
                     used_mb: l.node_memory_used.get(&n.id).copied().unwrap_or(0),
+                    elsewhere_mb: l.elsewhere_node.get(&n.id).copied().unwrap_or(0),
                 })
                 .collect(),
             swap_used_mb: l.swap_used,
-            volumes: l
-                .volumes
-                .values()
-                .map(|v| VolumeUsage {
-                    name: v.spec.name.clone(),
-                    path: v.spec.path.clone(),
-                    capacity_mb: v.capacity_mb,
-                    reserved_mb: v.reserved_mb,
-                })
-                .collect(),
+            volumes: l.storage.volumes(),
+            filesystems: l.storage.filesystems(),
             grants: l.grants.len(),
+            elsewhere: l.elsewhere.clone(),
         }
     }
 }

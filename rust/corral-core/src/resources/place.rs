@@ -44,9 +44,7 @@ impl ResourceManager {
     fn nodes_free<'a>(&'a self, l: &'a Ledger) -> impl Iterator<Item = NodeFree> + 'a {
         self.pre.nodes.iter().map(move |n| NodeFree {
             node: n.id,
-            free_mb: self
-                .node_capacity(n.id)
-                .saturating_sub(l.node_memory_used.get(&n.id).copied().unwrap_or(0)),
+            free_mb: self.node_capacity(n.id).saturating_sub(l.node_used(n.id)),
         })
     }
 
@@ -85,9 +83,7 @@ impl ResourceManager {
         let k = req.cores as usize;
         let pins_memory = req.numa != NumaPolicy::None;
         let mem_fits = |node: u32| {
-            !pins_memory
-                || l.node_memory_used.get(&node).copied().unwrap_or(0) + req.memory_mb
-                    <= self.node_capacity(node)
+            !pins_memory || l.node_used(node) + req.memory_mb <= self.node_capacity(node)
         };
         if k == 0 {
             if !pins_memory {
@@ -178,7 +174,9 @@ impl ResourceManager {
             req.memory_mb,
             best.free_mb,
             best.node,
-            self.pre.memory_capacity.saturating_sub(l.memory_used)
+            self.pre
+                .memory_capacity
+                .saturating_sub(l.memory_used + l.elsewhere.memory_mb)
         ))
     }
 

@@ -1,0 +1,79 @@
+"""Commands that change a running stack through its agent: ``restart``, ``scale``, ``stop``
+and ``start``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, TypeVar
+
+import typer
+
+from corral.agent.client import AgentClient
+from corral.cli.common import (
+    DEFAULT_SPEC,
+    SpecArg,
+    SpecFileOpt,
+    StateOpt,
+    app,
+    err,
+    fail,
+    out,
+    state_dir_of,
+)
+from corral.exceptions import AgentUnavailable
+
+if TYPE_CHECKING:
+
+    pass
+
+
+
+@app.command()
+def restart(service: Annotated[str, typer.Argument(help="Service name.")], spec: SpecArg = DEFAULT_SPEC,
+            state_dir: StateOpt = None) -> None:
+    """Restart a service's replicas one after the other (needs the agent)."""
+    ask(spec, state_dir, lambda agent: agent.restart(service))
+    out.print(f"{service}: restarted", markup=False)
+
+
+T = TypeVar("T")
+
+
+def ask(spec: Path, state_dir: Path | None, call: Callable[[AgentClient], T]) -> T:
+    """What needs the agent: ``call`` on its client, or exit 1 saying none runs."""
+    sd = state_dir_of(spec, state_dir)
+    try:
+        return call(AgentClient(sd))
+    except AgentUnavailable:
+        fail(f"no agent running for {sd}; 'corral up' first", 1)
+
+
+@app.command()
+def scale(service: Annotated[str, typer.Argument(help="Service name.")],
+          replicas: Annotated[int, typer.Argument(help="How many instances.", min=0)],
+          spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
+    """Run N instances of a service: new ones are placed, started and put behind the front
+    (exit 2, nothing changed, when they do not fit); the highest-numbered go first down."""
+    ask(spec, state_dir, lambda agent: agent.scale(service, replicas))
+    out.print(f"{service}: {replicas} instances", markup=False)
+
+
+@app.command()
+def stop(services: Annotated[list[str], typer.Argument(help="Service names.")], spec: SpecFileOpt = DEFAULT_SPEC,
+         state_dir: StateOpt = None) -> None:
+    """Stop services by their shutdown rule, keeping them in the stack (start brings them back)."""
+    dependents = ask(spec, state_dir, lambda agent: agent.stop_services(services))
+    for name, deps in dependents.items():
+        out.print(f"{name}: stopped", markup=False)
+        if deps:
+            err.print(f"warning: {', '.join(deps)} depend on {name} and keep running", markup=False)
+
+
+@app.command()
+def start(services: Annotated[list[str], typer.Argument(help="Service names.")], spec: SpecFileOpt = DEFAULT_SPEC,
+          state_dir: StateOpt = None) -> None:
+    """Start stopped services again and wait until they meet their condition."""
+    ask(spec, state_dir, lambda agent: agent.start_services(services))
+    for name in services:
+        out.print(f"{name}: started", markup=False)

@@ -1,0 +1,370 @@
+"""Commands that deploy: ``validate``, ``plan``, ``up`` (foreground, ``-d``, or an apply to a
+running stack), ``down``, and the hidden ``agent`` that ``up -d`` and the keeper start."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+
+from corral.agent.client import AgentClient
+from corral.cli.common import (
+    DEFAULT_SPEC,
+    SpecArg,
+    StateOpt,
+    app,
+    client_of,
+    deployment_of,
+    error,
+    fail,
+    out,
+    print_event,
+    printable,
+    spec_errors,
+    state_dir_of,
+    status_table,
+)
+from corral.exceptions import AgentAlreadyRunning, AgentUnavailable, CorralError, SpecError
+
+if TYPE_CHECKING:
+    from rich.console import Group
+
+    from corral.engine import Deployment
+    from corral.lifecycle import Transition
+
+
+
+def _adopting(spec: Path, state_dir: Path | None) -> Deployment:
+    """The deployment a dead agent ran: the last spec version applied, from state.db (the
+    file may have changed since), with the keeper of ``up -d`` taking the output."""
+    from corral.engine import Deployment
+    from corral.spec import parse_spec
+    from corral.state import StateStore
+    from corral.statedir import KEEPER_SOCKET
+
+    sd = state_dir_of(spec, state_dir)
+    db = sd / "state.db"
+    rows = StateStore.read_deployments(db) if db.exists() else []
+    if not rows:
+        fail(f"nothing to adopt in {sd}", 2)
+    row = rows[-1]
+    running = StateStore.running_spec(db, row)
+    try:
+        parsed = parse_spec(running.text, row.spec) if running is not None and running.text else None
+        if parsed is None:
+            from corral.spec import load_spec
+
+            parsed = load_spec(row.spec)
+    except SpecError as e:
+        spec_errors(e)
+    keeper = sd / KEEPER_SOCKET
+    return Deployment(parsed, file=row.spec, state_dir=sd, keeper=keeper if keeper.exists() else None)
+
+
+# --- validate and plan ------------------------------------------------------------------
+
+
+@app.command()
+def validate(spec: SpecArg = DEFAULT_SPEC) -> None:
+    """Check a spec, and that it fits this machine, without starting anything."""
+    from corral.scheduler import check_fit
+    from corral.spec import load_spec
+
+    try:
+        s = load_spec(spec)
+        check_fit(s, spec.resolve().parent)
+    except SpecError as e:
+        spec_errors(e)
+    instances = sum(svc.replicas for svc in s.services.values())
+    out.print(f"{spec}: ok ({len(s.services)} services, {instances} instances)", markup=False)
+
+
+@app.command()
+def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
+         as_json: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+         show_map: Annotated[bool, typer.Option("--map", help="Draw the machine: where the plan puts every "
+                                                              "exclusive core.")] = False) -> None:
+    """Show the phases and where every instance would go, without starting anything; with a
+    stack running, what 'corral up' would change in it (a diff, nothing changed)."""
+    client = client_of(spec, state_dir)
+    res = None
+    if not show_map and (client.path.exists() or client.running() is not None):
+        try:
+            res = client.plan_changes(spec)
+        except AgentUnavailable:
+            if client.running() is not None:
+                raise  # it runs but does not answer: no plan against it, and none without
+    if res is not None:
+        # Plain print: rich is not worth its import for lines of text (plan is a hot command).
+        print(json.dumps(res["diff"], indent=2) if as_json else "\n".join(printable(x) for x in res["lines"]))
+        return
+    from rich.table import Table
+    from rich.text import Text
+
+    d = deployment_of(spec, state_dir)
+    try:
+        p = d.make_plan(dry=True)
+    except SpecError as e:
+        spec_errors(e)
+    try:
+        if show_map:
+            from corral.cpumap import machine_map, others_cpus
+
+            holders = {**others_cpus(d.machine.view(), d.claims.holder.stack),
+                       **{cpu: inst.id for inst in p.instances() for cpu in inst.cpus}}
+            for line in machine_map(d.topology, holders, set(d.resources.usage().cpus)):
+                out.print(printable(line), markup=False)
+            return
+        if as_json:
+            out.print_json(json.dumps(p.to_dict()))
+            return
+        for i, phase in enumerate(p.phases):
+            out.print(Text.assemble((f"phase {i}", "bold"), f": {', '.join(phase)}"))
+        t = Table("instance", "cores", "node", "cpu", "memory", "ports", box=None)
+        for inst in p.instances():
+            t.add_row(inst.id, ",".join(map(str, inst.cpus)) or "-",
+                      "-" if inst.numa_node is None else str(inst.numa_node),
+                      f"{inst.millicores / 1000:g}" if inst.millicores else ("excl" if inst.cpus else "-"),
+                      f"{inst.memory_mb}Mi" if inst.memory_mb else "-",
+                      ", ".join(f"{k}={v}" for k, v in inst.ports.items()) or "-")
+        out.print(t)
+        for name, port in p.fronts.items():
+            svc = d.spec.services[name]
+            mode = f"mTLS, allow {', '.join(svc.allow) or 'any service of the mesh'}" if svc.mtls else "plain TCP"
+            out.print(f"front {name}: {d.host}:{port} ({svc.balance}, {mode})", markup=False)
+    finally:
+        d.scheduler.release(p)
+
+
+# --- up and down ------------------------------------------------------------------------
+
+
+@app.command()
+def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
+       detach: Annotated[bool, typer.Option("-d", "--detach", help="Return once every service meets its "
+                                                                     "condition; the agent keeps running.")] = False,
+       run_for: Annotated[str | None, typer.Option("--run-for", help="Stop after this long (e.g. 30s); "
+                                                                      "for demos and smoke runs.")] = None,
+       timeout: Annotated[float, typer.Option(help="With -d: seconds to wait for the agent.")] = 600.0,
+       metrics: Annotated[str | None, typer.Option(
+           "--metrics", help="Serve Prometheus metrics at HOST:PORT/metrics (as the spec's metrics.listen).")] = None,
+       ) -> None:
+    """Start every service in dependency order and supervise them; with a stack already
+    running, apply the spec to it (only what changed changes) and return when done."""
+    seconds = None
+    if run_for is not None:
+        from corral.units import parse_duration
+
+        try:
+            seconds = parse_duration(run_for)
+        except ValueError as e:
+            fail(f"--run-for: {e}", 2)
+    sd = state_dir_of(spec, state_dir)
+    client = AgentClient(sd)
+    # By pid and start time, not by the socket alone: a stopped (SIGSTOP) agent does not
+    # answer, and starting a second one beside it would start the stack twice.
+    agent = client.running()
+    if agent is None and client.keeper_restarting():
+        agent = client.wait_running(5.0)  # the keeper restarts a dead agent: that one applies
+    if agent is not None or client.available():
+        if run_for is not None:
+            fail("--run-for starts a new stack; one runs already (apply without it, or 'corral down' first)", 2)
+        try:
+            client.request("GET", "/v1/status", timeout=5)
+        except AgentUnavailable:
+            who = f" (pid {agent.agent_pid})" if agent is not None else ""
+            raise AgentAlreadyRunning(f"a corral agent runs for {sd}{who} but does not answer; nothing was "
+                                      f"applied", agent.agent_pid if agent is not None else None) from None
+        raise typer.Exit(_apply(client, spec))
+    from corral.engine import Deployment
+    from corral.spec import load_spec
+
+    try:
+        parsed = load_spec(spec)
+        if metrics is not None:
+            from corral.spec import MetricsSpec
+
+            try:
+                parsed = parsed.model_copy(update={"metrics": MetricsSpec(listen=metrics)})
+            except ValueError as e:
+                fail(f"--metrics: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}", 2)
+    except SpecError as e:
+        spec_errors(e)
+    if detach:
+        from corral.agent.daemon import start_detached
+
+        st = start_detached(spec, parsed, sd, timeout)
+        n = sum(len(v) for v in st.services.values())
+        out.print(f"{st.name}: up ({n} instances, agent pid {st.agent_pid}); 'corral status' to look, "
+                  f"'corral down' to stop", markup=False)
+        raise typer.Exit(0)
+    d = Deployment(parsed, file=spec, state_dir=sd)
+    raise typer.Exit(_up_foreground(d, seconds))
+
+
+def _apply(client: AgentClient, spec: Path) -> int:
+    """``up`` against a running stack: the agent applies the spec; on a terminal, its events
+    print as the rollout goes. 0 when it is done, 1 when it failed (and was reverted)."""
+    import threading
+
+    from corral.exceptions import RolloutError
+
+    result: dict[str, Any] = {}
+
+    def call() -> None:
+        try:
+            result["ok"] = client.apply(spec)
+        except BaseException as e:  # handed to the main thread below
+            result["error"] = e
+
+    after = max((e.seq for e in client.last_events(1)), default=0) if out.is_terminal else 0
+    worker = threading.Thread(target=call, name="corral-apply", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+        if out.is_terminal:
+            for ev in client.events(after):
+                after = ev.seq
+                print_event(ev)
+    failure = result.get("error")
+    if isinstance(failure, RolloutError):
+        error(failure)
+        return 1
+    if isinstance(failure, BaseException):
+        raise failure
+    res = result["ok"]
+    for line in res["lines"]:
+        out.print(printable(line), markup=False)
+    if not res["diff"]["empty"]:
+        out.print(f"applied: spec version {res['version']} runs", markup=False)
+    return 0
+
+
+def _up_foreground(d: Deployment, run_for: float | None) -> int:
+    live = out.is_terminal
+    view = _LiveView(d) if live else None
+
+    def on_up(dep: Deployment) -> None:
+        n = sum(len(v) for v in dep.status().services.values())
+        msg = f"{dep.name}: up ({n} instances); Ctrl-C stops everything"
+        if view is not None:
+            view.note = msg
+        else:
+            out.print(msg)
+
+    import asyncio
+
+    from corral.agent.server import run_agent
+
+    async def main() -> int:
+        printer = asyncio.create_task(view.run() if view is not None else _print_transitions(d))
+        try:
+            code = await run_agent(d, run_for=run_for, on_up=on_up)
+        finally:
+            printer.cancel()
+            await asyncio.gather(printer, return_exceptions=True)
+        return code
+
+    try:
+        code = asyncio.run(main())
+    except SpecError as e:
+        spec_errors(e)
+    if view is not None:
+        view.final()
+    if code != 0:
+        error(f"{d.status().message or 'up failed'}; everything it started was stopped")
+    else:
+        out.print(f"{d.name}: down", markup=False)
+    return code
+
+
+async def _print_transitions(d: Deployment) -> None:
+    async for t in d.watch():
+        out.print(printable(_transition_line(t)), markup=False)
+
+
+def _transition_line(t: Transition) -> str:
+    return f"{time.strftime('%H:%M:%S', time.localtime(t.at))} {t.instance:<16} {t.old.value:>10} -> " \
+           f"{t.new.value:<10} {t.reason}"
+
+
+class _LiveView:
+    """The live table and progress bar of a foreground ``up``."""
+
+    def __init__(self, d: Deployment) -> None:
+        from rich.live import Live
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self.d = d
+        self.note = ""
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                 TextColumn("{task.completed}/{task.total}"))
+        self.task = self.progress.add_task("services up", total=len(d.spec.services))
+        self.live = Live(self.render(), console=out.get(), refresh_per_second=4, transient=False)
+
+    def render(self) -> Group:
+        from rich.console import Group
+
+        st = self.d.status()
+        done = sum(1 for insts in st.services.values() if all(i.state in ("healthy", "completed") for i in insts))
+        self.progress.update(self.task, completed=done)
+        return Group(self.progress, status_table(st.services.values()), self.note)
+
+    async def run(self) -> None:
+        import asyncio
+
+        with self.live:
+            while True:
+                self.live.update(self.render())
+                await asyncio.sleep(0.25)
+
+    def final(self) -> None:
+        out.print(status_table(self.d.status().services.values()))
+
+
+@app.command(hidden=True)
+def agent(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
+          adopt: Annotated[bool, typer.Option("--adopt", help="Take over what a dead agent left (the "
+                                                             "running spec from state.db).")] = False) -> None:
+    """Run the agent in this process (what `up -d`, and the keeper, start in the background)."""
+    if adopt:
+        d = _adopting(spec, state_dir)
+    else:
+        d = deployment_of(spec, state_dir)
+    from corral.agent.jsonlog import log_to
+
+    log_to(d.state_dir / "agent.log", d.spec.logs.max_size, d.spec.logs.keep)
+
+    import asyncio
+
+    from corral.agent.server import run_agent
+
+    async def main() -> int:
+        return await run_agent(d, adopt=adopt)
+
+    try:
+        code = asyncio.run(main())
+    except SpecError as e:
+        spec_errors(e)
+    except CorralError:
+        raise
+    except Exception as e:  # a bug: the keeper restarts an agent that ends so
+        from corral.agent.keeper import CRASHED
+
+        error(f"the agent failed: {type(e).__name__}: {e}")
+        raise typer.Exit(CRASHED) from None
+    raise typer.Exit(code)
+
+
+@app.command()
+def down(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
+    """Stop every service (reverse dependency order) and the agent."""
+    n = client_of(spec, state_dir).down()
+    if n is None:
+        out.print("down")
+    else:
+        # No agent: what a dead agent left behind was stopped, by process group and start time.
+        out.print(f"no agent running; stopped {n} leftover process groups" if n else "nothing running")
