@@ -10,7 +10,9 @@ use corral_core::balance::{LoadBalancer, Strategy};
 use corral_core::breaker::{BreakerConfig, CircuitBreaker};
 use corral_core::ports::PortAllocator;
 use corral_core::registry::{Instance, ServiceRegistry};
-use corral_core::resources::{ResourceConfig, ResourceManager, ResourceRequest, VolumeSpec};
+use corral_core::resources::{
+    Elsewhere, ResourceConfig, ResourceManager, ResourceRequest, VolumeSpec,
+};
 use corral_core::topology::Topology;
 use criterion::{criterion_group, criterion_main, Criterion};
 
@@ -175,6 +177,69 @@ fn resources(c: &mut Criterion) {
     });
 }
 
+/// Placing one instance on a machine whose ledger holds 1000 claims: 500 grants of this
+/// stack (shared CPU, memory, storage) and 500 of other stacks handed in as an `Elsewhere`
+/// (8 exclusive CPUs among them), re-handed at each reservation as the machine ledger does.
+fn resources_machine(c: &mut Criterion) {
+    let rm = ResourceManager::new(
+        fixture("dual-socket"),
+        ResourceConfig {
+            memory_mb: Some(1_000_000),
+            cpu_overcommit: 64.0,
+            volumes: vec![VolumeSpec {
+                name: "data".into(),
+                path: std::env::temp_dir(),
+                capacity_mb: Some(10_000_000),
+            }],
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let small = ResourceRequest {
+        cpu: 0.1,
+        memory_mb: 64,
+        storage_mb: 16,
+        volume: Some("data".into()),
+        ..Default::default()
+    };
+    for _ in 0..500 {
+        rm.allocate(&small).unwrap();
+    }
+    let others = Elsewhere {
+        cpus: (8..16).collect(),
+        millicores: 500 * 100,
+        memory_mb: 500 * 64,
+        node_memory_mb: vec![(0, 4096), (1, 4096)],
+        swap_mb: 0,
+        storage_mb: vec![("volume:data".into(), 500 * 16)],
+    };
+    let req = ResourceRequest {
+        cores: 2,
+        numa: corral_core::resources::NumaPolicy::Prefer,
+        memory_mb: 256,
+        ..Default::default()
+    };
+    c.bench_function("resources_place_against_1000_claims", |b| {
+        b.iter(|| {
+            rm.set_elsewhere(black_box(&others)).unwrap();
+            let g = rm.allocate(black_box(&req)).unwrap();
+            rm.release(g.id).unwrap();
+        });
+    });
+    let ports = PortAllocator::default();
+    let claimed: Vec<u16> = (20000..20500).collect();
+    for _ in 0..500 {
+        ports.allocate().unwrap();
+    }
+    c.bench_function("ports_allocate_against_1000_claims", |b| {
+        b.iter(|| {
+            ports.set_claimed(black_box(&claimed));
+            let p = ports.allocate().unwrap();
+            ports.release(p).unwrap();
+        });
+    });
+}
+
 fn balance(c: &mut Criterion) {
     let lb = LoadBalancer::new(
         Strategy::RoundRobin,
@@ -197,6 +262,6 @@ fn balance(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2));
-    targets = breaker, registry, ports, resources, balance
+    targets = breaker, registry, ports, resources, resources_machine, balance
 }
 criterion_main!(benches);

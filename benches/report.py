@@ -24,6 +24,9 @@ ROWS: list[tuple[str, str, str, float | None]] = [
     ("Rust: port allocate + release", "rust", "ports_allocate_release", 100),
     ("Rust: exclusive CPU allocation (4 cores, 7950X3D)", "rust", "resources_exclusive_4_cores_7950x3d", 2_000),
     ("Rust: CPU + memory + storage allocation", "rust", "resources_cpu_memory_storage", 3_000),
+    ("Rust: place 2 cores against 1000 claims (+ set_elsewhere)", "rust", "resources_place_against_1000_claims",
+     None),
+    ("Rust: auto port against 1000 claims (+ set_claimed)", "rust", "ports_allocate_against_1000_claims", None),
     ("Rust: round-robin pick", "rust", "balance_round_robin", None),
     ("Rust: least-connections pick, 16", "rust", "balance_least_connections_16", None),
     ("Python: loop + call of a no-op function (floor)", "py", "test_loop_overhead_noop_call", None),
@@ -38,6 +41,10 @@ ROWS: list[tuple[str, str, str, float | None]] = [
     ("Python: round-robin pick", "py", "test_round_robin_pick", 80),
     ("  baseline: Python round robin + lock", "py", "test_round_robin_baseline_python", None),
     ("Python: least-connections pick, 16 backends", "py", "test_least_connections_pick_16", 100),
+    ("Python: one reservation, ledger of 1000 claims, others changed", "py",
+     "test_reservation_against_1000_claims_changed", 1_000_000),
+    ("Python: one reservation, ledger of 1000 claims, unchanged", "py",
+     "test_reservation_against_1000_claims_unchanged", 1_000_000),
     ("  baseline: Python min() scan + lock", "py", "test_least_connections_baseline_python_16", None),
 ]
 

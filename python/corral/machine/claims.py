@@ -21,7 +21,6 @@ import os
 import pwd
 import sqlite3
 import time
-from collections import defaultdict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +127,7 @@ def read_holders(db: sqlite3.Connection) -> list[HolderRow]:
 
 def drop_stack(db: sqlite3.Connection, stack: str) -> None:
     """Deletes a holder and everything it claims."""
-    for table in ("claims", "cpus", "ports", "holders"):
+    for table in ("claims", "cpus", "ports", "holders", "totals"):
         db.execute(f"DELETE FROM {table} WHERE stack = ?", (stack,))
 
 
@@ -160,60 +159,59 @@ def generation(db: sqlite3.Connection) -> int:
 
 @dataclass
 class Others:
-    """What the other holders have, as read in one transaction."""
+    """What the other holders have, as read in one transaction: totals only (what the
+    native ledgers need); who holds how much is read when a refusal must say it."""
 
     holders: dict[str, HolderRow] = field(default_factory=dict)
     cpus: dict[int, tuple[str, str]] = field(default_factory=dict)
     """CPU -> (stack, instance)."""
-    ports: dict[int, tuple[str, str]] = field(default_factory=dict)
-    """Port -> (stack, owner)."""
-    memory: dict[str, int] = field(default_factory=dict)
-    millicores: dict[str, int] = field(default_factory=dict)
-    storage: dict[tuple[str, str], int] = field(default_factory=dict)
-    """(stack, filesystem) -> MiB."""
-    node_memory: dict[int, int] = field(default_factory=dict)
+    ports: list[int] = field(default_factory=list)
+    """Ports they hold (who holds one is asked when it matters: see ``port_holder``)."""
+    millicores: int = 0
+    memory_mb: int = 0
     swap_mb: int = 0
+    node_memory: dict[int, int] = field(default_factory=dict)
+    storage: dict[str, int] = field(default_factory=dict)
+    """Filesystem -> MiB."""
 
     @classmethod
     def read(cls, db: sqlite3.Connection, me: str) -> Others:
-        """Every claim of every holder but ``me``."""
+        """Every claim of every holder but ``me``, summed in one pass over the claims."""
         o = cls()
         o.holders = {h.stack: h for h in read_holders(db) if h.stack != me}
-        for stack, mc, mem, swap in db.execute(
-                "SELECT stack, sum(millicores), sum(memory_mb), sum(swap_mb) FROM claims WHERE stack != ? "
-                "GROUP BY stack", (me,)):
-            o.millicores[stack], o.memory[stack] = mc, mem
+        for node, fs, mc, mem, swap, storage in db.execute(
+                "SELECT node, filesystem, millicores, memory_mb, swap_mb, storage_mb FROM totals WHERE stack != ?",
+                (me,)):
+            o.millicores += mc
+            o.memory_mb += mem
             o.swap_mb += swap
-        o.node_memory = dict(db.execute("SELECT node, sum(memory_mb) FROM claims WHERE stack != ? AND pinned "
-                                        "GROUP BY node", (me,)).fetchall())
-        for stack, fs, mb in db.execute("SELECT stack, filesystem, sum(storage_mb) FROM claims WHERE stack != ? "
-                                        "AND storage_mb > 0 GROUP BY stack, filesystem", (me,)):
-            o.storage[(stack, fs)] = mb
+            if node >= 0:
+                o.node_memory[node] = o.node_memory.get(node, 0) + mem
+            if storage and fs:
+                o.storage[fs] = o.storage.get(fs, 0) + storage
         o.cpus = {cpu: (stack, inst) for cpu, stack, inst in
                   db.execute("SELECT cpu, stack, instance FROM cpus WHERE stack != ?", (me,))}
-        o.ports = {port: (stack, owner) for port, stack, owner in
-                   db.execute("SELECT port, stack, owner FROM ports WHERE stack != ?", (me,))}
+        # One row, not one per port: a thousand claimed ports cost one string to split.
+        (joined,) = db.execute("SELECT group_concat(port) FROM ports WHERE stack != ?", (me,)).fetchone()
+        o.ports = list(map(int, joined.split(","))) if joined else []
         return o
 
     def push(self, resources: ResourceManager, ports: PortAllocator) -> None:
         """Hands it to one stack's native ledgers."""
-        by_fs: dict[str, int] = defaultdict(int)
-        for (_, fs), mb in self.storage.items():
-            by_fs[fs] += mb
-        resources.set_elsewhere(cpus=list(self.cpus), millicores=sum(self.millicores.values()),
-                                memory_mb=sum(self.memory.values()), node_memory_mb=self.node_memory,
-                                swap_mb=self.swap_mb, storage_mb=by_fs)
-        ports.set_claimed(list(self.ports))
+        resources.set_elsewhere(cpus=list(self.cpus), millicores=self.millicores, memory_mb=self.memory_mb,
+                                node_memory_mb=self.node_memory, swap_mb=self.swap_mb, storage_mb=self.storage)
+        ports.set_claimed(self.ports)
 
     def name(self, stack: str) -> str:
         h = self.holders.get(stack)
         return h.who() if h is not None else f"stack {stack}"
 
-    def explain(self, message: str) -> str:
+    def explain(self, message: str, store: LedgerStore, me: str) -> str:
         """A shortage message from the core, with the holders elsewhere that it is about."""
-        def top(amounts: dict[str, int], fmt: Callable[[int], str]) -> str:
-            most = sorted(((v, s) for s, v in amounts.items() if v > 0), reverse=True)
-            parts = [f"{self.name(s)} holds {fmt(v)}" for v, s in most[:3]]
+        def top(column: str, fmt: Callable[[int], str]) -> str:
+            most = store.read(f"SELECT sum({column}) AS n, stack FROM totals WHERE stack != ? GROUP BY stack "
+                              f"HAVING n > 0 ORDER BY n DESC", (me,))
+            parts = [f"{self.name(str(s))} holds {fmt(int(str(v)))}" for v, s in most[:3]]
             if len(most) > 3:
                 parts.append(f"{len(most) - 3} more stacks hold the rest")
             return "; ".join(parts)
@@ -225,16 +223,13 @@ class Others:
             if len(held) > 4:
                 said += f"; and {len(held) - 4} more cores by other stacks"
         elif message.startswith("cpu:"):
-            said = top(self.millicores, lambda m: f"{m / 1000:g} cores of it")
+            said = top("millicores", lambda m: f"{m / 1000:g} cores of it")
         elif message.startswith("memory:"):
-            said = top(self.memory, format_mib)
+            said = top("memory_mb", format_mib)
         elif message.startswith("swap:"):
-            said = "other stacks hold swap" if self.swap_mb else ""
+            said = top("swap_mb", format_mib)
         elif message.startswith("storage:"):
-            per: dict[str, int] = defaultdict(int)
-            for (s, _), mb in self.storage.items():
-                per[s] += mb
-            said = top(per, format_mib)
+            said = top("storage_mb", format_mib)
         return f"{message} ({said})" if said else message
 
 
@@ -428,7 +423,7 @@ class StackClaims:
 
     def reset(self) -> None:
         self._write(*((f"DELETE FROM {table} WHERE stack = ?", (self.holder.stack,))
-                      for table in ("claims", "cpus", "ports")))
+                      for table in ("claims", "cpus", "ports", "totals")))
 
     def forget(self) -> None:
         try:
@@ -442,8 +437,12 @@ class StackClaims:
     # --- asking -------------------------------------------------------------------------
 
     def port_holder(self, port: int) -> str | None:
-        got = self._others.ports.get(port)
-        return None if got is None else f"{self._others.name(got[0])} {got[1].split('.')[0]}"
+        rows = self.store.read("SELECT stack, owner FROM ports WHERE port = ? AND stack != ?",
+                               (port, self.holder.stack))
+        if not rows:
+            return None
+        stack, owner = str(rows[0][0]), str(rows[0][1])
+        return f"{self._others.name(stack)} {owner.split('.')[0]}"
 
     def explain(self, message: str) -> str:
-        return self._others.explain(message)
+        return self._others.explain(message, self.store, self.holder.stack)

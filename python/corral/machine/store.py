@@ -76,6 +76,32 @@ CREATE TABLE IF NOT EXISTS ports (
 );
 CREATE INDEX IF NOT EXISTS cpus_by_stack ON cpus (stack, instance);
 CREATE INDEX IF NOT EXISTS ports_by_stack ON ports (stack);
+-- What each stack holds, summed by pinned node (-1: not pinned) and filesystem ('': none),
+-- kept by the triggers below: a reservation reads a few of these rows, not every claim.
+CREATE TABLE IF NOT EXISTS totals (
+    stack TEXT NOT NULL,
+    node INTEGER NOT NULL,
+    filesystem TEXT NOT NULL,
+    millicores INTEGER NOT NULL,
+    memory_mb INTEGER NOT NULL,
+    swap_mb INTEGER NOT NULL,
+    storage_mb INTEGER NOT NULL,
+    PRIMARY KEY (stack, node, filesystem)
+);
+CREATE TRIGGER IF NOT EXISTS claims_in AFTER INSERT ON claims BEGIN
+    INSERT INTO totals VALUES (NEW.stack, CASE WHEN NEW.pinned AND NEW.node IS NOT NULL THEN NEW.node ELSE -1 END,
+                               coalesce(NEW.filesystem, ''), NEW.millicores, NEW.memory_mb, NEW.swap_mb,
+                               NEW.storage_mb)
+    ON CONFLICT (stack, node, filesystem) DO UPDATE SET millicores = millicores + excluded.millicores,
+        memory_mb = memory_mb + excluded.memory_mb, swap_mb = swap_mb + excluded.swap_mb,
+        storage_mb = storage_mb + excluded.storage_mb;
+END;
+CREATE TRIGGER IF NOT EXISTS claims_out AFTER DELETE ON claims BEGIN
+    UPDATE totals SET millicores = millicores - OLD.millicores, memory_mb = memory_mb - OLD.memory_mb,
+        swap_mb = swap_mb - OLD.swap_mb, storage_mb = storage_mb - OLD.storage_mb
+    WHERE stack = OLD.stack AND node = CASE WHEN OLD.pinned AND OLD.node IS NOT NULL THEN OLD.node ELSE -1 END
+        AND filesystem = coalesce(OLD.filesystem, '');
+END;
 """
 
 
@@ -141,6 +167,7 @@ class LedgerStore:
         try:
             db.execute("PRAGMA busy_timeout = 30000")
             db.execute("PRAGMA synchronous = OFF")  # see the module docs
+            db.execute("PRAGMA recursive_triggers = ON")  # INSERT OR REPLACE's delete counts in totals
             db.executescript(_SCHEMA)
             check = db.execute("PRAGMA quick_check").fetchone()
             if check is None or check[0] != "ok":
@@ -162,7 +189,7 @@ class LedgerStore:
             boot = boot_id()
             if meta.get("boot") != boot:
                 # Written under another boot: every holder it names is gone with it.
-                for table in ("holders", "claims", "cpus", "ports"):
+                for table in ("holders", "claims", "cpus", "ports", "totals"):
                     db.execute(f"DELETE FROM {table}")
                 db.execute("INSERT OR REPLACE INTO meta VALUES ('boot', ?)", (boot,))
             db.execute("INSERT OR REPLACE INTO meta VALUES ('version', ?)", (SCHEMA_VERSION,))
