@@ -65,7 +65,10 @@ bench: bench-rust bench-python ## Both suites in release mode, then one table: o
 	$(PY) benches/report.py bench-results/python.json
 
 # supervisord and circus run the same workload in the same run as references (the machine is noisy).
-BRINGUP_ARGS ?= --baseline
+# make bench-bringup N=1000: the scale figures, with the cost at 200 in the same run (linearity)
+# and `corral ls` over 10 stacks of 100.
+N ?= 200
+BRINGUP_ARGS ?= --baseline $(if $(filter-out 200,$(N)),--linear 200 --ls 10x100)
 bench-survive: dev-release ## kill -9 of the agent under 200 instances: keeper restart, re-adoption, lines lost, keeper memory
 	cargo build --release -p corral-core --example tiny_server
 	$(PY) benches/survive.py $(SURVIVE_ARGS)
@@ -74,10 +77,10 @@ bench-metrics: dev-release ## /metrics under 200 instances: one scrape (median),
 	cargo build --release -p corral-core --example tiny_server
 	$(PY) benches/metrics.py $(METRICS_ARGS)
 
-bench-bringup: dev-release ## 200 instances under corral up -d (and supervisord, circus): bring-up, restart, down, idle CPU, memory
+bench-bringup: dev-release ## N instances (N=200; N=1000 adds linearity, corral ls) under corral up -d beside supervisord, circus
 	cargo build --release -p corral-core --example tiny_server
 	$(PIP) install -q supervisor circus
-	$(PY) benches/bringup.py $(BRINGUP_ARGS)
+	$(PY) benches/bringup.py --instances $(N) $(BRINGUP_ARGS)
 
 bench-proxy: dev-release ## The front proxy beside HAProxy (same run): req/s, CPU per request, added latency
 	cargo build --release -p corral-core --example http_backend

@@ -163,6 +163,35 @@ pub(crate) fn kill(pid: u32, signal: i32) -> io::Result<()> {
 }
 
 /// This process's process group.
+/// A new non-blocking, close-on-exec TCP socket of `domain` (`AF_INET` or `AF_INET6`), in
+/// one call (no `fcntl` after it).
+pub(crate) fn tcp_socket_nonblocking(domain: libc::c_int) -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) takes no pointers; a non-negative result is a new fd we own.
+    let fd = unsafe {
+        libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor owned by no one else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Whether `fd` is writable (or in error) right now: `poll` with a zero timeout.
+pub(crate) fn writable_now(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    let mut pfd = libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(&fd),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd on the stack; fd is borrowed, so open during the call.
+    unsafe { libc::poll(&raw mut pfd, 1, 0) == 1 }
+}
+
 #[cfg(test)]
 pub(crate) fn getpgrp() -> u32 {
     // SAFETY: getpgrp has no preconditions and cannot fail.

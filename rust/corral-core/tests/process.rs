@@ -136,6 +136,61 @@ fn http_server(status: Arc<AtomicU16>) -> u16 {
     port
 }
 
+/// A TCP check against a listener, a closed port, a name, and a listener whose accept queue
+/// is full (the handshake never completes: the check waits on the runtime until its timeout).
+#[test]
+fn tcp_checks_connect_refuse_and_time_out() {
+    let rt = runtime();
+    let t = Duration::from_secs(2);
+    let tcp = |host: &str, port: u16| Check::Tcp {
+        host: host.into(),
+        port,
+    };
+    let open = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = open.local_addr().unwrap().port();
+    for _ in 0..3 {
+        assert_eq!(
+            rt.block_on(run_check(&tcp("127.0.0.1", port), t)),
+            Ok(format!("connected to 127.0.0.1:{port}"))
+        );
+    }
+    assert!(rt.block_on(run_check(&tcp("localhost", port), t)).is_ok());
+    if let Ok(v6) = TcpListener::bind("[::1]:0") {
+        let p6 = v6.local_addr().unwrap().port();
+        assert!(rt.block_on(run_check(&tcp("::1", p6), t)).is_ok());
+    }
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let err = rt
+        .block_on(run_check(&tcp("127.0.0.1", closed), t))
+        .unwrap_err();
+    assert!(err.contains("refused"), "{err}");
+
+    // Backlog 0 holds one connection; SYNs past it are dropped, so later connects hang.
+    let full = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    full.bind(
+        &"127.0.0.1:0"
+            .parse::<std::net::SocketAddr>()
+            .unwrap()
+            .into(),
+    )
+    .unwrap();
+    full.listen(0).unwrap();
+    let fport = full.local_addr().unwrap().as_socket().unwrap().port();
+    // The checks' own connections fill the queue (closed on our side, never accepted).
+    let short = Duration::from_millis(300);
+    let timed_out = (0..4)
+        .find_map(|_| {
+            rt.block_on(run_check(&tcp("127.0.0.1", fport), short))
+                .err()
+        })
+        .expect("a full accept queue ends in a timeout");
+    assert!(timed_out.contains("timed out"), "{timed_out}");
+}
+
 #[test]
 fn checks_follow_their_definitions() {
     let rt = runtime();
