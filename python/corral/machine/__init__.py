@@ -23,8 +23,9 @@ from pathlib import Path
 
 from corral._core import PortAllocator, ResourceManager, Topology
 from corral.machine.claims import Claims, Holder, LocalClaims, StackClaims
+from corral.machine.rebuild import rebuild_claims, unreadable_stacks
 from corral.machine.settings import Settings, ledger_dir, load_settings, settings_file
-from corral.machine.store import LedgerStore
+from corral.machine.store import LedgerStore, Rebuilder
 from corral.machine.view import Claim, Free, HolderView, MachineView, read_view
 
 __all__ = ["Claim", "Claims", "Free", "Holder", "HolderView", "LocalClaims", "Machine", "MachineView", "Settings",
@@ -51,7 +52,7 @@ class Machine:
     def store(self) -> LedgerStore:
         """The ledger file (opened, and created when missing, on first use)."""
         if self._store is None:
-            self._store = LedgerStore(self.directory)
+            self._store = LedgerStore(self.directory, Rebuilder(unreadable_stacks, rebuild_claims))
         return self._store
 
     def resources(self, topology: Topology, volumes: Mapping[str, str] | None = None) -> ResourceManager:

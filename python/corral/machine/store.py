@@ -22,13 +22,14 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from corral.exceptions import MachineError
 from corral.machine.settings import trusted
 
-__all__ = ["LEDGER_FILE", "STACKS_DIR", "LedgerStore", "boot_id"]
+__all__ = ["LEDGER_FILE", "STACKS_DIR", "LedgerStore", "Rebuilder", "boot_id"]
 
 LEDGER_FILE = "ledger.db"
 STACKS_DIR = "stacks"
@@ -113,12 +114,25 @@ def boot_id() -> str:
         return ""
 
 
+@dataclass(frozen=True)
+class Rebuilder:
+    """How a ledger SQLite cannot read is rebuilt (:mod:`corral.machine.rebuild` has one):
+    ``unreadable`` names the indexed state directories that cannot be read here (the rebuild
+    is unsafe while there is one), ``rebuild`` puts the live stacks' claims back into the new,
+    empty ledger and says how many came back."""
+
+    unreadable: Callable[[Path], list[str]]
+    rebuild: Callable[[LedgerStore], int]
+
+
 class LedgerStore:
     """The ledger database in ``directory`` (created owner-only; a shared directory, one
-    its group may write, gives the file to the group too)."""
+    its group may write, gives the file to the group too). A file SQLite cannot read is
+    rebuilt by ``rebuilder``, and refused without one."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, rebuilder: Rebuilder | None = None) -> None:
         self.directory = directory
+        self._rebuilder = rebuilder
         self.path = directory / LEDGER_FILE
         self._ensure_dir()
         self._depth = 0
@@ -200,10 +214,11 @@ class LedgerStore:
 
     def _recover(self, problem: str) -> sqlite3.Connection:
         """A file SQLite cannot read: moved aside, and the ledger rebuilt from the live
-        stacks' state directories (see :mod:`corral.machine.rebuild`) when that is safe."""
-        from corral.machine.rebuild import rebuild_claims, unreadable_stacks
-
-        bad = unreadable_stacks(self.directory / STACKS_DIR)
+        stacks' state directories (by the rebuilder) when that is safe."""
+        if self._rebuilder is None:
+            raise MachineError(f"machine ledger {self.path} cannot be read ({problem}); move it away once its "
+                               f"stacks are down")
+        bad = self._rebuilder.unreadable(self.directory / STACKS_DIR)
         if bad:
             raise MachineError(f"machine ledger {self.path} cannot be read ({problem}), and it cannot be rebuilt "
                                f"safely: the state of {', '.join(bad)} cannot be read here; run corral as their "
@@ -222,7 +237,7 @@ class LedgerStore:
         except sqlite3.DatabaseError as e:
             raise MachineError(f"machine ledger {self.path}: cannot create a new one: {e}") from None
         self._db = db
-        stacks = rebuild_claims(self)
+        stacks = self._rebuilder.rebuild(self)
         self.rebuilt = (f"machine ledger {self.path} could not be read ({problem}); moved to {aside.name} and "
                         f"rebuilt from the state of {stacks} live stacks")
         return db
