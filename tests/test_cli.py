@@ -529,4 +529,5 @@ def test_detached_up_says_so_when_the_agent_dies_before_reporting(tmp_path: Path
             p.kill()
     assert p.returncode == 1 and "the agent died before it could report (exit status -9" in err, err
     assert "Traceback" not in err
-    corral("down", cwd=tmp_path)
+    r = corral("down", cwd=tmp_path)
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r

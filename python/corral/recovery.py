@@ -55,6 +55,9 @@ class Exit:
             return f"could not start: {self.detail}"
         if self.signal is not None:
             return f"killed by signal {self.signal}"
+        if self.code is None:
+            # Ended while no agent watched, and no keeper recorded how.
+            return f"{self.detail or 'exited (not our child, no status recorded)'}: status unknown"
         return f"exit status {self.code}"
 
 

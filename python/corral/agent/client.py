@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import signal
 import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from corral._core import process_alive, process_start_time
@@ -26,6 +28,9 @@ from corral.agent.wire import from_wire
 from corral.exceptions import AgentUnavailable, ConfigError, CorralError, UnknownService
 from corral.leftovers import live_agent, stop_leftovers
 from corral.state import DeploymentRow, DeploymentStatus, EventRow, StateStore, default_state_dir
+
+if TYPE_CHECKING:
+    from corral.spec import DeploymentSpec
 
 __all__ = ["AgentClient", "DeploymentStatus", "EventRow", "default_state_dir", "socket_path"]
 
@@ -237,27 +242,102 @@ class AgentClient:
         return res
 
     def down(self) -> int | None:
-        """Stops the deployment. With an agent: asks it, then waits (up to 10 s) for it to
-        exit, and returns None. Without one: stops what a dead agent left behind (SIGTERM, 5 s,
-        SIGKILL, by process group) and returns how many process groups that was."""
+        """Stops the deployment, whatever moment it arrives at (the agent starting, dying,
+        being restarted by the keeper, re-adopting), and returns only once the keeper, the
+        agent and every instance are gone:
+
+        1. the keeper is told to restart no agent (and answers with any agent it started);
+        2. a live agent is asked to go down (one still starting is waited for, up to 15 s);
+           without one, what a dead agent left is stopped (SIGTERM, its service's timeout,
+           SIGKILL, by process group) and its claims on the machine go back;
+        3. whatever still carries the stack's marker is killed, and the agent and the
+           keeper are waited for.
+
+        Returns None when an agent took it down, else how many process groups were stopped.
+        Raises :class:`AgentUnavailable` when the agent runs but does not answer: then the
+        stack is left alone, and the keeper restarts agents again."""
+        from corral.leftovers import sweep_stack
+
+        keeper = self._hold_keeper()
+        try:
+            n, agent = self._down_or_leftovers(keeper)
+        except AgentUnavailable:
+            if keeper is not None:
+                _signal(keeper, signal.SIGUSR2)  # left alone: the keeper goes on as before
+            raise
+        deadline = time.monotonic() + 15
+        while agent and _alive(*agent) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        sweep_stack(self.state_dir)
+        if keeper is not None:
+            while _alive(*keeper) and time.monotonic() < deadline:
+                time.sleep(0.01)
+        return n
+
+    def _down_or_leftovers(self, keeper: tuple[int, int] | None) -> tuple[int | None, tuple[int, int] | None]:
+        """Down by the agent (None), or of what a dead one left (how many groups); with the
+        agent to wait for, if one may still run."""
         # The agent first: a running stack must be stoppable whatever state.db looks like.
         # A quick question before the long one: a stopped agent accepts connections (the
         # kernel queues them) but would leave down waiting for ten minutes.
-        try:
-            self.request("GET", "/v1/status", timeout=5)
-            res = self.request("POST", "/v1/down", timeout=600)
-        except AgentUnavailable:
-            if self.running() is not None:
-                raise  # alive but not answering: its stack is left alone
-            n = stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent",
-                               rules=self._shutdown_rules())
-            self._forget_claims()
-            return n
-        pid = res.get("agent_pid") if isinstance(res, dict) else None
-        deadline = time.monotonic() + 10
-        while pid and process_alive(int(pid)) and time.monotonic() < deadline:
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                st = self.request("GET", "/v1/status", timeout=5)
+                pid = st.get("agent_pid") if isinstance(st, dict) else None
+                start = process_start_time(pid) if isinstance(pid, int) else None
+                self.request("POST", "/v1/down", timeout=600)
+                return None, (pid, start) if isinstance(pid, int) and start else None
+            except AgentUnavailable:
+                agent = self._agent_pid(keeper)
+                if agent is None or not _alive(*agent):
+                    break
+                if self._listening() or time.monotonic() >= deadline:
+                    raise  # alive but not answering: its stack is left alone
+                time.sleep(0.05)  # starting (not listening yet): it answers soon, or dies
+        n = stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent",
+                           rules=self._shutdown_rules())
+        self._forget_claims()
+        return n, None
+
+    def _listening(self) -> bool:
+        """Whether something accepts connections on the agent's socket."""
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(0.5)
+            try:
+                sock.connect(str(self.path))
+            except OSError:
+                return False
+        return True
+
+    def _hold_keeper(self) -> tuple[int, int] | None:
+        """Tells the live keeper (SIGUSR1) to restart no agent, and waits (up to 5 s) for its
+        answer in ``keeper.json``; returns its ``(pid, start)``, or None without a keeper."""
+        doc = self.keeper()
+        if doc is None:
+            return None
+        pid, start = int(str(doc["pid"])), int(str(doc["start"]))
+        if not _signal((pid, start), signal.SIGUSR1):
+            return None
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and _alive(pid, start):
+            doc = self.keeper()
+            if doc is not None and doc.get("down") is True:
+                break
             time.sleep(0.01)
-        self._wait_keeper(deadline)
+        return pid, start
+
+    def _agent_pid(self, keeper: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The agent that may still run: the one the store records when it runs, else the
+        one the keeper started last (not in the store yet while it starts)."""
+        row = self.running()
+        if row is not None and row.agent_pid and row.agent_start:
+            return row.agent_pid, row.agent_start
+        doc = self.keeper() if keeper is not None else None
+        apid = doc.get("agent_pid") if doc is not None else None
+        if isinstance(apid, int) and process_alive(apid):
+            start = process_start_time(apid)
+            return (apid, start) if start else None
         return None
 
     def _forget_claims(self) -> None:
@@ -271,36 +351,47 @@ class AgentClient:
         except CorralError as e:
             log.warning("corral: %s", e)
 
-    def _shutdown_rules(self) -> dict[str, tuple[int, float]]:
-        """Each service's shutdown signal and timeout, from the running spec in the store (so
-        a stop without an agent follows the spec as the agent's own down does)."""
-        import signal as signals
+    def applied_spec(self) -> tuple[DeploymentSpec, str] | None:
+        """The spec the stack last applied and its file: the text the store keeps (the file
+        may have changed since), else the file itself; None when the store records no
+        deployment. Raises :class:`~corral.exceptions.SpecError` when it does not parse."""
+        from corral.spec import load_spec, parse_spec
 
         row = self.deployment()
         if row is None:
-            return {}
-        try:
-            from corral.spec import parse_spec
+            return None
+        running = StateStore.running_spec(self.db, row)
+        if running is not None and running.text:
+            return parse_spec(running.text, row.spec), row.spec
+        return load_spec(row.spec), row.spec
 
-            running = StateStore.running_spec(self.db, row)
-            if running is None or not running.text:
-                return {}
-            spec = parse_spec(running.text, row.spec)
+    def _shutdown_rules(self) -> dict[str, tuple[int, float]]:
+        """Each service's shutdown signal and timeout, from the running spec in the store (so
+        a stop without an agent follows the spec as the agent's own down does)."""
+        try:
+            found = self.applied_spec()
         except (CorralError, OSError):
             return {}
-        return {name: (getattr(signals, svc.shutdown.signal), svc.shutdown.timeout)
-                for name, svc in spec.services.items()}
+        if found is None:
+            return {}
+        return {name: (getattr(signal, svc.shutdown.signal), svc.shutdown.timeout)
+                for name, svc in found[0].services.items()}
 
-    def _wait_keeper(self, deadline: float) -> None:
-        """Waits for the keeper of ``up -d`` to end (it does once the last pipe closed):
-        nothing corral started outlives ``down``."""
-        doc = self.keeper()
-        kpid = doc.get("pid") if doc else None
-        if doc is None or not isinstance(kpid, int):
-            return
-        kstart = doc.get("start")
-        while process_start_time(kpid) == kstart and process_alive(kpid) and time.monotonic() < deadline:
-            time.sleep(0.01)
+
+def _alive(pid: int, start: int) -> bool:
+    """Whether the process with that pid and start time runs (a zombie does not)."""
+    return process_start_time(pid) == start and process_alive(pid)
+
+
+def _signal(proc: tuple[int, int], sig: int) -> bool:
+    """Sends ``sig`` to that process if it is still the one (pid and start time)."""
+    if not _alive(*proc):
+        return False
+    try:
+        os.kill(proc[0], sig)
+    except OSError:
+        return False
+    return True
 
 
 def _spec_body(spec: Path) -> dict[str, str]:

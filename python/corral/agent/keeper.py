@@ -11,6 +11,11 @@ depends on the agent being alive.
   instance, are re-parented to it; it reaps them and writes each exit status to the
   ``exits`` file, where the next agent reads what became of an instance it did not start.
 - It ends once the agent exits cleanly (``down``) and the last pipe has closed.
+- ``SIGUSR1`` is ``corral down`` arriving: from then on it restarts no agent (one it was
+  about to start is not started), records ``"down": true`` in ``keeper.json`` (the answer
+  ``down`` waits for, with the pid of any agent it did start), and ends once the agent is
+  gone and the pipes closed. ``SIGUSR2`` takes that back (a ``down`` that left the stack
+  alone, its agent alive but not answering).
 
 Run as ``python -m corral.agent.keeper STATE_DIR AGENT_PID SPEC [REPORT_FD [LISTEN_FD]]``; it imports
 the native core, the names of the state directory's files and the standard library,
@@ -59,6 +64,17 @@ def _write(state_dir: Path, doc: dict[str, object]) -> None:
     os.replace(tmp, state_dir / KEEPER_FILE)
 
 
+def _append(path: Path, line: str) -> None:
+    """Appends ``line`` to an owner-only file (whatever the umask; never through a link)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077:
+            os.fchmod(fd, 0o600)
+        os.write(fd, line.encode())
+    finally:
+        os.close(fd)
+
+
 class Keeper:
     """One keeper's state; see the module docs."""
 
@@ -70,22 +86,39 @@ class Keeper:
         self.report_fd = report_fd
         self.restarts: collections.deque[float] = collections.deque()
         self.clean_exit_at: float | None = None
+        self.stopping = False
+        """Set by SIGUSR1 (``down`` under way): no agent is restarted."""
         self.doc: dict[str, object] = {"pid": os.getpid(), "start": process_start_time(os.getpid()),
                                        "agent": "running", "agent_pid": agent, "reason": ""}
         become_subreaper()
+        # Before keeper.json names us: a down that reads it may signal at once.
+        for sig in (signal.SIGUSR1, signal.SIGUSR2):
+            signal.signal(sig, self.on_signal)
         # Bound before the first agent was forked (it may be handing over pipes already).
         self.logs = LogKeeper(fd=listen_fd) if listen_fd is not None else LogKeeper(state_dir / KEEPER_SOCKET)
         _write(state_dir, self.doc)
+
+    def on_signal(self, signum: int, _frame: object = None) -> None:
+        """SIGUSR1: ``down`` is under way; SIGUSR2: it is not after all (see the module docs)."""
+        self.stopping = signum == signal.SIGUSR1
 
     def run(self) -> int:
         """Until the agent has exited cleanly and the last pipe closed."""
         pidfd = os.pidfd_open(self.agent) if self.agent else None
         while True:
-            ready = select.select([pidfd] if pidfd is not None else [], [], [], 0.05)[0]
+            try:
+                ready = select.select([pidfd] if pidfd is not None else [], [], [], 0.05)[0]
+            except InterruptedError:
+                ready = []
             self._reap()
             if ready and pidfd is not None:
                 os.close(pidfd)
                 pidfd = None
+            if bool(self.doc.get("down")) != self.stopping:
+                self.doc["down"] = self.stopping
+                _write(self.state_dir, self.doc)
+            if self.stopping and self.agent is None and self.clean_exit_at is None:
+                self.clean_exit_at = time.monotonic()  # no agent will come: end once the pipes close
             if self.agent is None and pidfd is None and self.clean_exit_at is None and self.doc["agent"] == "running":
                 pidfd = self._restart()
             if self._done():
@@ -104,8 +137,7 @@ class Keeper:
                 self._agent_exited(code)
             else:
                 # An instance of a dead agent, or a daemon that left its instance.
-                with open(self.state_dir / EXITS, "a") as f:
-                    f.write(f"{pid} {code}\n")
+                _append(self.state_dir / EXITS, f"{pid} {code}\n")
 
     def _agent_exited(self, code: int) -> None:
         self.agent = None
@@ -121,11 +153,11 @@ class Keeper:
                 pass
             os.close(self.report_fd)
             self.report_fd = None
-        if not restartable(code):
+        if not restartable(code) or self.stopping:
             # It ended on purpose: down (0), an up that failed and rolled back (1), a refused
             # spec (2). Nothing to take over.
             self.clean_exit_at = time.monotonic()
-            self.doc.update(agent="down", reason="stopped by 'corral down'" if code == 0 else
+            self.doc.update(agent="down", reason="stopped by 'corral down'" if code == 0 or self.stopping else
                             f"the agent ended with status {code}")
             _write(self.state_dir, self.doc)
             return
@@ -143,6 +175,8 @@ class Keeper:
 
     def _restart(self) -> int | None:
         time.sleep(_PAUSES[min(len(self.restarts), len(_PAUSES) - 1)])
+        if self.stopping:
+            return None  # down arrived during the pause: no agent now
         self.restarts.append(time.monotonic())
         log = os.open(self.state_dir / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:

@@ -341,10 +341,13 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
         stop_wait = asyncio.create_task(server.stop.wait())
         await asyncio.wait([server.up_task, stop_wait], return_when=asyncio.FIRST_COMPLETED)
         if not server.up_task.done():
-            # Interrupted during bring-up: cancelling up rolls back what it started.
+            # Interrupted during bring-up: cancelling up rolls back what it started; an
+            # adoption is ended by a down of what it took over so far.
             server.up_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, DeploymentError):
+            with contextlib.suppress(asyncio.CancelledError, CorralError):
                 await server.up_task
+            if adopt:
+                await deployment.down()
             if on_failed is not None:
                 on_failed(DeploymentError("up was interrupted; everything it started was stopped"))
             return 1

@@ -38,30 +38,22 @@ if TYPE_CHECKING:
 
 
 def _adopting(spec: Path, state_dir: Path | None) -> Deployment:
-    """The deployment a dead agent ran: the last spec version applied, from state.db (the
-    file may have changed since), with the keeper of ``up -d`` taking the output."""
+    """The deployment a dead agent ran: the last spec version applied (the client reads it
+    from the state directory; the file may have changed since), with the keeper of
+    ``up -d`` taking the output."""
     from corral.engine import Deployment
-    from corral.spec import parse_spec
-    from corral.state import StateStore
     from corral.statedir import KEEPER_SOCKET
 
-    sd = state_dir_of(spec, state_dir)
-    db = sd / "state.db"
-    rows = StateStore.read_deployments(db) if db.exists() else []
-    if not rows:
-        fail(f"nothing to adopt in {sd}", 2)
-    row = rows[-1]
-    running = StateStore.running_spec(db, row)
+    client = client_of(spec, state_dir)
     try:
-        parsed = parse_spec(running.text, row.spec) if running is not None and running.text else None
-        if parsed is None:
-            from corral.spec import load_spec
-
-            parsed = load_spec(row.spec)
+        found = client.applied_spec()
     except SpecError as e:
         spec_errors(e)
-    keeper = sd / KEEPER_SOCKET
-    return Deployment(parsed, file=row.spec, state_dir=sd, keeper=keeper if keeper.exists() else None)
+    if found is None:
+        fail(f"nothing to adopt in {client.state_dir}", 2)
+    parsed, file = found
+    keeper = client.state_dir / KEEPER_SOCKET
+    return Deployment(parsed, file=file, state_dir=client.state_dir, keeper=keeper if keeper.exists() else None)
 
 
 # --- validate and plan ------------------------------------------------------------------

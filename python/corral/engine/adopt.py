@@ -24,7 +24,7 @@ from corral._core import process_start_time, signal_group
 from corral.engine.diff import effective
 from corral.engine.instance import STARTED, UP, InstanceRuntime, Process, placement_text
 from corral.engine.parts import DeploymentParts
-from corral.exceptions import AgentAlreadyRunning, CorralError, StateDirError
+from corral.exceptions import AgentAlreadyRunning, CorralError, DeploymentError, StateDirError
 from corral.leftovers import live_agent, logged_spawns, marked_leaders
 from corral.lifecycle import State
 from corral.recovery import Exit
@@ -43,6 +43,8 @@ class AdoptMixin(DeploymentParts):
     async def down(self) -> None: ...  # from Deployment
 
     def _supervise(self) -> None: ...  # from Deployment
+
+    async def _roll_back(self, reason: str) -> None: ...  # from Deployment
 
     async def adopt(self) -> str:
         """Takes over what the dead agent of this state directory left (see the module docs)
@@ -104,7 +106,7 @@ class AdoptMixin(DeploymentParts):
                 code = self.verdicts.recorded_exit(r.pid)
                 self.verdicts.on_exit(inst, Exit(inst.id, inst.p.service, code if code is not None and code >= 0
                                                  else None, -code if code is not None and code < 0 else None,
-                                                 "exit", 0.0, 0.0, "exited while no agent ran"))
+                                                 "exit", 0.0, 0.0, "exited while unsupervised"))
             elif r.state in ("completed", "failed", "stopped"):
                 inst.exit_code = r.exit_code
                 inst.reason = r.reason
@@ -117,7 +119,8 @@ class AdoptMixin(DeploymentParts):
                                                     if exited else "") \
             + (f"; {dropped} of an unfinished change stopped" if dropped else "") \
             + (f"; {len(waiting)} not started yet: starting" if waiting else "")
-        journal.status("up" if was not in ("starting", "stopping") else was, event=(was, what))
+        # Not "up" before every service meets its condition under this agent (below).
+        journal.status("stopping" if was == "stopping" else "starting", event=(was, what))
         journal.flush()
 
         if was == "stopping":
@@ -133,9 +136,38 @@ class AdoptMixin(DeploymentParts):
                     waiting.append(inst)
         if waiting:
             await self._start_in_order(waiting)
-        journal.status("up", "", event=(None, "every service meets its condition"))
+        unmet = await self._unmet()
+        if unmet is not None and was == "starting":
+            # The up the dead agent was doing fails as it would have: rolled back.
+            await self._roll_back(unmet)
+            raise DeploymentError(unmet)
+        if unmet is not None:
+            journal.status("degraded", unmet, event=("starting", unmet))
+        else:
+            journal.status("up", "", event=("starting", "every service meets its condition under this agent"))
         journal.flush()
         return what
+
+    async def _unmet(self) -> str | None:
+        """Waits (each service its start timeout) until every instance not stopped on
+        purpose is up under this agent, its probes passed again; None, or why not."""
+        async def one(name: str) -> str | None:
+            insts = [i for i in self._stack.by_service.get(name, []) if i.state is not State.STOPPED]
+
+            def settled() -> bool:
+                return all(i.state in UP or i.state is State.FAILED for i in insts)
+
+            timeout = self.spec.services[name].start_timeout
+            await self._stack.wait(settled, timeout)
+            bad = [i for i in insts if i.state not in UP]
+            if not bad:
+                return None
+            return f"{name} not up within {timeout:g}s under this agent: " + ", ".join(
+                f"{i.id} {i.state.value}" + (f" ({i.reason or i.probe_message})" if i.reason or i.probe_message
+                                             else "") for i in bad)
+
+        problems = [p for p in await asyncio.gather(*(one(n) for n in self.spec.services)) if p]
+        return "; ".join(problems) or None
 
     def _restore_all(self, recorded: list[InstanceRow], running: int,
                      plan: Plan) -> tuple[list[tuple[InstanceRuntime, InstanceRow]], int]:
