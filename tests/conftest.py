@@ -13,6 +13,9 @@ from tests.e2e import kill_groups
 
 SYSFS = Path(__file__).parent / "fixtures" / "sysfs"
 
+# Every test's processes are marked, and any left after its teardown fails it.
+pytest_plugins = ["tests.leftovers", "pytester"]
+
 
 @pytest.fixture(autouse=True)
 def private_machine(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Path:
