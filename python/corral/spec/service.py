@@ -1,0 +1,215 @@
+"""A service: its command, resources, restart and shutdown rules, dependencies, updates."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Annotated, Any, Literal, TypeAlias
+
+from pydantic import (
+    BeforeValidator,
+    Field,
+    field_validator,
+    model_validator,
+)
+
+from corral.spec.common import Duration, Size, _Model, _port_value
+from corral.spec.health import HealthSpec
+
+# --- resources -----------------------------------------------------------------------
+
+
+class StorageSpec(_Model):
+    """A volume: a directory (created if missing) with a quota, inside the project's directory
+    unless ``allow_outside`` (never ``/`` or a system directory)."""
+
+    size: Size
+    path: str
+    allow_outside: bool = False
+
+
+class Resources(_Model):
+    """What one instance needs. ``cpu`` is a fractional share; ``cores`` are exclusive whole cores."""
+
+    cpu: float | None = Field(default=None, ge=0.001, le=65536, allow_inf_nan=False)
+    """At least one millicore (0.001): less would round to nothing."""
+    cores: int | None = Field(default=None, ge=1, le=65535)
+    numa: Literal["none", "prefer", "require"] = "none"
+    cache: Literal["any", "prefer-large"] = "any"
+    memory: Size | None = None
+    memory_max: Size | None = None
+    swap: Size | None = None
+    storage: StorageSpec | None = None
+
+    @model_validator(mode="after")
+    def _coherent(self) -> Resources:
+        if self.cpu is not None and self.cores is not None:
+            raise ValueError("give either cpu (a shared fraction) or cores (exclusive), not both")
+        if self.memory_max is not None and self.memory is not None and self.memory_max < self.memory:
+            raise ValueError("memory_max must be at least memory")
+        return self
+
+
+# --- restart and shutdown ------------------------------------------------------------
+
+
+class RestartSpec(_Model):
+    """When and how fast to restart; ``max_restarts`` within ``window`` trips the crash-loop breaker."""
+
+    policy: Literal["no", "on-failure", "always"] = "on-failure"
+    backoff: Literal["fixed", "linear", "exponential", "fibonacci", "decorrelated"] = "exponential"
+    initial: Duration = 1.0
+    max: Duration = 60.0
+    max_restarts: int | None = Field(default=5, ge=0, le=1_000_000_000)
+    window: Duration = 600.0
+    reset_after: Duration = 600.0
+
+    @model_validator(mode="after")
+    def _order(self) -> RestartSpec:
+        if self.max < self.initial:
+            raise ValueError("max backoff must be at least initial")
+        return self
+
+
+_SIGNALS = Literal["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGKILL", "SIGUSR1", "SIGUSR2"]
+
+
+class ShutdownSpec(_Model):
+    """The signal sent to the whole process group, then SIGKILL after ``timeout``.
+
+    ``drain`` (exposed services only): the time between taking the instance out of its
+    front and the signal, so connections the front handed it just before are accepted and
+    served before the server closes its listener (Kubernetes users put a preStop sleep there).
+    """
+
+    signal: _SIGNALS = "SIGTERM"
+    timeout: Duration = 10.0
+    drain: Duration = 0.2
+
+
+# --- services ------------------------------------------------------------------------
+
+Condition: TypeAlias = Literal["started", "healthy", "completed"]
+
+
+class Dependency(_Model):
+    """One entry of ``depends_on``: ``{db: healthy}`` is ``{db: {condition: healthy}}``.
+
+    ``restart: true`` (compose's): after ``db`` is replaced by an apply, this service is
+    restarted too, rolling, so it picks up ``db``'s new addresses (``CORRAL_DB_ADDR``)."""
+
+    condition: Condition = "started"
+    restart: bool = False
+
+
+class UpdateSpec(_Model):
+    """How an apply replaces the instances of a service (Nomad's ``update`` block).
+
+    ``start-first``: a new instance is placed, started and ready before an old one is
+    drained and stopped (Kubernetes' ``maxSurge: 1, maxUnavailable: 0``); when the extra
+    instance cannot be placed, the service falls back to ``stop-first``, and the plan says
+    so."""
+
+    max_parallel: int = Field(default=1, ge=1, le=10000)
+    order: Literal["start-first", "stop-first"] = "start-first"
+    min_healthy_time: Duration = 0.0
+    """How long a new instance must stay ready before it counts."""
+    healthy_deadline: Duration = 300.0
+    """How long a new instance may take to count; past it the rollout fails."""
+    auto_revert: bool = True
+    """On failure, roll the instances already replaced back to the previous version."""
+
+
+class ServiceSpec(_Model):
+    """One service of the deployment."""
+
+    command: list[str] | str
+    shell: bool = False
+    env: dict[str, str] = Field(default_factory=dict)
+    env_file: str | None = None
+    working_dir: str | None = None
+    replicas: int = Field(default=1, ge=0, le=10000)
+    depends_on: dict[str, Dependency] = Field(default_factory=dict)
+    ports: dict[str, Annotated[Literal["auto"] | int, BeforeValidator(_port_value)]] = Field(default_factory=dict)
+    resources: Resources = Resources()
+    health: HealthSpec = HealthSpec()
+    restart: RestartSpec = RestartSpec()
+    priority: int = Field(default=0, ge=-1_000_000, le=1_000_000)
+    shutdown: ShutdownSpec = ShutdownSpec()
+    expose: Annotated[int, Field(ge=1, le=65535)] | None = None
+    """A front port on 127.0.0.1: a proxy balancing connections over the healthy instances
+    (to their first declared port)."""
+    balance: Literal["round_robin", "weighted", "least_connections", "ip_hash", "random"] = "least_connections"
+    mtls: bool = False
+    """The front requires a client certificate from the deployment's CA."""
+    allow: list[str] = Field(default_factory=list)
+    """With ``mtls``: the services whose SPIFFE IDs may connect (empty: any of the mesh)."""
+    start_timeout: Duration = 60.0
+    update: UpdateSpec = UpdateSpec()
+    user: str | Annotated[int, Field(ge=0, le=4294967294)] | None = None
+    """Run as this user (name or uid), as systemd's ``User=``; needs corral to run as root."""
+    group: str | Annotated[int, Field(ge=0, le=4294967294)] | None = None
+    """Run with this group (default: the user's primary group)."""
+    image: str | None = None
+    """The container image ``corral export`` gives the engines that run containers."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _depends_list(cls, data: Any) -> Any:
+        # `depends_on: [db]` is shorthand for `{db: started}`, and `{db: healthy}` for
+        # `{db: {condition: healthy}}`, as in compose files.
+        deps = data.get("depends_on") if isinstance(data, dict) else None
+        if isinstance(deps, list):
+            data = {**data, "depends_on": {str(d): {"condition": "started"} for d in deps}}
+        elif isinstance(deps, dict):
+            data = {**data, "depends_on": {k: {"condition": v} if isinstance(v, str) else v
+                                           for k, v in deps.items()}}
+        return data
+
+    @field_validator("command")
+    @classmethod
+    def _command(cls, v: list[str] | str) -> list[str] | str:
+        if not (v.strip() if isinstance(v, str) else v):
+            raise ValueError("command must not be empty")
+        if isinstance(v, list) and not v[0]:
+            raise ValueError("the command's first word, the program, must not be empty")
+        if any("\0" in a for a in ([v] if isinstance(v, str) else v)):
+            raise ValueError("command must not contain NUL")
+        return v
+
+    @field_validator("env")
+    @classmethod
+    def _env(cls, v: dict[str, str]) -> dict[str, str]:
+        for key, value in v.items():
+            if not key or "=" in key or "\0" in key:
+                raise ValueError(f"environment variable name {key!r} must be non-empty, without '=' or NUL")
+            if "\0" in value:
+                raise ValueError(f"environment variable {key!r}: its value must not contain NUL")
+        return v
+
+    @model_validator(mode="after")
+    def _ports(self) -> ServiceSpec:
+        if (self.mtls or self.allow) and self.expose is None:
+            raise ValueError("mtls and allow apply to a front: set expose")
+        if self.allow and not self.mtls:
+            raise ValueError("allow needs mtls: true")
+        if self.expose is not None and not self.ports:
+            raise ValueError("expose needs a port on the instances to send connections to (ports: {name: auto})")
+        if self.expose is not None and self.expose in self.ports.values():
+            raise ValueError(f"expose {self.expose} is also an instance port; the front needs its own")
+        if self.replicas > 1:
+            fixed = [n for n, p in self.ports.items() if p != "auto"]
+            if fixed:
+                raise ValueError(f"{self.replicas} replicas cannot share the fixed port {fixed[0]!r}; use auto")
+        if isinstance(self.command, str) and not self.shell:
+            try:
+                shlex.split(self.command)
+            except ValueError as e:
+                raise ValueError(f"command {self.command!r} cannot be split into words ({e}); "
+                                 f"fix the quoting or set shell: true") from None
+        return self
+
+    def argv(self) -> list[str]:
+        """The command as an argv list: a string goes through ``/bin/sh -c`` with ``shell``."""
+        if isinstance(self.command, list):
+            return list(self.command)
+        return ["/bin/sh", "-c", self.command] if self.shell else shlex.split(self.command)
