@@ -18,12 +18,13 @@ import asyncio
 import os
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from corral._core import process_start_time, signal_group
 from corral.engine.diff import effective
 from corral.engine.instance import STARTED, UP, InstanceRuntime, Process, placement_text
-from corral.engine.parts import DeploymentParts
 from corral.exceptions import AgentAlreadyRunning, CorralError, DeploymentError, StateDirError
 from corral.leftovers import live_agent, logged_spawns, marked_leaders
 from corral.lifecycle import State
@@ -31,44 +32,67 @@ from corral.recovery import Exit
 from corral.scheduler import Plan, phases
 from corral.state import InstanceRow, StateStore
 
-__all__ = ["AdoptMixin"]
+if TYPE_CHECKING:
+    from corral.engine.fleet import Fleet
+    from corral.engine.hooks import FrontsHook
+    from corral.engine.journal import Journal
+    from corral.engine.launch import Launcher
+    from corral.engine.running import Running
+    from corral.engine.stack import Stack
+    from corral.engine.verdicts import Verdicts
+    from corral.machine import Claims
+    from corral.scheduler import Scheduler
+
+__all__ = ["Adoption"]
 
 _ALIVE_STATES = frozenset({"starting", "running", "healthy", "unhealthy", "stopping"})
 """Recorded states in which an instance had a process."""
 
 
-class AdoptMixin(DeploymentParts):
-    """``adopt`` of a :class:`~corral.engine.deployment.Deployment`."""
+class Adoption:
+    """Re-adoption of a dead agent's stack (see the module docs), handed what it may touch:
+    what runs (``running``), the collaborators that place, start and record instances, and
+    the deployment's ``supervise`` (hooks, supervisor, event pump), ``down`` and
+    ``roll_back``."""
 
-    async def down(self) -> None: ...  # from Deployment
-
-    def _supervise(self) -> None: ...  # from Deployment
-
-    async def _roll_back(self, reason: str) -> None: ...  # from Deployment
+    def __init__(self, running: Running, *, state_dir: Path, journal: Journal, stack: Stack, fleet: Fleet,
+                 launcher: Launcher, verdicts: Verdicts, scheduler: Scheduler, claims: Claims, fronts: FrontsHook,
+                 supervise: Callable[[], None], down: Callable[[], Awaitable[None]],
+                 roll_back: Callable[[str], Awaitable[None]]) -> None:
+        self.running = running
+        self.state_dir = state_dir
+        self.journal = journal
+        self.stack = stack
+        self.fleet = fleet
+        self.launcher = launcher
+        self.verdicts = verdicts
+        self.scheduler = scheduler
+        self.claims = claims
+        self.fronts = fronts
+        self.supervise = supervise
+        self.down = down
+        self.roll_back = roll_back
 
     async def adopt(self) -> str:
         """Takes over what the dead agent of this state directory left (see the module docs)
         and returns what the event log says of it. Raises
         :class:`~corral.exceptions.AgentAlreadyRunning` when that agent still runs."""
-        if self._ran:
-            raise CorralError("this deployment has run already; create a new Deployment to adopt")
-        self._ran = True
-        journal, stack = self.journal, self._stack
+        journal, stack, run = self.journal, self.stack, self.running
         journal.open()
         db = journal.db
         other = live_agent(db)
         if other is not None and other.agent_pid != os.getpid():
             raise AgentAlreadyRunning(f"the agent of {self.state_dir} still runs (pid {other.agent_pid})",
                                       other.agent_pid)
-        rows_by_name = [r for r in StateStore.read_deployments(db) if r.name == self.spec.name]
+        rows_by_name = [r for r in StateStore.read_deployments(db) if r.name == run.spec.name]
         if not rows_by_name:
-            raise StateDirError(f"nothing to adopt: no deployment {self.spec.name!r} in {db}")
+            raise StateDirError(f"nothing to adopt: no deployment {run.spec.name!r} in {db}")
         row = rows_by_name[-1]
         was = row.status
-        order = phases(self.spec)
-        plan = self.plan = self.fleet.plan = Plan(order, {s: [] for p in order for s in p})
+        order = phases(run.spec)
+        plan = run.plan = self.fleet.plan = Plan(order, {s: [] for p in order for s in p})
         journal.resume(row, order)
-        recorded = StateStore.read_instances(db, self.spec.name)
+        recorded = StateStore.read_instances(db, run.spec.name)
         # Spawned after the store's last commit: the pid log has them, and the stack's
         # marker finds even one spawned just before the agent died, before its log line.
         found = {**marked_leaders(self.state_dir), **logged_spawns(self.state_dir)}
@@ -79,19 +103,19 @@ class AdoptMixin(DeploymentParts):
         strays = sum(1 for pid, start in found.values()
                      if process_start_time(pid) == start and signal_group(pid, signal.SIGKILL))
         running = journal.row.version
-        base = self.file.resolve().parent
-        self._configs = {n: effective(s, base) for n, s in self.spec.services.items()}
-        self._versions = {n: max((r.version for r in recorded if r.service == n and r.version <= running),
-                                 default=running) for n in self.spec.services}
-        self._first_version = min(self._versions.values(), default=running)
+        base = run.base
+        run.configs = {n: effective(s, base) for n, s in run.spec.services.items()}
+        run.versions = {n: max((r.version for r in recorded if r.service == n and r.version <= running),
+                                 default=running) for n in run.spec.services}
+        run.first_version = min(run.versions.values(), default=running)
         # One reservation on the machine: what the dead agent claimed is claimed again, as
         # each instance is taken over, and nothing else.
         with self.claims.reserving():
             self.claims.reset()
             pairs, dropped = self._restore_all(recorded, running, plan)
         dropped += strays
-        self._fronts.ports = dict(plan.fronts)
-        self._supervise()
+        self.fronts.ports = dict(plan.fronts)
+        self.supervise()
 
         adopted, exited, waiting = 0, 0, []
         for inst, r in pairs:
@@ -127,19 +151,19 @@ class AdoptMixin(DeploymentParts):
             await self.down()  # it was killed in the middle of down: finish it
             return what
         # An up (or an apply) that did not finish: the spec's replicas, in dependency order.
-        for name, svc in self.spec.services.items():
+        for name, svc in run.spec.services.items():
             have = len(stack.by_service.get(name, []))
             if have < svc.replicas:
                 taken = {i.p.index for i in stack.by_service.get(name, [])}
                 free = [i for i in range(svc.replicas + have) if i not in taken][:svc.replicas - have]
-                for inst in self.fleet.place(name, svc, [(i, f"{name}-{i}") for i in free], self._versions[name]):
+                for inst in self.fleet.place(name, svc, [(i, f"{name}-{i}") for i in free], run.versions[name]):
                     waiting.append(inst)
         if waiting:
             await self._start_in_order(waiting)
         unmet = await self._unmet()
         if unmet is not None and was == "starting":
             # The up the dead agent was doing fails as it would have: rolled back.
-            await self._roll_back(unmet)
+            await self.roll_back(unmet)
             raise DeploymentError(unmet)
         if unmet is not None:
             journal.status("degraded", unmet, event=("starting", unmet))
@@ -152,13 +176,13 @@ class AdoptMixin(DeploymentParts):
         """Waits (each service its start timeout) until every instance not stopped on
         purpose is up under this agent, its probes passed again; None, or why not."""
         async def one(name: str) -> str | None:
-            insts = [i for i in self._stack.by_service.get(name, []) if i.state is not State.STOPPED]
+            insts = [i for i in self.stack.by_service.get(name, []) if i.state is not State.STOPPED]
 
             def settled() -> bool:
                 return all(i.state in UP or i.state is State.FAILED for i in insts)
 
-            timeout = self.spec.services[name].start_timeout
-            await self._stack.wait(settled, timeout)
+            timeout = self.running.spec.services[name].start_timeout
+            await self.stack.wait(settled, timeout)
             bad = [i for i in insts if i.state not in UP]
             if not bad:
                 return None
@@ -166,7 +190,7 @@ class AdoptMixin(DeploymentParts):
                 f"{i.id} {i.state.value}" + (f" ({i.reason or i.probe_message})" if i.reason or i.probe_message
                                              else "") for i in bad)
 
-        problems = [p for p in await asyncio.gather(*(one(n) for n in self.spec.services)) if p]
+        problems = [p for p in await asyncio.gather(*(one(n) for n in self.running.spec.services)) if p]
         return "; ".join(problems) or None
 
     def _restore_all(self, recorded: list[InstanceRow], running: int,
@@ -174,21 +198,21 @@ class AdoptMixin(DeploymentParts):
         """The fronts' ports and each recorded instance back in the ledgers, as they were;
         the instances that cannot be (an apply that did not finish, a service no longer in
         the spec) are ended. Returns the pairs taken over and how many were ended."""
-        journal, stack = self.journal, self._stack
-        for name, svc in self.spec.services.items():
+        journal, stack = self.journal, self.stack
+        for name, svc in self.running.spec.services.items():
             if svc.expose is not None:
                 plan.fronts[name] = self.scheduler.front_port(svc.expose, f"{name}.front")
         pairs: list[tuple[InstanceRuntime, InstanceRow]] = []
         dropped = 0
         for r in recorded:
-            rsvc = self.spec.services.get(r.service)
+            rsvc = self.running.spec.services.get(r.service)
             if rsvc is None or r.version > running:
                 dropped += _end(r)
                 journal.forget(r.id)
                 continue
             try:
-                p = self.scheduler.restore(r.id, r.service, r.idx, rsvc, self._volumes.get(r.service), cpus=r.cpus,
-                                           exclusive=r.exclusive, numa_node=r.numa_node, ports=r.ports)
+                p = self.scheduler.restore(r.id, r.service, r.idx, rsvc, self.running.volumes.get(r.service),
+                                           cpus=r.cpus, exclusive=r.exclusive, numa_node=r.numa_node, ports=r.ports)
             except CorralError as e:
                 stack.warn(f"{r.id} cannot be re-adopted ({e}); it is stopped")
                 dropped += _end(r)
@@ -207,15 +231,15 @@ class AdoptMixin(DeploymentParts):
         names = {i.p.service for i in todo}
 
         async def one(name: str) -> None:
-            svc = self.spec.services[name]
+            svc = self.running.spec.services[name]
             for dep, want in svc.depends_on.items():
                 need = STARTED if want.condition == "started" else UP
-                deps = self._stack.by_service[dep]
+                deps = self.stack.by_service[dep]
 
                 def met(deps: list[InstanceRuntime] = deps, need: frozenset[State] = need) -> bool:
                     return all(i.state in need for i in deps)
 
-                await self._stack.wait(met, svc.start_timeout)
+                await self.stack.wait(met, svc.start_timeout)
             self.launcher.start([i for i in todo if i.p.service == name and i.state is State.PLACED],
                                 "re-adopted: not started before")
             await self.fleet.first_not_up([i for i in todo if i.p.service == name], svc.start_timeout)

@@ -24,23 +24,24 @@ from pathlib import Path
 from typing import Any
 
 from corral._core import Authority, IssuedCert, PortAllocator, Proxy, Supervisor, Topology
-from corral.engine.adopt import AdoptMixin
-from corral.engine.apply import ApplyMixin
-from corral.engine.diff import effective, spec_hash
+from corral.engine.adopt import Adoption
+from corral.engine.apply import Applier
+from corral.engine.bringup import BringUp
+from corral.engine.diff import SpecDiff, spec_hash
 from corral.engine.fleet import Fleet
 from corral.engine.hooks import CgroupsHook, FrontsHook, Hook, MeshHook, VolumesHook
-from corral.engine.instance import STARTED, UP, InstanceRuntime, placement_text
+from corral.engine.instance import InstanceRuntime
 from corral.engine.journal import Journal
 from corral.engine.launch import Launcher
 from corral.engine.metrics import exposition
+from corral.engine.operate import ServiceOps
+from corral.engine.running import Running
 from corral.engine.stack import Stack
 from corral.engine.tracing import Tracing, endpoint_from
 from corral.engine.verdicts import Verdicts
 from corral.exceptions import (
     AgentAlreadyRunning,
-    ConfigError,
     CorralError,
-    DeploymentError,
     UnknownService,
 )
 from corral.leftovers import PID_LOG, live_agent, stop_leftovers, sweep_stack
@@ -58,8 +59,14 @@ InstanceStatus = InstanceRow
 """The status of one instance (``id``, ``state``, ``healthy``, ``pid``, ``ports``, ``cpus``, ``restarts``...)."""
 
 
-class Deployment(ApplyMixin, AdoptMixin):
+class Deployment:
     """One deployment of a spec on this machine; see the module docs.
+
+    It is composed of parts, each handed what it may touch: :class:`~corral.engine.running.Running`
+    (what runs now), the fleet (placing and retiring instances), the launcher and the verdicts
+    (processes and what becomes of them), the journal (the store), the hooks, and the two
+    parts for what is not a bring-up: :class:`~corral.engine.apply.Applier` (a changed spec)
+    and :class:`~corral.engine.adopt.Adoption` (a dead agent's stack).
 
     ``restart_strategy`` and ``rollback`` take subclasses of the strategies in
     :mod:`corral.recovery`; ``scheduler`` a :class:`~corral.scheduler.Scheduler` subclass.
@@ -74,23 +81,24 @@ class Deployment(ApplyMixin, AdoptMixin):
                  scheduler: type[Scheduler] = Scheduler, topology: Topology | None = None,
                  cgroup_root: str | Path | None = None, host: str = "127.0.0.1",
                  keeper: str | Path | None = None, machine: Machine | None = None) -> None:
-        self.spec = spec
-        self.file = Path(file)
-        self.state_dir = Path(state_dir) if state_dir else default_state_dir(self.file)
+        file = Path(file)
+        self.state_dir = Path(state_dir) if state_dir else default_state_dir(file)
         self.host = host
         self.keeper = Path(keeper) if keeper is not None else None
         """The log keeper's socket (``up -d``): instances' output goes there, not through us."""
         self.topology = topology or Topology.detect()
         self.machine = machine or Machine()
         """The machine's settings and ledger, shared with every other stack."""
-        base = self.file.resolve().parent
-        self._volumes = volume_paths(spec, base)
+        base = file.resolve().parent
+        self.running = Running(spec, file, volume_paths(spec, base))
+        """What runs now: the spec, its file, the placement, each service's configuration."""
+        volumes = self.running.volumes
         # A volume's capacity is its filesystem's free space, measured by the core (at the
         # nearest existing ancestor: the directory is created at up).
-        self.resources = self.machine.resources(self.topology, {str(p): str(p) for p in self._volumes.values()})
+        self.resources = self.machine.resources(self.topology, {str(p): str(p) for p in volumes.values()})
         lo, hi = port_range(spec, self.machine)
         self.ports = PortAllocator(lo, hi, check_bind=host)
-        self.journal = Journal(self.state_dir, spec.name, self.file,
+        self.journal = Journal(self.state_dir, spec.name, file,
                                self._row_of,
                                max_rows=spec.events.max_rows, max_age=spec.events.max_age)
         holder = Holder.of(stack_id(self.state_dir), spec.name, base, self.state_dir,
@@ -100,29 +108,36 @@ class Deployment(ApplyMixin, AdoptMixin):
         self.scheduler = scheduler(self.topology, self.resources, self.ports, spec.scheduler, host,
                                    claims=self.claims)
         self.rollback = rollback or RollbackStrategy()
-        self.plan: Plan | None = None
-        self._stack = Stack(spec, self.file.resolve().parent, self.state_dir, host, self.resources, self.journal)
+        self._stack = Stack(spec, base, self.state_dir, host, self.resources, self.journal)
         self._stack.tracing = Tracing(endpoint_from(spec.tracing.otlp if spec.tracing else None), spec.name)
         self._mesh = MeshHook()
         self._fronts = FrontsHook({}, self._mesh)
         self._cgroups = CgroupsHook(Path(cgroup_root or os.environ.get("CORRAL_CGROUP_ROOT", "/sys/fs/cgroup")))
-        self._vols = VolumesHook(self._volumes)
+        self._vols = VolumesHook(volumes)
         self._hooks: list[Hook] = [self._vols, self._cgroups, self._mesh, self._fronts]
         self.launcher = Launcher(self._stack, on_spawn_error=self._spawn_failed, on_healthy=self._healthy,
                                  mesh=self._identity, log_max=spec.logs.max_size, log_keep=spec.logs.keep)
         self.verdicts = Verdicts(self._stack, self.launcher,
                                  restart_strategy or BackoffRestart({n: s.restart for n, s in spec.services.items()}))
         self.fleet = Fleet(self._stack, self.launcher, self.verdicts, self.scheduler, self._cgroups, self._fronts,
-                           self._volumes)
+                           volumes)
         self._pump: asyncio.Task[None] | None = None
         self._ran = False
         self._changing = asyncio.Lock()
         """One change at a time: apply, scale, restart, stop, start."""
-        self._configs: dict[str, dict[str, Any]] = {}
-        """Each service's effective configuration as its instances run it (env_file contents then)."""
-        self._versions: dict[str, int] = {}
-        """The spec version whose configuration of each service its instances run."""
-        self._first_version = 1
+        self._applier = Applier(self.running, state_dir=self.state_dir, topology=self.topology, machine=self.machine,
+                                stack=self._stack, fleet=self.fleet, scheduler=self.scheduler, claims=self.claims,
+                                journal=self.journal, verdicts=self.verdicts, launcher=self.launcher,
+                                volumes=self._vols, mesh=self._mesh, fronts=self._fronts, changing=self._changing)
+        self._bringup = BringUp(self.running, state_dir=self.state_dir, journal=self.journal, stack=self._stack,
+                                fleet=self.fleet, launcher=self.launcher, fronts=self._fronts,
+                                supervise=self._supervise, roll_back=self._roll_back)
+        self._ops = ServiceOps(self.running, stack=self._stack, fleet=self.fleet, journal=self.journal,
+                               changing=self._changing)
+        self._adoption = Adoption(self.running, state_dir=self.state_dir, journal=self.journal, stack=self._stack,
+                                  fleet=self.fleet, launcher=self.launcher, verdicts=self.verdicts,
+                                  scheduler=self.scheduler, claims=self.claims, fronts=self._fronts,
+                                  supervise=self._supervise, down=self.down, roll_back=self._roll_back)
 
     @classmethod
     def from_file(cls, path: str | Path, **kwargs: Any) -> Deployment:
@@ -135,6 +150,41 @@ class Deployment(ApplyMixin, AdoptMixin):
     def name(self) -> str:
         """The deployment's name."""
         return self.spec.name
+
+    @property
+    def spec(self) -> DeploymentSpec:
+        """The spec it runs (an apply changes it)."""
+        return self.running.spec
+
+    @property
+    def file(self) -> Path:
+        """The spec's file."""
+        return self.running.file
+
+    @property
+    def plan(self) -> Plan | None:
+        """Where every instance went (None before placement)."""
+        return self.running.plan
+
+    def plan_changes(self, spec: DeploymentSpec) -> SpecDiff:
+        """What :meth:`apply` would do with ``spec``, nothing changed (see
+        :meth:`corral.engine.apply.Applier.plan_changes`)."""
+        return self._applier.plan_changes(spec)
+
+    async def apply(self, spec: DeploymentSpec, file: str | Path | None = None) -> SpecDiff:
+        """Makes the running stack what ``spec`` says, changing only what changed; raises
+        :class:`~corral.exceptions.RolloutError` after a revert (see
+        :meth:`corral.engine.apply.Applier.apply`). Returns the diff applied."""
+        return await self._applier.apply(spec, file)
+
+    async def adopt(self) -> str:
+        """Takes over what the dead agent of this state directory left and returns what the
+        event log says of it (see :mod:`corral.engine.adopt`). Raises
+        :class:`~corral.exceptions.AgentAlreadyRunning` when that agent still runs."""
+        if self._ran:
+            raise CorralError("this deployment has run already; create a new Deployment to adopt")
+        self._ran = True
+        return await self._adoption.adopt()
 
     @property
     def tracing(self) -> Tracing:
@@ -171,12 +221,12 @@ class Deployment(ApplyMixin, AdoptMixin):
         """Places every instance without starting anything (raises SpecError when it does not
         fit), claimed in the machine ledger for this stack (in place of whatever it claimed
         before); ``dry`` claims nothing (the placement is only shown)."""
-        if self.plan is None:
+        if self.running.plan is None:
             with self.claims.reserving(dry=dry):
                 if not dry:
                     self.claims.reset()
-                self.plan = self.scheduler.plan(self.spec, self._volumes)
-        return self.plan
+                self.running.plan = self.scheduler.plan(self.spec, self.running.volumes)
+        return self.running.plan
 
     async def up(self) -> None:
         """Starts every service in dependency order and returns when each meets its condition
@@ -202,52 +252,10 @@ class Deployment(ApplyMixin, AdoptMixin):
         try:
             with self.tracing.operation("up", deployment=self.name, instances=sum(1 for _ in plan.instances()),
                                         phases=len(plan.phases)):
-                await self._up(plan)
+                await self._bringup.up(plan)
         finally:
             if self._stack.down:  # rolled back: nothing more to trace
                 self.tracing.close()
-
-    async def _up(self, plan: Plan) -> None:
-        stack, journal = self._stack, self.journal
-        self.fleet.plan = plan
-        journal.begin(plan.phases)
-        self._first_version = version = journal.next_version()
-        journal.spec(version, spec_hash(self.spec), self.spec.text, "applied", f"up {self.file.name}")
-        base = self.file.resolve().parent
-        self._configs = {n: effective(s, base) for n, s in self.spec.services.items()}
-        self._versions = dict.fromkeys(self.spec.services, version)
-        journal.status("starting", event=(None, f"up {self.file.name}: {sum(1 for _ in plan.instances())} "
-                                                f"instances in {len(plan.phases)} phases"))
-        for p in plan.instances():
-            inst = InstanceRuntime(p, self.spec.services[p.service], self.state_dir / "logs" / f"{p.id}.log",
-                                   stack.on_transition, version)
-            stack.add(inst)
-            inst.life.to(State.PLACED, placement_text(p))
-        self._fronts.ports = dict(plan.fronts)
-        self._supervise()
-        self.tracing.phases(plan.phases)
-        tasks = {name: asyncio.create_task(self._bring_up(name), name=f"up-{name}") for name in self.spec.services}
-        try:
-            done, pending = await asyncio.wait(tasks.values(), return_when=asyncio.FIRST_EXCEPTION)
-            failed = next((t for t in done if t.exception() is not None), None)
-            if failed is not None:
-                for t in pending:
-                    t.cancel()
-                await asyncio.gather(*pending, return_exceptions=True)
-                exc = failed.exception()
-                assert exc is not None
-                raise exc
-        except BaseException as e:
-            for t in tasks.values():
-                t.cancel()
-            reason = ("up was interrupted" if isinstance(e, asyncio.CancelledError) else
-                      str(e) if isinstance(e, CorralError) else f"{type(e).__name__}: {e}")
-            await self._roll_back(reason)
-            if isinstance(e, DeploymentError | asyncio.CancelledError):
-                raise
-            raise DeploymentError(reason) from e
-        journal.status("up", "", event=("starting", "every service meets its condition"))
-        journal.flush()
 
     async def down(self) -> None:
         """Stops every service in reverse dependency order, each by its shutdown rule, and
@@ -286,99 +294,21 @@ class Deployment(ApplyMixin, AdoptMixin):
         self.journal.status("down", event=("stopping", "every process stopped"))
 
     async def restart(self, service: str) -> None:
-        """Restarts the replicas of ``service`` one after the other, each waited for until it
-        meets its condition again (a rolling restart). A replica that does not come back
-        (failed, or not up within its ``start_timeout``) stops the rollout: raises
-        :class:`~corral.exceptions.DeploymentError` naming it and why; the replicas after it
-        are not touched."""
-        async with self._changing:
-            with self.tracing.operation("restart", service=service):
-                replicas = list(self._service(service))
-                for done, inst in enumerate(replicas):
-                    await self._stop(inst, "restart requested")
-                    inst.restarts += 1
-                    self.fleet.start([inst], "restart requested")
-                    failed = await self.fleet.first_not_up([inst], inst.svc.start_timeout)
-                    if failed is not None:
-                        # The rest keep running the old way: a rollout that fails stops where it failed.
-                        self.journal.flush()
-                        raise DeploymentError(f"restart of {service} stopped at {inst.id}: it is {inst.state.value} "
-                                              f"({failed[1]}); {done} of {len(replicas)} replicas restarted, the "
-                                              f"others left as they were")
-                self.journal.flush()
-
-    # --- one service at a time -------------------------------------------------------
-
-    def _service(self, name: str) -> list[InstanceRuntime]:
-        if name not in self.spec.services:
-            raise UnknownService(f"unknown service {name!r} (services: {', '.join(self.spec.services)})", name)
-        if self.plan is None or self._stack.down:
-            raise CorralError(f"deployment {self.name!r} is not running")
-        return self._stack.by_service[name]
+        """A rolling restart of ``service`` (see :meth:`corral.engine.operate.ServiceOps.restart`)."""
+        await self._ops.restart(service)
 
     async def scale(self, service: str, replicas: int) -> None:
-        """Runs ``replicas`` instances of ``service``. New ones are placed through the ledgers
-        (all or none: :class:`~corral.exceptions.ConfigError` naming what is short, and
-        nothing changes), started, probed, registered and put behind the front; the call
-        returns once they meet their condition (:class:`DeploymentError`, with the new ones
-        stopped again, when they do not). Scaling down drains and stops the highest-numbered
-        instances first, and returns their resources and ports. The count holds until the
-        next apply, where the spec's wins."""
-        async with self._changing:
-            with self.tracing.operation("scale", service=service, replicas=replicas):
-                insts = self._service(service)
-                if not 0 <= replicas <= 10000:
-                    raise ConfigError(f"replicas: {replicas} is not from 0 to 10000")
-                svc = self.spec.services[service]
-                have = len(insts)
-                if replicas > have:
-                    if replicas > 1 and any(p != "auto" for p in svc.ports.values()):
-                        raise ConfigError(f"{service} has a fixed port: it cannot run {replicas} replicas")
-                    taken = {i.p.index for i in insts}
-                    free = [i for i in range(replicas + have) if i not in taken][:replicas - have]
-                    try:
-                        new = self.fleet.place(service, svc, self._slots(service, free), self._versions[service])
-                    except ConfigError as e:
-                        raise ConfigError(f"cannot scale {service} to {replicas}: {e}") from None
-                    self.journal.note(f"scale {service}: {have} -> {replicas}")
-                    self.fleet.start(new, f"scaled to {replicas}")
-                    failed = await self.fleet.first_not_up(new, svc.start_timeout)
-                    if failed is not None:
-                        bad, why = failed
-                        await self.fleet.retire(new, f"scale-up failed: {why}")
-                        raise DeploymentError(f"scale {service} to {replicas}: {bad.id} is {bad.state.value} ({why}); "
-                                              f"the new instances were stopped again")
-                elif replicas < have:
-                    self.journal.note(f"scale {service}: {have} -> {replicas}")
-                    await self.fleet.shrink(service, replicas, f"scaled to {replicas}")
-                self.journal.flush()
+        """Runs ``replicas`` instances of ``service`` (see :meth:`corral.engine.operate.ServiceOps.scale`)."""
+        await self._ops.scale(service, replicas)
 
     async def stop_service(self, service: str) -> list[str]:
-        """Stops every instance of ``service`` by its shutdown rule; it stays in the stack,
-        ``stopped``, keeping its placement, until :meth:`start_service`. Dependents keep
-        running: their names come back (as compose warns about them)."""
-        async with self._changing:
-            insts = self._service(service)
-            await asyncio.gather(*(self._stop(i, "stopped by request") for i in insts))
-            dependents = [n for n, s in self.spec.services.items() if service in s.depends_on]
-            if dependents:
-                self._stack.warn(f"{service} stopped; {', '.join(dependents)} depend on it and keep running")
-            self.journal.flush()
-            return dependents
+        """Stops ``service``, keeping it ``stopped`` in the stack; returns its dependents (see
+        :meth:`corral.engine.operate.ServiceOps.stop_service`)."""
+        return await self._ops.stop_service(service)
 
     async def start_service(self, service: str) -> None:
-        """Starts the stopped (or failed, or completed) instances of ``service`` and returns
-        once they meet their condition (:class:`DeploymentError` naming the first that
-        does not)."""
-        async with self._changing:
-            insts = self._service(service)
-            todo = [i for i in insts if i.state.terminal]
-            self.fleet.start(todo, "started by request")
-            failed = await self.fleet.first_not_up(todo, self.spec.services[service].start_timeout)
-            self.journal.flush()
-            if failed is not None:
-                bad, why = failed
-                raise DeploymentError(f"start {service}: {bad.id} is {bad.state.value} ({why})")
+        """Starts ``service`` again (see :meth:`corral.engine.operate.ServiceOps.start_service`)."""
+        await self._ops.start_service(service)
 
     def status(self) -> DeploymentStatus:
         """The deployment now."""
@@ -452,44 +382,6 @@ class Deployment(ApplyMixin, AdoptMixin):
         stack.supervisor = Supervisor(pid_log=self.state_dir / PID_LOG, keeper=self.keeper)
         self._pump = asyncio.get_running_loop().create_task(self.verdicts.pump(stack.supervisor),
                                                             name="corral-events")
-
-    # --- bring-up -------------------------------------------------------------------
-
-    async def _bring_up(self, name: str) -> None:
-        svc = self.spec.services[name]
-        t0 = asyncio.get_running_loop().time()
-        for dep, want in svc.depends_on.items():
-            # A dependency's own deadline fires first and names the real culprit; the
-            # dependent's wait only bounds conditions that may never come ("completed").
-            left = self._deadline(dep) + svc.start_timeout - (asyncio.get_running_loop().time() - t0)
-            await self._wait_condition(dep, want.condition, waiter=name, timeout=left)
-        with self.tracing.phase_of(name):
-            self.launcher.start(self._stack.by_service[name], "dependencies met" if svc.depends_on else "phase 0")
-            await self._wait_condition(name, "up", waiter=None, timeout=svc.start_timeout)
-
-    def _deadline(self, name: str) -> float:
-        """Seconds after ``up`` began by which ``name`` must be up: its start timeout after
-        the latest deadline of its dependencies."""
-        svc = self.spec.services[name]
-        return svc.start_timeout + max((self._deadline(d) for d in svc.depends_on), default=0.0)
-
-    async def _wait_condition(self, name: str, cond: str, waiter: str | None, timeout: float) -> None:
-        insts = self._stack.by_service[name]
-        want = {"started": STARTED, "healthy": UP, "completed": frozenset({State.COMPLETED}), "up": UP}[cond]
-        who = f"{waiter} needs {name} {cond}, but " if waiter else ""
-
-        def met() -> bool:
-            bad = next((i for i in insts if i.state is State.FAILED
-                        or (cond == "completed" and i.state is State.COMPLETED and i.exit_code != 0)), None)
-            if bad is not None:
-                raise DeploymentError(f"{who}{bad.id} failed: {bad.reason}")
-            return all(i.state in want for i in insts)
-
-        if not await self._stack.wait(met, timeout):
-            states = ", ".join(f"{i.id} {i.state.value}" + (f" ({i.reason or i.probe_message})"
-                                                             if i.reason or i.probe_message else "") for i in insts)
-            what = f"{name} not up within {timeout:g}s" if waiter is None else f"{who}it did not get there in time"
-            raise DeploymentError(f"{what}: {states}")
 
     # --- wiring of the collaborators ---------------------------------------------------
 
