@@ -108,3 +108,18 @@ def env_without_state() -> dict[str, str]:
     env = dict(os.environ)
     env.pop("CORRAL_STATE_DIR", None)
     return env
+
+
+def owner_only(state: Path) -> list[str]:
+    """Asserts that everything under ``state`` is owner-only (no group or other bits);
+    returns the paths seen, relative to it."""
+    import stat
+
+    seen = []
+    for root, dirs, files in os.walk(state):
+        for name in [*dirs, *files]:
+            p = Path(root) / name
+            mode = stat.S_IMODE(p.lstat().st_mode)
+            seen.append(p.relative_to(state).as_posix())
+            assert mode & 0o077 == 0, f"{p} is {mode:o}"
+    return seen

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import pytest
 from corral._core import find_by_env, process_alive, process_start_time
 from corral.state import StateStore
 from corral.statedir import STACK, stack_id
-from tests.e2e import env_without_state, wait_until, write_spec
+from tests.e2e import env_without_state, owner_only, wait_until, write_spec
 
 NEVER_READY = """
     name: dying
@@ -192,13 +191,7 @@ def test_every_file_of_a_detached_stack_is_owner_only_under_umask_000(tmp_path: 
         os.kill(inst.pid, signal.SIGKILL)
         wait_until(lambda: (state / "exits").exists() and f"{inst.pid} -9" in (state / "exits").read_text(), 15,
                    "the keeper's record of the exit")
-        seen = []
-        for root, dirs, files in os.walk(state):
-            for name in [*dirs, *files]:
-                path = Path(root) / name
-                mode = stat.S_IMODE(path.lstat().st_mode)
-                seen.append(path.relative_to(state).as_posix())
-                assert mode & 0o077 == 0, f"{path} is {mode:o}"
+        seen = owner_only(state)
         for expected in ("state.db", "exits", "keeper.json", "keeper.log", "keeper.sock", "agent.log", "agent.sock",
                          "pids", "logs", "logs/web-0.log"):
             assert expected in seen, (expected, seen)

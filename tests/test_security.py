@@ -12,7 +12,7 @@ import pytest
 
 from corral import Deployment
 from corral.exceptions import DeploymentError, SpecError, StateDirError
-from tests.e2e import await_until, write_spec
+from tests.e2e import await_until, owner_only, write_spec
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -45,13 +45,7 @@ async def test_everything_in_the_state_directory_is_owner_only_under_umask_000(
     log = state / "logs" / "db-0.log"
     await await_until(lambda: log.exists() and "secret-token" in log.read_text(), what="the service's output")
     await d.down()
-    seen = []
-    for root, dirs, files in os.walk(state):
-        for name in [*dirs, *files]:
-            p = Path(root) / name
-            mode = stat.S_IMODE(p.lstat().st_mode)
-            seen.append(p.relative_to(state).as_posix())
-            assert mode & 0o077 == 0, f"{p} is {mode:o}"
+    seen = owner_only(state)
     assert stat.S_IMODE(state.stat().st_mode) == 0o700
     for expected in ("state.db", "logs", "logs/db-0.log", "tls", "tls/ca.key", "tls/services/db.key", "pids"):
         assert expected in seen, expected
