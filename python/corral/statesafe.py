@@ -1,0 +1,59 @@
+"""The state directory made safe to use: where it is for a spec, refused when others could
+write it (or it is a link), narrowed to the owner, and files in it created owner-only under
+any umask. :mod:`corral.state` (the store) and every writer of the directory use it."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from corral.exceptions import StateDirError
+
+__all__ = ["default_state_dir", "private_file", "secure_state_dir"]
+
+
+def default_state_dir(spec_file: str | Path) -> Path:
+    """``$CORRAL_STATE_DIR``, else ``.corral/`` beside the spec."""
+    env = os.environ.get("CORRAL_STATE_DIR")
+    return Path(env) if env else Path(spec_file).resolve().parent / ".corral"
+
+
+def secure_state_dir(path: Path) -> Path:
+    """Creates the state directory owner-only (0700, whatever the umask), or checks that an
+    existing one is a directory of this user that nobody else can write, and makes it 0700
+    (leaving 0711, which lets others enter but not list it, as it is).
+    Raises :class:`~corral.exceptions.StateDirError` otherwise: another user could plant
+    links in it or read what corral writes there."""
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(path, 0o700)
+    except OSError as e:
+        raise StateDirError(f"state directory {path}: cannot create it: {e.strerror}") from None
+    st = os.lstat(path)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode):
+        raise StateDirError(f"state directory {path}: not a directory (a link or a file); refusing to use it")
+    if st.st_uid != os.geteuid():
+        raise StateDirError(f"state directory {path} is owned by uid {st.st_uid}, not {os.geteuid()}; "
+                            f"refusing to use it")
+    if st.st_mode & 0o022:
+        raise StateDirError(f"state directory {path} can be written by others (mode {stat.S_IMODE(st.st_mode):o}); "
+                            f"refusing to use it (chmod 700 it if that is intended to be yours)")
+    # 0711 (enter, not list) is what the mesh leaves when a service runs as another user.
+    if stat.S_IMODE(st.st_mode) not in (0o700, 0o711):
+        os.chmod(path, 0o700)
+    return path
+
+
+def private_file(path: Path) -> None:
+    """Creates ``path`` empty with mode 0600 if it is missing (a link there is refused), and
+    narrows it to 0600 if it exists: for files that others create for us (SQLite)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
