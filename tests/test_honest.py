@@ -202,3 +202,68 @@ def test_every_file_of_a_detached_stack_is_owner_only_under_umask_000(tmp_path: 
         assert not any("None" in r for r in reasons), reasons
     finally:
         corral("down", cwd=tmp_path)
+
+
+@pytest.mark.parametrize("delay", [0.0, 0.05, 0.1, 0.15, 0.2, 0.3, 0.5])
+def test_down_right_after_up_d_stops_what_comes_up(tmp_path: Path, delay: float) -> None:
+    """`up -d` holds the stack's lock until its agent reported; a `down` fired meanwhile waits
+    for it, then stops everything: it never reports down beside a stack about to run."""
+    write_spec(tmp_path, """
+        name: soon
+        services:
+          web:
+            command: ["sleep", "1000"]
+            health: {readiness: {exec: ["sh", "-c", "sleep 0.6"], period: 100ms}}
+        """)
+    state = tmp_path / ".corral"
+    up = subprocess.Popen([sys.executable, "-m", "corral", "up", "-d"], cwd=tmp_path, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, env=env_without_state())
+    try:
+        # From when up -d is under way (its lock taken: the first thing it does).
+        wait_until(lambda: (state / "lock").exists(), 30, "up -d to begin")
+        time.sleep(delay)
+        r = corral("down", cwd=tmp_path)
+        up.communicate(timeout=60)
+        assert r.returncode == 0 and "Traceback" not in r.stderr, r
+        assert not stack_processes(state), "down returned with the stack running"
+        keeper = keeper_of(state)
+        assert not alive(keeper), "the keeper outlived down"
+        time.sleep(1.0)  # and nothing comes up after it
+        assert not stack_processes(state)
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.communicate()
+        corral("down", cwd=tmp_path)
+
+
+@pytest.mark.parametrize("attempt", range(4))
+def test_two_fresh_up_d_at_once_start_one_stack(tmp_path: Path, attempt: int) -> None:
+    """The second waits for the first's lock, then applies to the stack the first started (no
+    second keeper takes the first's socket); the stack then restarts an instance as usual."""
+    write_spec(tmp_path, """
+        name: twice
+        services:
+          web:
+            command: ["sleep", "1000"]
+            restart: {policy: always, initial: 0s}
+        """)
+    db = tmp_path / ".corral" / "state.db"
+    ups = [subprocess.Popen([sys.executable, "-m", "corral", "up", "-d"], cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env_without_state()) for _ in range(2)]
+    try:
+        outs = [u.communicate(timeout=60) for u in ups]
+        assert [u.returncode for u in ups] == [0, 0], outs
+        keepers = [p for p in find_by_env(f"CORRAL_TEST_RUN={os.environ['CORRAL_TEST_RUN']}")
+                   if "corral.agent.keeper" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")]
+        assert len(keepers) == 1, keepers
+        (inst,) = StateStore.read_instances(db, "twice")
+        assert inst.pid is not None
+        os.kill(inst.pid, signal.SIGKILL)
+        wait_until(lambda: (lambda i: i.restarts >= 1 and i.state == "healthy" and i.pid != inst.pid)(
+            StateStore.read_instances(db, "twice")[0]), 15, "the restart")
+        reasons = [e.reason for e in StateStore.read_events(db, 0, 10000)]
+        assert not any("Broken pipe" in r for r in reasons), reasons
+    finally:
+        r = corral("down", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr

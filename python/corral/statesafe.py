@@ -4,13 +4,15 @@ any umask. :mod:`corral.state` (the store) and every writer of the directory use
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from corral.exceptions import StateDirError
 
-__all__ = ["default_state_dir", "private_file", "secure_state_dir"]
+__all__ = ["LOCK_FILE", "StateLock", "default_state_dir", "drop_inherited_locks", "private_file", "secure_state_dir"]
 
 
 def default_state_dir(spec_file: str | Path) -> Path:
@@ -57,3 +59,84 @@ def private_file(path: Path) -> None:
         os.fchmod(fd, 0o600)
     finally:
         os.close(fd)
+
+
+LOCK_FILE = "lock"
+"""What a starting ``up`` and a ``down`` hold (``flock``), one at a time."""
+
+_held: list[int] = []
+"""Lock descriptors this process holds: a child forked to become the keeper or the agent
+closes its copies (the lock stays with the ``up`` that took it, until it returns)."""
+
+
+class StateLock:
+    """The state directory's lock: a starting ``up -d`` holds it from before anything is
+    started until the agent reported, and ``down`` takes it first, so a ``down`` never runs
+    beside a stack that is coming up (it waits, then stops what came up), and two ``up``
+    never start two stacks. ``flock`` on ``lock`` in the directory (owner-only); the pid of
+    the holder is written in it for whoever waits."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / LOCK_FILE
+        self.fd: int | None = None
+
+    def acquire(self, *, waiting: Callable[[str], None] | None = None, timeout: float = 3600.0) -> None:
+        """Takes the lock, waiting for its holder (``waiting`` hears once who that is).
+        Raises :class:`~corral.exceptions.StateDirError` after ``timeout`` seconds."""
+        import fcntl
+        import time
+
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            deadline = time.monotonic() + timeout
+            told = False
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        raise StateDirError(f"{self.path}: still held by {self.holder()} after {timeout:g}s") \
+                            from None
+                    if waiting is not None and not told:
+                        waiting(self.holder())
+                        told = True
+                    time.sleep(0.02)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, str(os.getpid()).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        _held.append(fd)
+
+    def holder(self) -> str:
+        """``pid 123`` of the process holding the lock, as it wrote it."""
+        try:
+            text = self.path.read_text().strip()
+        except OSError:
+            text = ""
+        return f"pid {text}" if text.isdigit() else "another corral"
+
+    def release(self) -> None:
+        if self.fd is not None:
+            _held.remove(self.fd)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> StateLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def drop_inherited_locks() -> None:
+    """In a child just forked: closes its copies of the parent's lock descriptors (the parent
+    keeps the lock)."""
+    for fd in _held:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held.clear()

@@ -11,13 +11,14 @@ recycled pid or a zombie does not count), not merely because its socket exists.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -241,7 +242,7 @@ class AgentClient:
         res: dict[str, Any] = self.request("POST", "/v1/apply", timeout=timeout, body=_spec_body(spec))
         return res
 
-    def down(self) -> int | None:
+    def down(self, waiting: Callable[[str], None] | None = None) -> int | None:
         """Stops the deployment, whatever moment it arrives at (the agent starting, dying,
         being restarted by the keeper, re-adopting), and returns only once the keeper, the
         agent and every instance are gone:
@@ -253,9 +254,25 @@ class AgentClient:
         3. whatever still carries the stack's marker is killed, and the agent and the
            keeper are waited for.
 
+        First of all it takes the state directory's lock, which a starting ``up -d`` holds
+        until its agent reported (``waiting`` hears who holds it, when someone does).
+
         Returns None when an agent took it down, else how many process groups were stopped.
         Raises :class:`AgentUnavailable` when the agent runs but does not answer: then the
         stack is left alone, and the keeper restarts agents again."""
+        from corral.statesafe import StateLock
+
+        if not self.state_dir.is_dir():
+            return 0  # nothing ever ran here
+        # A starting up -d holds the lock until its agent reported: wait for it, then stop
+        # what it started (never report a stack down that is about to run).
+        with contextlib.ExitStack() as held:
+            lock = StateLock(self.state_dir)
+            lock.acquire(waiting=waiting)
+            held.callback(lock.release)
+            return self._down_all()
+
+    def _down_all(self) -> int | None:
         from corral.leftovers import sweep_stack
 
         keeper = self._hold_keeper()

@@ -34,6 +34,7 @@ from corral.exceptions import AgentUnavailable, CorralError, DeploymentError
 from corral.spec import DeploymentSpec
 from corral.state import DeploymentStatus, secure_state_dir
 from corral.statedir import KEEPER_SOCKET
+from corral.statesafe import drop_inherited_locks
 
 __all__ = ["start_detached"]
 
@@ -52,6 +53,7 @@ def start_detached(spec: Path, parsed: DeploymentSpec, state_dir: Path, timeout:
     read_end, write_end = os.pipe()  # not inherited by instances (O_CLOEXEC)
     keeper = os.fork()
     if keeper == 0:
+        drop_inherited_locks()  # the lock stays with this up until it returns
         os.close(read_end)
         _become_keeper(spec, parsed, state_dir, log, write_end)
     os.close(write_end)

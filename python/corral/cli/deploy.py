@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from corral.engine import Deployment
     from corral.lifecycle import Transition
+    from corral.statesafe import StateLock
 
 
 
@@ -156,6 +157,30 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
             fail(f"--run-for: {e}", 2)
     sd = state_dir_of(spec, state_dir)
     client = AgentClient(sd)
+    if not detach:
+        _up(client, spec, sd, False, seconds, timeout, metrics)
+        return
+    # From its first step until its agent reported, up -d holds the stack's lock: a down
+    # waits for it (then stops what came up), and a second up finds the first one's agent
+    # (and applies to it) instead of racing it for the keeper's socket.
+    from corral.statesafe import LOCK_FILE, StateLock, secure_state_dir
+
+    fresh = not sd.exists()
+    lock = StateLock(secure_state_dir(sd))
+    lock.acquire(waiting=lambda who: error(f"waiting for {who}, which is starting or stopping this stack"))
+    try:
+        _up(client, spec, sd, True, seconds, timeout, metrics, lock)
+    finally:
+        lock.release()
+        if fresh and [p.name for p in sd.iterdir()] == [LOCK_FILE]:
+            # Refused before anything started: the state directory it made goes again.
+            (sd / LOCK_FILE).unlink()
+            sd.rmdir()
+
+
+def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float | None, timeout: float,
+        metrics: str | None, lock: StateLock | None = None) -> None:
+    run_for = seconds
     # By pid and start time, not by the socket alone: a stopped (SIGSTOP) agent does not
     # answer, and starting a second one beside it would start the stack twice.
     agent = client.running()
@@ -170,6 +195,8 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
             who = f" (pid {agent.agent_pid})" if agent is not None else ""
             raise AgentAlreadyRunning(f"a corral agent runs for {sd}{who} but does not answer; nothing was "
                                       f"applied", agent.agent_pid if agent is not None else None) from None
+        if lock is not None:
+            lock.release()  # an apply goes through the agent, which a down reaches any time
         raise typer.Exit(_apply(client, spec))
     from corral.engine import Deployment
     from corral.spec import load_spec
@@ -354,7 +381,8 @@ def agent(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
 @app.command()
 def down(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
     """Stop every service (reverse dependency order) and the agent."""
-    n = client_of(spec, state_dir).down()
+    n = client_of(spec, state_dir).down(
+        waiting=lambda who: error(f"waiting for {who}, which is starting or stopping this stack"))
     if n is None:
         out.print("down")
     else:
