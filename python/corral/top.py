@@ -35,6 +35,7 @@ from corral.agent.logs import tail_lines
 from corral.cpumap import held_cpus, machine_map
 from corral.exceptions import AgentUnavailable, CorralError
 from corral.state import DeploymentStatus, InstanceRow
+from corral.terminal import printable
 
 __all__ = ["COLUMNS", "Row", "TopApp", "rows_of"]
 
@@ -225,7 +226,7 @@ class TopApp(App[None]):
             log.border_title = f"log: {row.instance}" if row is not None else "log"
             if path is None:
                 return
-            log.write_lines(tail_lines(path, 200))
+            log.write_lines([printable(line) for line in tail_lines(path, 200)])
             try:
                 self._log_pos = path.stat().st_size
             except OSError:
@@ -247,7 +248,7 @@ class TopApp(App[None]):
         whole, _, _ = chunk.rpartition(b"\n")
         if whole:
             self._log_pos += len(whole) + 1
-            log.write_lines(whole.decode("utf-8", "replace").split("\n"))
+            log.write_lines([printable(line) for line in whole.decode("utf-8", "replace").split("\n")])
 
     def selected(self) -> Row | None:
         """The row under the cursor."""

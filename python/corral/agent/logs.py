@@ -23,7 +23,7 @@ def tail_lines(path: Path, n: int) -> list[str]:
             data = f.read().decode(errors="replace")
     except FileNotFoundError:
         return []
-    return data.splitlines()[-n:] if n > 0 else []
+    return _lines(data)[-n:] if n > 0 else []
 
 
 def follow_lines(files: list[tuple[str, Path]], poll: float = 0.2) -> Iterator[tuple[str, str]]:
@@ -59,4 +59,13 @@ def _new_lines(f: Path, pos: dict[Path, tuple[int, int]]) -> Iterator[str]:
     # Only whole lines; the rest waits for its newline.
     cut = data.rfind(b"\n") + 1
     pos[f] = (st.st_ino, off + cut)
-    yield from data[:cut].decode(errors="replace").splitlines()
+    yield from _lines(data[:cut].decode(errors="replace"))
+
+
+def _lines(text: str) -> list[str]:
+    """Lines split at newlines only: a carriage return, a form feed or a C1 control a
+    service printed is part of its line (and shown as such), not a line break."""
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return lines

@@ -3,7 +3,6 @@ how errors and user text are printed (literally, never as markup)."""
 
 from __future__ import annotations
 
-import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
@@ -12,6 +11,7 @@ import typer
 
 from corral.agent.client import AgentClient, default_state_dir
 from corral.exceptions import SpecError
+from corral.terminal import printable as printable
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -61,15 +61,6 @@ StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State direct
 SpecFileOpt = Annotated[Path, typer.Option("-f", "--file", help="The spec file (after several service names, "
                                                                  "the spec is an option).")]
 DEFAULT_SPEC = Path("corral.yaml")
-
-
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def printable(text: object) -> str:
-    """User and service text for a terminal: control characters (escape sequences, NUL)
-    shown as ``\\xNN`` instead of acting."""
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(text))
 
 
 def error(message: object) -> None:

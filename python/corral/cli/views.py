@@ -157,20 +157,31 @@ def _print_event_json(e: EventRow) -> None:
 def logs(service: Annotated[str, typer.Argument(help="Service name.")], spec: SpecArg = DEFAULT_SPEC,
          state_dir: StateOpt = None,
          follow: Annotated[bool, typer.Option("-f", "--follow", help="Keep printing new output.")] = False,
-         lines: Annotated[int, typer.Option("-n", help="Lines from the end of each instance's log.")] = 50) -> None:
-    """Print the output of a service's instances."""
+         lines: Annotated[int, typer.Option("-n", help="Lines from the end of each instance's log.")] = 50,
+         raw: Annotated[bool, typer.Option("--raw", help="Control characters as the service wrote them, even "
+                                                         "to a terminal.")] = False,
+         escape: Annotated[bool, typer.Option("--escape", help="Control characters as visible escapes (\\x1b), "
+                                                               "even to a pipe.")] = False) -> None:
+    """Print the output of a service's instances. To a terminal, escape sequences and other
+    control characters a service printed are shown as visible escapes (\\x1b), never acted
+    on; to a pipe they are kept as they are."""
+    if raw and escape:
+        fail("--raw and --escape contradict each other", 2)
+    safe = escape or (not raw and sys.stdout.isatty())
     client = client_of(spec, state_dir)
     prefix = len(client.log_files(service)) > 1
     for iid, line in client.logs(service, lines):
-        _print_log(iid, line, prefix)
+        _print_log(iid, line, prefix, safe)
     if follow:
         try:
             for iid, line in client.follow_logs(service):
-                _print_log(iid, line, prefix)
+                _print_log(iid, line, prefix, safe)
         except KeyboardInterrupt:
             return
 
 
-def _print_log(iid: str, line: str, prefix: bool) -> None:
+def _print_log(iid: str, line: str, prefix: bool, safe: bool) -> None:
+    if safe:
+        line = printable(line)
     sys.stdout.write(f"{iid} | {line}\n" if prefix else f"{line}\n")
     sys.stdout.flush()
