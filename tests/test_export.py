@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -170,10 +171,11 @@ def test_env_files_fronts_signals_and_the_mesh(tmp_path: Path) -> None:
     init = web["spec"]["template"]["spec"]["initContainers"]
     assert init[0]["image"] == "alpine:3" and "nc -z -w 2 db 5432" in init[0]["command"][2]
     assert env(container(web))["CORRAL_DB_ADDR"] == "db:5432"
-    # Nomad gets the same meaning: the env_file's lines literally, in the task's Env.
+    # Nomad gets the same meaning: the env_file's lines literally, in the task's Env (its
+    # `${` escaped from Nomad's interpolation, as corral does not fill it in).
     (job,) = nomad(spec)
     db_task = next(t for g in job["Job"]["TaskGroups"] for t in g["Tasks"] if t["Name"] == "db")
-    assert db_task["Env"]["PGPORT"] == "${ports.pg}" and db_task["Env"]["POSTGRES_DB"] == "shop"
+    assert db_task["Env"]["PGPORT"] == "$${ports.pg}" and db_task["Env"]["POSTGRES_DB"] == "shop"
     assert db_task["Config"]["args"] == ["-p", "5432"]
     text = "".join(t for _, t in render(load_spec(spec), tmp_path, "kubernetes"))
     assert "spiffe://edge_cases.corral/svc/web_front" in text.split("apiVersion")[0], "the header names the SPIFFE IDs"
@@ -338,3 +340,62 @@ def test_a_bad_spec_is_refused_with_its_line(tmp_path: Path, engine: str) -> Non
     (tmp_path / "corral.yaml").write_text("name: x\nservices:\n  a:\n    command: [x]\n    image: 3\n    bogus: 1\n")
     r = corral("export", engine, cwd=tmp_path)
     assert r.returncode == 2 and "corral.yaml:" in r.stderr and "Traceback" not in r.stderr
+
+
+DOLLARS = """
+    name: dollars
+    services:
+      web:
+        image: busybox:1
+        command: ["sh", "-c", "echo pid=$$ port=$(PORT) home=${HOME} at ${ports.http}"]
+        ports: {http: auto}
+        env: {D: "${NOMAD_ALLOC_DIR}", M: "$(PORT)", P: "${ports.http}"}
+"""
+
+
+def k8s_expand(text: str, env: dict[str, str]) -> str:
+    """What the kubelet makes of a command, args or env value: `$$` is `$`, `$(VAR)` a
+    defined variable's value (an undefined one stays as written)."""
+    out, i = [], 0
+    while i < len(text):
+        if text.startswith("$$", i):
+            out.append("$")
+            i += 2
+        elif text.startswith("$(", i) and ")" in text[i:]:
+            name = text[i + 2:text.index(")", i)]
+            out.append(env.get(name, f"$({name})"))
+            i += len(name) + 3
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def nomad_expand(text: str, env: dict[str, str]) -> str:
+    """What Nomad makes of a job string: `$${` is a literal `${`, `${VAR}` a known value."""
+    import re
+
+    parts = text.split("$${")
+    sub = [re.sub(r"\$\{([^}]+)\}", lambda m: env.get(m.group(1), m.group(0)), p) for p in parts]
+    return "${".join(sub)
+
+
+def test_export_keeps_the_meaning_of_dollar_signs(tmp_path: Path) -> None:
+    """corral passes `$$`, `$(PORT)`, `${HOME}` and `${NOMAD_ALLOC_DIR}` to the process as
+    written (the shell then reads them); each target is made to pass the same."""
+    spec = tmp_path / "corral.yaml"
+    spec.write_text(textwrap.dedent(DOLLARS))
+    runtime = {"PORT": "8080", "HOME": "/root", "NOMAD_ALLOC_DIR": "/alloc", "NOMAD_PORT_http": "25000"}
+    objs = k8s(spec)
+    c = container(by(objs, "Deployment", "web"))
+    port = next(p["containerPort"] for p in c["ports"])
+    want_arg = f"echo pid=$$ port=$(PORT) home=${{HOME}} at {port}"
+    assert [k8s_expand(a, runtime) for a in c["args"]] == ["-c", want_arg], c["args"]
+    values = {e["name"]: k8s_expand(e["value"], runtime) for e in c["env"] if "value" in e}
+    assert values["D"] == "${NOMAD_ALLOC_DIR}" and values["M"] == "$(PORT)" and values["P"] == str(port), values
+    (job,) = nomad(spec)
+    task = job["Job"]["TaskGroups"][0]["Tasks"][0]
+    args = [nomad_expand(a, runtime) for a in task["Config"]["args"]]
+    assert args == ["-c", "echo pid=$$ port=$(PORT) home=${HOME} at 25000"], task["Config"]["args"]
+    env = {k: nomad_expand(v, runtime) for k, v in task["Env"].items()}
+    assert env["D"] == "${NOMAD_ALLOC_DIR}" and env["M"] == "$(PORT)" and env["P"] == "25000", task["Env"]

@@ -98,11 +98,19 @@ def _dep_env(model: StackModel, w: Workload) -> list[dict[str, Any]]:
     return env
 
 
+def _literal(text: str) -> str:
+    """``text`` as Kubernetes passes it on: the kubelet expands ``$(VAR)`` in a container's
+    command, args and env values and reduces ``$$`` to ``$``, so every ``$`` is written
+    ``$$`` (corral passes them as written: ``$$`` stays the shell's pid, ``$(PORT)`` a
+    command substitution)."""
+    return text.replace("$", "$$")
+
+
 def _container(model: StackModel, w: Workload) -> dict[str, Any]:
     svc = w.spec
     c: dict[str, Any] = {"name": w.dns, "image": w.image}
     numbers: dict[str, int | str] = {p.name: p.number for p in w.ports}
-    argv = [substitute_ports(a, numbers) for a in w.argv]
+    argv = [_literal(substitute_ports(a, numbers)) for a in w.argv]
     if svc.shell:
         c["command"] = argv[:2]
         c["args"] = argv[2:]
@@ -110,7 +118,8 @@ def _container(model: StackModel, w: Workload) -> dict[str, Any]:
         c["command"] = argv[:1]
         if argv[1:]:
             c["args"] = argv[1:]
-    env: list[dict[str, Any]] = [{"name": k, "value": substitute_ports(v, numbers)} for k, v in w.env.items()]
+    env: list[dict[str, Any]] = [{"name": k, "value": _literal(substitute_ports(v, numbers))}
+                                 for k, v in w.env.items()]
     if len(w.ports) == 1:
         env.append({"name": "PORT", "value": str(w.ports[0].number)})
     env += [{"name": f"CORRAL_PORT_{env_name(p.name)}", "value": str(p.number)} for p in w.ports]

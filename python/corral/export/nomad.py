@@ -23,6 +23,7 @@ and types as in hashicorp/nomad's ``api/`` structs, durations in nanoseconds).
 from __future__ import annotations
 
 import math
+import re
 from typing import Any
 
 from corral.engine.environment import env_name
@@ -49,13 +50,22 @@ def _port(p: Port) -> str:
     return f"${{NOMAD_PORT_{p.name}}}" if p.auto else str(p.number)
 
 
+_INTERPOLATION = re.compile(r"\$\{(?!ports\.[A-Za-z0-9_-]+\})")
+"""``${`` that is not corral's own ``${ports.x}``."""
+
+
 def _substitute(text: str, w: Workload) -> str:
-    return substitute_ports(text, {p.name: _port(p) for p in w.ports})
+    """``text`` as the task gets it: Nomad interpolates ``${...}`` in a task's config and
+    env at run time, so the spec's own are written ``$${`` (corral passes them as written),
+    then each ``${ports.x}`` becomes the port's value (Nomad's variable for a dynamic one)."""
+    return substitute_ports(_INTERPOLATION.sub("$${", text), {p.name: _port(p) for p in w.ports})
 
 
 def _env(w: Workload) -> dict[str, str]:
     # The env_file's lines as corral passes them; the spec's env over them, ports filled in.
-    env = {**(w.env_file or {}), **{k: _substitute(v, w) for k, v in w.env.items()}}
+    # Interpolated by Nomad too: an env_file's `${` (literal under corral) is escaped alike.
+    env = {**{k: v.replace("${", "$${") for k, v in (w.env_file or {}).items()},
+           **{k: _substitute(v, w) for k, v in w.env.items()}}
     if len(w.ports) == 1:
         env["PORT"] = _port(w.ports[0])
     for p in w.ports:
