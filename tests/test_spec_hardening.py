@@ -214,3 +214,21 @@ def test_validate_checks_that_the_spec_fits(tmp_path: Path) -> None:
     _spec(tmp_path, BASE)
     r = _validate(tmp_path)
     assert r.returncode == 0 and "ok" in r.stdout
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:9464", "[::]:9464", "10.1.2.3:9464"])
+def test_validate_warns_of_metrics_other_hosts_can_reach(tmp_path: Path, listen: str) -> None:
+    (tmp_path / "corral.yaml").write_text(f'name: open\nmetrics: {{listen: "{listen}"}}\n'
+                                          'services:\n  w:\n    command: ["true"]\n')
+    r = subprocess.run([sys.executable, "-m", "corral", "validate"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "ok" in r.stdout, r
+    assert f"warning: corral.yaml:2: metrics.listen: {listen} can be reached from other hosts" in r.stderr, r
+
+
+def test_validate_is_quiet_about_loopback_metrics(tmp_path: Path) -> None:
+    (tmp_path / "corral.yaml").write_text('name: closed\nmetrics: {listen: "127.0.0.1:9464"}\n'
+                                          'services:\n  w:\n    command: ["true"]\n')
+    r = subprocess.run([sys.executable, "-m", "corral", "validate"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and "warning" not in r.stderr, r

@@ -190,6 +190,11 @@ def test_kill_9_during_a_rolling_apply_is_finished_cleanly_by_the_next_agent(sta
     assert {i["id"]: i["pid"] for i in after["services"]["web"]} == web
     assert after["version"] == 1
     wait_until(lambda: not any(i.endswith("-v2") for i in pids(status(stack))), 10, "no v2 left")
+    # The version whose apply the death cut short says so, not "applying" for good.
+    from corral.state import StateStore
+
+    specs = {s.version: s for s in StateStore.read_specs(stack / ".corral" / "state.db", after["name"])}
+    assert specs[2].state == "interrupted" and "v1 runs" in specs[2].message, specs[2]
 
 
 def test_kill_9_during_down_is_finished_by_the_next_agent(stack: Path) -> None:

@@ -224,7 +224,8 @@ class SpecRow:
     digest: str
     text: str
     state: str
-    """``applying``, ``applied``, ``failed`` (reverted), or ``superseded``."""
+    """``applying``, ``applied``, ``failed`` (reverted), ``partial`` (failed, not reverted),
+    ``interrupted`` (the agent died during it), or ``superseded``."""
     message: str
     applied_at: float
 

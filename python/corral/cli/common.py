@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
     from corral.agent.client import EventRow
     from corral.engine import Deployment
+    from corral.spec import DeploymentSpec
 
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -73,6 +74,16 @@ def error(message: object) -> None:
 def fail(message: str, code: int) -> NoReturn:
     error(message)
     raise typer.Exit(code)
+
+
+def spec_warnings(spec: DeploymentSpec) -> None:
+    """``warning: file:line: field: message`` for what the spec allows but is worth a word."""
+    from rich.text import Text
+
+    from corral.spec.checks import warnings
+
+    for w in warnings(spec):
+        err.print(Text.assemble(("warning: ", "yellow"), printable(w)), soft_wrap=True)
 
 
 def spec_errors(e: SpecError) -> NoReturn:

@@ -24,6 +24,7 @@ from corral.cli.common import (
     print_event,
     printable,
     spec_errors,
+    spec_warnings,
     state_dir_of,
     status_table,
 )
@@ -71,6 +72,7 @@ def validate(spec: SpecArg = DEFAULT_SPEC) -> None:
         check_fit(s, spec.resolve().parent)
     except SpecError as e:
         spec_errors(e)
+    spec_warnings(s)
     instances = sum(svc.replicas for svc in s.services.values())
     out.print(f"{spec}: ok ({len(s.services)} services, {instances} instances)", markup=False)
 
@@ -212,6 +214,7 @@ def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float 
                 fail(f"--metrics: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}", 2)
     except SpecError as e:
         spec_errors(e)
+    spec_warnings(parsed)
     if detach:
         from corral.agent.daemon import start_detached
 

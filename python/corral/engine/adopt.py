@@ -114,6 +114,13 @@ class Adoption:
             self.claims.reset()
             pairs, dropped = self._restore_all(recorded, running, plan)
         dropped += strays
+        for sv in StateStore.read_specs(db, run.spec.name):
+            if sv.state == "applying":
+                # The agent died in the middle of this apply: what it had started is stopped
+                # (above), the last applied version runs.
+                journal.spec(sv.version, sv.digest, sv.text, "interrupted",
+                             f"the agent died during this apply; v{running} runs (what v{sv.version} had started "
+                             f"was stopped)")
         self.fronts.ports = dict(plan.fronts)
         self.supervise()
 
@@ -241,7 +248,7 @@ class Adoption:
 
                 await self.stack.wait(met, svc.start_timeout)
             self.launcher.start([i for i in todo if i.p.service == name and i.state is State.PLACED],
-                                "re-adopted: not started before")
+                                "started by this agent (the one that died had not started it)")
             await self.fleet.first_not_up([i for i in todo if i.p.service == name], svc.start_timeout)
 
         await asyncio.gather(*(one(n) for n in names))

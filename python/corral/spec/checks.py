@@ -205,3 +205,18 @@ def read_env_file(path: Path) -> dict[str, str]:
             value = value[1:-1]
         out[key.strip()] = value
     return out
+
+
+_LOOPBACK = ("127.", "localhost:", "[::1]:")
+
+
+def warnings(spec: DeploymentSpec) -> list[SpecError]:
+    """What is allowed but worth a word (``validate`` and ``up`` print them): ``metrics.listen``
+    on an address other hosts can reach, with no authentication on ``/metrics``."""
+    out = []
+    if spec.metrics is not None and not spec.metrics.listen.startswith(_LOOPBACK):
+        out.append(spec.error(("metrics", "listen"), f"{spec.metrics.listen} can be reached from other hosts, and "
+                                                     f"/metrics asks for no credentials: anyone who can reach it "
+                                                     f"reads every service's names, states and ports (listen on "
+                                                     f"127.0.0.1, or put a proxy that checks access in front)"))
+    return out
