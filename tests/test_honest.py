@@ -267,3 +267,46 @@ def test_two_fresh_up_d_at_once_start_one_stack(tmp_path: Path, attempt: int) ->
     finally:
         r = corral("down", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
+
+
+def test_a_changed_spec_over_a_stopped_keeper_rolls_and_the_old_keeper_stands_down(tmp_path: Path) -> None:
+    """The keeper stopped (SIGSTOP), the agent killed, then `up -d` of a changed spec: the
+    instances are re-adopted and the change rolls over them (no restart of everything); the
+    old keeper, resumed, finds the new one's record and ends without touching it."""
+    spec = write_spec(tmp_path, """
+        name: rolled
+        services:
+          web:
+            replicas: 2
+            command: ["sleep", "1000"]
+            env: {VERSION: "1"}
+        """)
+    state = tmp_path / ".corral"
+    db = state / "state.db"
+    r = corral("up", "-d", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    old_keeper = keeper_of(state)
+    assert old_keeper is not None
+    agent = agent_of(db)
+    assert agent is not None
+    os.kill(old_keeper[0], signal.SIGSTOP)
+    try:
+        os.kill(agent, signal.SIGKILL)
+        spec.write_text(spec.read_text().replace('VERSION: "1"', 'VERSION: "2"'))
+        r = corral("up", "-d", cwd=tmp_path, timeout=120)
+        assert r.returncode == 0, (r.stdout, r.stderr)
+        assert "re-adopted what a dead agent left" in r.stdout, r.stdout
+        reasons = [e.reason for e in StateStore.read_events(db, 0, 10000)]
+        assert any(x.startswith("re-adopted 2 instances") for x in reasons), reasons
+        assert not any("left by a previous agent" in x for x in reasons), reasons
+        ids = sorted(i.id for i in StateStore.read_instances(db, "rolled") if i.state in ("running", "healthy"))
+        assert ids == ["web-0-v2", "web-1-v2"], ids
+    finally:
+        os.kill(old_keeper[0], signal.SIGCONT)
+    try:
+        wait_until(lambda: not alive(old_keeper), 20, "the old keeper to stand down")
+        now = keeper_of(state)
+        assert now is not None and now != old_keeper and alive(now), (now, old_keeper)
+    finally:
+        r = corral("down", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr

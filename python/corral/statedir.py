@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["AGENT_LOG", "AGENT_SOCKET", "EXITS", "KEEPER_FILE", "KEEPER_LOG", "KEEPER_SOCKET", "PID_LOG", "STACK",
-           "STATE_DB", "UNIT", "stack_id"]
+__all__ = ["AGENT_LOG", "AGENT_SOCKET", "EXITS", "KEEPER_FILE", "KEEPER_LOCK", "KEEPER_LOG", "KEEPER_SOCKET", "PID_LOG",
+           "STACK", "STATE_DB", "UNIT", "stack_id"]
 
 STACK = "CORRAL_STACK"
 """The stack's id, inherited by every process of the stack."""
@@ -31,6 +31,8 @@ KEEPER_SOCKET = "keeper.sock"
 KEEPER_FILE = "keeper.json"
 """What the keeper last recorded: its pid and start, its agent's, and why it gave up."""
 KEEPER_LOG = "keeper.log"
+KEEPER_LOCK = "keeper.lock"
+"""Held while a keeper writes its record: only the live one's stays."""
 PID_LOG = "pids"
 """The supervisor's pid log: ``pid start_time id`` per spawn, before the store has it."""
 EXITS = "exits"

@@ -122,6 +122,14 @@ class AgentClient:
         """The deployment whose agent runs now (pid and start time), if any."""
         return live_agent(self.db)
 
+    def left_running(self) -> DeploymentRow | None:
+        """The deployment whose agent is gone while some of its instances still run (they
+        can be re-adopted), or None."""
+        row = self.deployment()
+        if row is None or row.status in ("down", "failed") or self.running() is not None:
+            return None
+        return row if any(r.is_running() for r in StateStore.read_instances(self.db, row.name)) else None
+
     def keeper(self) -> dict[str, object] | None:
         """What the keeper of ``up -d`` last recorded, when it still runs (pid and start)."""
         from corral.agent.keeper import read_keeper

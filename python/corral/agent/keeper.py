@@ -11,6 +11,9 @@ depends on the agent being alive.
   instance, are re-parented to it; it reaps them and writes each exit status to the
   ``exits`` file, where the next agent reads what became of an instance it did not start.
 - It ends once the agent exits cleanly (``down``) and the last pipe has closed.
+- Only the live keeper's record stays in ``keeper.json``: one that was stopped while a new
+  ``up -d`` replaced it finds the new one's record there when it resumes, writes nothing,
+  restarts no agent and ends (``keeper.lock`` makes the read-then-write one step).
 - ``SIGUSR1`` is ``corral down`` arriving: from then on it restarts no agent (one it was
   about to start is not started), records ``"down": true`` in ``keeper.json`` (the answer
   ``down`` waits for, with the pid of any agent it did start), and ends once the agent is
@@ -35,7 +38,7 @@ import time
 from pathlib import Path
 
 from corral._core import LogKeeper, become_subreaper, process_start_time
-from corral.statedir import EXITS, KEEPER_FILE, KEEPER_SOCKET
+from corral.statedir import EXITS, KEEPER_FILE, KEEPER_LOCK, KEEPER_SOCKET
 
 __all__ = ["CRASHED", "MAX_RESTARTS", "WINDOW", "main", "read_keeper", "restartable"]
 
@@ -96,7 +99,28 @@ class Keeper:
             signal.signal(sig, self.on_signal)
         # Bound before the first agent was forked (it may be handing over pipes already).
         self.logs = LogKeeper(fd=listen_fd) if listen_fd is not None else LogKeeper(state_dir / KEEPER_SOCKET)
-        _write(state_dir, self.doc)
+        self.superseded = False
+        """Set when another live keeper's record is in keeper.json: it took over this stack."""
+        self._record(take_over=True)
+
+    def _record(self, *, take_over: bool = False) -> None:
+        """Writes ``keeper.json``, under ``keeper.lock``: a new keeper takes the record over,
+        and a keeper that finds another live one's record there (it was stopped while a
+        new ``up -d`` replaced it) writes nothing and stands down (see :meth:`run`)."""
+        import fcntl
+
+        fd = os.open(self.state_dir / KEEPER_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            cur = read_keeper(self.state_dir)
+            pid, start = (cur.get("pid"), cur.get("start")) if cur else (None, None)
+            if (not take_over and isinstance(pid, int) and pid != self.doc["pid"]
+                    and process_start_time(pid) == start):
+                self.superseded = True
+                return
+            _write(self.state_dir, self.doc)
+        finally:
+            os.close(fd)
 
     def on_signal(self, signum: int, _frame: object = None) -> None:
         """SIGUSR1: ``down`` is under way; SIGUSR2: it is not after all (see the module docs)."""
@@ -116,7 +140,9 @@ class Keeper:
                 pidfd = None
             if bool(self.doc.get("down")) != self.stopping:
                 self.doc["down"] = self.stopping
-                _write(self.state_dir, self.doc)
+                self._record()
+            if self.superseded:
+                self.stopping = True  # another keeper holds this stack: restart nothing, end
             if self.stopping and self.agent is None and self.clean_exit_at is None:
                 self.clean_exit_at = time.monotonic()  # no agent will come: end once the pipes close
             if self.agent is None and pidfd is None and self.clean_exit_at is None and self.doc["agent"] == "running":
@@ -159,7 +185,7 @@ class Keeper:
             self.clean_exit_at = time.monotonic()
             self.doc.update(agent="down", reason="stopped by 'corral down'" if code == 0 or self.stopping else
                             f"the agent ended with status {code}")
-            _write(self.state_dir, self.doc)
+            self._record()
             return
         now = time.monotonic()
         while self.restarts and now - self.restarts[0] > WINDOW:
@@ -169,14 +195,15 @@ class Keeper:
                             reason=f"the agent died {len(self.restarts) + 1} times within {WINDOW:g}s (last: exit "
                                    f"status {code}); the instances run unsupervised; 'corral up -d' starts a new "
                                    f"agent, 'corral down' stops them")
-            _write(self.state_dir, self.doc)
+            self._record()
         else:
             self.doc.update(reason=f"the agent died (exit status {code}); restarted")
 
     def _restart(self) -> int | None:
         time.sleep(_PAUSES[min(len(self.restarts), len(_PAUSES) - 1)])
-        if self.stopping:
-            return None  # down arrived during the pause: no agent now
+        self._record()  # and learns whether another keeper took this stack over meanwhile
+        if self.stopping or self.superseded:
+            return None  # down arrived during the pause, or this keeper stands down: no agent now
         self.restarts.append(time.monotonic())
         log = os.open(self.state_dir / "agent.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         try:
@@ -189,7 +216,7 @@ class Keeper:
         # The Popen object must not reap it behind our waitpid(-1): forget it.
         proc.returncode = 0
         self.doc.update(agent="running", agent_pid=proc.pid)
-        _write(self.state_dir, self.doc)
+        self._record()
         return os.pidfd_open(proc.pid)
 
     def _done(self) -> bool:

@@ -35,6 +35,7 @@ if TYPE_CHECKING:
 
     from corral.engine import Deployment
     from corral.lifecycle import Transition
+    from corral.spec import DeploymentSpec
     from corral.statesafe import StateLock
 
 
@@ -218,6 +219,17 @@ def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float 
     if detach:
         from corral.agent.daemon import start_detached
 
+        recorded = _left_by_a_dead_agent(client, parsed)
+        if recorded is not None:
+            # A dead agent's instances run on, from an older spec: a new agent re-adopts them
+            # as they are, then the changed spec is applied to them as a rollout (not a
+            # restart of everything).
+            st = start_detached(spec, recorded, sd, timeout)
+            out.print(f"{st.name}: re-adopted what a dead agent left (agent pid {st.agent_pid}); applying "
+                      f"{spec.name} to it", markup=False)
+            if lock is not None:
+                lock.release()
+            raise typer.Exit(_apply(client, spec))
         st = start_detached(spec, parsed, sd, timeout)
         n = sum(len(v) for v in st.services.values())
         out.print(f"{st.name}: up ({n} instances, agent pid {st.agent_pid}); 'corral status' to look, "
@@ -225,6 +237,23 @@ def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float 
         raise typer.Exit(0)
     d = Deployment(parsed, file=spec, state_dir=sd)
     raise typer.Exit(_up_foreground(d, seconds))
+
+
+def _left_by_a_dead_agent(client: AgentClient, parsed: DeploymentSpec) -> DeploymentSpec | None:
+    """The spec a dead agent last applied, when instances of it still run and ``parsed`` is
+    another version of the same deployment; None otherwise."""
+    from corral.engine.diff import spec_hash
+
+    left = client.left_running()
+    if left is None or left.name != parsed.name:
+        return None
+    try:
+        found = client.applied_spec()
+    except CorralError:
+        return None
+    if found is None or spec_hash(found[0]) == spec_hash(parsed):
+        return None  # the same spec: the new agent re-adopts it by itself
+    return found[0]
 
 
 def _apply(client: AgentClient, spec: Path) -> int:
