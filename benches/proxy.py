@@ -4,11 +4,11 @@ wrk on CPU 0 drives three small HTTP backends through each proxy; the proxy and 
 backends share CPU 1, so what one proxied request costs is what differs. Two shapes:
 keep-alive connections, and a new connection per request (`Connection: close`). For each:
 requests per second and the proxy's own CPU time per request (utime+stime from /proc over
-the run) at 50 connections, and the latency it adds at one connection (p50, p99) over
-going to a backend directly. corral's proxy runs the way the agent runs it: a Python
-process holding a `corral.Proxy`. `--rounds N` measures every proxy N times in turn and
-reports medians; `--also DIR` adds another build of the corral package (a before/after
-comparison of a change to the proxy, in the same run).
+the run) at 50 connections, the latency it adds at one connection (p50, p99) over going
+to a backend directly, and the p99 it adds at 50 connections (under load). corral's proxy
+runs the way the agent runs it: a Python process holding a `corral.Proxy`. `--rounds N`
+measures every proxy N times in turn and reports medians; `--also DIR` adds another build
+of the corral package (a before/after comparison of a change to the proxy, in the same run).
 """
 
 from __future__ import annotations
@@ -128,7 +128,8 @@ def measure(name: str, pid: int | None, port: int, seconds: float, conns: int) -
         single = wrk(port, 1, seconds, close)
         out[shape] = {"rps": load["rps"], "requests": load["requests"], "errors": load["errors"] + single["errors"],
                       "cpu_us": 1e6 * cpu_s / load["requests"] if pid else 0.0,
-                      "p50_us": single["p50_us"], "p99_us": single["p99_us"]}
+                      "p50_us": single["p50_us"], "p99_us": single["p99_us"],
+                      "load_p50_us": load["p50_us"], "load_p99_us": load["p99_us"]}
         print(f"  {name:<8} {shape:<9} {load['rps']:>10.0f} req/s  "
               + (f"{out[shape]['cpu_us']:>6.1f} µs CPU/req  " if pid else "")
               + f"p50 {single['p50_us']:.0f} µs  p99 {single['p99_us']:.0f} µs", flush=True)
@@ -199,6 +200,7 @@ def main() -> int:
             r = res[name][shape]
             r["p50_added_us"] = r["p50_us"] - res["direct"][shape]["p50_us"]
             r["p99_added_us"] = r["p99_us"] - res["direct"][shape]["p99_us"]
+            r["load_p99_added_us"] = r["load_p99_us"] - res["direct"][shape]["load_p99_us"]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=2))
     alt = "alt" in res
@@ -206,7 +208,8 @@ def main() -> int:
           + (f"{'alt':>10}{'ratio':>8}" if alt else ""))
     for shape in ("keepalive", "close"):
         for key, label in (("rps", "req/s"), ("cpu_us", "proxy CPU per request, µs"),
-                           ("p50_added_us", "added latency p50, µs"), ("p99_added_us", "added latency p99, µs")):
+                           ("p50_added_us", "added latency p50, µs"), ("p99_added_us", "added latency p99, µs"),
+                           ("load_p99_added_us", f"added p99 at {args.connections} conns, µs")):
             h, c = res["haproxy"][shape][key], res["corral"][shape][key]
             ref = TARGETS.get((shape, key))
             ratio = c / h if h else float("nan")
