@@ -14,7 +14,6 @@ agent dies first, the keeper writes that line for it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
@@ -128,6 +127,8 @@ def _read_report(fd: int, timeout: float, pending: bytearray) -> tuple[dict[str,
 def _become_agent(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Path, report_fd: int) -> NoReturn:
     """The agent, forked by the keeper's process: output to the agent log, then the agent
     until down; its pid, then how ``up`` ended, go to ``report_fd`` as JSON lines."""
+    import asyncio  # here, not in the CLI that forks us: up -d itself never needs it
+
     from corral.agent.server import run_agent
     from corral.engine import Deployment
 

@@ -40,11 +40,10 @@ if TYPE_CHECKING:
 
 
 
-def _adopting(spec: Path, state_dir: Path | None) -> Deployment:
-    """The deployment a dead agent ran: the last spec version applied (the client reads it
-    from the state directory; the file may have changed since), with the keeper of
-    ``up -d`` taking the output."""
-    from corral.engine import Deployment
+def _adopting(spec: Path, state_dir: Path | None) -> tuple[DeploymentSpec, str, Path, Path | None]:
+    """What a dead agent ran: the last spec version applied (the client reads it from the
+    state directory; the file may have changed since) and its file, the state directory, and
+    the keeper's socket of ``up -d`` (None without one), which takes the output."""
     from corral.statedir import KEEPER_SOCKET
 
     client = client_of(spec, state_dir)
@@ -54,9 +53,8 @@ def _adopting(spec: Path, state_dir: Path | None) -> Deployment:
         spec_errors(e)
     if found is None:
         fail(f"nothing to adopt in {client.state_dir}", 2)
-    parsed, file = found
     keeper = client.state_dir / KEEPER_SOCKET
-    return Deployment(parsed, file=file, state_dir=client.state_dir, keeper=keeper if keeper.exists() else None)
+    return found[0], found[1], client.state_dir, keeper if keeper.exists() else None
 
 
 # --- validate and plan ------------------------------------------------------------------
@@ -201,7 +199,6 @@ def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float 
         if lock is not None:
             lock.release()  # an apply goes through the agent, which a down reaches any time
         raise typer.Exit(_apply(client, spec))
-    from corral.engine import Deployment
     from corral.spec import load_spec
 
     try:
@@ -235,6 +232,8 @@ def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float 
         out.print(f"{st.name}: up ({n} instances, agent pid {st.agent_pid}); 'corral status' to look, "
                   f"'corral down' to stop", markup=False)
         raise typer.Exit(0)
+    from corral.engine import Deployment
+
     d = Deployment(parsed, file=spec, state_dir=sd)
     raise typer.Exit(_up_foreground(d, seconds))
 
@@ -382,7 +381,10 @@ def agent(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
                                                              "running spec from state.db).")] = False) -> None:
     """Run the agent in this process (what `up -d`, and the keeper, start in the background)."""
     if adopt:
-        d = _adopting(spec, state_dir)
+        parsed, file, sd, keeper = _adopting(spec, state_dir)
+        from corral.engine import Deployment
+
+        d = Deployment(parsed, file=file, state_dir=sd, keeper=keeper)
     else:
         d = deployment_of(spec, state_dir)
     from corral.agent.jsonlog import log_to
