@@ -309,10 +309,6 @@ class AgentClient:
         while True:
             try:
                 st = self.request("GET", "/v1/status", timeout=5)
-                pid = st.get("agent_pid") if isinstance(st, dict) else None
-                start = process_start_time(pid) if isinstance(pid, int) else None
-                self.request("POST", "/v1/down", timeout=600)
-                return None, (pid, start) if isinstance(pid, int) and start else None
             except AgentUnavailable:
                 agent = self._agent_pid(keeper)
                 if agent is None or not _alive(*agent):
@@ -320,6 +316,19 @@ class AgentClient:
                 if self._listening() or time.monotonic() >= deadline:
                     raise  # alive but not answering: its stack is left alone
                 time.sleep(0.05)  # starting (not listening yet): it answers soon, or dies
+                continue
+            pid = st.get("agent_pid") if isinstance(st, dict) else None
+            start = process_start_time(pid) if isinstance(pid, int) else None
+            try:
+                self.request("POST", "/v1/down", timeout=600)
+            except AgentUnavailable:
+                # It answered, then went away before the down (an adoption of a stack that
+                # had not come up ends so): look again, it may have left instances.
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+                continue
+            return None, (pid, start) if isinstance(pid, int) and start else None
         n = stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent",
                            rules=self._shutdown_rules())
         self._forget_claims()
