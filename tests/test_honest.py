@@ -310,3 +310,49 @@ def test_a_changed_spec_over_a_stopped_keeper_rolls_and_the_old_keeper_stands_do
     finally:
         r = corral("down", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
+
+
+def test_the_keepers_death_is_noticed_said_and_survived(tmp_path: Path) -> None:
+    """kill -9 of the keeper: the agent says so (status and event), restarts the instance
+    whose output had no reader any more, logs through itself from then on, and a later
+    restart works (it used to fail for good with 'log keeper ...: Broken pipe')."""
+    write_spec(tmp_path, """
+        name: orphaned
+        services:
+          chatty:
+            command: ["sh", "-c", "while :; do echo tick; sleep 0.1; done"]
+            restart: {policy: always, initial: 0s}
+        """)
+    state = tmp_path / ".corral"
+    db = state / "state.db"
+    log = state / "logs" / "chatty-0.log"
+    try:
+        r = corral("up", "-d", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        keeper = keeper_of(state)
+        assert keeper is not None
+        (first,) = StateStore.read_instances(db, "orphaned")
+        os.kill(keeper[0], signal.SIGKILL)
+
+        def said() -> bool:
+            return "the keeper (pid" in StateStore.read_deployments(db)[-1].message
+
+        wait_until(said, 15, "status to say the keeper died")
+        wait_until(lambda: StateStore.read_instances(db, "orphaned")[0].pid not in (None, first.pid), 30,
+                   "the instance restarted")
+        st = corral("status", cwd=tmp_path)
+        assert "the keeper (pid" in st.stdout and "died" in st.stdout, st.stdout
+        size = log.stat().st_size
+        wait_until(lambda: log.stat().st_size > size, 10, "new output in the log, through the agent")
+        (now,) = StateStore.read_instances(db, "orphaned")
+        assert now.pid is not None
+        os.kill(now.pid, signal.SIGKILL)
+        wait_until(lambda: (lambda i: i.pid not in (None, now.pid) and i.state in ("running", "healthy"))(
+            StateStore.read_instances(db, "orphaned")[0]), 15, "a restart after the keeper's death")
+        reasons = [e.reason for e in StateStore.read_events(db, 0, 10000)]
+        assert not any("Broken pipe" in x for x in reasons), reasons
+        assert any("the keeper (pid" in x and "died" in x for x in reasons), reasons
+    finally:
+        r = corral("down", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        assert not stack_processes(state)

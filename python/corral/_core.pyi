@@ -867,6 +867,11 @@ class Supervisor:
     def adopt(self, id: str, pid: int) -> bool:
         """Watches ``pid``, started by an agent that died, through a pidfd: its exit arrives as
         a ``ProcessExited`` under ``id`` with neither code nor signal; False when it is gone."""
+    def drop_keeper(self, why: str) -> None:
+        """Stops handing output to the keeper (it died): later spawns log through this process
+        (a hand-over that fails does the same by itself)."""
+    def keeper_lost(self) -> str | None:
+        """Why output no longer goes to the keeper; None while it does (or without one)."""
     def spawn(
         self,
         id: str,

@@ -32,6 +32,7 @@ from corral.engine.fleet import Fleet
 from corral.engine.hooks import CgroupsHook, FrontsHook, Hook, MeshHook, VolumesHook
 from corral.engine.instance import InstanceRuntime
 from corral.engine.journal import Journal
+from corral.engine.keeperwatch import KeeperWatch
 from corral.engine.launch import Launcher
 from corral.engine.metrics import exposition
 from corral.engine.operate import ServiceOps
@@ -134,6 +135,7 @@ class Deployment:
                                 supervise=self._supervise, roll_back=self._roll_back)
         self._ops = ServiceOps(self.running, stack=self._stack, fleet=self.fleet, journal=self.journal,
                                changing=self._changing)
+        self._keeper_watch = KeeperWatch(self._stack, self.journal, self.restart)
         self._adoption = Adoption(self.running, state_dir=self.state_dir, journal=self.journal, stack=self._stack,
                                   fleet=self.fleet, launcher=self.launcher, verdicts=self.verdicts,
                                   scheduler=self.scheduler, claims=self.claims, fronts=self._fronts,
@@ -380,6 +382,8 @@ class Deployment:
             self._release()
             raise
         stack.supervisor = Supervisor(pid_log=self.state_dir / PID_LOG, keeper=self.keeper)
+        if self.keeper is not None:
+            self._keeper_watch.start(os.getppid())  # up -d: the keeper is our parent
         self._pump = asyncio.get_running_loop().create_task(self.verdicts.pump(stack.supervisor),
                                                             name="corral-events")
 

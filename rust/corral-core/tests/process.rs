@@ -539,3 +539,53 @@ fn group_usage_counts_the_live_processes_of_each_tree() {
     }
     signal_group(child.pid, libc::SIGKILL).unwrap();
 }
+
+#[test]
+fn a_keeper_that_is_gone_is_dropped_and_output_goes_through_the_supervisor() {
+    use corral_core::keeper::listen;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("keeper.sock");
+    // A keeper that took the connection and then died: its listener is closed unserved, so
+    // the pending connection is reset and the hand-over fails.
+    let listener = listen(&sock).unwrap();
+    let rt = runtime();
+    let sup = Supervisor::new(rt.handle().clone());
+    sup.log_via_keeper(&sock).unwrap();
+    drop(listener);
+    assert_eq!(sup.keeper_lost(), None);
+    let log = dir.path().join("printer.log");
+    let spec = ProcessSpec {
+        argv: sh("echo first; echo second"),
+        log: Some(LogConfig {
+            path: log.clone(),
+            max_bytes: 0,
+            keep: 0,
+        }),
+        ..Default::default()
+    };
+    sup.spawn("printer-0", &spec)
+        .expect("a spawn works without the keeper");
+    let why = sup
+        .keeper_lost()
+        .expect("the supervisor says why it let the keeper go");
+    assert!(why.contains("keeper.sock"), "{why}");
+    match next(&rt, &sup) {
+        Event::Exited { code, .. } => {
+            assert_eq!(code, Some(0), "its own child: the status is known");
+        }
+        e @ Event::Probe { .. } => panic!("{e:?}"),
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .lines()
+        .count()
+        < 2
+    {
+        assert!(std::time::Instant::now() < deadline, "no output in the log");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Dropped on purpose, too (the agent saw the keeper die): the reason given first stays.
+    sup.drop_keeper("again");
+    assert_eq!(sup.keeper_lost(), Some(why));
+}

@@ -189,6 +189,16 @@ impl Supervisor {
         })
     }
 
+    /// Stops handing output to the keeper (it died): later spawns log through this process.
+    fn drop_keeper(&self, why: &str) {
+        self.inner.drop_keeper(why);
+    }
+
+    /// Why output no longer goes to the keeper, or None while it does (or without one).
+    fn keeper_lost(&self) -> Option<String> {
+        self.inner.keeper_lost()
+    }
+
     /// Starts `argv` under `id`; returns `(pid, start_time)`. The pid is also its process group.
     #[pyo3(signature = (id, argv, *, env = None, clear_env = false, cwd = None, cpus = Vec::new(),
         cgroup = None, log = None, log_max_bytes = 10 << 20, log_keep = 3, uid = None, gid = None))]

@@ -112,6 +112,8 @@ pub struct Supervisor {
     probe_tx: mpsc::UnboundedSender<(String, ProbeResult)>,
     /// Where output pipes go instead of this process ([`Supervisor::log_via_keeper`]).
     keeper: Mutex<Option<(PathBuf, Arc<KeeperLink>)>>,
+    /// Why the keeper was let go ([`Supervisor::drop_keeper`], or a hand-over that failed).
+    keeper_lost: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -144,6 +146,7 @@ impl Supervisor {
             probe_stats: DashMap::new(),
             probe_tx,
             keeper: Mutex::new(None),
+            keeper_lost: Mutex::new(None),
         })
     }
 
@@ -157,6 +160,21 @@ impl Supervisor {
         })?;
         *self.keeper.lock() = Some((path.to_path_buf(), Arc::new(link)));
         Ok(())
+    }
+
+    /// Stops handing output to the keeper (it died): from the next spawn on, output goes
+    /// through this process to the log, as without a keeper. `why` is what
+    /// [`Supervisor::keeper_lost`] says from then on.
+    pub fn drop_keeper(&self, why: &str) {
+        if self.keeper.lock().take().is_some() {
+            *self.keeper_lost.lock() = Some(why.to_string());
+        }
+    }
+
+    /// Why output no longer goes to the keeper, once it does not (None while it does, or
+    /// when there never was one).
+    pub fn keeper_lost(&self) -> Option<String> {
+        self.keeper_lost.lock().clone()
     }
 
     /// Watches `pid`, started by another supervisor (an agent that died), through a pidfd:
@@ -217,7 +235,8 @@ impl Supervisor {
             cmd.uid(uid);
         }
         let keeper = self.keeper.lock().clone();
-        let log = if let (Some(cfg), Some((path, link))) = (&spec.log, &keeper) {
+        let mut handed = false;
+        if let (Some(cfg), Some((path, link))) = (&spec.log, &keeper) {
             // The keeper holds the read end before the child exists: whatever becomes of
             // this process, the child's output has a reader.
             let err = |source| ProcessError::Keeper {
@@ -225,10 +244,19 @@ impl Supervisor {
                 source,
             };
             let (read, write) = std::io::pipe().map_err(err)?;
-            link.hand_over(id, cfg, &read).map_err(err)?;
-            drop(read);
-            cmd.stdout(Stdio::from(write.try_clone().map_err(err)?))
-                .stderr(Stdio::from(write));
+            match link.hand_over(id, cfg, &read) {
+                Ok(()) => {
+                    drop(read);
+                    cmd.stdout(Stdio::from(write.try_clone().map_err(err)?))
+                        .stderr(Stdio::from(write));
+                    handed = true;
+                }
+                // The keeper is gone (it died, or was killed): this spawn, and every one
+                // after it, logs through this process rather than failing for good.
+                Err(e) => self.drop_keeper(&format!("log keeper {}: {e}", path.display())),
+            }
+        }
+        let log = if handed {
             None
         } else if let Some(cfg) = &spec.log {
             cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
