@@ -102,8 +102,9 @@ class Deployment:
         self.journal = Journal(self.state_dir, spec.name, file,
                                self._row_of,
                                max_rows=spec.events.max_rows, max_age=spec.events.max_age)
-        holder = Holder.of(stack_id(self.state_dir), spec.name, base, self.state_dir,
-                           keeper_pid=os.getppid() if self.keeper is not None else None)
+        self._keeper_pid = os.getppid() if self.keeper is not None else None
+        """up -d: the keeper is this agent's parent (read once, before it could have died)."""
+        holder = Holder.of(stack_id(self.state_dir), spec.name, base, self.state_dir, keeper_pid=self._keeper_pid)
         self.claims = self.machine.claims(holder, self.resources, self.ports, on_reclaim=self.journal.note)
         """What this stack holds in the machine ledger."""
         self.scheduler = scheduler(self.topology, self.resources, self.ports, spec.scheduler, host,
@@ -382,8 +383,8 @@ class Deployment:
             self._release()
             raise
         stack.supervisor = Supervisor(pid_log=self.state_dir / PID_LOG, keeper=self.keeper)
-        if self.keeper is not None:
-            self._keeper_watch.start(os.getppid())  # up -d: the keeper is our parent
+        if self._keeper_pid is not None:
+            self._keeper_watch.start(self._keeper_pid)
         self._pump = asyncio.get_running_loop().create_task(self.verdicts.pump(stack.supervisor),
                                                             name="corral-events")
 
