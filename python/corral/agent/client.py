@@ -213,9 +213,10 @@ class AgentClient:
             for line in tail_lines(f, lines):
                 yield iid, line
 
-    def follow_logs(self, service: str) -> Iterator[tuple[str, str]]:
-        """New lines of the service's logs as they are written, forever (rotation followed)."""
-        return follow_lines(self.log_files(service))
+    def follow_logs(self, service: str, lines: int = 0) -> Iterator[tuple[str, str]]:
+        """The last ``lines`` lines of each instance's log, then new lines as they are
+        written, forever (rotation followed; none lost in between)."""
+        return follow_lines(self.log_files(service), last=lines)
 
     def restart(self, service: str) -> None:
         """A rolling restart (needs the agent)."""

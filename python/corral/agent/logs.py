@@ -15,26 +15,31 @@ _TAIL_BYTES = 256 * 1024
 
 def tail_lines(path: Path, n: int) -> list[str]:
     """The last ``n`` lines of ``path`` (read from its last 256 KiB); none when it is missing."""
+    return _tail(path, n)[0]
+
+
+def _tail(path: Path, n: int) -> tuple[list[str], tuple[int, int]]:
+    """The last ``n`` lines and where they end: ``(inode, offset)``, ``(0, 0)`` when missing."""
     try:
         with open(path, "rb") as f:
+            ino = os.fstat(f.fileno()).st_ino
             f.seek(0, os.SEEK_END)
             size = f.tell()
             f.seek(max(0, size - _TAIL_BYTES))
-            data = f.read().decode(errors="replace")
+            data = f.read(size - f.tell()).decode(errors="replace")
     except FileNotFoundError:
-        return []
-    return _lines(data)[-n:] if n > 0 else []
+        return [], (0, 0)
+    return (_lines(data)[-n:] if n > 0 else []), (ino, size)
 
 
-def follow_lines(files: list[tuple[str, Path]], poll: float = 0.2) -> Iterator[tuple[str, str]]:
-    """``(name, line)`` for every whole line added to the files from now on, forever."""
+def follow_lines(files: list[tuple[str, Path]], poll: float = 0.2, last: int = 0) -> Iterator[tuple[str, str]]:
+    """``(name, line)`` for the last ``last`` lines of each file, then for every whole line
+    added to the files from where those ended, forever: none is lost between the two."""
     pos: dict[Path, tuple[int, int]] = {}
-    for _, f in files:
-        try:
-            st = f.stat()
-            pos[f] = (st.st_ino, st.st_size)
-        except FileNotFoundError:
-            pos[f] = (0, 0)
+    for name, f in files:
+        lines, pos[f] = _tail(f, last)
+        for line in lines:
+            yield name, line
     while True:
         for name, f in files:
             for line in _new_lines(f, pos):

@@ -170,14 +170,16 @@ def logs(service: Annotated[str, typer.Argument(help="Service name.")], spec: Sp
     safe = escape or (not raw and sys.stdout.isatty())
     client = client_of(spec, state_dir)
     prefix = len(client.log_files(service)) > 1
-    for iid, line in client.logs(service, lines):
-        _print_log(iid, line, prefix, safe)
-    if follow:
-        try:
-            for iid, line in client.follow_logs(service):
-                _print_log(iid, line, prefix, safe)
-        except KeyboardInterrupt:
-            return
+    if not follow:
+        for iid, line in client.logs(service, lines):
+            _print_log(iid, line, prefix, safe)
+        return
+    try:
+        # The tail and what follows it from one position: no line lost or repeated between.
+        for iid, line in client.follow_logs(service, lines):
+            _print_log(iid, line, prefix, safe)
+    except KeyboardInterrupt:
+        return
 
 
 def _print_log(iid: str, line: str, prefix: bool, safe: bool) -> None:
