@@ -217,13 +217,26 @@ def test_validate_checks_that_the_spec_fits(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("listen", ["0.0.0.0:9464", "[::]:9464", "10.1.2.3:9464"])
-def test_validate_warns_of_metrics_other_hosts_can_reach(tmp_path: Path, listen: str) -> None:
+def test_validate_refuses_metrics_other_hosts_can_reach_without_a_token(tmp_path: Path, listen: str) -> None:
     (tmp_path / "corral.yaml").write_text(f'name: open\nmetrics: {{listen: "{listen}"}}\n'
                                           'services:\n  w:\n    command: ["true"]\n')
     r = subprocess.run([sys.executable, "-m", "corral", "validate"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=60)
+    assert r.returncode == 2, r
+    assert f"error: corral.yaml:2: metrics.listen: {listen} can be reached from other hosts: name a token_file" \
+        in r.stderr, r
+    token = tmp_path / "scrape.token"
+    token.write_text("s3cret\n")
+    token.chmod(0o644)
+    (tmp_path / "corral.yaml").write_text(f'name: open\nmetrics: {{listen: "{listen}", token_file: scrape.token}}\n'
+                                          'services:\n  w:\n    command: ["true"]\n')
+    r = subprocess.run([sys.executable, "-m", "corral", "validate"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 2 and "metrics.token_file" in r.stderr and "can be read by others" in r.stderr, r
+    token.chmod(0o600)
+    r = subprocess.run([sys.executable, "-m", "corral", "validate"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=60)
     assert r.returncode == 0 and "ok" in r.stdout, r
-    assert f"warning: corral.yaml:2: metrics.listen: {listen} can be reached from other hosts" in r.stderr, r
 
 
 def test_validate_is_quiet_about_loopback_metrics(tmp_path: Path) -> None:

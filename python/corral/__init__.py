@@ -47,6 +47,7 @@ from corral._core import (
     __version__,
 )
 from corral.exceptions import (
+    AccessDenied,
     AgentAlreadyRunning,
     AgentError,
     AgentUnavailable,
@@ -108,6 +109,7 @@ def __getattr__(name: str) -> Any:
     return value
 
 __all__ = [
+    "AccessDenied",
     "AgentAlreadyRunning",
     "AgentError",
     "AgentUnavailable",

@@ -12,7 +12,8 @@ rebuilt from its ``args``: that is how errors cross the agent's socket
 (see :mod:`corral.agent.wire`) and are raised again as the same class.
 
 Each class carries the exit code the CLI uses for it (``exit_code``): 2 for a
-bad spec, argument or name, 1 for everything else.
+bad spec, argument or name, 77 for an operation the caller's role does not allow
+(:class:`AccessDenied`; ``EX_NOPERM`` of sysexits.h), 1 for everything else.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from collections.abc import Sequence
 from typing import ClassVar
 
 __all__ = [
+    "AccessDenied",
     "AgentAlreadyRunning",
     "AgentError",
     "AgentUnavailable",
@@ -181,6 +183,33 @@ class AgentAlreadyRunning(AgentError):
     def pid(self) -> int | None:
         """The running agent's pid, when known."""
         return int(self.args[1]) if len(self.args) > 1 and self.args[1] is not None else None
+
+
+class AccessDenied(CorralError):
+    """The caller's role does not allow the operation; nothing was touched
+    (``args == (message, user, uid, operation, role needed)``). HTTP 403 on the agent's API."""
+
+    exit_code: ClassVar[int] = 77
+
+    @property
+    def user(self) -> str:
+        """The caller's user name."""
+        return str(self.args[1]) if len(self.args) > 1 else ""
+
+    @property
+    def uid(self) -> int | None:
+        """The caller's uid."""
+        return int(self.args[2]) if len(self.args) > 2 and self.args[2] is not None else None
+
+    @property
+    def operation(self) -> str:
+        """What was refused (``down``, ``scale``...)."""
+        return str(self.args[3]) if len(self.args) > 3 else ""
+
+    @property
+    def needs(self) -> str:
+        """The role the operation needs."""
+        return str(self.args[4]) if len(self.args) > 4 else ""
 
 
 class MeshError(CorralError):

@@ -251,6 +251,13 @@ class EventRow:
                 "service": self.service, "from": self.old, "to": self.new, "reason": self.reason,
                 "repeats": self.repeats}
 
+    @classmethod
+    def from_dict(cls, doc: dict[str, Any]) -> EventRow:
+        """What :meth:`to_dict` made."""
+        return cls(seq=int(doc["seq"]), at=float(doc["at"]), deployment=str(doc["deployment"]),
+                   instance=doc.get("instance"), service=doc.get("service"), old=doc.get("from"), new=doc.get("to"),
+                   reason=str(doc.get("reason", "")), repeats=int(doc.get("repeats", 1)))
+
 
 def _same_process(pid: int | None, start: int | None) -> bool:
     # A pid alone may have been recycled; its start time tells the original apart.

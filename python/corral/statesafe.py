@@ -45,8 +45,9 @@ def secure_state_dir(path: Path) -> Path:
     if st.st_mode & 0o022:
         raise StateDirError(f"state directory {path} can be written by others (mode {stat.S_IMODE(st.st_mode):o}); "
                             f"refusing to use it (chmod 700 it if that is intended to be yours)")
-    # 0711 (enter, not list) is what the mesh leaves when a service runs as another user.
-    if stat.S_IMODE(st.st_mode) not in (0o700, 0o711):
+    # 0711 (enter, not list) is what the mesh leaves when a service runs as another user;
+    # 0710 is 0700 with an ACL that lets the users of access: enter (corral.agent.grant).
+    if stat.S_IMODE(st.st_mode) not in (0o700, 0o710, 0o711):
         os.chmod(path, 0o700)
     return path
 

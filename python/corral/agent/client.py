@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 from corral._core import process_alive, process_start_time
+from corral.access import Role
 from corral.agent.logs import follow_lines, tail_lines
 from corral.agent.wire import from_wire
-from corral.exceptions import AgentUnavailable, ConfigError, CorralError, UnknownService
+from corral.exceptions import AccessDenied, AgentUnavailable, ConfigError, CorralError, UnknownService
 from corral.leftovers import live_agent, stop_leftovers
 from corral.state import DeploymentRow, DeploymentStatus, EventRow, StateStore, default_state_dir
 
@@ -96,12 +97,36 @@ class AgentClient:
         try:
             status, payload = _exchange(self.path, method, target, data, timeout)
             body = json.loads(payload or b"null")
+        except PermissionError:
+            raise self._no_entry(method, target) from None
         except (OSError, ValueError, IndexError) as e:
             raise AgentUnavailable(f"no agent at {self.path} ({e.__class__.__name__}: {e})") from None
         if status >= 400:
             err = body.get("error") if isinstance(body, dict) else body
             raise from_wire(err) if isinstance(err, dict) else CorralError(str(err))
         return body
+
+    def _no_entry(self, method: str, target: str) -> AccessDenied:
+        """The refusal of a caller the kernel keeps out (no ACL lets it reach the socket):
+        the same words the agent uses, since nothing reached it to say them."""
+        from corral.access import Caller, denied_message
+        from corral.agent.wire import ROUTES
+
+        op, needs = ROUTES.get((method, target.split("?")[0]), ("status", Role.viewer))
+        me = Caller.of(os.getpid(), os.getuid(), os.getgid())
+        return AccessDenied(denied_message(me.describe(), op, needs.name, f"in {self.state_dir}", "its corral.yaml")
+                            + " (the kernel refused the connection: nothing reached the agent)",
+                            me.user, me.uid, op, needs.name)
+
+    @property
+    def guest(self) -> bool:
+        """Whether this process may not read the state directory (it is not the stack's
+        owner): then everything goes through the agent, which checks its role."""
+        return os.geteuid() != 0 and self.state_dir.exists() and not os.access(self.state_dir, os.R_OK | os.W_OK)
+
+    def _guest_unavailable(self) -> AgentUnavailable:
+        return AgentUnavailable(f"no agent answers for {self.state_dir}, and without one its state can be read by "
+                                f"its owner only")
 
     def available(self) -> bool:
         """Whether an agent answers on the socket."""
@@ -119,13 +144,14 @@ class AgentClient:
         return rows[-1] if rows else None
 
     def running(self) -> DeploymentRow | None:
-        """The deployment whose agent runs now (pid and start time), if any."""
-        return live_agent(self.db)
+        """The deployment whose agent runs now (pid and start time), if any (None for a
+        guest, who cannot read the store: it asks the agent)."""
+        return None if self.guest else live_agent(self.db)
 
     def left_running(self) -> DeploymentRow | None:
         """The deployment whose agent is gone while some of its instances still run (they
         can be re-adopted), or None."""
-        row = self.deployment()
+        row = None if self.guest else self.deployment()
         if row is None or row.status in ("down", "failed") or self.running() is not None:
             return None
         return row if any(r.is_running() for r in StateStore.read_instances(self.db, row.name)) else None
@@ -134,6 +160,8 @@ class AgentClient:
         """What the keeper of ``up -d`` last recorded, when it still runs (pid and start)."""
         from corral.agent.keeper import read_keeper
 
+        if self.guest:
+            return None
         doc = read_keeper(self.state_dir)
         kpid = doc.get("pid") if doc else None
         if doc is None or not isinstance(kpid, int):
@@ -167,11 +195,12 @@ class AgentClient:
         """The deployment now: from the agent when it answers (front counters included; the
         store is not read, so a broken state.db does not hide a running stack), else as the
         store last recorded it."""
-        if self.path.exists():
+        if self.guest or self.path.exists():
             try:
                 return DeploymentStatus.from_dict(self.request("GET", "/v1/status", timeout=5))
             except AgentUnavailable:
-                pass
+                if self.guest:
+                    raise self._guest_unavailable() from None
         row = self._required()
         # An agent that does not answer (stopped, or busy) still runs: by pid and start time.
         return DeploymentStatus.from_rows(row, StateStore.read_instances(self.db, row.name),
@@ -179,18 +208,28 @@ class AgentClient:
 
     def events(self, after: int = 0, limit: int = 1000) -> list[EventRow]:
         """Event log entries with a sequence number above ``after``, oldest first."""
+        if self.guest:
+            doc = self.request("GET", f"/v1/events?after={after}&limit={limit}")
+            return [EventRow.from_dict(e) for e in doc["events"]]
         self._required()
         return StateStore.read_events(self.db, after, limit)
 
     def last_events(self, n: int) -> list[EventRow]:
         """The last ``n`` entries of the event log, oldest first."""
+        if self.guest:
+            rows: list[EventRow] = []
+            while page := self.events(rows[-1].seq if rows else 0, 10000):
+                rows = (rows + page)[-n:] if n > 0 else []
+                if len(page) < 10000:
+                    break
+            return rows
         self._required()
         return list(StateStore.iter_tail(self.db, n))
 
     def follow_events(self, after: int, poll: float = 0.2) -> Iterator[EventRow]:
         """Entries as they are written, forever (stop iterating to stop)."""
         while True:
-            page = StateStore.read_events(self.db, after)
+            page = self.events(after) if self.guest else StateStore.read_events(self.db, after)
             for e in page:
                 after = e.seq
                 yield e
@@ -207,16 +246,68 @@ class AgentClient:
             raise UnknownService(f"unknown service {service!r} (services: {', '.join(known)})", service)
         return [(i.id, Path(i.log) if i.log else self.state_dir / "logs" / f"{i.id}.log") for i in insts]
 
+    def instances_of(self, service: str) -> list[str]:
+        """The ids of a service's instances (from the agent for a guest)."""
+        if self.guest:
+            doc = self.request("GET", f"/v1/logs?service={quote(service)}&lines=0")
+            return [str(i) for i in doc["instances"]]
+        return [iid for iid, _ in self.log_files(service)]
+
     def logs(self, service: str, lines: int = 50) -> Iterator[tuple[str, str]]:
-        """The last ``lines`` lines of each instance's log, instance by instance."""
+        """The last ``lines`` lines of each instance's log, instance by instance (through the
+        agent for a guest, who may not read the files)."""
+        if self.guest:
+            doc = self.request("GET", f"/v1/logs?service={quote(service)}&lines={lines}")
+            for iid, line in doc["lines"]:
+                yield str(iid), str(line)
+            return
         for iid, f in self.log_files(service):
             for line in tail_lines(f, lines):
                 yield iid, line
 
     def follow_logs(self, service: str, lines: int = 0) -> Iterator[tuple[str, str]]:
         """The last ``lines`` lines of each instance's log, then new lines as they are
-        written, forever (rotation followed; none lost in between)."""
+        written, forever (rotation followed; none lost in between). A guest (a viewer or
+        operator under ``access:``) follows through the agent's API: the files are the owner's."""
+        if self.guest:
+            return self._follow_through_agent(service, lines)
         return follow_lines(self.log_files(service), last=lines)
+
+    def _follow_through_agent(self, service: str, lines: int, poll: float = 0.2) -> Iterator[tuple[str, str]]:
+        doc = self.request("GET", f"/v1/logs?service={quote(service)}&lines={lines}")
+        cursor = doc["cursor"]
+        for iid, line in doc["lines"]:
+            yield str(iid), str(line)
+        while True:
+            doc = self.request("GET", f"/v1/logs?service={quote(service)}&cursor={quote(json.dumps(cursor))}")
+            cursor = doc["cursor"]
+            for iid, line in doc["lines"]:
+                yield str(iid), str(line)
+            if not doc["lines"]:
+                time.sleep(poll)
+
+    def audit(self) -> Iterator[dict[str, Any]]:
+        """The audit trail's records, oldest first (the owner's and root's to read)."""
+        from corral.audit import read_records
+
+        self._owner_only("read the audit trail of")
+        return read_records(self.state_dir)
+
+    def verify_audit(self) -> tuple[int, Any]:
+        """How many records of the audit trail hold, and the first place the chain breaks
+        (a :class:`corral.audit.Broken`, or None when it is whole)."""
+        from corral.audit import verify
+
+        self._owner_only("verify the audit trail of")
+        return verify(self.state_dir)
+
+    def _owner_only(self, what: str) -> None:
+        if self.guest:
+            from corral.access import Caller
+
+            me = Caller.of(os.getpid(), os.getuid(), os.getgid())
+            raise AccessDenied(f"{me.describe()} may not {what} the stack in {self.state_dir}: only its owner and root "
+                               f"may", me.user, me.uid, "audit", "owner")
 
     def restart(self, service: str) -> None:
         """A rolling restart (needs the agent)."""
@@ -273,6 +364,9 @@ class AgentClient:
 
         if not self.state_dir.is_dir():
             return 0  # nothing ever ran here
+        if self.guest:
+            self._down_as_guest()
+            return None
         # A starting up -d holds the lock until its agent reported: wait for it, then stop
         # what it started (never report a stack down that is about to run).
         with contextlib.ExitStack() as held:
@@ -280,6 +374,20 @@ class AgentClient:
             lock.acquire(waiting=waiting)
             held.callback(lock.release)
             return self._down_all()
+
+    def _down_as_guest(self) -> None:
+        """A down asked by someone else than the owner (the agent checks the role): through
+        the agent alone, which stops its stack and exits, and its keeper with it."""
+        try:
+            st = self.request("GET", "/v1/status", timeout=5)
+        except AgentUnavailable:
+            raise self._guest_unavailable() from None
+        pid = st.get("agent_pid") if isinstance(st, dict) else None
+        start = process_start_time(pid) if isinstance(pid, int) else None
+        self.request("POST", "/v1/down", timeout=600)
+        deadline = time.monotonic() + 15
+        while isinstance(pid, int) and start and _alive(pid, start) and time.monotonic() < deadline:
+            time.sleep(0.01)
 
     def _down_all(self) -> int | None:
         from corral.leftovers import sweep_stack

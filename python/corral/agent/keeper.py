@@ -21,8 +21,8 @@ depends on the agent being alive.
   alone, its agent alive but not answering).
 
 Run as ``python -m corral.agent.keeper STATE_DIR AGENT_PID SPEC [REPORT_FD [LISTEN_FD]]``; it imports
-the native core, the names of the state directory's files and the standard library,
-nothing of the engine, to stay small.
+the native core, the names of the state directory's files, the audit trail and the
+standard library, nothing of the engine, to stay small.
 """
 
 from __future__ import annotations
@@ -196,6 +196,7 @@ class Keeper:
                                    f"status {code}); the instances run unsupervised; 'corral up -d' starts a new "
                                    f"agent, 'corral down' stops them")
             self._record()
+            _audit(self.state_dir, {"exit_status": code}, "failed", str(self.doc["reason"]))
         else:
             self.doc.update(reason=f"the agent died (exit status {code}); restarted")
 
@@ -217,6 +218,7 @@ class Keeper:
         proc.returncode = 0
         self.doc.update(agent="running", agent_pid=proc.pid)
         self._record()
+        _audit(self.state_dir, {"agent_pid": proc.pid}, "ok", str(self.doc.get("reason", "")))
         return os.pidfd_open(proc.pid)
 
     def _done(self) -> bool:
@@ -239,6 +241,14 @@ def restartable(code: int) -> bool:
     """Whether an agent that ended with ``code`` died rather than stopped: killed by a signal
     (negative) or :data:`CRASHED`."""
     return code < 0 or code == CRASHED
+
+
+def _audit(state_dir: Path, args: dict[str, object], outcome: str, reason: str) -> None:
+    """The keeper's own line in the audit trail: it restarted the agent, or gave up."""
+    from corral.access import Caller
+    from corral.audit import AuditTrail
+
+    AuditTrail(state_dir).record(Caller.this_process(), "agent-restart", args, outcome, reason)
 
 
 def _has_children() -> bool:

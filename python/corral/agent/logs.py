@@ -8,7 +8,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["follow_lines", "tail_lines"]
+__all__ = ["Cursor", "follow_lines", "lines_after", "start_cursor", "tail_and_cursor", "tail_lines"]
+
+Cursor = dict[str, tuple[int, int]]
+"""Where a reader is in each file: name -> ``(inode, offset)``; how a follow crosses the agent's API."""
 
 _TAIL_BYTES = 256 * 1024
 
@@ -32,6 +35,17 @@ def _tail(path: Path, n: int) -> tuple[list[str], tuple[int, int]]:
     return (_lines(data)[-n:] if n > 0 else []), (ino, size)
 
 
+def tail_and_cursor(files: list[tuple[str, Path]], n: int) -> tuple[list[tuple[str, str]], Cursor]:
+    """The last ``n`` lines of each file and the cursor where they end, from one read: a
+    follow from that cursor loses and repeats nothing."""
+    out: list[tuple[str, str]] = []
+    cursor: Cursor = {}
+    for name, f in files:
+        lines, cursor[name] = _tail(f, n)
+        out += [(name, line) for line in lines]
+    return out, cursor
+
+
 def follow_lines(files: list[tuple[str, Path]], poll: float = 0.2, last: int = 0) -> Iterator[tuple[str, str]]:
     """``(name, line)`` for the last ``last`` lines of each file, then for every whole line
     added to the files from where those ended, forever: none is lost between the two."""
@@ -45,6 +59,34 @@ def follow_lines(files: list[tuple[str, Path]], poll: float = 0.2, last: int = 0
             for line in _new_lines(f, pos):
                 yield name, line
         time.sleep(poll)
+
+
+def start_cursor(files: list[tuple[str, Path]]) -> Cursor:
+    """The end of each file now: where following begins."""
+    out: Cursor = {}
+    for name, f in files:
+        try:
+            st = f.stat()
+            out[name] = (st.st_ino, st.st_size)
+        except FileNotFoundError:
+            out[name] = (0, 0)
+    return out
+
+
+def lines_after(files: list[tuple[str, Path]], cursor: Cursor,
+                limit: int = 10000) -> tuple[list[tuple[str, str]], Cursor]:
+    """The whole lines written after ``cursor`` (at most ``limit``; rotation followed) and the
+    cursor after them. A file the cursor does not name is read from its end."""
+    pos: dict[Path, tuple[int, int]] = {}
+    start = start_cursor([(n, f) for n, f in files if n not in cursor])
+    for name, f in files:
+        pos[f] = cursor.get(name) or start[name]
+    out: list[tuple[str, str]] = []
+    for name, f in files:
+        if len(out) >= limit:
+            break
+        out += [(name, line) for line in _new_lines(f, pos)]
+    return out, {name: pos[f] for name, f in files}
 
 
 def _new_lines(f: Path, pos: dict[Path, tuple[int, int]]) -> Iterator[str]:

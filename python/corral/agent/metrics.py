@@ -2,13 +2,16 @@
 ``corral up --metrics HOST:PORT``): Prometheus' text format, one scrape per connection.
 
 It answers only that path, reads at most 16 KiB of request head within 5 s, and is off by
-default; the exposition itself is :mod:`corral.engine.metrics`.
+default; the exposition itself is :mod:`corral.engine.metrics`. With a token
+(``metrics.token_file``), a scrape without ``Authorization: Bearer <token>`` is answered 401
+and shown nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 from collections.abc import Callable
 
 from corral.engine.metrics import CONTENT_TYPE
@@ -21,10 +24,11 @@ _MAX_HEAD = 16 * 1024
 class MetricsServer:
     """Serves ``render()`` at ``/metrics`` on ``listen``."""
 
-    def __init__(self, listen: str, render: Callable[[], str]) -> None:
+    def __init__(self, listen: str, render: Callable[[], str], token: str | None = None) -> None:
         host, _, port = listen.rpartition(":")
         self.host, self.port = host.strip("[]"), int(port)
         self.render = render
+        self._expect = f"bearer {token}".encode() if token else None
         self._server: asyncio.AbstractServer | None = None
 
     async def start(self) -> None:
@@ -41,7 +45,10 @@ class MetricsServer:
         try:
             head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5.0)
             line = head.split(b"\r\n", 1)[0].decode("latin-1").split()
-            if len(line) >= 2 and line[0] in ("GET", "HEAD") and line[1].split("?")[0] == "/metrics":
+            if self._expect is not None and not self._authorized(head):
+                body = body_out = b"a bearer token is needed here\n"
+                status, ctype = "401 Unauthorized", "text/plain; charset=utf-8\r\nWWW-Authenticate: Bearer"
+            elif len(line) >= 2 and line[0] in ("GET", "HEAD") and line[1].split("?")[0] == "/metrics":
                 body = self.render().encode()
                 status, ctype = "200 OK", CONTENT_TYPE
                 if line[0] == "HEAD":
@@ -60,3 +67,13 @@ class MetricsServer:
             writer.close()
             with contextlib.suppress(Exception):
                 await writer.wait_closed()
+
+    def _authorized(self, head: bytes) -> bool:
+        assert self._expect is not None
+        given = b""
+        for raw in head.split(b"\r\n")[1:]:
+            name, _, value = raw.partition(b":")
+            if name.strip().lower() == b"authorization":
+                scheme, _, cred = value.strip().partition(b" ")
+                given = scheme.lower() + b" " + cred.strip()
+        return hmac.compare_digest(given, self._expect)

@@ -1,6 +1,8 @@
 """The control API: HTTP/1.1 with JSON over a Unix socket in the state directory.
 
-The socket is created with mode 0600, so only its owner can control the deployment. The
+The socket is created with mode 0600, so only its owner can control the deployment; with
+``access:`` in the spec, POSIX ACLs let the users and groups it names (and only them)
+enter the state directory and connect (:mod:`corral.agent.grant`). The
 agent (:func:`run_agent`) serves it; :class:`~corral.agent.client.AgentClient` is its client.
 
 Routes: ``GET /v1/status``, ``GET /v1/up`` (waits until ``up`` has finished: ``ok`` and the
@@ -13,6 +15,13 @@ discovery: ``GET /v1/services``
 (every service) and ``GET /v1/services/NAME`` (one; ``?wait=GENERATION&timeout=S`` answers
 once the registry has moved past that generation, a long poll for clients that follow
 changes).
+
+Who may call what is checked at the door, once, for every request: the caller is the
+socket's peer as the kernel reports it (``SO_PEERCRED``), its role comes from the spec's
+``access:`` (see :mod:`corral.access`), and a request its role does not allow is answered
+403 and recorded in the audit trail, with nothing touched. ``GET /v1/logs?service=NAME``
+serves a service's output to those who may not read the files (``lines=N``, or
+``cursor=JSON`` for what came after an earlier answer's ``cursor``).
 
 Errors are answered as ``{"error": {"type": ..., "args": [...], "message": ...}}`` (see
 :mod:`corral.agent.wire`), so the client raises the same class again.
@@ -40,9 +49,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
+from corral.access import CALLER, Caller, Policy, Role, peer_caller
 from corral.agent.client import socket_path
-from corral.agent.wire import to_wire
-from corral.exceptions import AgentAlreadyRunning, ConfigError, CorralError, DeploymentError, UnknownService
+from corral.agent.grant import grant
+from corral.agent.wire import ROUTES, to_wire
+from corral.exceptions import (
+    AccessDenied,
+    AgentAlreadyRunning,
+    ConfigError,
+    CorralError,
+    DeploymentError,
+    UnknownService,
+)
 from corral.leftovers import live_agent
 from corral.state import secure_state_dir
 
@@ -57,6 +75,7 @@ Handler = Callable[[dict[str, list[str]]], Awaitable[tuple[int, Any]]]
 BodyHandler = Callable[[dict[str, list[str]], bytes], Awaitable[tuple[int, Any]]]
 
 _MAX_HEADERS = 16 * 1024
+
 
 
 class _Refused(Exception):
@@ -82,6 +101,9 @@ class ControlServer:
         self.stop = asyncio.Event()
         self.stopped = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
+        self._policy: tuple[object, Policy] | None = None
+        self.down_caller: Caller | None = None
+        """Who asked for the down under way (the agent's own signal handler: None)."""
         self._routes: dict[tuple[str, str], Handler] = {
             ("GET", "/v1/status"): self._status,
             ("GET", "/v1/up"): self._up,
@@ -92,6 +114,7 @@ class ControlServer:
             ("POST", "/v1/start"): self._start_services,
             ("POST", "/v1/down"): self._down,
             ("GET", "/v1/services"): self._services,
+            ("GET", "/v1/logs"): self._logs,
         }
         self._body_routes: dict[tuple[str, str], BodyHandler] = {
             ("POST", "/v1/plan"): self._plan,
@@ -109,6 +132,21 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        self.share()
+
+    def policy(self) -> Policy:
+        """The running spec's ``access:`` as numbers (resolved again after an apply)."""
+        spec = self.deployment.spec
+        if self._policy is None or self._policy[0] is not spec.access:
+            self._policy = (spec.access, Policy.of(spec.access))
+        return self._policy[1]
+
+    def share(self) -> None:
+        """Gives the users and groups ``access:`` names the right to enter the state
+        directory and connect to the socket, and nobody else (see :mod:`corral.agent.grant`)."""
+        problem = grant(self.path.parent, self.path, self.policy())
+        if problem:
+            self.deployment.journal.note(problem)
 
     async def close(self) -> None:
         """Stops serving and removes the socket."""
@@ -121,6 +159,11 @@ class ControlServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._active += 1
         try:
+            try:
+                caller = peer_caller(writer.get_extra_info("socket"))
+            except (OSError, AttributeError):
+                return  # no credentials, no answer
+            CALLER.set(caller)  # this connection's task only
             code, body = await self._answer(reader)
             data = json.dumps(body, default=str).encode()
             head = (f"HTTP/1.1 {code} {http.client.responses.get(code, '')}\r\nContent-Type: application/json\r\n"
@@ -189,9 +232,13 @@ class ControlServer:
             return 400, {"error": to_wire(ConfigError(f"malformed query: {e}"))}
         handler = self._routes.get((method, url.path))
         with_body = self._body_routes.get((method, url.path))
+        route = ROUTES.get((method, url.path), ("discovery", Role.viewer))
         if handler is None and method == "GET" and url.path.startswith("/v1/services/"):
             handler = self._service
             query["name"] = [url.path.removeprefix("/v1/services/")]
+        refused = self._refused(route, query)
+        if refused is not None:
+            return 403, {"error": to_wire(refused)}
         if handler is None and with_body is None:
             return 404, {"error": to_wire(ConfigError(f"no route {method} {url.path}"))}
         try:
@@ -205,6 +252,20 @@ class ControlServer:
             return 400, {"error": to_wire(e)}
         except CorralError as e:
             return 409, {"error": to_wire(e)}
+
+    def _refused(self, route: tuple[str, Role], query: dict[str, list[str]]) -> AccessDenied | None:
+        """The refusal of this request, recorded, when the caller's role does not allow it."""
+        caller = CALLER.get()
+        assert caller is not None
+        op, needs = route
+        d = self.deployment
+        try:
+            self.policy().check(caller, op, needs, d.name, d.file.name if d.file else "corral.yaml")
+        except AccessDenied as e:
+            args = {k: v[0] if len(v) == 1 else v for k, v in query.items()}
+            d.auditor.record(caller, op, args, "refused", str(e))
+            return e
+        return None
 
     async def _status(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
         return 200, self.deployment.status().to_dict()
@@ -236,6 +297,28 @@ class ControlServer:
             timeout = _seconds(q, "timeout", 30.0, 300.0)
             await self.deployment.wait_registry_change(wait, timeout)
         return 200, self.deployment.discovery(name)
+
+    async def _logs(self, q: dict[str, list[str]]) -> tuple[int, Any]:
+        from corral.agent.logs import lines_after, tail_and_cursor
+
+        service = _one(q, "service") or ""
+        insts = self.deployment.status().services.get(service)
+        if insts is None:
+            raise UnknownService(f"unknown service {service!r} (services: {', '.join(self.deployment.spec.services)})",
+                                 service)
+        files = [(i.id, Path(i.log) if i.log else self.deployment.state_dir / "logs" / f"{i.id}.log") for i in insts]
+        raw = _one(q, "cursor")
+        if raw is None:
+            n = _number(q, "lines", 50, 0, 100000)
+            lines, cursor = tail_and_cursor(files, n)
+            return 200, {"instances": [iid for iid, _ in files], "lines": lines, "cursor": cursor}
+        try:
+            doc = json.loads(raw)
+            cursor = {str(k): (int(v[0]), int(v[1])) for k, v in doc.items()}
+        except (ValueError, TypeError, AttributeError, IndexError):
+            raise ConfigError("cursor: not a cursor from an earlier answer") from None
+        new, after = lines_after(files, cursor)
+        return 200, {"instances": [iid for iid, _ in files], "lines": new, "cursor": after}
 
     async def _restart(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         service = q.get("service", [""])[0]
@@ -284,6 +367,7 @@ class ControlServer:
         await self._up_finished()
         spec, file = self._new_spec(body)
         diff = await self.deployment.apply(spec, file)
+        self.share()  # access: may have changed
         return 200, {"ok": True, "diff": diff.to_dict(), "lines": diff.lines(),
                      "version": self.deployment.journal.row.version}
 
@@ -295,6 +379,7 @@ class ControlServer:
             raise CorralError("the stack failed to come up; nothing to change")
 
     async def _down(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
+        self.down_caller = CALLER.get()
         self.stop.set()
         await self.stopped.wait()
         return 200, {"ok": True, "agent_pid": os.getpid()}
@@ -320,7 +405,19 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
     if deployment.spec.metrics is not None:
         from corral.agent.metrics import MetricsServer
 
-        metrics = MetricsServer(deployment.spec.metrics.listen, deployment.metrics)
+        m = deployment.spec.metrics
+        token = None
+        if m.token_file is not None:
+            from corral.spec.checks import token_path
+
+            where = token_path(m.token_file, Path(deployment.file).resolve().parent if deployment.file else Path.cwd())
+            try:
+                token = where.read_text().strip()
+            except OSError as e:
+                await server.close()
+                raise deployment.spec.error(("metrics", "token_file"), f"cannot read {where}: "
+                                            f"{e.strerror or e}") from None
+        metrics = MetricsServer(m.listen, deployment.metrics, token)
         try:
             await metrics.start()
         except OSError as e:
@@ -365,6 +462,7 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
                 await asyncio.wait_for(stop_wait, run_for)
         else:
             await stop_wait
+        CALLER.set(server.down_caller)  # the API's caller, or (a signal, run_for) this process
         await deployment.down()
         return 0
     finally:

@@ -8,9 +8,27 @@ from collections.abc import Mapping
 from typing import Any
 
 from corral import exceptions
+from corral.access import Role
 from corral.exceptions import CorralError, SpecError
 
-__all__ = ["from_wire", "to_wire"]
+__all__ = ["ROUTES", "from_wire", "to_wire"]
+
+ROUTES: dict[tuple[str, str], tuple[str, Role]] = {
+    ("GET", "/v1/status"): ("status", Role.viewer),
+    ("GET", "/v1/up"): ("status", Role.viewer),
+    ("GET", "/v1/events"): ("events", Role.viewer),
+    ("GET", "/v1/services"): ("discovery", Role.viewer),
+    ("GET", "/v1/logs"): ("logs", Role.viewer),
+    ("POST", "/v1/plan"): ("plan", Role.viewer),
+    ("POST", "/v1/restart"): ("restart", Role.operator),
+    ("POST", "/v1/scale"): ("scale", Role.operator),
+    ("POST", "/v1/stop"): ("stop", Role.operator),
+    ("POST", "/v1/start"): ("start", Role.operator),
+    ("POST", "/v1/apply"): ("apply", Role.admin),
+    ("POST", "/v1/down"): ("down", Role.admin),
+}
+"""What each route is called in a refusal and the audit trail, and the role it needs."""
+
 
 
 def to_wire(error: CorralError) -> dict[str, Any]:

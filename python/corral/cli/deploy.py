@@ -158,8 +158,9 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
             fail(f"--run-for: {e}", 2)
     sd = state_dir_of(spec, state_dir)
     client = AgentClient(sd)
-    if not detach:
-        _up(client, spec, sd, False, seconds, timeout, metrics)
+    if not detach or client.guest:
+        # A guest (not the stack's owner) can only ask the running agent to apply.
+        _up(client, spec, sd, detach, seconds, timeout, metrics)
         return
     # From its first step until its agent reported, up -d holds the stack's lock: a down
     # waits for it (then stops what came up), and a second up finds the first one's agent
@@ -206,10 +207,14 @@ def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float 
         if metrics is not None:
             from corral.spec import MetricsSpec
 
+            token = parsed.metrics.token_file if parsed.metrics is not None else None
             try:
-                parsed = parsed.model_copy(update={"metrics": MetricsSpec(listen=metrics)})
+                parsed = parsed.model_copy(update={"metrics": MetricsSpec(listen=metrics, token_file=token)})
             except ValueError as e:
                 fail(f"--metrics: {e.errors()[0]['msg'] if hasattr(e, 'errors') else e}", 2)
+            if token is None and not metrics.startswith(("127.", "localhost:", "[::1]:")):
+                fail(f"--metrics: {metrics} can be reached from other hosts: name a metrics.token_file in the "
+                     f"spec (every scrape must present its bearer token), or listen on 127.0.0.1", 2)
     except SpecError as e:
         spec_errors(e)
     spec_warnings(parsed)

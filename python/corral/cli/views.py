@@ -169,7 +169,7 @@ def logs(service: Annotated[str, typer.Argument(help="Service name.")], spec: Sp
         fail("--raw and --escape contradict each other", 2)
     safe = escape or (not raw and sys.stdout.isatty())
     client = client_of(spec, state_dir)
-    prefix = len(client.log_files(service)) > 1
+    prefix = len(client.instances_of(service)) > 1
     if not follow:
         for iid, line in client.logs(service, lines):
             _print_log(iid, line, prefix, safe)

@@ -24,8 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from corral._core import Authority, IssuedCert, PortAllocator, Proxy, Supervisor, Topology
+from corral.audit import AuditTrail
 from corral.engine.adopt import Adoption
 from corral.engine.apply import Applier
+from corral.engine.auditing import Auditor
 from corral.engine.bringup import BringUp
 from corral.engine.diff import SpecDiff, spec_hash
 from corral.engine.fleet import Fleet
@@ -136,7 +138,10 @@ class Deployment:
                                 supervise=self._supervise, roll_back=self._roll_back)
         self._ops = ServiceOps(self.running, stack=self._stack, fleet=self.fleet, journal=self.journal,
                                changing=self._changing)
-        self._keeper_watch = KeeperWatch(self._stack, self.journal, self.restart)
+        self._keeper_watch = KeeperWatch(self._stack, self.journal, self._ops.restart)
+        self.auditor = Auditor(AuditTrail(self.state_dir, max_size=spec.audit.max_size, keep=spec.audit.keep,
+                                          syslog=spec.audit.syslog), self.verdicts.counters)
+        """Every operation, with who asked and how it ended (see :mod:`corral.audit`)."""
         self._adoption = Adoption(self.running, state_dir=self.state_dir, journal=self.journal, stack=self._stack,
                                   fleet=self.fleet, launcher=self.launcher, verdicts=self.verdicts,
                                   scheduler=self.scheduler, claims=self.claims, fronts=self._fronts,
@@ -178,7 +183,16 @@ class Deployment:
         """Makes the running stack what ``spec`` says, changing only what changed; raises
         :class:`~corral.exceptions.RolloutError` after a revert (see
         :meth:`corral.engine.apply.Applier.apply`). Returns the diff applied."""
-        return await self._applier.apply(spec, file)
+        before = spec_hash(self.spec)
+        args = {"file": str(file or self.file), "before": before, "after": spec_hash(spec)}
+        async with self.auditor.op("apply", args) as more:
+            with contextlib.suppress(CorralError):
+                more["changed"] = sorted(c.name for c in self.plan_changes(spec).changed)
+            diff = await self._applier.apply(spec, file)
+            a = self.spec.audit
+            trail = self.auditor.trail
+            trail.max_size, trail.keep, trail.syslog = a.max_size, a.keep, a.syslog
+            return diff
 
     async def adopt(self) -> str:
         """Takes over what the dead agent of this state directory left and returns what the
@@ -236,6 +250,10 @@ class Deployment:
         (healthy, or completed for one-shot jobs). On failure, rolls back and raises
         :class:`~corral.exceptions.DeploymentError`. A deployment comes up once: after
         ``down``, make a new one."""
+        async with self.auditor.op("up", {"file": str(self.file), "digest": spec_hash(self.spec)}):
+            await self._up()
+
+    async def _up(self) -> None:
         if self._ran:
             raise CorralError(f"deployment {self.name!r} was already brought up; create a new Deployment")
         if self._adoptable():
@@ -268,6 +286,12 @@ class Deployment:
             self.tracing.close()
             self._close()
             return
+        async with self.auditor.op("down", {}):
+            await self._down_all()
+
+    async def _down_all(self) -> None:
+        stack = self._stack
+        assert self.plan is not None
         stack.down = True
         try:
             with self.tracing.operation("down", deployment=self.name):
@@ -298,20 +322,24 @@ class Deployment:
 
     async def restart(self, service: str) -> None:
         """A rolling restart of ``service`` (see :meth:`corral.engine.operate.ServiceOps.restart`)."""
-        await self._ops.restart(service)
+        async with self.auditor.op("restart", {"service": service}):
+            await self._ops.restart(service)
 
     async def scale(self, service: str, replicas: int) -> None:
         """Runs ``replicas`` instances of ``service`` (see :meth:`corral.engine.operate.ServiceOps.scale`)."""
-        await self._ops.scale(service, replicas)
+        async with self.auditor.op("scale", {"service": service, "replicas": replicas}):
+            await self._ops.scale(service, replicas)
 
     async def stop_service(self, service: str) -> list[str]:
         """Stops ``service``, keeping it ``stopped`` in the stack; returns its dependents (see
         :meth:`corral.engine.operate.ServiceOps.stop_service`)."""
-        return await self._ops.stop_service(service)
+        async with self.auditor.op("stop", {"service": service}):
+            return await self._ops.stop_service(service)
 
     async def start_service(self, service: str) -> None:
         """Starts ``service`` again (see :meth:`corral.engine.operate.ServiceOps.start_service`)."""
-        await self._ops.start_service(service)
+        async with self.auditor.op("start", {"service": service}):
+            await self._ops.start_service(service)
 
     def status(self) -> DeploymentStatus:
         """The deployment now."""

@@ -14,6 +14,7 @@ Families (labels ``service``, ``instance``, and ``probe``, ``upstream``, ``direc
 ``corral_front_active_connections``, ``corral_front_bytes_total``,
 ``corral_front_errors_total``, ``corral_front_ejections_total``,
 ``corral_front_connect_duration_seconds`` (histogram), ``corral_rollouts_total``,
+``corral_operations_total`` (by ``op`` and ``outcome``: ok, failed, refused),
 and the agent's ``process_*``. CPU time and open descriptors are the instance's process
 group's (one pass over ``/proc`` for all instances); memory is its cgroup's when it has one.
 """
@@ -49,10 +50,16 @@ class Counters:
         """``result`` (succeeded, reverted, partial) -> rollouts."""
         self.labels: dict[str, _Series] = {}
         """Per instance id: the starts of its lines (built on its first scrape)."""
+        self.operations: dict[tuple[str, str], int] = {}
+        """``(op, outcome)`` -> operations this process recorded in the audit trail."""
 
     def rollout(self, result: str) -> None:
         """An apply ended so."""
         self.rollouts[result] = self.rollouts.get(result, 0) + 1
+
+    def operation(self, op: str, outcome: str) -> None:
+        """An operation was recorded so."""
+        self.operations[op, outcome] = self.operations.get((op, outcome), 0) + 1
 
 
 def _esc(value: str) -> str:
@@ -190,6 +197,9 @@ def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> st
             add(f"corral_front_connect_duration_seconds_count{{{base}}} {u.connect_count}")
     _family(lines, "corral_rollouts_total", "counter", "Applies that replaced instances, by how they ended.",
             ((_labels(result=r), float(c)) for r, c in sorted(counters.rollouts.items())))
+    _family(lines, "corral_operations_total", "counter", "Operations on the stack, by how they ended (the audit "
+            "trail's records).",
+            ((_labels(op=o, outcome=r), float(c)) for (o, r), c in sorted(counters.operations.items())))
     me = resource.getrusage(resource.RUSAGE_SELF)
     _family(lines, "process_cpu_seconds_total", "counter", "The agent's CPU time, seconds.",
             (("", me.ru_utime + me.ru_stime),))

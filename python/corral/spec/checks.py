@@ -28,6 +28,8 @@ def cross_check(spec: DeploymentSpec, src: Source, root: Path) -> Iterator[SpecE
     """What one model cannot see: references between services and to port names, names that
     collide once they become environment variables, and the files a service names."""
     yield from _env_collisions(spec, src)
+    yield from _access(spec, src)
+    yield from _metrics(spec, src, root)
     for name, svc in spec.services.items():
         base: Loc = ("services", name)
         yield from _files(svc, base, src, root)
@@ -112,6 +114,47 @@ def _identity(svc: ServiceSpec, base: Loc, src: Source) -> Iterator[SpecError]:
     if os.geteuid() != 0 and (uid not in (None, os.geteuid()) or gid not in (None, os.getegid())):
         yield src.error((*base, field), f"running as another {field} needs corral to run as root "
                         f"(it runs as uid {os.geteuid()})")
+
+
+def _access(spec: DeploymentSpec, src: Source) -> Iterator[SpecError]:
+    from corral.access import entry_ids
+
+    for role in ("viewer", "operator", "admin"):
+        for i, entry in enumerate(getattr(spec.access, role)):
+            try:
+                entry_ids(entry)
+            except KeyError as e:
+                yield src.error(("access", role, i), str(e.args[0]))
+
+
+def _metrics(spec: DeploymentSpec, src: Source, root: Path) -> Iterator[SpecError]:
+    m = spec.metrics
+    if m is None:
+        return
+    if m.token_file is None:
+        if not m.listen.startswith(_LOOPBACK):
+            yield src.error(("metrics", "listen"), f"{m.listen} can be reached from other hosts: name a token_file "
+                                                   f"whose bearer token every scrape must present (Prometheus' "
+                                                   f"authorization setting), or listen on 127.0.0.1")
+        return
+    path = token_path(m.token_file, root)
+    try:
+        st = path.stat()
+        token = path.read_text().strip()
+    except OSError as e:
+        yield src.error(("metrics", "token_file"), f"cannot read {path}: {e.strerror or e}")
+        return
+    if not token:
+        yield src.error(("metrics", "token_file"), f"{path} is empty")
+    elif st.st_mode & 0o077:
+        yield src.error(("metrics", "token_file"), f"{path} can be read by others (mode {st.st_mode & 0o777:o}); "
+                                                   f"chmod 600 it")
+
+
+def token_path(token_file: str, root: Path) -> Path:
+    """Where ``metrics.token_file`` is: relative paths from the spec's directory."""
+    path = Path(token_file).expanduser()
+    return path if path.is_absolute() else root / path
 
 
 def _env_word(name: str) -> str:
@@ -211,12 +254,6 @@ _LOOPBACK = ("127.", "localhost:", "[::1]:")
 
 
 def warnings(spec: DeploymentSpec) -> list[SpecError]:
-    """What is allowed but worth a word (``validate`` and ``up`` print them): ``metrics.listen``
-    on an address other hosts can reach, with no authentication on ``/metrics``."""
-    out = []
-    if spec.metrics is not None and not spec.metrics.listen.startswith(_LOOPBACK):
-        out.append(spec.error(("metrics", "listen"), f"{spec.metrics.listen} can be reached from other hosts, and "
-                                                     f"/metrics asks for no credentials: anyone who can reach it "
-                                                     f"reads every service's names, states and ports (listen on "
-                                                     f"127.0.0.1, or put a proxy that checks access in front)"))
-    return out
+    """What is allowed but worth a word (``validate`` and ``up`` print them). None at the
+    moment: ``metrics.listen`` beyond loopback, once a warning, is refused without a token."""
+    return []

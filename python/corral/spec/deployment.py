@@ -62,9 +62,12 @@ class TracingSpec(_Model):
 
 
 class MetricsSpec(_Model):
-    """Prometheus metrics: the agent serves ``GET /metrics`` on ``listen`` (``host:port``)."""
+    """Prometheus metrics: the agent serves ``GET /metrics`` on ``listen`` (``host:port``).
+    With ``token_file``, every scrape must present ``Authorization: Bearer <its content>``
+    (Prometheus' ``authorization`` setting); an address other hosts can reach needs one."""
 
     listen: str
+    token_file: str | None = None
 
     @field_validator("listen")
     @classmethod
@@ -72,6 +75,35 @@ class MetricsSpec(_Model):
         host, sep, port = v.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError(f"listen must be host:port (a port from 1 to 65535), got {v!r}")
+        return v
+
+
+_ENTRY = r"^(user|group):[A-Za-z0-9_.][A-Za-z0-9_.-]{0,31}\$?$|^(uid|gid):[0-9]{1,10}$"
+
+
+class AccessSpec(_Model):
+    """Who else may use the stack (see :mod:`corral.access`): for each role, entries
+    ``user:NAME``, ``group:NAME``, ``uid:N`` or ``gid:N``. The owner and root are admin."""
+
+    viewer: list[Annotated[str, Field(pattern=_ENTRY)]] = Field(default_factory=list)
+    operator: list[Annotated[str, Field(pattern=_ENTRY)]] = Field(default_factory=list)
+    admin: list[Annotated[str, Field(pattern=_ENTRY)]] = Field(default_factory=list)
+
+
+class AuditSpec(_Model):
+    """The audit trail (``<state dir>/audit.log``, see :mod:`corral.audit`): rotated past
+    ``max_size``, ``keep`` files kept; each record also sent to ``syslog`` when given (a
+    Unix datagram socket such as ``/dev/log``, or ``udp://host:port``)."""
+
+    max_size: Size = 4 << 20
+    keep: int = Field(default=5, ge=1, le=1000)
+    syslog: str | None = None
+
+    @field_validator("syslog")
+    @classmethod
+    def _sink(cls, v: str | None) -> str | None:
+        if v is not None and not (v.startswith("/") or re.fullmatch(r"udp://[^/\s:]+:[0-9]{1,5}", v)):
+            raise ValueError(f"syslog must be a socket path (/dev/log) or udp://host:port, got {v!r}")
         return v
 
 
@@ -84,6 +116,8 @@ class DeploymentSpec(_Model):
     mesh: MeshSpec = MeshSpec()
     metrics: MetricsSpec | None = None
     tracing: TracingSpec | None = None
+    access: AccessSpec = AccessSpec()
+    audit: AuditSpec = AuditSpec()
     export: ExportSpec = ExportSpec()
     services: dict[Annotated[str, Field(pattern=_NAME)], ServiceSpec]
     scheduler: Literal["binpack", "spread"] = "binpack"
