@@ -32,15 +32,18 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def corral(*args: str, cwd: Path, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = env_without_state()
-    py = sys.executable
-    if user is not None:
-        env["HOME"] = "/tmp"
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), sysconfig.get_paths()["purelib"],
-                                             sysconfig.get_paths()["platlib"]])
-        py = SYSTEM_PY
+    py, env = (sys.executable, env_without_state()) if user is None else (SYSTEM_PY, user_env())
     return subprocess.run([py, "-m", "corral", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120, env=env, **as_user(user))
+
+
+def user_env() -> dict[str, str]:
+    """The environment a test user runs this checkout's corral in."""
+    env = env_without_state()
+    env["HOME"] = "/tmp"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "python"), sysconfig.get_paths()["purelib"],
+                                         sysconfig.get_paths()["platlib"]])
+    return env
 
 
 def as_user(user: str | None) -> dict[str, object]:
@@ -118,6 +121,21 @@ def test_roles_audit_and_the_kernels_word(stack: Path, people: dict[str, str]) -
     assert r.returncode == 0 and "web-0" in r.stdout, r
     wait_until(lambda: "tick" in corral("logs", "web", cwd=stack, user=viewer).stdout, 15, "logs for the viewer")
     assert corral("events", cwd=stack, user=viewer).returncode == 0
+    # The log panel of the viewer's top reads one instance's log through the agent, in
+    # steps from a cursor (the viewer may not read the file).
+    step = subprocess.run([SYSTEM_PY, "-c", f"""
+import time
+from pathlib import Path
+from corral.agent.client import AgentClient
+c = AgentClient(Path({str(stack / '.corral')!r}))
+tail, cursor = c.instance_log("web", "web-0", 3)
+time.sleep(1.0)
+more, _ = c.instance_log("web", "web-0", 3, cursor)
+print(c.guest, len(tail), len(more), set(tail + more))
+"""], env=user_env(), **as_user(viewer), capture_output=True, text=True, timeout=60)
+    assert step.returncode == 0, step.stderr
+    guest, n_tail, n_more, texts = step.stdout.split(" ", 3)
+    assert guest == "True" and n_tail == "3" and int(n_more) >= 2 and texts.strip() == "{'tick'}", step.stdout
     # ...and is refused restart and down, with its own exit code and the way to grant it.
     r = corral("restart", "web", cwd=stack, user=viewer)
     assert r.returncode == 77, r

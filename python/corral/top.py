@@ -31,7 +31,7 @@ from textual.widgets import DataTable, Footer, Header, Log, Static
 
 from corral._core import ResourceManager, Topology, group_usage
 from corral.agent.client import AgentClient
-from corral.agent.logs import tail_lines
+from corral.agent.logs import Cursor
 from corral.cpumap import held_cpus, machine_map
 from corral.exceptions import AgentUnavailable, CorralError
 from corral.state import DeploymentStatus, InstanceRow
@@ -152,8 +152,8 @@ class TopApp(App[None]):
         self.sort_column = "instance"
         self.sort_reverse = False
         self.status: DeploymentStatus | None = None
-        self._log_path: Path | None = None
-        self._log_pos = 0
+        self._log_key: tuple[str, str] | None = None
+        self._log_cursor: Cursor | None = None
         self._busy = False
 
     def compose(self) -> ComposeResult:
@@ -216,39 +216,24 @@ class TopApp(App[None]):
 
     def _follow_log(self) -> None:
         """Shows the selected instance's log: its tail when the selection changes, then
-        what was added since (a rotated file starts over)."""
+        what was added since (a rotated file starts over). Through the client, so a viewer
+        (who may not read the files) sees it through the agent."""
         row = self.selected()
         log = self.query_one("#log", Log)
-        path = row.log if row is not None else None
-        if path != self._log_path:
-            self._log_path = path
-            log.clear()
-            log.border_title = f"log: {row.instance}" if row is not None else "log"
-            if path is None:
-                return
-            log.write_lines([printable(line) for line in tail_lines(path, 200)])
-            try:
-                self._log_pos = path.stat().st_size
-            except OSError:
-                self._log_pos = 0
-            return
-        if path is None:
-            return
+        key = (row.service, row.instance) if row is not None else None
         try:
-            size = path.stat().st_size
-            if size < self._log_pos:
-                self._log_pos = 0
-            if size == self._log_pos:
+            if key != self._log_key:
+                self._log_key = key
+                self._log_cursor = None
+                log.clear()
+                log.border_title = f"log: {row.instance}" if row is not None else "log"
+            if key is None:
                 return
-            with open(path, "rb") as f:
-                f.seek(self._log_pos)
-                chunk = f.read(size - self._log_pos)
-        except OSError:
+            lines, self._log_cursor = self.client.instance_log(key[0], key[1], 200, self._log_cursor)
+        except (AgentUnavailable, CorralError, OSError):
             return
-        whole, _, _ = chunk.rpartition(b"\n")
-        if whole:
-            self._log_pos += len(whole) + 1
-            log.write_lines([printable(line) for line in whole.decode("utf-8", "replace").split("\n")])
+        if lines:
+            log.write_lines([printable(line) for line in lines])
 
     def selected(self) -> Row | None:
         """The row under the cursor."""

@@ -11,11 +11,9 @@ recycled pid or a zombie does not count), not merely because its socket exists.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -25,10 +23,10 @@ from urllib.parse import quote
 
 from corral._core import process_alive, process_start_time
 from corral.access import Role
-from corral.agent.logs import follow_lines, tail_lines
+from corral.agent.logs import Cursor, follow_lines, lines_after, tail_and_cursor, tail_lines
 from corral.agent.wire import from_wire
 from corral.exceptions import AccessDenied, AgentUnavailable, ConfigError, CorralError, UnknownService
-from corral.leftovers import live_agent, stop_leftovers
+from corral.leftovers import live_agent
 from corral.state import DeploymentRow, DeploymentStatus, EventRow, StateStore, default_state_dir
 
 if TYPE_CHECKING:
@@ -273,6 +271,22 @@ class AgentClient:
             return self._follow_through_agent(service, lines)
         return follow_lines(self.log_files(service), last=lines)
 
+    def instance_log(self, service: str, instance: str, lines: int = 200,
+                     cursor: Cursor | None = None) -> tuple[list[str], Cursor]:
+        """One instance's log in steps, as ``top`` shows it: with no ``cursor``, its last
+        ``lines`` lines and where they end; with one, the whole lines written after it (a
+        rotated file starts over). Returns the lines and the cursor to pass next time. A
+        guest reads through the agent; the owner reads the file."""
+        if self.guest:
+            target = f"/v1/logs?service={quote(service)}&instance={quote(instance)}"
+            target += f"&lines={lines}" if cursor is None else f"&cursor={quote(json.dumps(cursor))}"
+            doc = self.request("GET", target)
+            got = {str(k): (int(v[0]), int(v[1])) for k, v in doc["cursor"].items()}
+            return [str(line) for iid, line in doc["lines"] if iid == instance], got
+        files = [(iid, f) for iid, f in self.log_files(service) if iid == instance]
+        found = tail_and_cursor(files, lines) if cursor is None else lines_after(files, cursor)
+        return [line for _, line in found[0]], found[1]
+
     def _follow_through_agent(self, service: str, lines: int, poll: float = 0.2) -> Iterator[tuple[str, str]]:
         doc = self.request("GET", f"/v1/logs?service={quote(service)}&lines={lines}")
         cursor = doc["cursor"]
@@ -360,139 +374,9 @@ class AgentClient:
         Returns None when an agent took it down, else how many process groups were stopped.
         Raises :class:`AgentUnavailable` when the agent runs but does not answer: then the
         stack is left alone, and the keeper restarts agents again."""
-        from corral.statesafe import StateLock
+        from corral.agent.downing import StackDown
 
-        if not self.state_dir.is_dir():
-            return 0  # nothing ever ran here
-        if self.guest:
-            self._down_as_guest()
-            return None
-        # A starting up -d holds the lock until its agent reported: wait for it, then stop
-        # what it started (never report a stack down that is about to run).
-        with contextlib.ExitStack() as held:
-            lock = StateLock(self.state_dir)
-            lock.acquire(waiting=waiting)
-            held.callback(lock.release)
-            return self._down_all()
-
-    def _down_as_guest(self) -> None:
-        """A down asked by someone else than the owner (the agent checks the role): through
-        the agent alone, which stops its stack and exits, and its keeper with it."""
-        try:
-            st = self.request("GET", "/v1/status", timeout=5)
-        except AgentUnavailable:
-            raise self._guest_unavailable() from None
-        pid = st.get("agent_pid") if isinstance(st, dict) else None
-        start = process_start_time(pid) if isinstance(pid, int) else None
-        self.request("POST", "/v1/down", timeout=600)
-        deadline = time.monotonic() + 15
-        while isinstance(pid, int) and start and _alive(pid, start) and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    def _down_all(self) -> int | None:
-        from corral.leftovers import sweep_stack
-
-        keeper = self._hold_keeper()
-        try:
-            n, agent = self._down_or_leftovers(keeper)
-        except AgentUnavailable:
-            if keeper is not None:
-                _signal(keeper, signal.SIGUSR2)  # left alone: the keeper goes on as before
-            raise
-        deadline = time.monotonic() + 15
-        while agent and _alive(*agent) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        sweep_stack(self.state_dir)
-        if keeper is not None:
-            while _alive(*keeper) and time.monotonic() < deadline:
-                time.sleep(0.01)
-        return n
-
-    def _down_or_leftovers(self, keeper: tuple[int, int] | None) -> tuple[int | None, tuple[int, int] | None]:
-        """Down by the agent (None), or of what a dead one left (how many groups); with the
-        agent to wait for, if one may still run."""
-        # The agent first: a running stack must be stoppable whatever state.db looks like.
-        # A quick question before the long one: a stopped agent accepts connections (the
-        # kernel queues them) but would leave down waiting for ten minutes.
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                st = self.request("GET", "/v1/status", timeout=5)
-            except AgentUnavailable:
-                agent = self._agent_pid(keeper)
-                if agent is None or not _alive(*agent):
-                    break
-                if self._listening() or time.monotonic() >= deadline:
-                    raise  # alive but not answering: its stack is left alone
-                time.sleep(0.05)  # starting (not listening yet): it answers soon, or dies
-                continue
-            pid = st.get("agent_pid") if isinstance(st, dict) else None
-            start = process_start_time(pid) if isinstance(pid, int) else None
-            try:
-                self.request("POST", "/v1/down", timeout=600)
-            except AgentUnavailable:
-                # It answered, then went away before the down (an adoption of a stack that
-                # had not come up ends so): look again, it may have left instances.
-                if time.monotonic() >= deadline:
-                    raise
-                time.sleep(0.05)
-                continue
-            return None, (pid, start) if isinstance(pid, int) and start else None
-        n = stop_leftovers(self.db, grace=5.0, mark_down="stopped by 'corral down' without an agent",
-                           rules=self._shutdown_rules())
-        self._forget_claims()
-        return n, None
-
-    def _listening(self) -> bool:
-        """Whether something accepts connections on the agent's socket."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-            sock.settimeout(0.5)
-            try:
-                sock.connect(str(self.path))
-            except OSError:
-                return False
-        return True
-
-    def _hold_keeper(self) -> tuple[int, int] | None:
-        """Tells the live keeper (SIGUSR1) to restart no agent, and waits (up to 5 s) for its
-        answer in ``keeper.json``; returns its ``(pid, start)``, or None without a keeper."""
-        doc = self.keeper()
-        if doc is None:
-            return None
-        pid, start = int(str(doc["pid"])), int(str(doc["start"]))
-        if not _signal((pid, start), signal.SIGUSR1):
-            return None
-        deadline = time.monotonic() + 5
-        while time.monotonic() < deadline and _alive(pid, start):
-            doc = self.keeper()
-            if doc is not None and doc.get("down") is True:
-                break
-            time.sleep(0.01)
-        return pid, start
-
-    def _agent_pid(self, keeper: tuple[int, int] | None) -> tuple[int, int] | None:
-        """The agent that may still run: the one the store records when it runs, else the
-        one the keeper started last (not in the store yet while it starts)."""
-        row = self.running()
-        if row is not None and row.agent_pid and row.agent_start:
-            return row.agent_pid, row.agent_start
-        doc = self.keeper() if keeper is not None else None
-        apid = doc.get("agent_pid") if doc is not None else None
-        if isinstance(apid, int) and process_alive(apid):
-            start = process_start_time(apid)
-            return (apid, start) if start else None
-        return None
-
-    def _forget_claims(self) -> None:
-        """What the stack held on the machine goes back, now that nothing of it runs; a
-        ledger that cannot be written does not stop a down."""
-        from corral.machine import Machine
-        from corral.statedir import stack_id
-
-        try:
-            Machine().forget(stack_id(self.state_dir))
-        except CorralError as e:
-            log.warning("corral: %s", e)
+        return StackDown(self).run(waiting)
 
     def applied_spec(self) -> tuple[DeploymentSpec, str] | None:
         """The spec the stack last applied and its file: the text the store keeps (the file
@@ -507,35 +391,6 @@ class AgentClient:
         if running is not None and running.text:
             return parse_spec(running.text, row.spec), row.spec
         return load_spec(row.spec), row.spec
-
-    def _shutdown_rules(self) -> dict[str, tuple[int, float]]:
-        """Each service's shutdown signal and timeout, from the running spec in the store (so
-        a stop without an agent follows the spec as the agent's own down does)."""
-        try:
-            found = self.applied_spec()
-        except (CorralError, OSError):
-            return {}
-        if found is None:
-            return {}
-        return {name: (getattr(signal, svc.shutdown.signal), svc.shutdown.timeout)
-                for name, svc in found[0].services.items()}
-
-
-def _alive(pid: int, start: int) -> bool:
-    """Whether the process with that pid and start time runs (a zombie does not)."""
-    return process_start_time(pid) == start and process_alive(pid)
-
-
-def _signal(proc: tuple[int, int], sig: int) -> bool:
-    """Sends ``sig`` to that process if it is still the one (pid and start time)."""
-    if not _alive(*proc):
-        return False
-    try:
-        os.kill(proc[0], sig)
-    except OSError:
-        return False
-    return True
-
 
 def _spec_body(spec: Path) -> dict[str, str]:
     """A spec file as a plan or apply request carries it: its absolute path and its text."""

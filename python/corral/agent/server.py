@@ -21,7 +21,8 @@ socket's peer as the kernel reports it (``SO_PEERCRED``), its role comes from th
 ``access:`` (see :mod:`corral.access`), and a request its role does not allow is answered
 403 and recorded in the audit trail, with nothing touched. ``GET /v1/logs?service=NAME``
 serves a service's output to those who may not read the files (``lines=N``, or
-``cursor=JSON`` for what came after an earlier answer's ``cursor``).
+``cursor=JSON`` for what came after an earlier answer's ``cursor``; ``instance=ID`` for one
+instance's).
 
 Errors are answered as ``{"error": {"type": ..., "args": [...], "message": ...}}`` (see
 :mod:`corral.agent.wire`), so the client raises the same class again.
@@ -42,7 +43,6 @@ import contextlib
 import http.client
 import json
 import os
-import re
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -52,7 +52,7 @@ from urllib.parse import parse_qs, urlsplit
 from corral.access import CALLER, Caller, Policy, Role, peer_caller
 from corral.agent.client import socket_path
 from corral.agent.grant import grant
-from corral.agent.wire import ROUTES, to_wire
+from corral.agent.wire import ROUTES, query_number, query_one, query_seconds, to_wire
 from corral.exceptions import (
     AccessDenied,
     AgentAlreadyRunning,
@@ -282,8 +282,8 @@ class ControlServer:
         return 200, {"ok": True, "status": self.deployment.status().to_dict()}
 
     async def _events(self, q: dict[str, list[str]]) -> tuple[int, Any]:
-        after = _number(q, "after", 0, 0, 1 << 62)
-        limit = _number(q, "limit", 1000, 1, 10000)
+        after = query_number(q, "after", 0, 0, 1 << 62)
+        limit = query_number(q, "limit", 1000, 1, 10000)
         return 200, {"events": [e.to_dict() for e in self.deployment.event_log(after, limit)]}
 
     async def _services(self, _q: dict[str, list[str]]) -> tuple[int, Any]:
@@ -292,24 +292,29 @@ class ControlServer:
     async def _service(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         name = q["name"][0]
         self.deployment.discovery(name)  # raises UnknownService
-        wait = _number(q, "wait", -1, -1, 1 << 62)
+        wait = query_number(q, "wait", -1, -1, 1 << 62)
         if wait >= 0:
-            timeout = _seconds(q, "timeout", 30.0, 300.0)
+            timeout = query_seconds(q, "timeout", 30.0, 300.0)
             await self.deployment.wait_registry_change(wait, timeout)
         return 200, self.deployment.discovery(name)
 
     async def _logs(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         from corral.agent.logs import lines_after, tail_and_cursor
 
-        service = _one(q, "service") or ""
+        service = query_one(q, "service") or ""
         insts = self.deployment.status().services.get(service)
         if insts is None:
             raise UnknownService(f"unknown service {service!r} (services: {', '.join(self.deployment.spec.services)})",
                                  service)
         files = [(i.id, Path(i.log) if i.log else self.deployment.state_dir / "logs" / f"{i.id}.log") for i in insts]
-        raw = _one(q, "cursor")
+        instance = query_one(q, "instance")
+        if instance is not None:
+            files = [(iid, f) for iid, f in files if iid == instance]
+            if not files:
+                raise UnknownService(f"service {service!r} has no instance {instance!r}", service)
+        raw = query_one(q, "cursor")
         if raw is None:
-            n = _number(q, "lines", 50, 0, 100000)
+            n = query_number(q, "lines", 50, 0, 100000)
             lines, cursor = tail_and_cursor(files, n)
             return 200, {"instances": [iid for iid, _ in files], "lines": lines, "cursor": cursor}
         try:
@@ -326,8 +331,8 @@ class ControlServer:
         return 200, {"ok": True, "service": service}
 
     async def _scale(self, q: dict[str, list[str]]) -> tuple[int, Any]:
-        service = _one(q, "service") or ""
-        replicas = _number(q, "replicas", -1, 0, 10000)
+        service = query_one(q, "service") or ""
+        replicas = query_number(q, "replicas", -1, 0, 10000)
         if replicas < 0:
             raise ConfigError("replicas: required")
         await self.deployment.scale(service, replicas)
@@ -474,32 +479,3 @@ async def run_agent(deployment: Deployment, *, run_for: float | None = None,
         # Let a pending /v1/down answer before the socket goes.
         await asyncio.sleep(0.05)
         await server.close()
-
-
-def _one(q: dict[str, list[str]], name: str) -> str | None:
-    values = q.get(name)
-    if not values:
-        return None
-    if len(values) > 1:
-        raise ConfigError(f"{name}: given {len(values)} times")
-    return values[0]
-
-
-def _number(q: dict[str, list[str]], name: str, default: int, lo: int, hi: int) -> int:
-    """A query integer, strictly: digits (and a leading minus) only, within ``lo``..``hi``."""
-    text = _one(q, name)
-    if text is None:
-        return default
-    if not re.fullmatch(r"-?[0-9]{1,19}", text) or not lo <= int(text) <= hi:
-        raise ConfigError(f"{name}: {text!r} is not a whole number from {lo} to {hi}")
-    return int(text)
-
-
-def _seconds(q: dict[str, list[str]], name: str, default: float, hi: float) -> float:
-    """A query duration in seconds, strictly: finite, from 0 to ``hi``."""
-    text = _one(q, name)
-    if text is None:
-        return default
-    if not re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,6})?", text) or float(text) > hi:
-        raise ConfigError(f"{name}: {text!r} is not a number of seconds from 0 to {hi:g}")
-    return float(text)

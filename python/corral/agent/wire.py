@@ -4,14 +4,15 @@ from its ``args``)."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
 from corral import exceptions
 from corral.access import Role
-from corral.exceptions import CorralError, SpecError
+from corral.exceptions import ConfigError, CorralError, SpecError
 
-__all__ = ["ROUTES", "from_wire", "to_wire"]
+__all__ = ["ROUTES", "from_wire", "query_number", "query_one", "query_seconds", "to_wire"]
 
 ROUTES: dict[tuple[str, str], tuple[str, Role]] = {
     ("GET", "/v1/status"): ("status", Role.viewer),
@@ -53,3 +54,33 @@ def from_wire(doc: Mapping[str, Any]) -> CorralError:
         return cls(*args)
     except TypeError:
         return CorralError(str(doc.get("message", "")))
+
+
+def query_one(q: dict[str, list[str]], name: str) -> str | None:
+    """A query parameter given at most once (None when absent)."""
+    values = q.get(name)
+    if not values:
+        return None
+    if len(values) > 1:
+        raise ConfigError(f"{name}: given {len(values)} times")
+    return values[0]
+
+
+def query_number(q: dict[str, list[str]], name: str, default: int, lo: int, hi: int) -> int:
+    """A query integer, strictly: digits (and a leading minus) only, within ``lo``..``hi``."""
+    text = query_one(q, name)
+    if text is None:
+        return default
+    if not re.fullmatch(r"-?[0-9]{1,19}", text) or not lo <= int(text) <= hi:
+        raise ConfigError(f"{name}: {text!r} is not a whole number from {lo} to {hi}")
+    return int(text)
+
+
+def query_seconds(q: dict[str, list[str]], name: str, default: float, hi: float) -> float:
+    """A query duration in seconds, strictly: finite, from 0 to ``hi``."""
+    text = query_one(q, name)
+    if text is None:
+        return default
+    if not re.fullmatch(r"[0-9]{1,6}(\.[0-9]{1,6})?", text) or float(text) > hi:
+        raise ConfigError(f"{name}: {text!r} is not a number of seconds from 0 to {hi:g}")
+    return float(text)

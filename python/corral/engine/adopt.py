@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from corral.machine import Claims
     from corral.scheduler import Scheduler
 
-__all__ = ["Adoption"]
+__all__ = ["Adoption", "adoptable"]
 
 _ALIVE_STATES = frozenset({"starting", "running", "healthy", "unhealthy", "stopping"})
 """Recorded states in which an instance had a process."""
@@ -260,3 +260,21 @@ def _end(r: InstanceRow) -> int:
         signal_group(r.pid, signal.SIGKILL)
         return 1
     return 0
+
+
+def adoptable(db: Path, name: str, digest: str) -> bool:
+    """Whether a dead agent of deployment ``name`` left instances that still run, from the
+    spec with that digest (``up -d`` again after the keeper gave up, say): those are
+    re-adopted, not restarted. Another spec starts afresh (what is left is stopped)."""
+    if not db.exists():
+        return False
+    try:
+        rows = [r for r in StateStore.read_deployments(db) if r.name == name]
+        if not rows or rows[-1].status in ("down", "failed") or live_agent(db) is not None:
+            return False
+        running = StateStore.running_spec(db, rows[-1])
+        if running is None or running.digest != digest:
+            return False
+        return any(r.is_running() for r in StateStore.read_instances(db, name))
+    except CorralError:
+        return False

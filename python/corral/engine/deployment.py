@@ -25,7 +25,7 @@ from typing import Any
 
 from corral._core import Authority, IssuedCert, PortAllocator, Proxy, Supervisor, Topology
 from corral.audit import AuditTrail
-from corral.engine.adopt import Adoption
+from corral.engine.adopt import Adoption, adoptable
 from corral.engine.apply import Applier
 from corral.engine.auditing import Auditor
 from corral.engine.bringup import BringUp
@@ -53,7 +53,7 @@ from corral.machine import Holder, Machine
 from corral.recovery import BackoffRestart, Exit, RestartStrategy, RollbackStrategy
 from corral.scheduler import Plan, Scheduler, port_range, volume_paths
 from corral.spec import DeploymentSpec, load_spec
-from corral.state import DeploymentStatus, EventRow, InstanceRow, StateStore, default_state_dir
+from corral.state import DeploymentStatus, EventRow, InstanceRow, default_state_dir
 from corral.statedir import stack_id
 
 __all__ = ["Deployment", "DeploymentStatus", "InstanceStatus"]
@@ -256,7 +256,7 @@ class Deployment:
     async def _up(self) -> None:
         if self._ran:
             raise CorralError(f"deployment {self.name!r} was already brought up; create a new Deployment")
-        if self._adoptable():
+        if adoptable(self.state_db, self.name, spec_hash(self.spec)):
             # Its agent died and what it ran runs on, from this very spec: take it over.
             await self.adopt()
             return
@@ -464,24 +464,6 @@ class Deployment:
         self._release()
         self.journal.status("failed", reason, event=("rolling-back", reason))
         self._close()
-
-    def _adoptable(self) -> bool:
-        """Whether a dead agent of this deployment left instances that still run, from the
-        same spec as this one (``up -d`` again after the keeper gave up, say): those are
-        re-adopted, not restarted. Another spec starts afresh (what is left is stopped)."""
-        db = self.state_db
-        if not db.exists():
-            return False
-        try:
-            rows = [r for r in StateStore.read_deployments(db) if r.name == self.name]
-            if not rows or rows[-1].status in ("down", "failed") or live_agent(db) is not None:
-                return False
-            running = StateStore.running_spec(db, rows[-1])
-            if running is None or running.digest != spec_hash(self.spec):
-                return False
-            return any(r.is_running() for r in StateStore.read_instances(db, self.name))
-        except CorralError:
-            return False
 
     def _clean_stale(self) -> None:
         """Refuses to start over a live agent; kills what a dead agent left behind, whatever
