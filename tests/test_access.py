@@ -4,6 +4,7 @@ Needs root and useradd; CI runs as root."""
 
 from __future__ import annotations
 
+import grp
 import json
 import os
 import pwd
@@ -31,8 +32,10 @@ SYSTEM_PY = "/usr/bin/python3"
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def corral(*args: str, cwd: Path, user: str | None = None) -> subprocess.CompletedProcess[str]:
+def corral(*args: str, cwd: Path, user: str | None = None,
+           extra: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     py, env = (sys.executable, env_without_state()) if user is None else (SYSTEM_PY, user_env())
+    env.update(extra or {})
     return subprocess.run([py, "-m", "corral", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=120, env=env, **as_user(user))
 
@@ -213,3 +216,40 @@ def test_verify_finds_an_edit_a_removal_and_a_swap(stack: Path) -> None:
     assert "audit.log:2: record 3 follows record 1: records were removed" in _tampered(stack, "remove")
     assert "audit.log:2: record 3 follows record 1" in _tampered(stack, "swap")
     assert corral("audit", "--verify", cwd=stack).returncode == 0
+
+
+def test_ls_shows_a_user_the_stacks_they_may_view(people: dict[str, str]) -> None:
+    # One ledger the ops group shares (setgid, group-writable), two of root's stacks in it:
+    # one names the group under access.viewer, the other names no one.
+    ledger = Path(tempfile.mkdtemp(prefix="corral-ledger-", dir="/tmp"))
+    os.chown(ledger, 0, grp.getgrnam(people["group"]).gr_gid)
+    ledger.chmod(0o2770)
+    extra = {"CORRAL_MACHINE_DIR": str(ledger)}
+    dirs: list[Path] = []
+    try:
+        for name, access in (("shop", f'access: {{viewer: ["group:{people["group"]}"]}}'), ("private", "")):
+            d = Path(tempfile.mkdtemp(prefix=f"corral-{name}-", dir="/tmp"))
+            dirs.append(d)
+            d.chmod(0o755)
+            write_spec(d, f"""
+                name: {name}
+                {access}
+                services:
+                  web: {{command: ["sleep", "600"]}}
+                """)
+            r = corral("up", "-d", cwd=d, extra=extra)
+            assert r.returncode == 0, r.stderr
+        mine = corral("ls", "--json", cwd=Path("/tmp"), extra=extra)
+        assert sorted(row["name"] for row in json.loads(mine.stdout)) == ["private", "shop"], mine
+        theirs = corral("ls", "--json", cwd=Path("/tmp"), user=people["viewer"], extra=extra)
+        assert theirs.returncode == 0, theirs.stderr
+        rows = json.loads(theirs.stdout)
+        assert [row["name"] for row in rows] == ["shop"], rows
+        assert rows[0]["total"] == 1 and rows[0]["state"] == "up", rows
+        plain = corral("ls", cwd=Path("/tmp"), user=people["viewer"], extra=extra)
+        assert "shop" in plain.stdout and "private" not in plain.stdout, plain
+    finally:
+        for d in dirs:
+            corral("down", cwd=d, extra=extra)
+            shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(ledger, ignore_errors=True)

@@ -4,12 +4,16 @@ compose ls``) and ``machine`` (its settings, its ledger, what is left)."""
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from corral.cli.common import app, out, printable
 from corral.units import format_mib
+
+if TYPE_CHECKING:
+    from corral.state import DeploymentStatus
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
@@ -24,12 +28,12 @@ def _cpus(cpus: list[int]) -> str:
 
 @app.command(name="ls")
 def ls(as_json: JsonOpt = False) -> None:
-    """List every stack on the machine: state, healthy/total instances, and the cores, memory,
-    storage and ports each holds in the machine ledger."""
+    """List the stacks on the machine you may view (root: every one): state, healthy/total
+    instances, and the cores, memory, storage and ports each holds in the machine ledger."""
     from corral.machine import Machine
     from corral.machine.ls import port_ranges, stack_rows
 
-    rows = stack_rows(Machine().view())
+    rows = stack_rows(Machine().view(), ask=_status_as_me)
     if as_json:
         print(json.dumps([r.to_dict() for r in rows], indent=2))
         return
@@ -48,6 +52,18 @@ def ls(as_json: JsonOpt = False) -> None:
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _status_as_me(state_dir: Path) -> DeploymentStatus | None:
+    """Another user's stack, as its agent answers this caller: None when it refuses (no
+    role under its ``access:``) or does not answer."""
+    from corral.agent.client import AgentClient
+    from corral.exceptions import CorralError
+
+    try:
+        return AgentClient(state_dir).status()
+    except (CorralError, OSError):
+        return None
 
 
 @app.command(name="machine")

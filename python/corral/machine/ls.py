@@ -4,16 +4,17 @@ what each holds in the machine ledger and, from its own state directory, how it 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from corral.exceptions import CorralError
 from corral.machine.view import HolderView, MachineView
-from corral.state import StateStore
+from corral.state import DeploymentStatus, StateStore
 from corral.statedir import STATE_DB
 
-__all__ = ["StackRow", "port_ranges", "stack_rows"]
+__all__ = ["Ask", "StackRow", "port_ranges", "stack_rows"]
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,15 @@ def port_ranges(ports: list[int]) -> str:
     return ",".join(out)
 
 
-def _row(h: HolderView) -> StackRow:
+def _row(h: HolderView, seen: DeploymentStatus | None = None) -> StackRow:
     state, healthy, total = ("running" if h.alive else "gone"), None, None
     db = Path(h.state_dir) / STATE_DB
-    if os.access(db, os.R_OK):
+    if seen is not None:
+        state = seen.status
+        instances = [i for insts in seen.services.values() for i in insts]
+        total = len(instances)
+        healthy = sum(1 for i in instances if i.state in ("healthy", "completed"))
+    elif os.access(db, os.R_OK):
         try:
             rows = [r for r in StateStore.read_deployments(db) if r.name == h.name]
             if rows:
@@ -73,6 +79,23 @@ def _row(h: HolderView) -> StackRow:
                     h.ports, h.agent_pid, h.user)
 
 
-def stack_rows(view: MachineView) -> list[StackRow]:
-    """The rows of ``corral ls``, by name."""
-    return sorted((_row(h) for h in view.holders), key=lambda r: (r.name, r.directory))
+Ask = Callable[[Path], "DeploymentStatus | None"]
+"""Puts the question to a stack's agent as the caller (its state directory): its status, or
+None when the agent refuses the caller (or does not answer)."""
+
+
+def stack_rows(view: MachineView, uid: int | None = None, ask: Ask | None = None) -> list[StackRow]:
+    """The rows of ``corral ls``, by name: only the stacks the caller (``uid``, this process's
+    by default) may view. Root sees every stack and the owner its own; anyone else sees a
+    stack only when its agent answers them ``status`` (``access.viewer`` or more in its spec),
+    which ``ask`` finds out; without ``ask``, only their own."""
+    uid = os.geteuid() if uid is None else uid
+    rows: list[StackRow] = []
+    for h in view.holders:
+        if uid == 0 or h.uid == uid:
+            rows.append(_row(h))
+            continue
+        seen = ask(Path(h.state_dir)) if ask is not None and h.agent_alive else None
+        if seen is not None:
+            rows.append(_row(h, seen))
+    return sorted(rows, key=lambda r: (r.name, r.directory))

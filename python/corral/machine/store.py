@@ -172,8 +172,8 @@ class LedgerStore:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise MachineError(f"machine ledger {self.path} is not a regular file; refusing to use it")
-            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) & ~self._mode:
-                os.fchmod(fd, self._mode)  # narrowed to what the directory shares, whatever the umask
+            if st.st_uid == os.geteuid() and stat.S_IMODE(st.st_mode) != self._mode:
+                os.fchmod(fd, self._mode)  # just what the directory shares, whatever the umask
         finally:
             os.close(fd)
         trusted(self.path, "machine ledger", directory=False)
