@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import time
 from typing import Annotated, Any
@@ -48,7 +49,7 @@ def audit(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
 
 def _when(rec: dict[str, Any]) -> float:
     try:
-        return time.mktime(time.strptime(str(rec["time"])[:19], "%Y-%m-%dT%H:%M:%S")) - time.timezone
+        return float(calendar.timegm(time.strptime(str(rec["time"])[:19], "%Y-%m-%dT%H:%M:%S")))
     except (KeyError, ValueError):
         return 0.0
 
