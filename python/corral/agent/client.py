@@ -122,7 +122,8 @@ class AgentClient:
         owner): then everything goes through the agent, which checks its role."""
         return os.geteuid() != 0 and self.state_dir.exists() and not os.access(self.state_dir, os.R_OK | os.W_OK)
 
-    def _guest_unavailable(self) -> AgentUnavailable:
+    def guest_unavailable(self) -> AgentUnavailable:
+        """The error of a guest who finds no agent (it may not read the state itself)."""
         return AgentUnavailable(f"no agent answers for {self.state_dir}, and without one its state can be read by "
                                 f"its owner only")
 
@@ -198,7 +199,7 @@ class AgentClient:
                 return DeploymentStatus.from_dict(self.request("GET", "/v1/status", timeout=5))
             except AgentUnavailable:
                 if self.guest:
-                    raise self._guest_unavailable() from None
+                    raise self.guest_unavailable() from None
         row = self._required()
         # An agent that does not answer (stopped, or busy) still runs: by pid and start time.
         return DeploymentStatus.from_rows(row, StateStore.read_instances(self.db, row.name),

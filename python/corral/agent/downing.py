@@ -1,7 +1,8 @@
 """StackDown: how ``corral down`` stops a stack, whatever moment it arrives at.
 
-A part of :class:`~corral.agent.client.AgentClient`, handed the client it asks through (the
-agent's socket, the keeper's record, the store); it touches nothing else.
+A part of the agent client, handed what it asks through (:class:`StackAccess`: the agent's
+socket, the keeper's record, the store); it touches nothing else, and it knows the client
+only by that shape (no import back).
 """
 
 from __future__ import annotations
@@ -13,24 +14,49 @@ import signal
 import socket
 import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
 from corral._core import process_alive, process_start_time
 from corral.exceptions import AgentUnavailable, CorralError
 from corral.leftovers import stop_leftovers
 
 if TYPE_CHECKING:
-    from corral.agent.client import AgentClient
+    from corral.spec import DeploymentSpec
+    from corral.state import DeploymentRow
 
-__all__ = ["StackDown"]
+__all__ = ["StackAccess", "StackDown"]
 
 log = logging.getLogger("corral")
+
+
+class StackAccess(Protocol):
+    """What a down may use of the client (:class:`~corral.agent.client.AgentClient` is one)."""
+
+    state_dir: Path
+    path: Path
+
+    @property
+    def db(self) -> Path: ...
+
+    @property
+    def guest(self) -> bool: ...
+
+    def request(self, method: str, target: str, timeout: float = 30.0, body: Any = None) -> Any: ...
+
+    def guest_unavailable(self) -> AgentUnavailable: ...
+
+    def keeper(self) -> dict[str, object] | None: ...
+
+    def running(self) -> DeploymentRow | None: ...
+
+    def applied_spec(self) -> tuple[DeploymentSpec, str] | None: ...
 
 
 class StackDown:
     """One ``down`` of the stack the client names."""
 
-    def __init__(self, client: AgentClient) -> None:
+    def __init__(self, client: StackAccess) -> None:
         self.client = client
 
     def run(self, waiting: Callable[[str], None] | None = None) -> int | None:
@@ -56,7 +82,7 @@ class StackDown:
         try:
             st = self.client.request("GET", "/v1/status", timeout=5)
         except AgentUnavailable:
-            raise self.client._guest_unavailable() from None
+            raise self.client.guest_unavailable() from None
         pid = st.get("agent_pid") if isinstance(st, dict) else None
         start = process_start_time(pid) if isinstance(pid, int) else None
         self.client.request("POST", "/v1/down", timeout=600)
