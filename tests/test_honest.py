@@ -356,3 +356,42 @@ def test_the_keepers_death_is_noticed_said_and_survived(tmp_path: Path) -> None:
         r = corral("down", cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert not stack_processes(state)
+
+
+def test_a_keeper_dead_before_the_watch_begins_is_noticed_too() -> None:
+    """The keeper can die between the agent's start and its watch (pidfd_open then fails, or
+    the pid is someone else's): that death is said and acted on as one seen later is. The
+    stack and journal here are stand-ins recording what the watch does to them (timing a
+    real keeper's death into that gap cannot be done reliably); the pid is a real process
+    that has ended."""
+    import asyncio
+    from types import SimpleNamespace
+    from typing import Any
+
+    from corral.engine.keeperwatch import KeeperWatch
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    said: list[str] = []
+    restarted: list[str] = []
+    stack: Any = SimpleNamespace(down=False, supervisor=None, instances={}, warn=said.append)
+    journal: Any = SimpleNamespace(row=SimpleNamespace(status="up"),
+                                   status=lambda _status, message: said.append(message))
+
+    async def restart(name: str) -> None:
+        restarted.append(name)
+
+    async def main() -> None:
+        watch = KeeperWatch(stack, journal, restart)
+        watch.start(gone.pid)
+        assert watch.task is not None, "a keeper already dead went unnoticed"
+        await watch.task
+        # Our own parent is alive but not the keeper named: also a keeper gone.
+        other = KeeperWatch(stack, journal, restart)
+        other.start(os.getpid())
+        assert other.task is not None
+        await other.task
+
+    asyncio.run(main())
+    assert any(f"the keeper (pid {gone.pid}) died" in m for m in said), said
+    assert restarted == []  # no instance ran

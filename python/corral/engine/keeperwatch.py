@@ -34,12 +34,22 @@ class KeeperWatch:
         self.task: asyncio.Task[None] | None = None
 
     def start(self, pid: int) -> None:
-        """Watches the keeper ``pid`` (nothing to watch when it is gone already or not ours)."""
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:
-            return
+        """Watches the keeper ``pid``, this agent's parent. A keeper that died before the watch
+        began (no such process, or this agent was handed to another parent: the pid may be
+        someone else's by now) is noticed here, as a death seen later would be."""
         loop = asyncio.get_running_loop()
+        try:
+            fd: int | None = os.pidfd_open(pid)
+        except OSError:
+            fd = None
+        # With the pidfd held the pid cannot be reused: our parent still being it means the
+        # pidfd is the keeper's.
+        if fd is None or os.getppid() != pid:
+            if fd is not None:
+                os.close(fd)
+            if not self.stack.down:
+                self.task = loop.create_task(self._after(pid), name="corral-keeper-died")
+            return
 
         def died() -> None:
             loop.remove_reader(fd)
