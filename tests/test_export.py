@@ -350,6 +350,8 @@ DOLLARS = """
         command: ["sh", "-c", "echo pid=$$ port=$(PORT) home=${HOME} at ${ports.http}"]
         ports: {http: auto}
         env: {D: "${NOMAD_ALLOC_DIR}", M: "$(PORT)", P: "${ports.http}"}
+        health:
+          readiness: {exec: ["sh", "-c", "test -n ${HOME} && echo $$ $(PORT) ${ports.http}"]}
 """
 
 
@@ -393,9 +395,16 @@ def test_export_keeps_the_meaning_of_dollar_signs(tmp_path: Path) -> None:
     assert [k8s_expand(a, runtime) for a in c["args"]] == ["-c", want_arg], c["args"]
     values = {e["name"]: k8s_expand(e["value"], runtime) for e in c["env"] if "value" in e}
     assert values["D"] == "${NOMAD_ALLOC_DIR}" and values["M"] == "$(PORT)" and values["P"] == str(port), values
+    # A probe's command is not expanded by the kubelet: as written, but for corral's ports.
+    probe = c["readinessProbe"]["exec"]["command"]
+    assert probe == ["sh", "-c", f"test -n ${{HOME}} && echo $$ $(PORT) {port}"], probe
     (job,) = nomad(spec)
     task = job["Job"]["TaskGroups"][0]["Tasks"][0]
     args = [nomad_expand(a, runtime) for a in task["Config"]["args"]]
     assert args == ["-c", "echo pid=$$ port=$(PORT) home=${HOME} at 25000"], task["Config"]["args"]
     env = {k: nomad_expand(v, runtime) for k, v in task["Env"].items()}
     assert env["D"] == "${NOMAD_ALLOC_DIR}" and env["M"] == "$(PORT)" and env["P"] == "25000", task["Env"]
+    (check,) = [c for svc in task.get("Services") or job["Job"]["TaskGroups"][0].get("Services") or []
+                for c in svc.get("Checks") or [] if c["Type"] == "script"]
+    got = [nomad_expand(a, runtime) for a in check["Args"]]
+    assert got == ["-c", "test -n ${HOME} && echo $$ $(PORT) 25000"], check["Args"]

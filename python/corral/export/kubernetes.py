@@ -52,14 +52,16 @@ def _meta(model: StackModel, name: str, w: Workload | None,
     return meta
 
 
-def _probe(c: Check) -> dict[str, Any]:
+def _probe(c: Check, numbers: dict[str, int | str]) -> dict[str, Any]:
     out: dict[str, Any]
     if c.kind in ("http", "tcp"):
         assert c.port is not None
         port: str | int = c.port.name or c.port.number  # a number the spec did not name stays a number
         out = {"httpGet": {"path": c.path, "port": port}} if c.kind == "http" else {"tcpSocket": {"port": port}}
     else:
-        out = {"exec": {"command": c.argv}}
+        # The kubelet expands no ``$(VAR)`` in a probe's command (only in a container's
+        # command, args and env): corral's ``${ports.x}`` become the numbers, the rest stays.
+        out = {"exec": {"command": [substitute_ports(a, numbers) for a in c.argv]}}
     out["initialDelaySeconds"] = _secs(c.initial_delay, 0)
     out["periodSeconds"] = _secs(c.period)
     out["timeoutSeconds"] = _secs(c.timeout)
@@ -138,7 +140,7 @@ def _container(model: StackModel, w: Workload) -> dict[str, Any]:
         c["ports"] = [{"name": p.name, "containerPort": p.number, "protocol": "TCP"} for p in w.ports]
     for kind in ("startup", "readiness", "liveness"):
         if kind in w.probes:
-            c[f"{kind}Probe"] = _probe(w.probes[kind])
+            c[f"{kind}Probe"] = _probe(w.probes[kind], numbers)
     res = _resources(w)
     if res:
         c["resources"] = res

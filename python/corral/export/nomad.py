@@ -81,7 +81,8 @@ def _env(w: Workload) -> dict[str, str]:
 def _check(kind: str, c: Check, w: Workload) -> dict[str, Any]:
     out: dict[str, Any] = {"Name": f"{w.dns}-{kind}", "Interval": _ns(c.period), "Timeout": _ns(c.timeout)}
     if c.kind == "exec":
-        out.update({"Type": "script", "Command": c.argv[0], "Args": c.argv[1:], "TaskName": w.dns})
+        argv = [_substitute(a, w) for a in c.argv]  # Nomad interpolates a script check's too
+        out.update({"Type": "script", "Command": argv[0], "Args": argv[1:], "TaskName": w.dns})
     else:
         out.update({"Type": c.kind, "PortLabel": c.port.name if c.port and c.port.name else ""})
         if c.kind == "http":
