@@ -171,11 +171,11 @@ def test_env_files_fronts_signals_and_the_mesh(tmp_path: Path) -> None:
     init = web["spec"]["template"]["spec"]["initContainers"]
     assert init[0]["image"] == "alpine:3" and "nc -z -w 2 db 5432" in init[0]["command"][2]
     assert env(container(web))["CORRAL_DB_ADDR"] == "db:5432"
-    # Nomad gets the same meaning: the env_file's lines literally, in the task's Env (its
-    # `${` escaped from Nomad's interpolation, as corral does not fill it in).
+    # Nomad gets the same meaning: the env_file's lines literally, in the task's Env (a
+    # `${ports.pg}` there is corral's literal text, and no variable Nomad knows).
     (job,) = nomad(spec)
     db_task = next(t for g in job["Job"]["TaskGroups"] for t in g["Tasks"] if t["Name"] == "db")
-    assert db_task["Env"]["PGPORT"] == "$${ports.pg}" and db_task["Env"]["POSTGRES_DB"] == "shop"
+    assert db_task["Env"]["PGPORT"] == "${ports.pg}" and db_task["Env"]["POSTGRES_DB"] == "shop"
     assert db_task["Config"]["args"] == ["-p", "5432"]
     text = "".join(t for _, t in render(load_spec(spec), tmp_path, "kubernetes"))
     assert "spiffe://edge_cases.corral/svc/web_front" in text.split("apiVersion")[0], "the header names the SPIFFE IDs"
@@ -374,12 +374,11 @@ def k8s_expand(text: str, env: dict[str, str]) -> str:
 
 
 def nomad_expand(text: str, env: dict[str, str]) -> str:
-    """What Nomad makes of a job string: `$${` is a literal `${`, `${VAR}` a known value."""
+    """What Nomad's client makes of a task's string (helper/args.ReplaceEnv): every
+    `${NAME}` it knows is replaced, with no escape; anything else stays."""
     import re
 
-    parts = text.split("$${")
-    sub = [re.sub(r"\$\{([^}]+)\}", lambda m: env.get(m.group(1), m.group(0)), p) for p in parts]
-    return "${".join(sub)
+    return re.sub(r"\$\{([a-zA-Z0-9_.-]+)\}", lambda m: env.get(m.group(1), m.group(0)), text)
 
 
 def test_export_keeps_the_meaning_of_dollar_signs(tmp_path: Path) -> None:
@@ -398,13 +397,23 @@ def test_export_keeps_the_meaning_of_dollar_signs(tmp_path: Path) -> None:
     # A probe's command is not expanded by the kubelet: as written, but for corral's ports.
     probe = c["readinessProbe"]["exec"]["command"]
     assert probe == ["sh", "-c", f"test -n ${{HOME}} && echo $$ $(PORT) {port}"], probe
+    # Nomad fills in every `${NAME}` it knows at run time and a JSON job has no escape for
+    # it: export refuses to change the meaning, naming the value (exit 2).
+    r = corral("export", "nomad", cwd=tmp_path)
+    assert r.returncode == 2 and "web: command: ${HOME} cannot be kept in a Nomad job" in r.stderr, r.stderr
+    assert "write it $HOME" in r.stderr and "Traceback" not in r.stderr
+    spec.write_text(textwrap.dedent(DOLLARS).replace("home=${HOME}", "home=$HOME").replace('"${NOMAD_ALLOC_DIR}"',
+                                                                                            '"$NOMAD_ALLOC_DIR"'))
+    r = corral("export", "nomad", cwd=tmp_path)
+    assert r.returncode == 2 and "web: health.readiness.exec: ${HOME}" in r.stderr, r.stderr
+    spec.write_text(spec.read_text().replace("test -n ${HOME}", "test -n $HOME"))
     (job,) = nomad(spec)
     task = job["Job"]["TaskGroups"][0]["Tasks"][0]
     args = [nomad_expand(a, runtime) for a in task["Config"]["args"]]
-    assert args == ["-c", "echo pid=$$ port=$(PORT) home=${HOME} at 25000"], task["Config"]["args"]
+    assert args == ["-c", "echo pid=$$ port=$(PORT) home=$HOME at 25000"], task["Config"]["args"]
     env = {k: nomad_expand(v, runtime) for k, v in task["Env"].items()}
-    assert env["D"] == "${NOMAD_ALLOC_DIR}" and env["M"] == "$(PORT)" and env["P"] == "25000", task["Env"]
+    assert env["D"] == "$NOMAD_ALLOC_DIR" and env["M"] == "$(PORT)" and env["P"] == "25000", task["Env"]
     (check,) = [c for svc in task.get("Services") or job["Job"]["TaskGroups"][0].get("Services") or []
                 for c in svc.get("Checks") or [] if c["Type"] == "script"]
     got = [nomad_expand(a, runtime) for a in check["Args"]]
-    assert got == ["-c", "test -n ${HOME} && echo $$ $(PORT) 25000"], check["Args"]
+    assert got == ["-c", "test -n $HOME && echo $$ $(PORT) 25000"], check["Args"]

@@ -27,6 +27,7 @@ import re
 from typing import Any
 
 from corral.engine.environment import env_name
+from corral.exceptions import ConfigError
 from corral.export.model import Check, Port, StackModel, Workload
 from corral.spec import substitute_ports
 
@@ -50,22 +51,32 @@ def _port(p: Port) -> str:
     return f"${{NOMAD_PORT_{p.name}}}" if p.auto else str(p.number)
 
 
-_INTERPOLATION = re.compile(r"\$\{(?!ports\.[A-Za-z0-9_-]+\})")
-"""``${`` that is not corral's own ``${ports.x}``."""
+_RUNTIME_VAR = re.compile(r"\$\{([a-zA-Z0-9_.-]+)\}")
+"""What Nomad's client replaces at run time in a task's config, env and checks (its
+``helper/args.ReplaceEnv``): ``${NAME}`` for any NAME it knows, with no escape."""
 
 
-def _substitute(text: str, w: Workload) -> str:
-    """``text`` as the task gets it: Nomad interpolates ``${...}`` in a task's config and
-    env at run time, so the spec's own are written ``$${`` (corral passes them as written),
-    then each ``${ports.x}`` becomes the port's value (Nomad's variable for a dynamic one)."""
-    return substitute_ports(_INTERPOLATION.sub("$${", text), {p.name: _port(p) for p in w.ports})
+def _kept(text: str, w: Workload, field: str, *, ports: bool = True) -> str:
+    """``text`` as the task must get it, corral's ``${ports.x}`` filled in (with ``ports``).
+
+    corral passes ``${NAME}`` as written, but Nomad fills it in at run time when it knows
+    NAME (its ``NOMAD_*`` variables, the task's env, node attributes, raw_exec's host env),
+    and a JSON job has no escape for it (HCL's ``$${`` is undone only when an HCL file is
+    parsed). Such a value cannot be kept: :class:`ConfigError` names it (export exits 2)."""
+    for m in _RUNTIME_VAR.finditer(text):
+        if not m.group(1).startswith("ports."):
+            name = m.group(1)
+            raise ConfigError(f"{w.name}: {field}: {m.group(0)} cannot be kept in a Nomad job: corral passes it as "
+                              f"written, but Nomad fills in ${{...}} at run time and a JSON job has no escape for "
+                              f"it (for the shell to read, write it ${name})")
+    return substitute_ports(text, {p.name: _port(p) for p in w.ports}) if ports else text
 
 
 def _env(w: Workload) -> dict[str, str]:
-    # The env_file's lines as corral passes them; the spec's env over them, ports filled in.
-    # Interpolated by Nomad too: an env_file's `${` (literal under corral) is escaped alike.
-    env = {**{k: v.replace("${", "$${") for k, v in (w.env_file or {}).items()},
-           **{k: _substitute(v, w) for k, v in w.env.items()}}
+    # The env_file's lines as corral passes them (literally: its `${ports.x}` too, which
+    # Nomad does not know either); the spec's env over them, ports filled in.
+    env = {**{k: _kept(v, w, f"env_file {k}", ports=False) for k, v in (w.env_file or {}).items()},
+           **{k: _kept(v, w, f"env.{k}") for k, v in w.env.items()}}
     if len(w.ports) == 1:
         env["PORT"] = _port(w.ports[0])
     for p in w.ports:
@@ -81,7 +92,7 @@ def _env(w: Workload) -> dict[str, str]:
 def _check(kind: str, c: Check, w: Workload) -> dict[str, Any]:
     out: dict[str, Any] = {"Name": f"{w.dns}-{kind}", "Interval": _ns(c.period), "Timeout": _ns(c.timeout)}
     if c.kind == "exec":
-        argv = [_substitute(a, w) for a in c.argv]  # Nomad interpolates a script check's too
+        argv = [_kept(a, w, f"health.{kind}.exec") for a in c.argv]  # a script check's are interpolated too
         out.update({"Type": "script", "Command": argv[0], "Args": argv[1:], "TaskName": w.dns})
     else:
         out.update({"Type": c.kind, "PortLabel": c.port.name if c.port and c.port.name else ""})
@@ -98,7 +109,7 @@ def _check(kind: str, c: Check, w: Workload) -> dict[str, Any]:
 
 def _task(model: StackModel, w: Workload, name: str | None = None) -> dict[str, Any]:
     name = name or w.dns
-    argv = [_substitute(a, w) for a in w.argv]
+    argv = [_kept(a, w, "command") for a in w.argv]
     config: dict[str, Any] = {"command": argv[0], "args": argv[1:]}
     driver: str = model.options.nomad.driver
     if w.image:
