@@ -46,6 +46,8 @@ ROWS: list[tuple[str, str, str, float | None]] = [
     ("Python: one reservation, ledger of 1000 claims, unchanged", "py",
      "test_reservation_against_1000_claims_unchanged", 1_000_000),
     ("  baseline: Python min() scan + lock", "py", "test_least_connections_baseline_python_16", None),
+    ("Python: measure a volume of 100,000 files (disk_usage)", "py", "test_disk_usage_100k_files", 100_000_000),
+    ("  peer: du -sx on the same tree", "py", "test_disk_usage_100k_files_baseline_du", None),
 ]
 
 

@@ -21,6 +21,7 @@ __all__ = [
     "Cgroups",
     "CircuitBreaker",
     "ConnectionGuard",
+    "DiskUsage",
     "FilesystemUsage",
     "Grant",
     "GuardedCall",
@@ -55,6 +56,7 @@ __all__ = [
     "VolumeUsage",
     "__version__",
     "become_subreaper",
+    "disk_usage",
     "filesystem_id",
     "find_by_env",
     "group_alive",
@@ -1165,3 +1167,29 @@ class Cgroups:
         else SIGKILL to each pid of ``cgroup.procs``; returns how many were signalled by hand."""
     def remove(self, path: str | PathLike[str]) -> bool:
         """Removes an empty instance cgroup; returns whether it went."""
+
+@final
+class DiskUsage:
+    """What a walk of a volume found (see :func:`disk_usage`)."""
+
+    @property
+    def bytes(self) -> int:
+        """Allocated bytes (512-byte blocks, as ``du`` counts), every inode once."""
+    @property
+    def inodes(self) -> int:
+        """Distinct inodes, the root included."""
+    @property
+    def skipped(self) -> int:
+        """Entries that could not be read, or that changed under the walk."""
+    @property
+    def other_filesystems(self) -> int:
+        """Directories not entered because they are on another filesystem."""
+    @property
+    def truncated(self) -> bool:
+        """Whether the walk stopped at ``max_entries`` (the figures are then a lower bound)."""
+
+def disk_usage(path: str | PathLike[str], max_entries: int = 10_000_000) -> DiskUsage:
+    """Measures the tree at ``path`` as ``du -sx`` does: no link followed, one filesystem,
+    hard links once, at most ``max_entries`` entries; off the GIL. Raises
+    :class:`~corral.exceptions.ConfigError` when ``path`` is a symbolic link, ``OSError``
+    when it cannot be opened as a directory."""

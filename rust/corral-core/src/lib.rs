@@ -34,6 +34,7 @@ pub mod breaker;
 pub mod cgroup;
 pub mod clock;
 pub mod cpuset;
+pub mod du;
 pub mod error;
 pub mod histogram;
 pub mod keeper;

@@ -14,6 +14,7 @@ mod balance;
 mod breaker;
 mod callable;
 mod cgroup;
+mod du;
 mod errors;
 mod mesh;
 mod ports;
@@ -41,5 +42,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     proxy::register(m)?;
     mesh::register(m)?;
     cgroup::register(m)?;
+    du::register(m)?;
     Ok(())
 }
