@@ -174,3 +174,39 @@ def test_the_agent_serves_metrics_and_a_real_prometheus_scrapes_them(tmp_path: P
             os.killpg(prom.pid, signal.SIGKILL)
             prom.wait(10)
         corral("down", cwd=tmp_path)
+
+
+def _get_with(port: int, path: str, headers: dict[str, str]) -> tuple[int, str]:
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        c.request("GET", path, headers=headers)
+        r = c.getresponse()
+        return r.status, r.read().decode()
+    finally:
+        c.close()
+
+
+def test_a_token_file_makes_every_scrape_present_the_bearer_token(tmp_path: Path) -> None:
+    port = 23064
+    token = tmp_path / "metrics.token"
+    token.write_text("s3cret-token\n")
+    token.chmod(0o600)
+    write_spec(tmp_path, f"""
+        name: guarded
+        metrics: {{listen: "127.0.0.1:{port}", token_file: metrics.token}}
+        services:
+          idle:
+            command: ["sleep", "300"]
+        """)
+    r = corral("up", "-d", cwd=tmp_path)
+    assert r.returncode == 0, r
+    try:
+        assert _get_with(port, "/metrics", {})[0] == 401
+        assert _get_with(port, "/metrics", {"Authorization": "Bearer wrong"})[0] == 401
+        status, body = _get_with(port, "/metrics", {"Authorization": "Bearer s3cret-token"})
+        assert status == 200, body
+        fams = families(body)
+        assert value(fams, "corral_operations_total", op="up", outcome="ok") == 1.0
+        assert "s3cret" not in body and "sleep" not in body  # no secrets, no command lines
+    finally:
+        corral("down", cwd=tmp_path)

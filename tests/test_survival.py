@@ -112,6 +112,11 @@ def test_kill_9_of_the_agent_loses_no_instance_and_no_line_and_the_new_agent_rea
     assert {whoami(23041) for _ in range(6)} <= {"web-0", "web-1"}
     events = corral("events", "-n", "400", cwd=stack).stdout
     assert "re-adopted 4 instances" in events, events[-2000:]
+    # The keeper's restart of the agent is in the audit trail, as the keeper's own act.
+    recs = [json.loads(line) for line in corral("audit", "--json", cwd=stack).stdout.splitlines()]
+    restart = [r for r in recs if r["op"] == "agent-restart"]
+    assert restart and restart[-1]["outcome"] == "ok" and restart[-1]["args"]["agent_pid"] == after["agent_pid"], recs
+    assert restart[-1]["pid"] == keeper(stack)["pid"], restart
 
     # A re-adopted instance that dies is restarted by its policy (its parent is the keeper).
     os.kill(first["printer-0"], signal.SIGKILL)
@@ -156,6 +161,9 @@ def test_the_keeper_gives_up_after_its_crash_loop_limit_and_status_says_why(stac
                    "the new agent answering")
     k = keeper(stack)
     assert k["agent"] == "down" and "died 6 times within 60s" in k["reason"], k
+    gave_up = [json.loads(line) for line in corral("audit", "--json", cwd=stack).stdout.splitlines()]
+    assert any(r["op"] == "agent-restart" and r["outcome"] == "failed" and "died 6 times" in r["reason"]
+               for r in gave_up), gave_up
     r = corral("status", cwd=stack)
     assert r.returncode == 0 and "agent not running; 4 instances run unsupervised" in r.stdout, r
     assert "died 6 times" in r.stdout
