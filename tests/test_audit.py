@@ -57,3 +57,22 @@ def test_records_are_forwarded_to_syslog_over_udp_and_a_unix_socket(tmp_path: Pa
             doc = json.loads(data.split("]: ", 1)[1])
             assert doc["op"] == op and doc["uid"] == me.uid and doc["hash"], doc
     assert [r["op"] for r in read_records(state)] == ["down", "restart"]
+
+
+def test_the_keeper_records_by_the_settings_the_agent_saved(tmp_path: Path) -> None:
+    """The keeper reads no spec: it takes the trail's settings (rotation, syslog) from the
+    file the agent's trail saves with its first record (0600)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.bind(("127.0.0.1", 0))
+        udp.settimeout(10)
+        sink = f"udp://127.0.0.1:{udp.getsockname()[1]}"
+        state, trail = _trail(tmp_path, max_size=1234, keep=2, syslog=sink)
+        trail.record(Caller.this_process(), "up", {}, "ok")
+        assert udp.recv(65536)
+        assert (state / "audit.json").stat().st_mode & 0o777 == 0o600
+        keeper = AuditTrail.of(state)
+        assert (keeper.max_size, keeper.keep, keeper.syslog) == (1234, 2, sink)
+        keeper.record(Caller.this_process(), "agent-restart", {"agent_pid": 1}, "ok")
+        assert b'"agent-restart"' in udp.recv(65536)
+    (state / "audit.json").write_text("not json")
+    assert AuditTrail.of(state).syslog is None  # unreadable: the defaults

@@ -36,11 +36,14 @@ from corral.statesafe import secure_state_dir
 if TYPE_CHECKING:
     from corral.access import Caller
 
-__all__ = ["AUDIT_FILE", "AuditTrail", "Broken", "read_records", "verify"]
+__all__ = ["AUDIT_FILE", "SETTINGS_FILE", "AuditTrail", "Broken", "read_records", "verify"]
 
 log = logging.getLogger("corral")
 
 AUDIT_FILE = "audit.log"
+SETTINGS_FILE = "audit.json"
+"""The trail's settings as the agent last had them from the spec (``max_size``, ``keep``,
+``syslog``): the keeper, which reads no spec, records by them too."""
 _GENESIS = "0" * 64
 
 
@@ -82,6 +85,33 @@ class AuditTrail:
         self.max_size = max_size
         self.keep = keep
         self.syslog = syslog
+        self._saved = False
+
+    @classmethod
+    def of(cls, state_dir: Path) -> AuditTrail:
+        """The trail of ``state_dir`` with the settings its agent saved (the defaults when
+        none were, or they cannot be read)."""
+        try:
+            doc = json.loads((state_dir / SETTINGS_FILE).read_text())
+            return cls(state_dir, max_size=int(doc["max_size"]), keep=int(doc["keep"]),
+                       syslog=str(doc["syslog"]) if doc.get("syslog") else None)
+        except (OSError, ValueError, KeyError, TypeError):
+            return cls(state_dir)
+
+    def _save_settings(self) -> None:
+        """Writes the settings for :meth:`of`, once per trail (with its first record)."""
+        if self._saved:
+            return
+        self._saved = True
+        doc = json.dumps({"max_size": self.max_size, "keep": self.keep, "syslog": self.syslog})
+        tmp = self.state_dir / f".{SETTINGS_FILE}.{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+            os.write(fd, doc.encode())
+        finally:
+            os.close(fd)
+        os.replace(tmp, self.state_dir / SETTINGS_FILE)
 
     @property
     def path(self) -> Path:
@@ -101,6 +131,7 @@ class AuditTrail:
         }
         try:
             self._append(doc)
+            self._save_settings()
         except OSError as e:
             log.warning("corral: audit trail %s: %s", self.path, e.strerror or e)
         if self.syslog:

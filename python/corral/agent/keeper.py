@@ -248,7 +248,8 @@ def _audit(state_dir: Path, args: dict[str, object], outcome: str, reason: str) 
     from corral.access import Caller
     from corral.audit import AuditTrail
 
-    AuditTrail(state_dir).record(Caller.this_process(), "agent-restart", args, outcome, reason)
+    # By the settings the agent saved from the spec (rotation, the syslog forward).
+    AuditTrail.of(state_dir).record(Caller.this_process(), "agent-restart", args, outcome, reason)
 
 
 def _has_children() -> bool:
