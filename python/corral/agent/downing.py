@@ -116,6 +116,7 @@ class StackDown:
         # A quick question before the long one: a stopped agent accepts connections (the
         # kernel queues them) but would leave down waiting for ten minutes.
         deadline = time.monotonic() + 15
+        listened = False
         while True:
             try:
                 st = self.client.request("GET", "/v1/status", timeout=5)
@@ -123,8 +124,16 @@ class StackDown:
                 agent = self._agent_pid(keeper)
                 if agent is None or not _alive(*agent):
                     break
-                if self._listening() or time.monotonic() >= deadline:
-                    raise  # alive but not answering: its stack is left alone
+                if time.monotonic() >= deadline:
+                    raise
+                if self._listening():
+                    # Listening and not answering: alive but stopped or stuck, and its stack
+                    # is left alone. Unless it only began to listen since the question (a
+                    # new agent of the keeper's opened its socket just now): ask it again.
+                    if listened:
+                        raise
+                    listened = True
+                    continue
                 time.sleep(0.05)  # starting (not listening yet): it answers soon, or dies
                 continue
             pid = st.get("agent_pid") if isinstance(st, dict) else None
