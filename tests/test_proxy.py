@@ -113,7 +113,11 @@ async def test_a_killed_replica_loses_no_new_connection_once_out(front: Deployme
         await await_until(lambda: any(t.new is State.RESTARTING for t in front.events()), what="restarting")
         out_at = time.monotonic()
         await await_until(lambda: front.status().services["web"][1].state == "healthy", what="back")
-        await asyncio.sleep(0.5)
+        # Enough requests after the ejection, the restarted replica's among them (on a busy
+        # machine one request can take most of a second: a fixed pause saw none).
+        await await_until(lambda: sum(r[0] > out_at + 0.05 for r in load.results) >= 10
+                          and any(r[0] > out_at + 0.05 and r[2] == "web-1" for r in load.results),
+                          what="requests after the ejection")
     after = [r for r in load.results if r[0] > out_at + 0.05]
     assert after and all(ok for _, ok, _ in after), [r for r in after if not r[1]][:3]
     assert any(who == "web-1" for _, ok, who in after if ok), "the restarted replica gets traffic again"
