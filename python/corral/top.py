@@ -229,7 +229,8 @@ class TopApp(App[None]):
                 log.border_title = f"log: {row.instance}" if row is not None else "log"
             if key is None:
                 return
-            lines, self._log_cursor = self.client.instance_log(key[0], key[1], 200, self._log_cursor)
+            assert row is not None
+            lines, self._log_cursor = self.client.instance_log(key[0], key[1], 200, self._log_cursor, row.log)
         except (AgentUnavailable, CorralError, OSError):
             return
         if lines:

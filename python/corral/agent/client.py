@@ -273,18 +273,21 @@ class AgentClient:
         return follow_lines(self.log_files(service), last=lines)
 
     def instance_log(self, service: str, instance: str, lines: int = 200,
-                     cursor: Cursor | None = None) -> tuple[list[str], Cursor]:
+                     cursor: Cursor | None = None, path: Path | None = None) -> tuple[list[str], Cursor]:
         """One instance's log in steps, as ``top`` shows it: with no ``cursor``, its last
         ``lines`` lines and where they end; with one, the whole lines written after it (a
         rotated file starts over). Returns the lines and the cursor to pass next time. A
-        guest reads through the agent; the owner reads the file."""
+        guest reads through the agent; the owner reads the file (``path``, when the caller
+        knows it, saves reading the store for it)."""
         if self.guest:
             target = f"/v1/logs?service={quote(service)}&instance={quote(instance)}"
             target += f"&lines={lines}" if cursor is None else f"&cursor={quote(json.dumps(cursor))}"
             doc = self.request("GET", target)
             got = {str(k): (int(v[0]), int(v[1])) for k, v in doc["cursor"].items()}
             return [str(line) for iid, line in doc["lines"] if iid == instance], got
-        files = [(iid, f) for iid, f in self.log_files(service) if iid == instance]
+        # The owner reads the file: the one given (from a status read already), else the store's.
+        files = ([(instance, path)] if path is not None
+                 else [(iid, f) for iid, f in self.log_files(service) if iid == instance])
         found = tail_and_cursor(files, lines) if cursor is None else lines_after(files, cursor)
         return [line for _, line in found[0]], found[1]
 
