@@ -221,14 +221,16 @@ SERVICE = {"Name": S, "Tags": [S], "PortLabel": S, "Provider": S, "Checks": [SER
 RESOURCES = {"CPU": N, "Cores": N, "MemoryMB": N, "MemoryMaxMB": N}
 TEMPLATE = {"EmbeddedTmpl": S, "DestPath": S, "Envvars": B, "ChangeMode": S}
 TASK = {"Name": S, "Driver": S, "Config": dict, "Env": {str: S}, "Resources": RESOURCES, "KillTimeout": D,
-        "KillSignal": S, "Lifecycle": {"Hook": S, "Sidecar": B}, "Templates": [TEMPLATE]}
+        "KillSignal": S, "Lifecycle": {"Hook": S, "Sidecar": B}, "Templates": [TEMPLATE],
+        "VolumeMounts": [{"Volume": S, "Destination": S, "ReadOnly": B}]}
 GROUP = {"Name": S, "Count": N, "Tasks": [TASK], "Networks": [{"DynamicPorts": [PORT], "ReservedPorts": [PORT]}],
          "Services": [SERVICE], "Meta": {str: S},
          "RestartPolicy": {"Attempts": N, "Interval": D, "Delay": D, "Mode": S},
          "ReschedulePolicy": {"Attempts": N, "Interval": D, "Delay": D, "DelayFunction": S, "MaxDelay": D,
                               "Unlimited": B},
          "Update": {"MaxParallel": N, "MinHealthyTime": D, "HealthyDeadline": D, "AutoRevert": B, "HealthCheck": S},
-         "EphemeralDisk": {"SizeMB": N, "Sticky": B, "Migrate": B}}
+         "EphemeralDisk": {"SizeMB": N, "Sticky": B, "Migrate": B},
+         "Volumes": {str: {"Name": S, "Type": S, "Source": S, "ReadOnly": B}}}
 JOB = {"ID": S, "Name": S, "Type": S, "Region": S, "Namespace": S, "Datacenters": [S], "TaskGroups": [GROUP],
        "Meta": {str: S}}
 

@@ -56,17 +56,24 @@ __all__ = [
     "VolumeUsage",
     "__version__",
     "become_subreaper",
+    "create_volume_image",
     "disk_usage",
     "filesystem_id",
     "find_by_env",
     "group_alive",
     "group_members",
     "group_usage",
+    "grow_volume_image",
     "keeper_listen",
     "kill_pid",
+    "mount_volume_image",
+    "mounted_volume_image",
     "process_alive",
     "process_start_time",
     "signal_group",
+    "unmount_volume",
+    "volume_mounts",
+    "volume_support",
 ]
 
 __version__: str
@@ -1193,3 +1200,32 @@ def disk_usage(path: str | PathLike[str], max_entries: int = 10_000_000) -> Disk
     hard links once, at most ``max_entries`` entries; off the GIL. Raises
     :class:`~corral.exceptions.ConfigError` when ``path`` is a symbolic link, ``OSError``
     when it cannot be opened as a directory."""
+
+# --- volume ------------------------------------------------------------------------------
+
+def volume_support() -> str | None:
+    """Why this process cannot loop-mount volume images here (not root, no loop device, no
+    ``mkfs.ext4``, no ext4), or None when it can."""
+
+def create_volume_image(image: str | PathLike[str], size: int, uid: int | None = None,
+                        gid: int | None = None) -> None:
+    """Makes a new ext4 image of ``size`` bytes at ``image`` (0600, sparse), its root owned
+    by ``uid``:``gid`` when given. Raises ``FileExistsError`` for an existing file,
+    ``OSError`` when ``mkfs.ext4`` fails (nothing is left behind then)."""
+
+def grow_volume_image(image: str | PathLike[str], size: int) -> None:
+    """Grows an unmounted image to ``size`` bytes; :class:`~corral.exceptions.ConfigError`
+    for a smaller size."""
+
+def mount_volume_image(image: str | PathLike[str], target: str | PathLike[str]) -> str:
+    """Mounts ``image`` at the directory ``target`` through a free loop device (nosuid,
+    nodev); returns the device's path. ``OSError`` when it cannot (nothing stays attached)."""
+
+def unmount_volume(target: str | PathLike[str]) -> bool:
+    """Unmounts ``target``; True when it was busy and was detached lazily instead."""
+
+def mounted_volume_image(target: str | PathLike[str]) -> str | None:
+    """The image mounted at ``target``, or None."""
+
+def volume_mounts() -> list[tuple[str, str]]:
+    """Every loop-backed mount: (mount point, image)."""

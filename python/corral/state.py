@@ -19,6 +19,7 @@ from typing import Any
 from corral._core import process_alive, process_start_time
 from corral.exceptions import StateDirError
 from corral.statesafe import default_state_dir, private_file, secure_state_dir
+from corral.storageusage import StorageUsage
 
 __all__ = ["DeploymentRow", "DeploymentStatus", "EventRow", "InstanceRow", "SpecRow", "StateStore",
            "default_state_dir", "private_file", "secure_state_dir"]
@@ -35,7 +36,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     started_at REAL NOT NULL,
     updated_at REAL NOT NULL,
     phases TEXT NOT NULL DEFAULT '[]',
-    version INTEGER NOT NULL DEFAULT 1
+    version INTEGER NOT NULL DEFAULT 1,
+    storage TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS instances (
     id TEXT NOT NULL,
@@ -87,6 +89,7 @@ _ADDED_COLUMNS = (
     ("events", "repeats", "INTEGER NOT NULL DEFAULT 1"),
     ("instances", "version", "INTEGER NOT NULL DEFAULT 1"),
     ("deployments", "version", "INTEGER NOT NULL DEFAULT 1"),
+    ("deployments", "storage", "TEXT NOT NULL DEFAULT '{}'"),
 )
 """Columns newer than the first schema, added to an older state.db when it is opened."""
 
@@ -106,6 +109,8 @@ class DeploymentRow:
     phases: list[list[str]] = field(default_factory=list)
     version: int = 1
     """The spec version running (each apply that succeeds adds one)."""
+    storage: dict[str, StorageUsage] = field(default_factory=dict)
+    """Per service with storage: its volume as last measured."""
 
     def agent_running(self) -> bool:
         """Whether the recorded agent is alive: its pid, with the same start time, and not a
@@ -187,6 +192,8 @@ class DeploymentStatus:
     while the agent runs, since they live in its memory."""
     version: int = 1
     """The spec version running (during a rollout, each instance says which it runs)."""
+    storage: dict[str, StorageUsage] = field(default_factory=dict)
+    """Per service with storage: its volume's size and usage as last measured."""
 
     def to_dict(self) -> dict[str, Any]:
         """The ``corral status --json`` and ``GET /v1/status`` document."""
@@ -195,6 +202,7 @@ class DeploymentStatus:
             "agent_running": self.agent_running,
             "services": {s: [i.to_dict() for i in insts] for s, insts in self.services.items()},
             "fronts": self.fronts, "version": self.version,
+            "storage": {s: u.to_dict() for s, u in self.storage.items()},
         }
 
     @classmethod
@@ -205,7 +213,8 @@ class DeploymentStatus:
                    agent_running=bool(doc.get("agent_running", False)),
                    services={s: [InstanceRow.from_dict(name, s, i) for i in insts]
                              for s, insts in doc["services"].items()},
-                   fronts=dict(doc.get("fronts", {})), version=int(doc.get("version", 1)))
+                   fronts=dict(doc.get("fronts", {})), version=int(doc.get("version", 1)),
+                   storage={s: StorageUsage.from_dict(u) for s, u in doc.get("storage", {}).items()})
 
     @classmethod
     def from_rows(cls, row: DeploymentRow, instances: list[InstanceRow], agent_running: bool) -> DeploymentStatus:
@@ -213,7 +222,8 @@ class DeploymentStatus:
         services: dict[str, list[InstanceRow]] = {s: [] for phase in row.phases for s in phase}
         for i in instances:
             services.setdefault(i.service, []).append(i)
-        return cls(row.name, row.status, row.message, row.agent_pid, agent_running, services, version=row.version)
+        return cls(row.name, row.status, row.message, row.agent_pid, agent_running, services, version=row.version,
+                   storage=row.storage)
 
 
 @dataclass(frozen=True)
@@ -349,9 +359,10 @@ class StateStore:
         with self._tx():
             self._db.execute(
                 "INSERT OR REPLACE INTO deployments (name, spec, status, message, agent_pid, agent_start, "
-                "started_at, updated_at, phases, version) VALUES (?,?,?,?,?,?,?,?,?,?)",
+                "started_at, updated_at, phases, version, storage) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 (row.name, row.spec, row.status, row.message, row.agent_pid, row.agent_start,
-                 row.started_at, row.updated_at, json.dumps(row.phases), row.version))
+                 row.started_at, row.updated_at, json.dumps(row.phases), row.version,
+                 json.dumps({s: u.to_dict() for s, u in row.storage.items()})))
 
     def put_spec(self, deployment: str, version: int, digest: str, text: str, state: str,
                  message: str = "") -> None:
@@ -388,9 +399,11 @@ class StateStore:
     def read_deployments(path: str | Path) -> list[DeploymentRow]:
         """Every deployment recorded."""
         rows = _read(path, "SELECT name, spec, status, message, agent_pid, agent_start, started_at, updated_at, "
-                           "phases, version FROM deployments ORDER BY started_at", ())
+                           "phases, version, storage FROM deployments ORDER BY started_at", ())
         return [DeploymentRow(name=r[0], spec=r[1], status=r[2], message=r[3], agent_pid=r[4], agent_start=r[5],
-                              started_at=r[6], updated_at=r[7], phases=json.loads(r[8]), version=r[9]) for r in rows]
+                              started_at=r[6], updated_at=r[7], phases=json.loads(r[8]), version=r[9],
+                              storage={s: StorageUsage.from_dict(u) for s, u in json.loads(r[10]).items()})
+                for r in rows]
 
     @staticmethod
     def read_specs(path: str | Path, deployment: str) -> list[SpecRow]:

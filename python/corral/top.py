@@ -1,8 +1,9 @@
 """``corral top``: a terminal UI (Textual) for a running stack.
 
 One row per instance (service, instance, state, health, pid, CPU%, RSS, restarts, ports,
-CPUs), sorted by any column (click its header, or ``o`` for the next column, ``O`` to
-reverse) and refreshed each second from the agent; the selected instance's log, following;
+CPUs, its service's storage as ``312Mi/1Gi``), sorted by any column (click its header, or
+``o`` for the next column, ``O`` to reverse) and refreshed each second from the agent; the
+selected instance's log, following;
 keys that restart, stop, start and scale the selected service through the same
 :class:`~corral.agent.client.AgentClient` as the CLI; and the machine drawn as
 ``corral status --map`` draws it (NUMA nodes, L3 domains, cores, threads, and who holds each
@@ -41,7 +42,7 @@ __all__ = ["COLUMNS", "Row", "TopApp", "rows_of"]
 
 _TICK = os.sysconf("SC_CLK_TCK")
 
-COLUMNS = ("service", "instance", "state", "health", "pid", "cpu%", "rss", "restarts", "ports", "cpus")
+COLUMNS = ("service", "instance", "state", "health", "pid", "cpu%", "rss", "restarts", "ports", "cpus", "storage")
 
 
 @dataclass
@@ -59,6 +60,8 @@ class Row:
     ports: str
     cpus: str
     log: Path | None
+    storage: str = ""
+    """The service's volume, ``312Mi/1Gi`` (shared by its replicas)."""
 
     def key(self, column: str) -> Any:
         """What ``column`` sorts by (numbers as numbers, blanks last)."""
@@ -70,7 +73,7 @@ class Row:
         return [Text(v) for v in (
             self.service, self.instance, self.state, self.health, str(self.pid or "-"),
             "-" if self.cpu is None else f"{self.cpu:.1f}", _mib(self.rss), str(self.restarts),
-            self.ports or "-", self.cpus or "-")]
+            self.ports or "-", self.cpus or "-", self.storage or "-")]
 
 
 def _mib(n: int | None) -> str:
@@ -115,7 +118,8 @@ def rows_of(status: DeploymentStatus, usage: dict[str, tuple[float | None, int]]
             rows.append(Row(i.service, i.id, i.state, "healthy" if i.healthy else ("not ready" if alive else "-"),
                             i.pid if alive else None, cpu, rss, i.restarts,
                             ",".join(f"{n}={p}" for n, p in sorted(i.ports.items())),
-                            _cpus(i.cpus, i.exclusive, i.millicores), Path(i.log) if i.log else logs / f"{i.id}.log"))
+                            _cpus(i.cpus, i.exclusive, i.millicores), Path(i.log) if i.log else logs / f"{i.id}.log",
+                            status.storage[i.service].text() if i.service in status.storage else ""))
     return rows
 
 

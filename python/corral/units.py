@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import re
 
-__all__ = ["MAX_DURATION", "MAX_SIZE", "format_mib", "parse_duration", "parse_size"]
+__all__ = ["MAX_DURATION", "MAX_SIZE", "format_bytes", "format_mib", "parse_duration", "parse_size"]
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|us|s|m|h)")
 _BARE_NUMBER = re.compile(r"^\d+(?:\.\d+)?$")
@@ -81,3 +81,13 @@ def format_mib(mib: float) -> str:
         if mib >= scale:
             return f"{mib / scale:.1f}".removesuffix(".0") + unit
     return f"{mib:.0f}Mi"
+
+
+def format_bytes(n: float) -> str:
+    """A size in bytes as ``status`` shows usage: ``312Mi``, ``1.03Gi``, ``4.5Ki``, ``0``."""
+    for unit, scale in (("Ti", 1 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n >= scale:
+            v = n / scale
+            text = f"{v:.2f}" if v < 10 else f"{v:.1f}" if v < 100 else f"{v:.0f}"
+            return (text.rstrip("0").rstrip(".") if "." in text else text) + unit
+    return f"{n:.0f}"

@@ -319,13 +319,13 @@ class AgentClient:
         self._owner_only("verify the audit trail of")
         return verify(self.state_dir)
 
-    def _owner_only(self, what: str) -> None:
+    def _owner_only(self, what: str, op: str = "audit") -> None:
         if self.guest:
             from corral.access import Caller
 
             me = Caller.of(os.getpid(), os.getuid(), os.getgid())
             raise AccessDenied(f"{me.describe()} may not {what} the stack in {self.state_dir}: only its owner and root "
-                               f"may", me.user, me.uid, "audit", "owner")
+                               f"may", me.user, me.uid, op, "owner")
 
     def restart(self, service: str) -> None:
         """A rolling restart (needs the agent)."""
@@ -381,6 +381,33 @@ class AgentClient:
         from corral.agent.downing import StackDown
 
         return StackDown(self).run(waiting)
+
+    def volume_images(self) -> list[tuple[Path, int, int]]:
+        """The stack's volume images (``enforce: volume``): each with its size and the bytes
+        it takes on disk. :class:`AccessDenied` for anyone but the owner: they are files of
+        the state directory."""
+        from corral.volumes import images
+
+        self._owner_only("remove the volume images of", "down --volumes")
+        return [(p, st.st_size, st.st_blocks * 512) for p in images(self.state_dir) for st in [p.stat()]]
+
+    def remove_volumes(self) -> list[Path]:
+        """Removes the stack's volume images once nothing mounts them (after :meth:`down`);
+        returns what it removed. An image still mounted is left, and named in
+        :class:`~corral.exceptions.CorralError`."""
+        from corral.volumes import images, mounts_of
+
+        busy = {image for _, image in mounts_of(self.state_dir)}
+        removed, kept = [], []
+        for image in images(self.state_dir):
+            if image.resolve() in busy:
+                kept.append(image)
+                continue
+            image.unlink()
+            removed.append(image)
+        if kept:
+            raise CorralError(f"still mounted, not removed: {', '.join(map(str, kept))}")
+        return removed
 
     def applied_spec(self) -> tuple[DeploymentSpec, str] | None:
         """The spec the stack last applied and its file: the text the store keeps (the file

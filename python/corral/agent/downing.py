@@ -58,6 +58,8 @@ class StackDown:
 
     def __init__(self, client: StackAccess) -> None:
         self.client = client
+        self.unmounted: list[str] = []
+        """What became of the volumes a dead agent left mounted."""
 
     def run(self, waiting: Callable[[str], None] | None = None) -> int | None:
         """See :meth:`AgentClient.down`."""
@@ -92,6 +94,7 @@ class StackDown:
 
     def _all(self) -> int | None:
         from corral.leftovers import sweep_stack
+        from corral.volumes import unmount_all
 
         keeper = self._hold_keeper()
         try:
@@ -104,6 +107,9 @@ class StackDown:
         while agent and _alive(*agent) and time.monotonic() < deadline:
             time.sleep(0.01)
         sweep_stack(self.client.state_dir)
+        # A dead agent's volumes stay mounted (a live one unmounts its own): nothing runs on
+        # them any more.
+        self.unmounted = unmount_all(self.client.state_dir)
         if keeper is not None:
             while _alive(*keeper) and time.monotonic() < deadline:
                 time.sleep(0.01)

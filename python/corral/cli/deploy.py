@@ -417,13 +417,30 @@ def agent(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
     raise typer.Exit(code)
 
 
+_VOLUMES_HELP = ("Also remove the volume images of 'enforce: volume' services, and so their data (as docker "
+                 "compose down --volumes); plain storage directories are kept.")
+
+
 @app.command()
-def down(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
+def down(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
+         volumes: Annotated[bool, typer.Option("--volumes", "-v", help=_VOLUMES_HELP)] = False) -> None:
     """Stop every service (reverse dependency order) and the agent."""
-    n = client_of(spec, state_dir).down(
+    from corral.units import format_bytes
+
+    client = client_of(spec, state_dir)
+    images = client.volume_images() if volumes else []
+    if volumes:
+        # Said before anything is touched, as compose names the volumes it removes.
+        out.print(f"will remove {len(images)} volume images after down" + (":" if images else ""), markup=False)
+        for path, size, held in images:
+            out.print(f"  {path.stem}: {path} ({format_bytes(size)}, {format_bytes(held)} on disk)", markup=False)
+    n = client.down(
         waiting=lambda who: error(f"waiting for {who}, which is starting or stopping this stack"))
     if n is None:
         out.print("down")
     else:
         # No agent: what a dead agent left behind was stopped, by process group and start time.
         out.print(f"no agent running; stopped {n} leftover process groups" if n else "nothing running")
+    if volumes:
+        for path in client.remove_volumes():
+            out.print(f"removed {path}", markup=False)

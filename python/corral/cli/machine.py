@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from corral.cli.common import app, out, printable
-from corral.units import format_mib
+from corral.units import format_bytes, format_mib
 
 if TYPE_CHECKING:
     from corral.state import DeploymentStatus
@@ -47,11 +47,18 @@ def ls(as_json: JsonOpt = False) -> None:
                       "?" if r.total is None else f"{r.healthy}/{r.total}", _cpus(r.cpus),
                       f"{r.millicores / 1000:g}" if r.millicores else "-",
                       format_mib(r.memory_mb) if r.memory_mb else "-",
-                      format_mib(r.storage_mb) if r.storage_mb else "-", port_ranges(r.ports) or "-",
+                      _storage(r.storage_used, r.storage_mb), port_ranges(r.ports) or "-",
                       str(r.agent_pid or "-")))
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _storage(used: int | None, reserved_mb: int) -> str:
+    """``312Mi/1Gi``: what the volumes hold, of what they reserve."""
+    if not reserved_mb:
+        return "-"
+    return (format_bytes(used) if used is not None else "?") + "/" + format_mib(reserved_mb)
 
 
 def _status_as_me(state_dir: Path) -> DeploymentStatus | None:

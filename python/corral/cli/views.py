@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -78,6 +79,12 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
                                 f"{f['errors']} errors, {f['refused']} refused"
                                 + (f", {f['tls_refused']} refused at TLS" if f.get("tls_refused") else "")
                                 + (f", ejected: {', '.join(ejected)}" if ejected else "")))
+    for name, u in st.storage.items():
+        pct = "" if u.percent is None else f" ({u.percent:.0f}%)"
+        when = "" if u.measured_at is None else f", measured {max(0.0, time.time() - u.measured_at):.0f}s ago"
+        out.print(Text.assemble("storage ", (name, "bold"), f" {u.path}: {u.text()}{pct}, "
+                                f"{u.inodes if u.inodes is not None else '?'} inodes, enforce: {u.enforce}, "
+                                f"on_full: {u.on_full}{when}"))
 
 
 @app.command()

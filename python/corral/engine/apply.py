@@ -182,7 +182,7 @@ class Applier:
             free = [i for i in range(c.replicas[1] + len(taken)) if i not in taken][:c.replicas[1] - len(have)]
             try:
                 if c.change == "added":
-                    self.vols.add(self.stack, {c.name: volumes[c.name]} if c.name in volumes else {})
+                    self.vols.add(self.stack, {c.name: volumes[c.name]} if c.name in volumes else {}, spec)
                     slots, ver = [(i, f"{c.name}-{i}") for i in free], version
                 else:
                     slots, ver = self.running.slots(c.name, free), self.running.versions[c.name]

@@ -65,7 +65,17 @@ class BringUp:
             stack.add(inst)
             inst.life.to(State.PLACED, placement_text(p))
         self.fronts.ports = dict(plan.fronts)
-        self.supervise()
+        try:
+            self.supervise()  # gives everything back itself when a hook fails
+        except (CorralError, OSError) as e:
+            # A volume that would not mount, say: nothing started; failed as a start fails.
+            reason = f"setting up the stack failed: {e}"
+            stack.down = True
+            for inst in stack.instances.values():
+                inst.life.to(State.STOPPED, f"rollback: {reason}")
+            journal.status("failed", reason, event=("starting", reason))
+            journal.flush()
+            raise DeploymentError(reason) from None
         self.stack.tracing.phases(plan.phases)
         tasks = {name: asyncio.create_task(self._bring_up(name), name=f"up-{name}") for name in spec.services}
         try:

@@ -2,7 +2,8 @@
 allocation runner: each ``prerun`` before the first instance starts (returning warnings),
 ``stopping`` when ``down`` begins, ``postrun`` once every instance has stopped.
 
-- :class:`VolumesHook`: storage directories exist before anything starts.
+- :class:`VolumesHook`: storage directories exist (size-limited volumes mounted) before
+  anything starts.
 - :class:`CgroupsHook`: one memory cgroup per instance that asks for memory.
 - :class:`MeshHook`: the deployment's CA, a certificate per service, renewal.
 - :class:`FrontsHook`: a proxy before each exposed service's healthy instances.
@@ -16,12 +17,25 @@ import os
 from pathlib import Path
 from typing import Any
 
-from corral._core import Authority, Cgroups, IssuedCert, Proxy
+from corral._core import (
+    Authority,
+    Cgroups,
+    IssuedCert,
+    Proxy,
+    create_volume_image,
+    grow_volume_image,
+    mount_volume_image,
+    mounted_volume_image,
+    unmount_volume,
+)
 from corral.engine.instance import InstanceRuntime
 from corral.engine.stack import Stack
 from corral.exceptions import CorralError
 from corral.identity import credentials
 from corral.lifecycle import State
+from corral.spec import DeploymentSpec
+from corral.units import format_bytes
+from corral.volumes import image_of, owner_ids, space_of
 
 __all__ = ["CgroupsHook", "FrontsHook", "Hook", "MeshHook", "VolumesHook"]
 
@@ -43,25 +57,80 @@ class Hook:
 
 
 class VolumesHook(Hook):
-    """Creates each storage volume's directory."""
+    """Creates each storage volume's directory; for ``enforce: volume``, makes the service's
+    image on first need (growing it when the size grew) and mounts it there, and unmounts
+    it once everything stopped (see :mod:`corral.volumes`)."""
 
     name = "volumes"
 
     def __init__(self, volumes: dict[str, Path]) -> None:
         self.volumes = volumes
+        self.mounted: list[Path] = []
 
     def prerun(self, stack: Stack) -> list[str]:
-        for path in self.volumes.values():
+        warnings: list[str] = []
+        for name, path in self.volumes.items():
             path.mkdir(parents=True, exist_ok=True)
-        return []
+            warnings += self._enforce(stack, name, path)
+        return warnings
 
-    def add(self, stack: Stack, volumes: dict[str, Path]) -> None:
-        """Volumes of services an apply adds (or moves): created, and known to the ledger."""
+    def add(self, stack: Stack, volumes: dict[str, Path], spec: DeploymentSpec | None = None) -> None:
+        """Volumes of services an apply adds (or moves) by ``spec``: created (mounted), and
+        known to the ledger."""
         for name, path in volumes.items():
             if self.volumes.get(name) != path:
                 path.mkdir(parents=True, exist_ok=True)
-                stack.resources.add_volume(str(path), str(path))
+                for w in self._enforce(stack, name, path, spec):
+                    stack.warn(w)
+                st = (spec or stack.spec).services[name].resources.storage
+                stack.resources.add_volume(str(path), str(space_of(st.enforce if st else "none", path,
+                                                                   stack.state_dir)))
                 self.volumes[name] = path
+
+    def _enforce(self, stack: Stack, name: str, path: Path, spec: DeploymentSpec | None = None) -> list[str]:
+        svc = (spec or stack.spec).services.get(name)
+        st = svc.resources.storage if svc is not None else None
+        if st is None or st.enforce != "volume" or svc is None:
+            return []
+        image = image_of(stack.state_dir, name)
+        now = mounted_volume_image(path)
+        if now is not None:
+            if Path(now) != image:
+                raise CorralError(f"storage path {st.path} of {name}: {now} is mounted there, not its volume {image}")
+            self.mounted.append(path)  # still mounted: a dead agent's stack, taken over
+            return []
+        warnings = []
+        if not image.exists():
+            if any(path.iterdir()):
+                raise CorralError(f"storage path {st.path} of {name} already holds files, which its new volume "
+                                  f"would hide: move them away, or use enforce: none")
+            image.parent.mkdir(mode=0o700, exist_ok=True)
+            uid, gid, _, _ = credentials(svc.user, svc.group)
+            create_volume_image(image, int(st.size), *owner_ids(uid, gid))
+            fresh = True
+        else:
+            fresh = False
+            have = image.stat().st_size
+            if have < st.size:
+                grow_volume_image(image, int(st.size))
+                warnings.append(f"volume of {name} grown from {format_bytes(have)} to {format_bytes(st.size)}")
+            elif have > st.size:
+                warnings.append(f"volume of {name} is {format_bytes(have)}, more than its size {format_bytes(st.size)}"
+                                f": kept so (shrinking an image could lose data; down --volumes makes it anew)")
+        mount_volume_image(image, path)
+        self.mounted.append(path)
+        if fresh:
+            os.chmod(path, 0o700)  # owner-only, as every directory corral makes
+        return warnings
+
+    def postrun(self, stack: Stack) -> None:
+        while self.mounted:
+            path = self.mounted.pop()
+            try:
+                if unmount_volume(path):
+                    stack.warn(f"volume at {path} was busy: detached, it goes once its last file is closed")
+            except OSError as e:
+                stack.warn(f"cannot unmount the volume at {path}: {e}")
 
 
 class CgroupsHook(Hook):

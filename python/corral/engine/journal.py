@@ -20,6 +20,7 @@ from corral._core import process_start_time
 from corral.exceptions import CorralError
 from corral.lifecycle import State, Transition
 from corral.state import DeploymentRow, EventRow, InstanceRow, StateStore
+from corral.storageusage import StorageUsage
 
 __all__ = ["Journal"]
 
@@ -114,6 +115,13 @@ class Journal:
         self._write(self._store.put_deployment, self.row)
         if event is not None:
             self.note(event[1], old=event[0], new=status)
+
+    def storage(self, usage: dict[str, StorageUsage]) -> None:
+        """The volumes as just measured: saved with the deployment's row (status and ``ls``
+        read them from there when no agent answers)."""
+        self.row.storage = dict(usage)
+        if self._store is not None:
+            self._write(self._store.put_deployment, self.row)
 
     def transition(self, t: Transition) -> None:
         """An instance changed state: its event now, its row with the next batch."""

@@ -259,6 +259,7 @@ class Launcher:
             inst.life.to(State.STOPPED, "stopped before it was spawned")
         elif inst.state.alive and inst.live_process is not None:
             if inst.state is not State.STOPPING:
+                inst.reason = reason  # what status says once it has stopped
                 inst.life.to(State.STOPPING, reason)  # out of its front from here on
                 if drain and inst.svc.shutdown.drain > 0:
                     await asyncio.sleep(inst.svc.shutdown.drain)

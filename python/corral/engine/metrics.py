@@ -15,6 +15,8 @@ Families (labels ``service``, ``instance``, and ``probe``, ``upstream``, ``direc
 ``corral_front_errors_total``, ``corral_front_ejections_total``,
 ``corral_front_connect_duration_seconds`` (histogram), ``corral_rollouts_total``,
 ``corral_operations_total`` (by ``op`` and ``outcome``: ok, failed, refused),
+``corral_storage_size_bytes``, ``corral_storage_used_bytes``, ``corral_storage_inodes``,
+``corral_storage_measure_seconds`` (the last walk's duration),
 and the agent's ``process_*``. CPU time and open descriptors are the instance's process
 group's (one pass over ``/proc`` for all instances); memory is its cgroup's when it has one.
 """
@@ -195,6 +197,15 @@ def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> st
             add(f'corral_front_connect_duration_seconds_bucket{{{base},le="+Inf"}} {u.connect_count}')
             add(f"corral_front_connect_duration_seconds_sum{{{base}}} {u.connect_sum}")
             add(f"corral_front_connect_duration_seconds_count{{{base}}} {u.connect_count}")
+    vols = sorted(stack.storage.items())
+    _family(lines, "corral_storage_size_bytes", "gauge", "The size the spec gives the service's volume, bytes.",
+            ((_labels(service=n), float(u.size)) for n, u in vols))
+    _family(lines, "corral_storage_used_bytes", "gauge", "What the service's volume holds, bytes, as last measured.",
+            ((_labels(service=n), float(u.used)) for n, u in vols if u.used is not None))
+    _family(lines, "corral_storage_inodes", "gauge", "Files and directories in the service's volume, as last measured.",
+            ((_labels(service=n), float(u.inodes)) for n, u in vols if u.inodes is not None))
+    _family(lines, "corral_storage_measure_seconds", "gauge", "How long the last measurement of the volume took.",
+            ((_labels(service=n), u.seconds) for n, u in vols if u.seconds is not None))
     _family(lines, "corral_rollouts_total", "counter", "Applies that replaced instances, by how they ended.",
             ((_labels(result=r), float(c)) for r, c in sorted(counters.rollouts.items())))
     _family(lines, "corral_operations_total", "counter", "Operations on the stack, by how they ended (the audit "

@@ -31,7 +31,7 @@ class ServiceOps:
         self.journal = journal
         self.changing = changing
 
-    async def restart(self, service: str) -> None:
+    async def restart(self, service: str, reason: str = "restart requested") -> None:
         """Restarts the replicas of ``service`` one after the other, each waited for until it
         meets its condition again (a rolling restart). A replica that does not come back
         (failed, or not up within its ``start_timeout``) stops the rollout: raises
@@ -41,9 +41,9 @@ class ServiceOps:
             with self.stack.tracing.operation("restart", service=service):
                 replicas = list(self._service(service))
                 for done, inst in enumerate(replicas):
-                    await self.fleet.stop(inst, "restart requested")
+                    await self.fleet.stop(inst, reason)
                     inst.restarts += 1
-                    self.fleet.start([inst], "restart requested")
+                    self.fleet.start([inst], reason)
                     failed = await self.fleet.first_not_up([inst], inst.svc.start_timeout)
                     if failed is not None:
                         # The rest keep running the old way: a rollout that fails stops where it failed.
@@ -98,13 +98,13 @@ class ServiceOps:
                     await self.fleet.shrink(service, replicas, f"scaled to {replicas}")
                 self.journal.flush()
 
-    async def stop_service(self, service: str) -> list[str]:
+    async def stop_service(self, service: str, reason: str = "stopped by request") -> list[str]:
         """Stops every instance of ``service`` by its shutdown rule; it stays in the stack,
         ``stopped``, keeping its placement, until :meth:`start_service`. Dependents keep
         running: their names come back (as compose warns about them)."""
         async with self.changing:
             insts = self._service(service)
-            await asyncio.gather(*(self.fleet.stop(i, "stopped by request") for i in insts))
+            await asyncio.gather(*(self.fleet.stop(i, reason) for i in insts))
             dependents = [n for n, s in self.running.spec.services.items() if service in s.depends_on]
             if dependents:
                 self.stack.warn(f"{service} stopped; {', '.join(dependents)} depend on it and keep running")

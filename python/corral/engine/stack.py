@@ -21,6 +21,7 @@ from corral.engine.tracing import Tracing
 from corral.lifecycle import Transition
 from corral.spec import DeploymentSpec
 from corral.statedir import stack_id
+from corral.storageusage import StorageUsage
 
 __all__ = ["Stack"]
 
@@ -50,6 +51,8 @@ class Stack:
         self.down = False
         """Set once the deployment stops (down or rollback): nothing restarts after it."""
         self.warnings: list[str] = []
+        self.storage: dict[str, StorageUsage] = {}
+        """Per service with storage: its volume as last measured (the storage watch's)."""
         self.tracing = Tracing(None, spec.name)
         """The deployment's spans (off until the deployment configures it)."""
         self.listeners: list[Callable[[Transition], None]] = []

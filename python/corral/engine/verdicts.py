@@ -84,7 +84,7 @@ class Verdicts:
             # Nor anything that left the group (a setsid daemon); down sweeps once, at its end.
             self.launcher.sweep(inst)
         if inst.state is State.STOPPING:
-            inst.reason = "stopped"
+            inst.reason = inst.reason or "stopped"  # why it was stopped (set by the stop)
             inst.life.to(State.STOPPED, _exit_text(ev.pid, code, sig))
             self.stack.registry.deregister(inst.id)
             return

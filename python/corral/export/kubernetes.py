@@ -3,7 +3,10 @@ against the 1.37 schemas, strict).
 
 - long-running services are Deployments, services with ``storage`` StatefulSets (a
   ``volumeClaimTemplates`` entry of its size, mounted at the volume's path), one-shot ones
-  Jobs; labels ``app.kubernetes.io/name``, ``part-of`` (the stack), ``managed-by: corral``;
+  Jobs; storage with ``on_full: restart`` (scratch a service cleans on start) and a job's
+  storage are an ``emptyDir`` of the size with ``ephemeral-storage`` requests and limits
+  instead (the kubelet evicts the pod past it); labels ``app.kubernetes.io/name``,
+  ``part-of`` (the stack), ``managed-by: corral``;
 - a Service per service with ports (its DNS name is what ``CORRAL_<DEP>_ADDR`` becomes);
   ``expose:`` sets that Service's first port, ``balance: ip_hash`` its ``sessionAffinity``;
 - ``env_file`` is a ConfigMap (``envFrom``); probes map one to one (durations rounded up
@@ -193,6 +196,9 @@ def _resources(w: Workload) -> dict[str, Any]:
             requests["memory"] = _quantity(int(r.memory))
         if (r.memory_max or r.memory) is not None:
             limits["memory"] = _quantity(int(r.memory_max or r.memory or 0))
+    if r.storage is not None and w.kind != "stateful":
+        # Scratch space (an emptyDir of the size): the kubelet evicts a pod past it.
+        requests["ephemeral-storage"] = limits["ephemeral-storage"] = _quantity(int(r.storage.size))
     out: dict[str, Any] = {}
     if requests:
         out["requests"] = requests
@@ -235,6 +241,9 @@ def _waits(model: StackModel, w: Workload) -> list[dict[str, Any]]:
 def _pod(model: StackModel, w: Workload) -> dict[str, Any]:
     spec: dict[str, Any] = {"containers": [_container(model, w)],
                             "terminationGracePeriodSeconds": _secs(w.spec.shutdown.timeout, 0)}
+    st = w.spec.resources.storage
+    if w.volume and st is not None and w.kind != "stateful":
+        spec["volumes"] = [{"name": "data", "emptyDir": {"sizeLimit": _quantity(int(st.size))}}]
     waits = _waits(model, w)
     if waits:
         spec["initContainers"] = waits

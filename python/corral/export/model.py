@@ -141,7 +141,11 @@ def build(spec: DeploymentSpec, base: Path) -> StackModel:
                 env_file = read_env_file(base / svc.env_file)
             except OSError as e:
                 raise ConfigError(f"{name}: env_file {svc.env_file}: {e.strerror or e}") from None
-        kind: Kind = "job" if _is_job(name, svc, spec) else "stateful" if svc.resources.storage else "service"
+        # Storage that is worth keeping makes a stateful workload; a service that cleans its
+        # own space on start (on_full: restart) gets scratch space instead.
+        st = svc.resources.storage
+        kind: Kind = ("job" if _is_job(name, svc, spec) else
+                      "stateful" if st is not None and st.on_full != "restart" else "service")
         probes = {k: _check(p, ports) for k in ("startup", "readiness", "liveness")
                   if (p := getattr(svc.health, k)) is not None}
         storage = svc.resources.storage

@@ -85,8 +85,18 @@ def _env(w: Workload) -> dict[str, str]:
     env["CORRAL_INSTANCE"] = "${NOMAD_ALLOC_NAME}"
     env["CORRAL_REPLICA"] = "${NOMAD_ALLOC_INDEX}"
     if w.volume:
-        env["CORRAL_VOLUME"] = "${NOMAD_ALLOC_DIR}/data"
+        env["CORRAL_VOLUME"] = _destination(w) if _host_volume(w) else "${NOMAD_ALLOC_DIR}/data"
     return env
+
+
+def _host_volume(w: Workload) -> bool:
+    """A container with storage worth keeping: its data goes on a host volume."""
+    return bool(w.volume and w.image and w.kind == "stateful")
+
+
+def _destination(w: Workload) -> str:
+    path = w.volume or "data"
+    return path if path.startswith("/") else "/" + path.lstrip("./")
 
 
 def _check(kind: str, c: Check, w: Workload) -> dict[str, Any]:
@@ -134,6 +144,8 @@ def _task(model: StackModel, w: Workload, name: str | None = None) -> dict[str, 
         res.setdefault("MemoryMB", mem_max)
     if res:
         task["Resources"] = res
+    if _host_volume(w) and name == w.dns:
+        task["VolumeMounts"] = [{"Volume": "data", "Destination": _destination(w), "ReadOnly": False}]
     templates = [_addr_template(model, dep) for dep in _awaited(model, w)]
     if templates:
         task["Templates"] = templates
@@ -216,9 +228,18 @@ def _group(model: StackModel, w: Workload) -> dict[str, Any]:
         if w.ports:
             service["PortLabel"] = w.ports[0].name
         group["Services"] = [service]
-    if w.volume:
-        group["EphemeralDisk"] = {"SizeMB": _mib(int(w.spec.resources.storage.size)) if w.spec.resources.storage
-                                  else 300, "Sticky": True, "Migrate": True}
+    st = w.spec.resources.storage
+    if w.volume and st is not None:
+        # Sized, and kept with the allocation where Nomad can; scratch (on_full: restart)
+        # starts empty with each new allocation.
+        keep = w.kind == "stateful"
+        group["EphemeralDisk"] = {"SizeMB": _mib(int(st.size)), "Sticky": keep, "Migrate": keep}
+        if _host_volume(w):
+            # A container's data outlives its allocation on a host volume of the client's.
+            group["Volumes"] = {"data": {"Name": "data", "Type": "host", "Source": f"{w.dns}-data",
+                                         "ReadOnly": False}}
+            w.beyond.append(f"storage: the Nomad client must define host_volume \"{w.dns}-data\"; Nomad does "
+                            f"not limit its size")
     beyond = list(w.beyond)
     if "startup" in w.probes:
         beyond.append("startup probe: Nomad checks have no startup phase")

@@ -4,7 +4,7 @@ what each holds in the machine ledger and, from its own state directory, how it 
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,7 @@ from corral.exceptions import CorralError
 from corral.machine.view import HolderView, MachineView
 from corral.state import DeploymentStatus, StateStore
 from corral.statedir import STATE_DB
+from corral.storageusage import StorageUsage
 
 __all__ = ["Ask", "StackRow", "port_ranges", "stack_rows"]
 
@@ -31,6 +32,8 @@ class StackRow:
     millicores: int
     memory_mb: int
     storage_mb: int
+    storage_used: int | None
+    """Bytes its volumes hold, as its agent last measured them (None: not measured)."""
     ports: list[int]
     agent_pid: int | None
     user: str
@@ -55,9 +58,11 @@ def port_ranges(ports: list[int]) -> str:
 
 def _row(h: HolderView, seen: DeploymentStatus | None = None) -> StackRow:
     state, healthy, total = ("running" if h.alive else "gone"), None, None
+    used: int | None = None
     db = Path(h.state_dir) / STATE_DB
     if seen is not None:
         state = seen.status
+        used = _used(seen.storage.values())
         instances = [i for insts in seen.services.values() for i in insts]
         total = len(instances)
         healthy = sum(1 for i in instances if i.state in ("healthy", "completed"))
@@ -66,6 +71,7 @@ def _row(h: HolderView, seen: DeploymentStatus | None = None) -> StackRow:
             rows = [r for r in StateStore.read_deployments(db) if r.name == h.name]
             if rows:
                 state = rows[-1].status
+                used = _used(rows[-1].storage.values())
                 instances = StateStore.read_instances(db, h.name)
                 total = len(instances)
                 healthy = sum(1 for i in instances if i.state in ("healthy", "completed"))
@@ -76,7 +82,12 @@ def _row(h: HolderView, seen: DeploymentStatus | None = None) -> StackRow:
     elif not h.agent_alive:
         state = f"{state}, agent not running"
     return StackRow(h.name, h.directory, state, healthy, total, h.cpus, h.millicores, h.memory_mb, h.storage_mb,
-                    h.ports, h.agent_pid, h.user)
+                    used, h.ports, h.agent_pid, h.user)
+
+
+def _used(volumes: Iterable[StorageUsage]) -> int | None:
+    seen = [u.used for u in volumes if u.used is not None]
+    return sum(seen) if seen else None
 
 
 Ask = Callable[[Path], "DeploymentStatus | None"]

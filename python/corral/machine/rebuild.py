@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral._core import filesystem_id, find_by_env
+from corral.volumes import space_of
 from corral.exceptions import CorralError
 from corral.state import StateStore
 from corral.statedir import KEEPER_FILE, STACK, STATE_DB
@@ -87,7 +88,9 @@ def rebuild_claims(store: LedgerStore) -> int:
                 fs = None
                 if storage is not None:
                     with contextlib.suppress(OSError):
-                        fs = filesystem_id((Path(row.spec).resolve().parent / storage.path).resolve())
+                        where = space_of(storage.enforce, (Path(row.spec).resolve().parent / storage.path).resolve(),
+                                         sd)
+                        fs = filesystem_id(where if where.exists() else where.parent)
                 tx.execute("INSERT OR REPLACE INTO claims VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (stack, r.id, r.service, r.millicores, r.memory_mb, r.numa_node, 0,
                             math.ceil((svc.resources.swap or 0) / (1 << 20)) if svc is not None else 0,

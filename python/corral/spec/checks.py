@@ -15,6 +15,7 @@ from corral.spec.deployment import DeploymentSpec
 from corral.spec.health import Probe
 from corral.spec.service import ServiceSpec
 from corral.specfile import Loc, Source
+from corral.volumes import enforce_problem
 
 _SYSTEM_DIRS = frozenset(Path(p) for p in ("/", "/bin", "/boot", "/dev", "/etc", "/lib", "/lib32", "/lib64",
                                             "/proc", "/root", "/run", "/sbin", "/sys", "/usr", "/var", "/home",
@@ -185,6 +186,10 @@ def _files(svc: ServiceSpec, base: Loc, src: Source, root: Path) -> Iterator[Spe
                             f"(set allow_outside: true to allow it)")
         elif p.exists() and not p.is_dir():
             yield src.error(loc, f"storage path {st.path!r} exists and is not a directory")
+        why = enforce_problem(st.enforce, p) if st.enforce != "none" else None
+        if why:
+            yield src.error((*base, "resources", "storage", "enforce"),
+                            f"enforce: {st.enforce} cannot work on this machine: {why}")
 
 
 def _port_refs(svc: ServiceSpec) -> Iterator[tuple[str, Loc]]:

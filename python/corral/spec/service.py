@@ -25,6 +25,23 @@ class StorageSpec(_Model):
     size: Size
     path: str
     allow_outside: bool = False
+    on_full: Literal["stop", "restart", "warn"] = "warn"
+    """What happens once the measured usage passes ``size``: ``stop`` the service (until
+    ``corral start``), ``restart`` it (for services that clean their own space on start), or
+    ``warn`` (an event, nothing else)."""
+    enforce: Literal["none", "quota", "volume"] = "none"
+    """``volume``: an ext4 image of ``size`` loop-mounted at the path (root only), so a write
+    past it fails with ENOSPC; ``quota``: a project quota (a filesystem mounted with
+    ``prjquota``); ``none``: measured and acted on, not enforced."""
+    period: Duration = Field(default=10.0, ge=0.1, le=86400)
+    """How often the usage is measured."""
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v < 1 << 20:
+            raise ValueError(f"a storage size is at least 1Mi, got {v} bytes")
+        return v
 
 
 class Resources(_Model):

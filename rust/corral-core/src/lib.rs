@@ -18,7 +18,9 @@
 //! - [`proxy`]: a TCP load-balancing proxy with outlier ejection and draining;
 //! - [`mesh`]: a local certificate authority and mTLS fronts;
 //! - [`runtime`]: the tokio runtimes the supervisor and the proxies run on;
-//! - [`private`]: owner-only files and directories (0600/0700 whatever the umask).
+//! - [`private`]: owner-only files and directories (0600/0700 whatever the umask);
+//! - [`du`]: disk usage of a volume, as `du -sx` measures it;
+//! - [`volume`]: size-limited volumes (an ext4 image loop-mounted at a directory).
 //!
 //! Every libc call and every `unsafe` block is in one private module, `sys`;
 //! the rest of the crate denies `unsafe_code`.
@@ -52,6 +54,7 @@ pub mod rng;
 pub mod runtime;
 mod sys;
 pub mod topology;
+pub mod volume;
 
 pub use error::{
     BalanceError, BreakerError, CgroupError, CircuitOpen, MeshError, PortError, ProcessError,

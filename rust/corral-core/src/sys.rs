@@ -417,3 +417,126 @@ mod tests {
         assert!(statvfs_space(Path::new("/definitely/not/here")).is_err());
     }
 }
+
+// --- loop devices and mounts (volume.rs) ---------------------------------------------
+
+const LOOP_SET_FD: libc::c_ulong = 0x4C00;
+const LOOP_CLR_FD: libc::c_ulong = 0x4C01;
+const LOOP_SET_STATUS64: libc::c_ulong = 0x4C04;
+const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
+const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
+const LO_FLAGS_AUTOCLEAR: u32 = 4;
+
+/// `struct loop_info64` of `<linux/loop.h>`.
+#[repr(C)]
+struct LoopInfo64 {
+    lo_device: u64,
+    lo_inode: u64,
+    lo_rdevice: u64,
+    lo_offset: u64,
+    lo_sizelimit: u64,
+    lo_number: u32,
+    lo_encrypt_type: u32,
+    lo_encrypt_key_size: u32,
+    lo_flags: u32,
+    lo_file_name: [u8; 64],
+    lo_crypt_name: [u8; 64],
+    lo_encrypt_key: [u8; 32],
+    lo_init: [u64; 2],
+}
+
+/// `struct loop_config` of `<linux/loop.h>` (Linux 5.8).
+#[repr(C)]
+struct LoopConfig {
+    fd: u32,
+    block_size: u32,
+    info: LoopInfo64,
+    reserved: [u64; 8],
+}
+
+fn cpath(path: &Path) -> io::Result<std::ffi::CString> {
+    use std::os::unix::ffi::OsStrExt;
+    std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+/// Asks `/dev/loop-control` (open as `ctl`) for a free loop device's number.
+pub(crate) fn loop_get_free(ctl: RawFd) -> io::Result<u32> {
+    // SAFETY: LOOP_CTL_GET_FREE takes no argument and returns a number or -1.
+    let n = unsafe { libc::ioctl(ctl, LOOP_CTL_GET_FREE as _) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as u32)
+}
+
+/// Binds the open loop device `dev` to the file `backing`, with autoclear (the device
+/// frees itself when its last user, the mount, goes): `LOOP_CONFIGURE` where the kernel
+/// has it, else `LOOP_SET_FD` and `LOOP_SET_STATUS64`. `EBUSY`: another took the device.
+pub(crate) fn loop_bind(dev: RawFd, backing: RawFd) -> io::Result<()> {
+    // SAFETY: both structs are plain data; all-zero is their documented "no option" value.
+    let mut cfg: LoopConfig = unsafe { std::mem::zeroed() };
+    cfg.fd = backing as u32;
+    cfg.info.lo_flags = LO_FLAGS_AUTOCLEAR;
+    // SAFETY: a pointer to a loop_config that outlives the call.
+    let rc = unsafe { libc::ioctl(dev, LOOP_CONFIGURE as _, &raw const cfg) };
+    if rc == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    if err.raw_os_error() != Some(libc::EINVAL) && err.raw_os_error() != Some(libc::ENOTTY) {
+        return Err(err);
+    }
+    // SAFETY: LOOP_SET_FD takes the backing descriptor by value.
+    if unsafe { libc::ioctl(dev, LOOP_SET_FD as _, backing as libc::c_ulong) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a pointer to a loop_info64 that outlives the call.
+    let mut info: LoopInfo64 = unsafe { std::mem::zeroed() };
+    info.lo_flags = LO_FLAGS_AUTOCLEAR;
+    if unsafe { libc::ioctl(dev, LOOP_SET_STATUS64 as _, &raw const info) } != 0 {
+        let err = io::Error::last_os_error();
+        // SAFETY: LOOP_CLR_FD takes no argument; it undoes the SET_FD above.
+        unsafe { libc::ioctl(dev, LOOP_CLR_FD as _, 0) };
+        return Err(err);
+    }
+    Ok(())
+}
+
+/// Unbinds a loop device that was bound but could not be mounted.
+pub(crate) fn loop_clear(dev: RawFd) {
+    // SAFETY: LOOP_CLR_FD takes no argument; failing leaves the device as it was.
+    unsafe { libc::ioctl(dev, LOOP_CLR_FD as _, 0) };
+}
+
+/// `mount(2)` of the block device `source` at `target` as `fstype`, nosuid and nodev.
+pub(crate) fn mount_block(source: &Path, target: &Path, fstype: &str) -> io::Result<()> {
+    let (s, t) = (cpath(source)?, cpath(target)?);
+    let f = std::ffi::CString::new(fstype)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "fstype contains NUL"))?;
+    // SAFETY: three valid NUL-terminated strings and no data.
+    let rc = unsafe {
+        libc::mount(
+            s.as_ptr(),
+            t.as_ptr(),
+            f.as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `umount2(2)`; `detach` makes it lazy (`MNT_DETACH`).
+pub(crate) fn unmount(target: &Path, detach: bool) -> io::Result<()> {
+    let t = cpath(target)?;
+    // SAFETY: a valid NUL-terminated string.
+    let rc = unsafe { libc::umount2(t.as_ptr(), if detach { libc::MNT_DETACH } else { 0 }) };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}

@@ -15,6 +15,7 @@ mod breaker;
 mod callable;
 mod cgroup;
 mod du;
+mod volume;
 mod errors;
 mod mesh;
 mod ports;
@@ -43,5 +44,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     mesh::register(m)?;
     cgroup::register(m)?;
     du::register(m)?;
+    volume::register(m)?;
     Ok(())
 }
