@@ -419,3 +419,56 @@ def test_export_keeps_the_meaning_of_dollar_signs(tmp_path: Path) -> None:
                 for c in svc.get("Checks") or [] if c["Type"] == "script"]
     got = [nomad_expand(a, runtime) for a in check["Args"]]
     assert got == ["-c", "test -n $HOME && echo $$ $(PORT) 25000"], check["Args"]
+
+
+STORAGE_SPEC = """
+name: disks
+services:
+  db:
+    image: postgres:17
+    command: ["postgres"]
+    resources: {storage: {size: 2Gi, path: ./pgdata, enforce: none, on_full: stop}}
+  cache:
+    image: varnish:7
+    command: ["varnishd"]
+    resources: {storage: {size: 512Mi, path: ./cache, on_full: restart}}
+  backup:
+    image: postgres:17
+    command: ["pg_dumpall"]
+    restart: {policy: "no"}
+    resources: {storage: {size: 1Gi, path: ./dumps}}
+"""
+
+
+def test_storage_is_a_claim_when_kept_and_sized_scratch_when_not(tmp_path: Path) -> None:
+    spec = tmp_path / "corral.yaml"
+    spec.write_text(STORAGE_SPEC)
+    objs = k8s(spec)
+    for o in objs:
+        kubernetes_validate.validate(o, "1.37.0", strict=True)
+    db = by(objs, "StatefulSet", "db")
+    assert db["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"] == {"storage": "2Gi"}
+    assert "ephemeral-storage" not in str(container(db).get("resources", {}))
+    # on_full: restart is scratch: a Deployment whose emptyDir the kubelet bounds.
+    cache = by(objs, "Deployment", "cache")
+    pod = cache["spec"]["template"]["spec"]
+    assert pod["volumes"] == [{"name": "data", "emptyDir": {"sizeLimit": "512Mi"}}]
+    assert container(cache)["volumeMounts"] == [{"name": "data", "mountPath": "/cache"}]
+    assert container(cache)["resources"] == {"requests": {"ephemeral-storage": "512Mi"},
+                                             "limits": {"ephemeral-storage": "512Mi"}}
+    # A Job's storage has a volume to mount too.
+    job = by(objs, "Job", "backup")
+    assert job["spec"]["template"]["spec"]["volumes"] == [{"name": "data", "emptyDir": {"sizeLimit": "1Gi"}}]
+    docs = nomad(spec)
+    groups = {g["Name"]: g for d in docs for g in d["Job"]["TaskGroups"]}
+    for d in docs:
+        conforms(d["Job"], JOB)
+    assert groups["db"]["EphemeralDisk"] == {"SizeMB": 2048, "Sticky": True, "Migrate": True}
+    assert groups["db"]["Volumes"] == {"data": {"Name": "data", "Type": "host", "Source": "db-data",
+                                                "ReadOnly": False}}
+    task = next(t for t in groups["db"]["Tasks"] if t["Name"] == "db")
+    assert task["VolumeMounts"] == [{"Volume": "data", "Destination": "/pgdata", "ReadOnly": False}]
+    assert task["Env"]["CORRAL_VOLUME"] == "/pgdata"
+    assert 'host_volume "db-data"' in groups["db"]["Meta"]["corral.beyond"]
+    assert groups["cache"]["EphemeralDisk"] == {"SizeMB": 512, "Sticky": False, "Migrate": False}
+    assert "Volumes" not in groups["cache"]

@@ -25,11 +25,12 @@ from corral.units import format_bytes
 from tests.e2e import await_until, env_without_state, write_spec
 
 # The writer waits for the test's go-ahead, then writes 2 MB into its 1 MiB volume.
+WRITE = "while [ ! -e go ]; do sleep 0.05; done; head -c 2000000 /dev/zero > data/blob; exec sleep 300"
 WRITER = """
     name: watched
     services:
       writer:
-        command: ["sh", "-c", "while [ ! -e go ]; do sleep 0.05; done; head -c 2000000 /dev/zero > data/blob; exec sleep 300"]
+        command: ["sh", "-c", "{write}"]
         resources:
           storage: {{size: 1Mi, path: ./data, on_full: {on_full}, period: 200ms}}
       web:
@@ -44,7 +45,7 @@ def notes(d: Deployment) -> list[str]:
 
 async def test_a_writer_past_its_size_is_stopped_with_the_reason_and_its_dependents_named(
         tmp_path: Path, deployments: list[Deployment]) -> None:
-    spec = write_spec(tmp_path, WRITER.format(on_full="stop"))
+    spec = write_spec(tmp_path, WRITER.format(on_full="stop", write=WRITE))
     d = Deployment.from_file(spec)
     deployments.append(d)
     await d.up()
@@ -62,9 +63,11 @@ async def test_a_writer_past_its_size_is_stopped_with_the_reason_and_its_depende
     used = d.status().storage["writer"].used
     assert used is not None and used > 1 << 20
     assert writer.reason == f"storage full: {format_bytes(used)} of 1Mi in ./data", writer
+    await await_until(lambda: any("writer stopped; web depend on it" in n for n in notes(d)), 10,
+                      "the warning naming its dependents")
     said = notes(d)
-    assert any(n.startswith("storage full: ") and n.endswith("of 1Mi in ./data") for n in said), said
-    assert any("writer stopped; web depend on it" in n for n in said), said
+    assert any(n.startswith("storage full: ") and n.endswith("of 1Mi in ./data") for n in said), "\n".join(said)
+    assert any("writer stopped; web depend on it" in n for n in said), "\n".join(said)
     assert d.status().services["web"][0].state == "healthy", "its dependents keep running, named"
     # Started again while still full: stopped again at the next measurement.
     await d.start_service("writer")
@@ -74,18 +77,21 @@ async def test_a_writer_past_its_size_is_stopped_with_the_reason_and_its_depende
 async def test_restart_at_the_limit_happens_once_per_passing(tmp_path: Path,
                                                               deployments: list[Deployment]) -> None:
     # Its first start fills the volume; every later start cleans it (as a cache would).
+    script = ("n=$(cat starts 2>/dev/null || echo 0); echo $((n+1)) > starts; rm -f data/blob; "
+              "if [ $n = 0 ]; then head -c 2000000 /dev/zero > data/blob; fi; exec sleep 300")
     spec = write_spec(tmp_path, """
         name: cleaner
         services:
           cache:
-            command: ["sh", "-c", "n=$(cat starts 2>/dev/null || echo 0); echo $((n+1)) > starts; rm -f data/blob; if [ $n = 0 ]; then head -c 2000000 /dev/zero > data/blob; fi; exec sleep 300"]
+            command: ["sh", "-c", "SCRIPT"]
             resources:
               storage: {size: 1Mi, path: ./data, on_full: restart, period: 200ms}
-    """)
+    """.replace("SCRIPT", script))
     d = Deployment.from_file(spec)
     deployments.append(d)
     await d.up()
-    await await_until(lambda: (tmp_path / "starts").read_text().strip() == "2", 15, "the restart at the limit")
+    starts = tmp_path / "starts"
+    await await_until(lambda: starts.exists() and starts.read_text().strip() == "2", 15, "the restart at the limit")
     await await_until(lambda: any(n.startswith("storage back under its size") for n in notes(d)), 10,
                       "the volume back under its size")
     inst = d.status().services["cache"][0]
@@ -95,7 +101,7 @@ async def test_restart_at_the_limit_happens_once_per_passing(tmp_path: Path,
 
 async def test_warn_only_records_and_every_view_shows_the_usage(tmp_path: Path,
                                                                  deployments: list[Deployment]) -> None:
-    spec = write_spec(tmp_path, WRITER.format(on_full="warn"))
+    spec = write_spec(tmp_path, WRITER.format(on_full="warn", write=WRITE))
     assert load_spec(spec).services["web"].resources.storage is None
     d = Deployment.from_file(spec)
     deployments.append(d)

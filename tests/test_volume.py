@@ -28,14 +28,16 @@ from tests.test_access import SYSTEM_PY, user_env
 pytestmark = pytest.mark.skipif(volume_support() is not None, reason=f"cannot loop-mount here: {volume_support()}")
 
 # The writer tries 12 MiB into its 8 MiB volume and records how dd ended.
+WRITE = ("echo start >> data/starts; dd if=/dev/zero of=data/fill bs=1M count=12 2>data/dd.err; echo $? > data/dd.rc; "
+         "exec sleep 300")
 SPEC = """
     name: vol
     services:
       db:
-        command: ["sh", "-c", "echo start >> data/starts; dd if=/dev/zero of=data/fill bs=1M count=12 2>data/dd.err; echo $? > data/dd.rc; exec sleep 300"]
+        command: ["sh", "-c", "WRITE"]
         resources:
           storage: {size: 8Mi, path: ./data, enforce: volume, period: 200ms}
-"""
+""".replace("WRITE", WRITE)
 
 
 def corral(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from corral._core import filesystem_id, find_by_env
-from corral.volumes import space_of
 from corral.exceptions import CorralError
 from corral.state import StateStore
 from corral.statedir import KEEPER_FILE, STACK, STATE_DB
+from corral.volumes import space_of
 
 if TYPE_CHECKING:
     from corral.machine.store import LedgerStore

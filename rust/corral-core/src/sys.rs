@@ -361,63 +361,6 @@ pub(crate) fn set_child_subreaper() -> io::Result<()> {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn pid_digits() {
-        let mut b = [0u8; 16];
-        assert_eq!(format_pid(0, &mut b), b"0");
-        assert_eq!(format_pid(4_194_304, &mut b), b"4194304");
-    }
-
-    #[test]
-    fn masks_round_trip() {
-        let m = CpuMask::of(&[0, 3, 64]).unwrap();
-        assert_eq!(m.cpus(), vec![0, 3, 64]);
-        assert_eq!(
-            CpuMask::of(&[CpuMask::CAPACITY]).unwrap_err(),
-            CpuMask::CAPACITY
-        );
-        assert!(!CpuMask::current().unwrap().cpus().is_empty());
-    }
-
-    #[test]
-    fn a_descriptor_crosses_a_socket_pair() {
-        use std::io::{Read, Write};
-        use std::os::fd::AsRawFd;
-        let (tx, rx) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        let (mut reader, mut writer) = std::io::pipe().unwrap();
-        send_with_fd(tx.as_raw_fd(), b"hello", reader.as_raw_fd()).unwrap();
-        let mut buf = [0u8; 16];
-        let (len, fd) = recv_with_fd(rx.as_raw_fd(), &mut buf).unwrap();
-        assert_eq!(&buf[..len], b"hello");
-        writer.write_all(b"x").unwrap();
-        drop(writer);
-        let mut got = String::new();
-        std::fs::File::from(fd.unwrap())
-            .read_to_string(&mut got)
-            .unwrap();
-        assert_eq!(got, "x", "the received copy reads the same pipe");
-        let mut rest = String::new();
-        reader.read_to_string(&mut rest).unwrap();
-    }
-
-    #[test]
-    fn pidfd_of_self() {
-        assert!(pidfd_open(std::process::id()).is_ok());
-        assert!(pidfd_open(u32::MAX >> 1).is_err());
-    }
-
-    #[test]
-    fn statvfs_of_root() {
-        let (free, size) = statvfs_space(Path::new("/")).unwrap();
-        assert!(free <= size && size > 0);
-        assert!(statvfs_space(Path::new("/definitely/not/here")).is_err());
-    }
-}
-
 // --- loop devices and mounts (volume.rs) ---------------------------------------------
 
 const LOOP_SET_FD: libc::c_ulong = 0x4C00;
@@ -427,8 +370,9 @@ const LOOP_CONFIGURE: libc::c_ulong = 0x4C0A;
 const LOOP_CTL_GET_FREE: libc::c_ulong = 0x4C82;
 const LO_FLAGS_AUTOCLEAR: u32 = 4;
 
-/// `struct loop_info64` of `<linux/loop.h>`.
+/// `struct loop_info64` of `<linux/loop.h>` (the kernel's field names).
 #[repr(C)]
+#[allow(clippy::struct_field_names, dead_code)]
 struct LoopInfo64 {
     lo_device: u64,
     lo_inode: u64,
@@ -539,4 +483,61 @@ pub(crate) fn unmount(target: &Path, detach: bool) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pid_digits() {
+        let mut b = [0u8; 16];
+        assert_eq!(format_pid(0, &mut b), b"0");
+        assert_eq!(format_pid(4_194_304, &mut b), b"4194304");
+    }
+
+    #[test]
+    fn masks_round_trip() {
+        let m = CpuMask::of(&[0, 3, 64]).unwrap();
+        assert_eq!(m.cpus(), vec![0, 3, 64]);
+        assert_eq!(
+            CpuMask::of(&[CpuMask::CAPACITY]).unwrap_err(),
+            CpuMask::CAPACITY
+        );
+        assert!(!CpuMask::current().unwrap().cpus().is_empty());
+    }
+
+    #[test]
+    fn a_descriptor_crosses_a_socket_pair() {
+        use std::io::{Read, Write};
+        use std::os::fd::AsRawFd;
+        let (tx, rx) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let (mut reader, mut writer) = std::io::pipe().unwrap();
+        send_with_fd(tx.as_raw_fd(), b"hello", reader.as_raw_fd()).unwrap();
+        let mut buf = [0u8; 16];
+        let (len, fd) = recv_with_fd(rx.as_raw_fd(), &mut buf).unwrap();
+        assert_eq!(&buf[..len], b"hello");
+        writer.write_all(b"x").unwrap();
+        drop(writer);
+        let mut got = String::new();
+        std::fs::File::from(fd.unwrap())
+            .read_to_string(&mut got)
+            .unwrap();
+        assert_eq!(got, "x", "the received copy reads the same pipe");
+        let mut rest = String::new();
+        reader.read_to_string(&mut rest).unwrap();
+    }
+
+    #[test]
+    fn pidfd_of_self() {
+        assert!(pidfd_open(std::process::id()).is_ok());
+        assert!(pidfd_open(u32::MAX >> 1).is_err());
+    }
+
+    #[test]
+    fn statvfs_of_root() {
+        let (free, size) = statvfs_space(Path::new("/")).unwrap();
+        assert!(free <= size && size > 0);
+        assert!(statvfs_space(Path::new("/definitely/not/here")).is_err());
+    }
 }

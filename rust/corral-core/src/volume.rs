@@ -38,10 +38,14 @@ const SBIN: [&str; 3] = ["/usr/sbin", "/sbin", "/usr/local/sbin"];
 pub fn loop_support() -> Result<(), String> {
     let uid = sys::geteuid();
     if uid != 0 {
-        return Err(format!("loop-mounting an image needs root (running as uid {uid})"));
+        return Err(format!(
+            "loop-mounting an image needs root (running as uid {uid})"
+        ));
     }
     if !Path::new(LOOP_CONTROL).exists() {
-        return Err(format!("no loop device ({LOOP_CONTROL} is missing; load the loop module)"));
+        return Err(format!(
+            "no loop device ({LOOP_CONTROL} is missing; load the loop module)"
+        ));
     }
     if tool("mkfs.ext4").is_none() {
         return Err("mkfs.ext4 is not installed (Debian's e2fsprogs package has it)".into());
@@ -62,8 +66,9 @@ fn tool(name: &str) -> Option<PathBuf> {
 }
 
 fn run(name: &str, args: &[&std::ffi::OsStr]) -> io::Result<()> {
-    let program = tool(name)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, format!("{name} is not installed")))?;
+    let program = tool(name).ok_or_else(|| {
+        io::Error::new(io::ErrorKind::NotFound, format!("{name} is not installed"))
+    })?;
     let out = Command::new(&program)
         .args(args)
         .stdin(Stdio::null())
@@ -75,14 +80,22 @@ fn run(name: &str, args: &[&std::ffi::OsStr]) -> io::Result<()> {
         return Ok(());
     }
     let said = String::from_utf8_lossy(&out.stderr);
-    Err(io::Error::other(format!("{name} failed ({}): {}", out.status, said.trim())))
+    Err(io::Error::other(format!(
+        "{name} failed ({}): {}",
+        out.status,
+        said.trim()
+    )))
 }
 
 /// Makes a new image of `size` bytes at `image` (0600, sparse: it takes space as it fills)
 /// holding an empty ext4 filesystem whose root belongs to `owner` (uid, gid; default the
 /// caller). Refuses an existing file; removes what it made when `mkfs.ext4` fails.
 pub fn create_image(image: &Path, size: u64, owner: Option<(u32, u32)>) -> io::Result<()> {
-    let file = OpenOptions::new().write(true).create_new(true).mode(0o600).open(image)?;
+    let file = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(image)?;
     let made = file.set_len(size).and_then(|()| {
         drop(file);
         let opts = match owner {
@@ -111,7 +124,10 @@ pub fn grow_image(image: &Path, size: u64) -> io::Result<()> {
     if size < now {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{} is {now} bytes; shrinking it to {size} is not done", image.display()),
+            format!(
+                "{} is {now} bytes; shrinking it to {size} is not done",
+                image.display()
+            ),
         ));
     }
     if size == now {
@@ -119,7 +135,14 @@ pub fn grow_image(image: &Path, size: u64) -> io::Result<()> {
     }
     OpenOptions::new().write(true).open(image)?.set_len(size)?;
     let img = image.as_os_str();
-    run("e2fsck", &["-f", "-p"].map(std::ffi::OsStr::new).into_iter().chain([img]).collect::<Vec<_>>())?;
+    run(
+        "e2fsck",
+        &["-f", "-p"]
+            .map(std::ffi::OsStr::new)
+            .into_iter()
+            .chain([img])
+            .collect::<Vec<_>>(),
+    )?;
     run("resize2fs", &[img])
 }
 
@@ -128,7 +151,11 @@ pub fn grow_image(image: &Path, size: u64) -> io::Result<()> {
 /// fails.
 pub fn mount_image(image: &Path, target: &Path) -> io::Result<PathBuf> {
     let ctl = File::open(LOOP_CONTROL)?;
-    let backing = OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(image)?;
+    let backing = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(image)?;
     let mut last = io::Error::other("no free loop device");
     for _ in 0..16 {
         let n = sys::loop_get_free(ctl.as_raw_fd())?;
@@ -165,7 +192,9 @@ pub fn mount_image(image: &Path, target: &Path) -> io::Result<PathBuf> {
 pub fn unmount(target: &Path) -> io::Result<bool> {
     match sys::unmount(target, false) {
         Ok(()) => Ok(false),
-        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => sys::unmount(target, true).map(|()| true),
+        Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+            sys::unmount(target, true).map(|()| true)
+        }
         Err(e) => Err(e),
     }
 }
@@ -190,7 +219,10 @@ pub fn loop_mounts() -> Vec<(PathBuf, PathBuf)> {
         }
         let backing = format!("/sys/block/{name}/loop/backing_file");
         if let Ok(file) = std::fs::read_to_string(backing) {
-            out.push((PathBuf::from(unescape(point)), PathBuf::from(file.trim_end_matches('\n'))));
+            out.push((
+                PathBuf::from(unescape(point)),
+                PathBuf::from(file.trim_end_matches('\n')),
+            ));
         }
     }
     out
@@ -199,7 +231,11 @@ pub fn loop_mounts() -> Vec<(PathBuf, PathBuf)> {
 /// The image mounted at `target`, if a loop-backed mount is there.
 pub fn mounted_image(target: &Path) -> Option<PathBuf> {
     let target = std::fs::canonicalize(target).ok()?;
-    loop_mounts().into_iter().rev().find(|(p, _)| *p == target).map(|(_, image)| image)
+    loop_mounts()
+        .into_iter()
+        .rev()
+        .find(|(p, _)| *p == target)
+        .map(|(_, image)| image)
 }
 
 /// `/proc/self/mountinfo` writes space, tab, newline and backslash as `\ooo`.
@@ -208,7 +244,10 @@ fn unescape(s: &str) -> String {
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
     while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c)) {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
             out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
             i += 4;
         } else {
@@ -229,19 +268,20 @@ mod tests {
         assert_eq!(unescape("/plain"), "/plain");
     }
 
+    /// Unmounts and removes the test's directory however the test ends.
+    struct Cleanup(PathBuf);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = unmount(&self.0.join("mnt"));
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
     #[test]
     fn an_image_fills_to_enospc_and_comes_back_mounted() {
         if loop_support().is_err() {
             eprintln!("skipped: {:?}", loop_support());
             return;
-        }
-        /// Unmounts and removes the test's directory however the test ends.
-        struct Cleanup(PathBuf);
-        impl Drop for Cleanup {
-            fn drop(&mut self) {
-                let _ = unmount(&self.0.join("mnt"));
-                let _ = std::fs::remove_dir_all(&self.0);
-            }
         }
         let dir = std::env::temp_dir().join(format!("corral-volume-test-{}", std::process::id()));
         let _cleanup = Cleanup(dir.clone());
@@ -249,7 +289,10 @@ mod tests {
         let image = dir.join("v.img");
         let mnt = dir.join("mnt");
         create_image(&image, 4 << 20, None).unwrap();
-        assert!(create_image(&image, 4 << 20, None).is_err(), "an existing image is refused");
+        assert!(
+            create_image(&image, 4 << 20, None).is_err(),
+            "an existing image is refused"
+        );
         mount_image(&image, &mnt).unwrap();
         assert_eq!(mounted_image(&mnt), Some(image.clone()));
         let err = std::fs::write(mnt.join("big"), vec![0u8; 8 << 20]).unwrap_err();

@@ -15,7 +15,6 @@ mod breaker;
 mod callable;
 mod cgroup;
 mod du;
-mod volume;
 mod errors;
 mod mesh;
 mod ports;
@@ -26,6 +25,7 @@ mod registry;
 mod resources;
 mod retry;
 mod topology;
+mod volume;
 
 /// The native core of corral.
 #[pymodule(gil_used = false)]

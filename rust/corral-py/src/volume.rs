@@ -19,14 +19,26 @@ fn volume_support() -> Option<String> {
 /// `mkfs.ext4` fails (nothing is left behind then).
 #[pyfunction]
 #[pyo3(signature = (image, size, uid = None, gid = None))]
-fn create_volume_image(py: Python<'_>, image: PathBuf, size: u64, uid: Option<u32>, gid: Option<u32>) -> PyResult<()> {
+fn create_volume_image(
+    py: Python<'_>,
+    image: PathBuf,
+    size: u64,
+    uid: Option<u32>,
+    gid: Option<u32>,
+) -> PyResult<()> {
     let owner = match (uid, gid) {
         (Some(u), Some(g)) => Some((u, g)),
         (None, None) => None,
         _ => return Err(config_err("give both uid and gid, or neither")),
     };
     py.detach(|| volume::create_image(&image, size, owner))
-        .map_err(|e| os_error_at(&e, format!("volume image {}: {e}", image.display()), Some(&image)))
+        .map_err(|e| {
+            os_error_at(
+                &e,
+                format!("volume image {}: {e}", image.display()),
+                Some(&image),
+            )
+        })
 }
 
 /// Grows an unmounted image to `size` bytes; `ConfigError` for a smaller size.
@@ -35,7 +47,11 @@ fn grow_volume_image(py: Python<'_>, image: PathBuf, size: u64) -> PyResult<()> 
     match py.detach(|| volume::grow_image(&image, size)) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => Err(config_err(e.to_string())),
-        Err(e) => Err(os_error_at(&e, format!("growing {}: {e}", image.display()), Some(&image))),
+        Err(e) => Err(os_error_at(
+            &e,
+            format!("growing {}: {e}", image.display()),
+            Some(&image),
+        )),
     }
 }
 
@@ -51,8 +67,13 @@ fn mount_volume_image(py: Python<'_>, image: PathBuf, target: PathBuf) -> PyResu
 /// Unmounts `target`; True when it was busy and was detached lazily instead.
 #[pyfunction]
 fn unmount_volume(py: Python<'_>, target: PathBuf) -> PyResult<bool> {
-    py.detach(|| volume::unmount(&target))
-        .map_err(|e| os_error_at(&e, format!("unmounting {}: {e}", target.display()), Some(&target)))
+    py.detach(|| volume::unmount(&target)).map_err(|e| {
+        os_error_at(
+            &e,
+            format!("unmounting {}: {e}", target.display()),
+            Some(&target),
+        )
+    })
 }
 
 /// The image mounted at `target`, or None.
