@@ -769,20 +769,25 @@ class Usage:
 
 @final
 class ProbeSpec:
-    """One health probe: an HTTP GET (status 200-399), a TCP connect or a command (exit 0),
-    repeated every ``period`` after ``initial_delay``, each attempt bounded by ``timeout``,
-    with Kubernetes' success and failure thresholds. ``host`` defaults to ``127.0.0.1`` and
-    ``path`` to ``/``; ``argv`` and ``env`` are for ``exec``."""
+    """One health probe: an HTTP GET (status 200-399), a TCP connect, a command (exit 0) or
+    a log line, repeated every ``period`` after ``initial_delay``, each attempt bounded by
+    ``timeout``, with Kubernetes' success and failure thresholds. ``host`` defaults to
+    ``127.0.0.1`` and ``path`` to ``/``; ``argv`` and ``env`` are for ``exec``. ``log``
+    reads the file ``path`` from byte ``offset`` (None: its end now) for a line matching
+    ``pattern`` (the ``regex`` crate's syntax; a bad one is a
+    :class:`~corral.exceptions.ConfigError`); once one matched, every attempt succeeds."""
 
     def __new__(
         cls,
-        kind: Literal["http", "tcp", "exec"],
+        kind: Literal["http", "tcp", "exec", "log"],
         *,
         host: str = ...,
         port: int = 0,
         path: str = ...,
         argv: Sequence[str] = ...,
         env: Sequence[tuple[str, str]] = ...,
+        pattern: str = ...,
+        offset: int | None = None,
         initial_delay: float = 0.0,
         period: float = 10.0,
         timeout: float = 1.0,
@@ -790,7 +795,7 @@ class ProbeSpec:
         failure_threshold: int = 3,
     ) -> ProbeSpec: ...
     @property
-    def kind(self) -> Literal["http", "tcp", "exec"]: ...
+    def kind(self) -> Literal["http", "tcp", "exec", "log"]: ...
     @property
     def period(self) -> float: ...
     @property

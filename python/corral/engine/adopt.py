@@ -126,6 +126,9 @@ class Adoption:
 
         adopted, exited, waiting = 0, 0, []
         for inst, r in pairs:
+            # A log probe of a re-adopted process reads from the log's end, unless it had
+            # passed already (its line is in the log, behind that end).
+            inst.log_from = 0 if r.healthy else None
             if r.state in _ALIVE_STATES and r.pid and r.pid_start and r.is_running() \
                     and self.launcher.adopted(inst, r.pid, r.pid_start):
                 adopted += 1

@@ -41,7 +41,7 @@ class Process:
 class InstanceRuntime:
     """One instance of a service: where it was placed, where it is in its life, its process."""
 
-    __slots__ = ("affinity", "cgroup", "exit_code", "exit_text", "healthy_since", "life", "log", "p",
+    __slots__ = ("affinity", "cgroup", "exit_code", "exit_text", "healthy_since", "life", "log", "log_from", "p",
                  "probe_message", "proc", "reason", "restarts", "svc", "timer", "version")
 
     def __init__(self, p: Placement, svc: ServiceSpec, log: Path, listener: Callable[[Transition], None],
@@ -55,6 +55,9 @@ class InstanceRuntime:
         self.exit_text = ""
         """How its last process ended (``exit status 3``), once one has."""
         self.log = log
+        self.log_from: int | None = None
+        """Where a log probe starts reading its log: the log's size before its spawn (None:
+        its end when the probe starts, for a re-adopted process)."""
         self.life = Lifecycle(p.id, p.service, listener)
         self.proc: Process | None = None
         self.healthy_since: float | None = None

@@ -14,6 +14,7 @@ import asyncio
 import signal as signals
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Literal
 
 from corral._core import (
@@ -155,6 +156,11 @@ class Launcher:
         cwd = (self.stack.base / svc.working_dir) if svc.working_dir else self.stack.base
         inst.affinity = inst.p.cpus or self.stack.resources.shared_cpus(inst.p.numa_node)
         uid, gid, _, _ = creds
+        # A log probe reads what this run prints: from the log's end before the spawn.
+        try:
+            inst.log_from = inst.log.stat().st_size
+        except OSError:
+            inst.log_from = 0
         return ProcessSpec(argv, env=env, cwd=cwd, cpus=inst.affinity, cgroup=inst.cgroup, log=inst.log,
                            log_max_bytes=self._log_max, log_keep=self._log_keep, uid=uid, gid=gid)
 
@@ -185,7 +191,8 @@ class Launcher:
         inst.healthy_since = None
         inst.exit_code = None
         inst.life.to(State.RUNNING, f"pid {pid}" + (f", cpus {cpulist(inst.affinity)}" if inst.p.cpus else ""))
-        probes = {kind: _probe_spec(p, inst.p.ports, env, self.stack.host) if p is not None else None
+        probes = {kind: _probe_spec(p, inst.p.ports, env, self.stack.host, inst.log, inst.log_from)
+                  if p is not None else None
                   for kind, p in (("startup", inst.svc.health.startup), ("readiness", inst.svc.health.readiness),
                                   ("liveness", inst.svc.health.liveness))}
         if probes["startup"] is None and probes["readiness"] is None:
@@ -274,7 +281,12 @@ class Launcher:
         self.stack.registry.deregister(inst.id)
 
 
-def _probe_spec(p: Probe, ports: dict[str, int], env: list[tuple[str, str]], host: str) -> ProbeSpec:
+def _probe_spec(p: Probe, ports: dict[str, int], env: list[tuple[str, str]], host: str, log: Path,
+                log_from: int | None) -> ProbeSpec:
+    if p.log is not None:
+        return ProbeSpec("log", path=str(log), pattern=p.log, offset=log_from, initial_delay=p.initial_delay,
+                         period=p.period, timeout=p.timeout, success_threshold=p.success_threshold,
+                         failure_threshold=p.failure_threshold)
     check = p.http or p.tcp
     port = 0
     if check is not None:

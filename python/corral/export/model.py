@@ -147,13 +147,16 @@ def build(spec: DeploymentSpec, base: Path) -> StackModel:
         kind: Kind = ("job" if _is_job(name, svc, spec) else
                       "stateful" if st is not None and st.on_full != "restart" else "service")
         probes = {k: _check(p, ports) for k in ("startup", "readiness", "liveness")
-                  if (p := getattr(svc.health, k)) is not None}
+                  if (p := getattr(svc.health, k)) is not None and p.log is None}
+        logged = [f"{k}: log line /{p.log}/ (no probe reads a log there; write an exec probe)"
+                  for k in ("startup", "readiness") if (p := getattr(svc.health, k)) is not None and p.log]
         storage = svc.resources.storage
         w = Workload(name, dns_name(name), svc, kind, svc.image, svc.replicas, svc.argv(), dict(svc.env), env_file,
                      list(ports.values()), probes, {d: dep.condition for d, dep in svc.depends_on.items()},
                      storage.path if storage else None,
                      f"spiffe://{spec.name}.corral/svc/{name}" if svc.mtls or any(
                          name in s.allow for s in spec.services.values()) else None)
+        w.beyond.extend(logged)
         r = svc.resources
         if r.numa == "require":
             w.beyond.append("numa: require (every core on one NUMA node; Kubernetes needs the topology manager's "

@@ -38,6 +38,9 @@ class Probe(_Model):
     http: HttpCheck | None = None
     tcp: TcpCheck | None = None
     exec: list[str] | None = None
+    log: str | None = None
+    """A regular expression (the ``regex`` crate's syntax) matched on each line the
+    instance prints, stdout and stderr: it passes once a line matches, and stays passed."""
     initial_delay: Duration = 0.0
     period: Duration = 10.0
     timeout: Duration = 1.0
@@ -46,11 +49,19 @@ class Probe(_Model):
 
     @model_validator(mode="after")
     def _one_check(self) -> Probe:
-        given = [k for k in ("http", "tcp", "exec") if getattr(self, k) is not None]
+        given = [k for k in ("http", "tcp", "exec", "log") if getattr(self, k) is not None]
         if len(given) != 1:
-            raise ValueError(f"a probe needs exactly one of http, tcp, exec (got {', '.join(given) or 'none'})")
+            raise ValueError(f"a probe needs exactly one of http, tcp, exec, log (got {', '.join(given) or 'none'})")
         if self.exec is not None and not self.exec:
             raise ValueError("exec needs a command")
+        if self.log is not None:
+            from corral._core import ProbeSpec
+            from corral.exceptions import ConfigError
+
+            try:
+                ProbeSpec("log", path="/dev/null", pattern=self.log)
+            except ConfigError as e:
+                raise ValueError(str(e)) from None
         if self.period <= 0:
             raise ValueError("period must be positive")
         if self.timeout <= 0:
@@ -77,4 +88,7 @@ class HealthSpec(_Model):
             p: Probe | None = getattr(self, name)
             if p is not None and p.success_threshold != 1:
                 raise ValueError(f"{name}.success_threshold must be 1 (as in Kubernetes)")
+        if self.liveness is not None and self.liveness.log is not None:
+            raise ValueError("liveness: a log line says a service is ready, never that it stopped being alive; "
+                             "use http, tcp or exec (log fits startup and readiness)")
         return self

@@ -20,6 +20,7 @@
 //! assert!(ok.is_ok());
 //! ```
 
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -58,7 +59,145 @@ pub enum Check {
         /// Extra environment.
         env: Vec<(String, String)>,
     },
+    /// A line of the instance's log matching a pattern (as process-compose's
+    /// `ready_log_line`): each attempt reads what was written since the last; once a line
+    /// matched, every attempt succeeds.
+    Log(Arc<LogWatch>),
 }
+
+/// What a [`Check::Log`] has read of its log file.
+#[derive(Debug)]
+pub struct LogWatch {
+    path: PathBuf,
+    regex: regex::Regex,
+    state: parking_lot::Mutex<LogState>,
+}
+
+#[derive(Debug, Default)]
+struct LogState {
+    offset: u64,
+    inode: u64,
+    partial: Vec<u8>,
+    matched: Option<String>,
+}
+
+/// Bytes one attempt reads at most: a service that floods its log is caught up with over
+/// several attempts, never blocking the runtime for long.
+const LOG_READ_MAX: usize = 1 << 20;
+/// A line longer than this is matched on its first part.
+const LOG_LINE_MAX: usize = 64 << 10;
+
+impl LogWatch {
+    /// Watches `path` for a line matching `pattern` (a `regex` crate pattern), reading from
+    /// byte `offset`, or from the file's end now when `None` (a file that does not exist yet
+    /// is read from its start once it does). `Err` says what is wrong with the pattern.
+    pub fn new(
+        path: impl Into<PathBuf>,
+        pattern: &str,
+        offset: Option<u64>,
+    ) -> Result<Self, String> {
+        let regex = regex::RegexBuilder::new(pattern)
+            .size_limit(1 << 20)
+            .build()
+            .map_err(|e| {
+                // A syntax error is drawn over three lines; its last says what is wrong.
+                let text = e.to_string();
+                text.lines()
+                    .last()
+                    .unwrap_or("")
+                    .trim_start_matches("error: ")
+                    .to_string()
+            })?;
+        let path = path.into();
+        let meta = std::fs::metadata(&path).ok();
+        let state = LogState {
+            offset: offset.unwrap_or_else(|| meta.as_ref().map_or(0, std::fs::Metadata::len)),
+            inode: meta.as_ref().map_or(0, std::os::unix::fs::MetadataExt::ino),
+            ..LogState::default()
+        };
+        Ok(LogWatch {
+            path,
+            regex,
+            state: parking_lot::Mutex::new(state),
+        })
+    }
+
+    /// The pattern.
+    pub fn pattern(&self) -> &str {
+        self.regex.as_str()
+    }
+
+    /// The log file watched.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Reads what was written since the last call: `Ok` naming the matching line once one
+    /// has matched. A file that shrank or was replaced (rotated) is read from its start.
+    pub fn poll(&self) -> Result<String, String> {
+        use std::io::{Read, Seek};
+        use std::os::unix::fs::MetadataExt;
+        let mut st = self.state.lock();
+        if let Some(m) = &st.matched {
+            return Ok(m.clone());
+        }
+        let waiting = || format!("no log line matching /{}/ yet", self.regex.as_str());
+        let Ok(mut f) = std::fs::File::open(&self.path) else {
+            return Err(waiting());
+        };
+        let meta = f.metadata().map_err(|e| e.to_string())?;
+        if meta.ino() != st.inode || meta.len() < st.offset {
+            st.inode = meta.ino();
+            st.offset = 0;
+            st.partial.clear();
+        }
+        f.seek(std::io::SeekFrom::Start(st.offset))
+            .map_err(|e| e.to_string())?;
+        let mut buf = Vec::new();
+        let n = f
+            .take(LOG_READ_MAX as u64)
+            .read_to_end(&mut buf)
+            .map_err(|e| e.to_string())?;
+        st.offset += n as u64;
+        let mut chunk = std::mem::take(&mut st.partial);
+        chunk.extend_from_slice(&buf);
+        let mut start = 0;
+        for (i, b) in chunk.iter().enumerate() {
+            if *b == b'\n' {
+                if let Some(m) = self.matches(&chunk[start..i]) {
+                    st.matched = Some(m.clone());
+                    return Ok(m);
+                }
+                start = i + 1;
+            }
+        }
+        let rest = &chunk[start..];
+        // A last line without its newline yet may already say it (a prompt, a flush).
+        if let Some(m) = self.matches(rest) {
+            st.matched = Some(m.clone());
+            return Ok(m);
+        }
+        st.partial = rest[..rest.len().min(LOG_LINE_MAX)].to_vec();
+        Err(waiting())
+    }
+
+    fn matches(&self, line: &[u8]) -> Option<String> {
+        let line = String::from_utf8_lossy(&line[..line.len().min(LOG_LINE_MAX)]);
+        let line = line.trim_end_matches('\r');
+        self.regex.is_match(line).then(|| {
+            let shown: String = line.chars().take(200).collect();
+            format!("log line matched: {shown}")
+        })
+    }
+}
+
+impl PartialEq for LogWatch {
+    fn eq(&self, other: &Self) -> bool {
+        self.path == other.path && self.regex.as_str() == other.regex.as_str()
+    }
+}
+
+impl Eq for LogWatch {}
 
 /// Which of an instance's probes a result comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -148,6 +287,7 @@ async fn attempt(check: &Check) -> Result<String, String> {
         }
         Check::Http { host, port, path } => http_get(host, *port, path).await,
         Check::Exec { argv, env } => exec(argv, env).await,
+        Check::Log(watch) => watch.poll(),
     }
 }
 

@@ -1,6 +1,6 @@
 //! Health probe specifications and one-off checks.
 
-use corral_core::probe::{run_check, Check, ProbeSpec as CoreSpec};
+use corral_core::probe::{run_check, Check, LogWatch, ProbeSpec as CoreSpec};
 use pyo3::prelude::*;
 
 use crate::errors::{config_err, seconds};
@@ -16,8 +16,9 @@ pub struct ProbeSpec {
 impl ProbeSpec {
     #[new]
     #[pyo3(signature = (kind, *, host = "127.0.0.1".to_owned(), port = 0, path = "/".to_owned(),
-        argv = Vec::new(), env = Vec::new(), initial_delay = 0.0, period = 10.0, timeout = 1.0,
-        success_threshold = 1, failure_threshold = 3))]
+        argv = Vec::new(), env = Vec::new(), pattern = String::new(), offset = None, initial_delay = 0.0,
+        period = 10.0, timeout = 1.0, success_threshold = 1, failure_threshold = 3))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         kind: &str,
         host: String,
@@ -25,6 +26,8 @@ impl ProbeSpec {
         path: String,
         argv: Vec<String>,
         env: Vec<(String, String)>,
+        pattern: String,
+        offset: Option<u64>,
         initial_delay: f64,
         period: f64,
         timeout: f64,
@@ -40,9 +43,17 @@ impl ProbeSpec {
                 }
                 (Check::Exec { argv, env }, "exec")
             }
+            "log" => {
+                if pattern.is_empty() {
+                    return Err(config_err("log probe needs a pattern"));
+                }
+                let watch = LogWatch::new(path, &pattern, offset)
+                    .map_err(|e| config_err(format!("log pattern {pattern:?}: {e}")))?;
+                (Check::Log(std::sync::Arc::new(watch)), "log")
+            }
             other => {
                 return Err(config_err(format!(
-                    "kind: {other:?} is not one of 'http', 'tcp', 'exec'"
+                    "kind: {other:?} is not one of 'http', 'tcp', 'exec', 'log'"
                 )))
             }
         };
@@ -99,6 +110,7 @@ impl ProbeSpec {
             Check::Http { host, port, path } => format!("http://{host}:{port}{path}"),
             Check::Tcp { host, port } => format!("tcp {host}:{port}"),
             Check::Exec { argv, .. } => format!("exec {argv:?}"),
+            Check::Log(w) => format!("log /{}/ in {}", w.pattern(), w.path().display()),
         };
         format!("ProbeSpec({what}, period={:?})", self.inner.period)
     }
