@@ -30,8 +30,9 @@ from corral.exceptions import CorralError, InsufficientResources, PortError, Por
 from corral.machine import Claims, Holder, LocalClaims, Machine
 from corral.spec import DeploymentSpec, ServiceSpec
 from corral.statedir import stack_id
+from corral.volumes import space_of
 
-__all__ = ["Placement", "Plan", "Scheduler", "check_fit", "phases", "port_range", "volume_paths"]
+__all__ = ["Placement", "Plan", "Scheduler", "check_fit", "measured_at", "phases", "port_range", "volume_paths"]
 
 MiB = 1 << 20
 
@@ -68,6 +69,16 @@ def volume_paths(spec: DeploymentSpec, base: Path) -> dict[str, Path]:
         st = svc.resources.storage
         if st is not None:
             out[name] = (base / st.path).resolve()
+    return out
+
+
+def measured_at(spec: DeploymentSpec, volumes: dict[str, Path], state_dir: Path) -> dict[str, str]:
+    """Per volume (by its path), where the ledger measures its filesystem's space: the
+    image's directory for ``enforce: volume`` (see :func:`corral.volumes.space_of`)."""
+    out = {}
+    for name, path in volumes.items():
+        st = spec.services[name].resources.storage
+        out[str(path)] = str(space_of(st.enforce if st is not None else "none", path, state_dir))
     return out
 
 

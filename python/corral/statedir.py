@@ -7,8 +7,8 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["AGENT_LOG", "AGENT_SOCKET", "EXITS", "KEEPER_FILE", "KEEPER_LOCK", "KEEPER_LOG", "KEEPER_SOCKET", "PID_LOG",
-           "STACK", "STATE_DB", "UNIT", "stack_id"]
+__all__ = ["AGENT_LOG", "AGENT_SOCKET", "EXITS", "INSTANCES", "INSTANCE_DIR", "KEEPER_FILE", "KEEPER_LOCK",
+           "KEEPER_LOG", "KEEPER_SOCKET", "PID_LOG", "STACK", "STATE_DB", "UNIT", "instance_dir", "stack_id"]
 
 STACK = "CORRAL_STACK"
 """The stack's id, inherited by every process of the stack."""
@@ -38,3 +38,13 @@ PID_LOG = "pids"
 EXITS = "exits"
 """``pid status`` of each orphan the keeper reaps (an instance of a dead agent): the next
 agent reads there how an instance it did not start ended."""
+
+INSTANCES = "instances"
+"""Each instance's own directory (its rendered templates), ``instances/ID``."""
+INSTANCE_DIR = "${instance.dir}"
+"""How a command, an env value or an exec probe names its instance's directory."""
+
+
+def instance_dir(state_dir: Path, iid: str) -> Path:
+    """An instance's own directory."""
+    return state_dir / INSTANCES / iid

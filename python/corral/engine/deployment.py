@@ -41,6 +41,7 @@ from corral.engine.operate import ServiceOps
 from corral.engine.running import Running
 from corral.engine.stack import Stack
 from corral.engine.storage import StorageWatch
+from corral.engine.templates import Templates
 from corral.engine.tracing import Tracing, endpoint_from
 from corral.engine.verdicts import Verdicts
 from corral.exceptions import (
@@ -52,11 +53,10 @@ from corral.leftovers import PID_LOG, live_agent, stop_leftovers, sweep_stack
 from corral.lifecycle import State, Transition
 from corral.machine import Holder, Machine
 from corral.recovery import BackoffRestart, Exit, RestartStrategy, RollbackStrategy
-from corral.scheduler import Plan, Scheduler, port_range, volume_paths
+from corral.scheduler import Plan, Scheduler, measured_at, port_range, volume_paths
 from corral.spec import DeploymentSpec, load_spec
 from corral.state import DeploymentStatus, EventRow, InstanceRow, default_state_dir
 from corral.statedir import stack_id
-from corral.volumes import space_of
 
 __all__ = ["Deployment", "DeploymentStatus", "InstanceStatus"]
 
@@ -100,8 +100,7 @@ class Deployment:
         volumes = self.running.volumes
         # A volume's capacity is its filesystem's free space, measured by the core (at the
         # nearest existing ancestor: the directory is created at up).
-        self.resources = self.machine.resources(self.topology, {
-            str(p): str(space_of(_enforce(spec, n), p, self.state_dir)) for n, p in volumes.items()})
+        self.resources = self.machine.resources(self.topology, measured_at(spec, volumes, self.state_dir))
         lo, hi = port_range(spec, self.machine)
         self.ports = PortAllocator(lo, hi, check_bind=host)
         self.journal = Journal(self.state_dir, spec.name, file,
@@ -121,8 +120,10 @@ class Deployment:
         self._fronts = FrontsHook({}, self._mesh)
         self._cgroups = CgroupsHook(Path(cgroup_root or os.environ.get("CORRAL_CGROUP_ROOT", "/sys/fs/cgroup")))
         self._vols = VolumesHook(volumes)
+        self._templates = Templates(self.running, self._stack)
         self.launcher = Launcher(self._stack, on_spawn_error=self._spawn_failed, on_healthy=self._healthy,
-                                 mesh=self._identity, log_max=spec.logs.max_size, log_keep=spec.logs.keep)
+                                 mesh=self._identity, log_max=spec.logs.max_size, log_keep=spec.logs.keep,
+                                 prepare=self._templates.prepare)
         self.verdicts = Verdicts(self._stack, self.launcher,
                                  restart_strategy or BackoffRestart({n: s.restart for n, s in spec.services.items()}))
         self.fleet = Fleet(self._stack, self.launcher, self.verdicts, self.scheduler, self._cgroups, self._fronts,
@@ -140,10 +141,11 @@ class Deployment:
                                 supervise=self._supervise, roll_back=self._roll_back)
         self._ops = ServiceOps(self.running, stack=self._stack, fleet=self.fleet, journal=self.journal,
                                changing=self._changing)
+        self._templates.wire(self.launcher.environment, self._ops)
         # In order: volumes exist (mounted) before they are measured, and are measured before
         # anything starts; postrun goes the other way.
         self._hooks: list[Hook] = [self._vols, StorageWatch(self.running, self._ops), self._cgroups, self._mesh,
-                                   self._fronts]
+                                   self._fronts, self._templates]
         self._keeper_watch = KeeperWatch(self._stack, self.journal, self._ops.restart)
         self.auditor = Auditor(AuditTrail(self.state_dir, max_size=spec.audit.max_size, keep=spec.audit.keep,
                                           syslog=spec.audit.syslog), self.verdicts.counters)
@@ -492,7 +494,3 @@ class Deployment:
             self._stack.supervisor = None
         self.journal.close()
 
-
-def _enforce(spec: DeploymentSpec, service: str) -> str:
-    st = spec.services[service].resources.storage
-    return st.enforce if st is not None else "none"

@@ -37,6 +37,7 @@ from corral.leftovers import reset_pid_log
 from corral.lifecycle import State
 from corral.recovery import Exit
 from corral.spec import Probe, read_env_file, substitute_ports
+from corral.statedir import INSTANCE_DIR, instance_dir
 
 __all__ = ["Launcher"]
 
@@ -55,8 +56,11 @@ class Launcher:
     def __init__(self, stack: Stack, *, on_spawn_error: Callable[[InstanceRuntime, Exit], None],
                  on_healthy: Callable[[InstanceRuntime, str], None],
                  mesh: Callable[[str], tuple[IssuedCert | None, Authority | None]],
-                 log_max: int, log_keep: int) -> None:
+                 log_max: int, log_keep: int,
+                 prepare: Callable[[InstanceRuntime, list[tuple[str, str]]], None] | None = None) -> None:
         self.stack = stack
+        self._prepare = prepare
+        """Before each spawn: the instance's directory and its rendered templates."""
         self._on_spawn_error = on_spawn_error
         self._on_healthy = on_healthy
         self._mesh = mesh
@@ -86,6 +90,8 @@ class Launcher:
             try:
                 creds = credentials(inst.svc.user, inst.svc.group)
                 env = self._environment(inst, creds)
+                if self._prepare is not None:
+                    self._prepare(inst, env)
                 spec = self._process_spec(inst, env, creds)
             except (OSError, ValueError) as e:
                 self._on_spawn_error(inst, Exit(inst.id, inst.p.service, None, None, "spawn", 0.0, 0.0, str(e)))
@@ -152,7 +158,7 @@ class Launcher:
 
     def _process_spec(self, inst: InstanceRuntime, env: list[tuple[str, str]], creds: Credentials) -> ProcessSpec:
         svc = inst.svc
-        argv = [substitute_ports(a, inst.p.ports) for a in svc.argv()]
+        argv = [self._fill(a, inst) for a in svc.argv()]
         cwd = (self.stack.base / svc.working_dir) if svc.working_dir else self.stack.base
         inst.affinity = inst.p.cpus or self.stack.resources.shared_cpus(inst.p.numa_node)
         uid, gid, _, _ = creds
@@ -173,7 +179,7 @@ class Launcher:
             base.update({"USER": user, "LOGNAME": user, "HOME": home})
         if svc.env_file:
             base.update(read_env_file(stack.base / svc.env_file))
-        base.update({k: substitute_ports(v, ports) for k, v in svc.env.items()})
+        base.update({k: self._fill(v, inst) for k, v in svc.env.items()})
         cert, ca = self._mesh(inst.p.service)
         deps = [(dep, [f"{stack.host}:{d.main_port}" for d in stack.by_service.get(dep, [])
                        if d.state is State.HEALTHY and d.main_port is not None]) for dep in svc.depends_on]
@@ -183,6 +189,18 @@ class Launcher:
             agent_socket=stack.state_dir / "agent.sock", volume=inst.p.volume, base=base,
             cert=cert, ca=ca, dependencies=deps)
 
+    def environment(self, inst: InstanceRuntime) -> list[tuple[str, str]]:
+        """The environment the instance would start with now (its dependencies' healthy
+        addresses as they are now)."""
+        return self._environment(inst, credentials(inst.svc.user, inst.svc.group))
+
+    def _fill(self, text: str, inst: InstanceRuntime) -> str:
+        """``${ports.x}`` and ``${instance.dir}`` in a command, env value or exec probe."""
+        text = substitute_ports(text, inst.p.ports)
+        if INSTANCE_DIR in text:
+            text = text.replace(INSTANCE_DIR, str(instance_dir(self.stack.state_dir, inst.id)))
+        return text
+
     def _running(self, inst: InstanceRuntime, spawned: tuple[int, int], env: list[tuple[str, str]]) -> None:
         sup = self.stack.supervisor
         assert sup is not None
@@ -191,7 +209,8 @@ class Launcher:
         inst.healthy_since = None
         inst.exit_code = None
         inst.life.to(State.RUNNING, f"pid {pid}" + (f", cpus {cpulist(inst.affinity)}" if inst.p.cpus else ""))
-        probes = {kind: _probe_spec(p, inst.p.ports, env, self.stack.host, inst.log, inst.log_from)
+        probes = {kind: _probe_spec(p, inst.p.ports, env, self.stack.host, inst.log, inst.log_from,
+                                    lambda a: self._fill(a, inst))
                   if p is not None else None
                   for kind, p in (("startup", inst.svc.health.startup), ("readiness", inst.svc.health.readiness),
                                   ("liveness", inst.svc.health.liveness))}
@@ -282,7 +301,7 @@ class Launcher:
 
 
 def _probe_spec(p: Probe, ports: dict[str, int], env: list[tuple[str, str]], host: str, log: Path,
-                log_from: int | None) -> ProbeSpec:
+                log_from: int | None, fill: Callable[[str], str]) -> ProbeSpec:
     if p.log is not None:
         return ProbeSpec("log", path=str(log), pattern=p.log, offset=log_from, initial_delay=p.initial_delay,
                          period=p.period, timeout=p.timeout, success_threshold=p.success_threshold,
@@ -295,7 +314,7 @@ def _probe_spec(p: Probe, ports: dict[str, int], env: list[tuple[str, str]], hos
         "exec" if p.exec is not None else "http" if p.http is not None else "tcp",
         host=(check.host if check is not None and check.host else host), port=port,
         path=p.http.path if p.http is not None else "/",
-        argv=[substitute_ports(a, ports) for a in p.exec] if p.exec is not None else [],
+        argv=[fill(a) for a in p.exec] if p.exec is not None else [],
         env=env if p.exec is not None else [],
         initial_delay=p.initial_delay, period=p.period, timeout=p.timeout,
         success_threshold=p.success_threshold, failure_threshold=p.failure_threshold)

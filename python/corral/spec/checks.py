@@ -4,6 +4,7 @@ with the engine (``${ports.x}`` substitution, cycles, env files)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from collections.abc import Iterator, Mapping
@@ -175,6 +176,7 @@ def _files(svc: ServiceSpec, base: Loc, src: Source, root: Path) -> Iterator[Spe
         if not p.is_dir():
             what = "is not a directory" if p.exists() else "does not exist"
             yield src.error((*base, "working_dir"), f"working_dir {svc.working_dir!r} {what} (in {root})")
+    yield from _templates(svc, base, src, root)
     st = svc.resources.storage
     if st is not None:
         p = (root / st.path).resolve()
@@ -190,6 +192,39 @@ def _files(svc: ServiceSpec, base: Loc, src: Source, root: Path) -> Iterator[Spe
         if why:
             yield src.error((*base, "resources", "storage", "enforce"),
                             f"enforce: {st.enforce} cannot work on this machine: {why}")
+
+
+def _templates(svc: ServiceSpec, base: Loc, src: Source, root: Path) -> Iterator[SpecError]:
+    """Each template exists and renders for a stand-in of the instance (its real port and
+    dependency names, one healthy instance per dependency): a syntax error, a missing name
+    or a refused operation is said with the template's own line."""
+    if not svc.templates:
+        return
+    from corral.engine.environment import environment
+    from corral.templates import TemplateError, render, sample_context
+
+    name = str(base[-1])
+    env_base = dict(svc.env)
+    if svc.env_file is not None and (root / svc.env_file).is_file():
+        with contextlib.suppress(OSError, ValueError):
+            env_base = {**read_env_file(root / svc.env_file), **env_base}
+    ports = {p: 20000 + i for i, p in enumerate(svc.ports)}
+    env = dict(environment(service=name, instance=f"{name}-0", replica=0, deployment="validate", stack="validate",
+                           ports=ports, agent_socket=Path("/run/corral/agent.sock"),
+                           volume=svc.resources.storage.path if svc.resources.storage else None,
+                           base={k: substitute_ports(v, ports) for k, v in env_base.items()}, cert=None, ca=None,
+                           dependencies=[(d, ["127.0.0.1:21000"]) for d in svc.depends_on]))
+    context = sample_context(name, list(svc.ports), env, list(svc.depends_on))
+    for i, t in enumerate(svc.templates):
+        path = root / t.source
+        if not path.is_file():
+            what = "is not a file" if path.exists() else "does not exist"
+            yield src.error((*base, "templates", i, "source"), f"template {t.source!r} {what} (in {root})")
+            continue
+        try:
+            render(path, context, t.source)
+        except TemplateError as e:
+            yield src.error((*base, "templates", i), str(e))
 
 
 def _port_refs(svc: ServiceSpec) -> Iterator[tuple[str, Loc]]:

@@ -66,6 +66,29 @@ class Resources(_Model):
         return self
 
 
+# --- templates -----------------------------------------------------------------------
+
+
+class TemplateSpec(_Model):
+    """A config file rendered per instance (Jinja2, sandboxed) from ``source`` (relative to
+    the spec's directory) into ``destination`` in the instance's own directory
+    (``${instance.dir}``), before it starts and whenever the text would change."""
+
+    source: str
+    destination: str
+    on_change: Literal["restart", "reload", "none"] = "restart"
+    """``restart``: a rolling restart of the service; ``reload``: its ``reload_signal`` to
+    each instance's main process; ``none``: only the file changes."""
+
+    @field_validator("destination")
+    @classmethod
+    def _inside(cls, v: str) -> str:
+        parts = v.split("/")
+        if not v or v.startswith("/") or ".." in parts or any(p in ("", ".") for p in parts):
+            raise ValueError(f"destination must be a plain relative path in the instance's directory, got {v!r}")
+        return v
+
+
 # --- restart and shutdown ------------------------------------------------------------
 
 
@@ -162,6 +185,9 @@ class ServiceSpec(_Model):
     """With ``mtls``: the services whose SPIFFE IDs may connect (empty: any of the mesh)."""
     start_timeout: Duration = 60.0
     update: UpdateSpec = UpdateSpec()
+    templates: list[TemplateSpec] = Field(default_factory=list, max_length=64)
+    reload_signal: _SIGNALS = "SIGHUP"
+    """What ``on_change: reload`` sends (nginx, HAProxy and PostgreSQL reload on SIGHUP)."""
     user: str | Annotated[int, Field(ge=0, le=4294967294)] | None = None
     """Run as this user (name or uid), as systemd's ``User=``; needs corral to run as root."""
     group: str | Annotated[int, Field(ge=0, le=4294967294)] | None = None
