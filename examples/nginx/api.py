@@ -9,8 +9,8 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        sick = os.environ.get("SICK_FILE", "")
-        if self.path == "/health" and sick and os.path.exists(sick.replace("{instance}", os.environ["CORRAL_INSTANCE"])):
+        sick = os.environ.get("SICK_FILE", "").replace("{instance}", os.environ["CORRAL_INSTANCE"])
+        if self.path == "/health" and sick and os.path.exists(sick):
             code, body = 503, b"sick\n"
         else:
             code, body = 200, os.environ["CORRAL_INSTANCE"].encode() + b"\n"
