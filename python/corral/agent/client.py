@@ -353,11 +353,13 @@ class AgentClient:
         res: dict[str, Any] = self.request("POST", "/v1/plan", timeout=60, body=_spec_body(spec))
         return res
 
-    def apply(self, spec: Path, timeout: float = 24 * 3600.0) -> dict[str, Any]:
+    def apply(self, spec: Path, timeout: float = 24 * 3600.0, text: str | None = None) -> dict[str, Any]:
         """Applies ``spec`` to the running stack and returns once the rollout has finished:
         ``{"ok": true, "diff": ..., "lines": [...], "version": N}``. Raises the SpecError of a
-        bad spec (nothing changed) or the RolloutError of a rollout that failed."""
-        res: dict[str, Any] = self.request("POST", "/v1/apply", timeout=timeout, body=_spec_body(spec))
+        bad spec (nothing changed) or the RolloutError of a rollout that failed. ``text``:
+        the spec to apply when it is not the file's (part of it, :mod:`corral.spec.select`)."""
+        body = _spec_body(spec) if text is None else {"file": str(spec.resolve()), "text": text}
+        res: dict[str, Any] = self.request("POST", "/v1/apply", timeout=timeout, body=body)
         return res
 
     def down(self, waiting: Callable[[str], None] | None = None) -> int | None:

@@ -62,6 +62,19 @@ StateOpt = Annotated[Path | None, typer.Option("--state-dir", help="State direct
 SpecFileOpt = Annotated[Path, typer.Option("-f", "--file", help="The spec file (after several service names, "
                                                                  "the spec is an option).")]
 DEFAULT_SPEC = Path("corral.yaml")
+SpecFileOpt0 = Annotated[Path | None, typer.Option("-f", "--file", help="The spec file (default: ./corral.yaml, or "
+                                                                         "the first argument when it is a file).")]
+
+
+def spec_and_services(args: list[str] | None, spec_file: Path | None) -> tuple[Path, list[str]]:
+    """``[SPEC] [SERVICE...]``: the first argument is the spec when it names a file (or ends
+    in ``.yaml``/``.yml``) and no ``-f`` was given; the rest are services."""
+    args = list(args or [])
+    if spec_file is not None:
+        return spec_file, args
+    if args and (args[0].endswith((".yaml", ".yml")) or "/" in args[0] or Path(args[0]).is_file()):
+        return Path(args[0]), args[1:]
+    return DEFAULT_SPEC, args
 
 
 def error(message: object) -> None:

@@ -4,6 +4,7 @@ running stack), ``down``, and the hidden ``agent`` that ``up -d`` and the keeper
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -14,6 +15,7 @@ from corral.agent.client import AgentClient
 from corral.cli.common import (
     DEFAULT_SPEC,
     SpecArg,
+    SpecFileOpt0,
     StateOpt,
     app,
     client_of,
@@ -23,6 +25,7 @@ from corral.cli.common import (
     out,
     print_event,
     printable,
+    spec_and_services,
     spec_errors,
     spec_warnings,
     state_dir_of,
@@ -137,7 +140,11 @@ def plan(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
 
 
 @app.command()
-def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
+def up(args: Annotated[list[str] | None, typer.Argument(help="[SPEC] [SERVICE...]: start only these services "
+                                                              "and what they depend on.", show_default=False)] = None,
+       spec_file: SpecFileOpt0 = None, state_dir: StateOpt = None,
+       profile: Annotated[list[str] | None, typer.Option("--profile", help="Also start the services of this profile "
+                                                                           "(repeatable; or CORRAL_PROFILES).")] = None,
        detach: Annotated[bool, typer.Option("-d", "--detach", help="Return once every service meets its "
                                                                      "condition; the agent keeps running.")] = False,
        run_for: Annotated[str | None, typer.Option("--run-for", help="Stop after this long (e.g. 30s); "
@@ -148,6 +155,8 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
        ) -> None:
     """Start every service in dependency order and supervise them; with a stack already
     running, apply the spec to it (only what changed changes) and return when done."""
+    spec, services = spec_and_services(args, spec_file)
+    profiles = profile or [p for p in os.environ.get("CORRAL_PROFILES", "").split(",") if p]
     seconds = None
     if run_for is not None:
         from corral.units import parse_duration
@@ -160,7 +169,7 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
     client = AgentClient(sd)
     if not detach or client.guest:
         # A guest (not the stack's owner) can only ask the running agent to apply.
-        _up(client, spec, sd, detach, seconds, timeout, metrics)
+        _up(client, spec, sd, detach, seconds, timeout, metrics, choice=(services, profiles))
         return
     # From its first step until its agent reported, up -d holds the stack's lock: a down
     # waits for it (then stops what came up), and a second up finds the first one's agent
@@ -171,7 +180,7 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
     lock = StateLock(secure_state_dir(sd))
     lock.acquire(waiting=lambda who: error(f"waiting for {who}, which is starting or stopping this stack"))
     try:
-        _up(client, spec, sd, True, seconds, timeout, metrics, lock)
+        _up(client, spec, sd, True, seconds, timeout, metrics, lock, choice=(services, profiles))
     finally:
         lock.release()
         if fresh and [p.name for p in sd.iterdir()] == [LOCK_FILE]:
@@ -181,7 +190,8 @@ def up(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
 
 
 def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float | None, timeout: float,
-        metrics: str | None, lock: StateLock | None = None) -> None:
+        metrics: str | None, lock: StateLock | None = None,
+        choice: tuple[list[str], list[str]] = ([], [])) -> None:
     run_for = seconds
     # By pid and start time, not by the socket alone: a stopped (SIGSTOP) agent does not
     # answer, and starting a second one beside it would start the stack twice.
@@ -199,11 +209,12 @@ def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float 
                                       f"applied", agent.agent_pid if agent is not None else None) from None
         if lock is not None:
             lock.release()  # an apply goes through the agent, which a down reaches any time
-        raise typer.Exit(_apply(client, spec))
+        raise typer.Exit(_apply(client, spec, _to_apply(client, spec, *choice)))
     from corral.spec import load_spec
+    from corral.spec.select import select
 
     try:
-        parsed = load_spec(spec)
+        parsed = select(load_spec(spec), *choice, file=str(spec))
         if metrics is not None:
             from corral.spec import MetricsSpec
 
@@ -231,7 +242,7 @@ def _up(client: AgentClient, spec: Path, sd: Path, detach: bool, seconds: float 
                       f"{spec.name} to it", markup=False)
             if lock is not None:
                 lock.release()
-            raise typer.Exit(_apply(client, spec))
+            raise typer.Exit(_apply(client, spec, parsed.text if parsed.text else None))
         st = start_detached(spec, parsed, sd, timeout)
         n = sum(len(v) for v in st.services.values())
         out.print(f"{st.name}: up ({n} instances, agent pid {st.agent_pid}); 'corral status' to look, "
@@ -260,7 +271,26 @@ def _left_by_a_dead_agent(client: AgentClient, parsed: DeploymentSpec) -> Deploy
     return found[0]
 
 
-def _apply(client: AgentClient, spec: Path) -> int:
+def _to_apply(client: AgentClient, spec: Path, services: list[str], profiles: list[str]) -> str | None:
+    """What ``up`` applies to a running stack: the file's default services (or those named
+    and what they need), and whatever runs now that the file still has (as compose leaves
+    running what a narrower up does not name); None: the whole file."""
+    from corral.spec import load_spec
+    from corral.spec.select import chosen, select
+
+    try:
+        full = load_spec(spec)
+        want = set(chosen(full, services, profiles))
+        found = client.applied_spec()
+        running = set(found[0].services) if found is not None else set()
+        names = [n for n in full.services if n in want or n in running]
+        picked = select(full, names, file=str(spec))
+    except SpecError as e:
+        spec_errors(e)
+    return None if picked is full else picked.text
+
+
+def _apply(client: AgentClient, spec: Path, text: str | None = None) -> int:
     """``up`` against a running stack: the agent applies the spec; on a terminal, its events
     print as the rollout goes. 0 when it is done, 1 when it failed (and was reverted)."""
     import threading
@@ -271,7 +301,7 @@ def _apply(client: AgentClient, spec: Path) -> int:
 
     def call() -> None:
         try:
-            result["ok"] = client.apply(spec)
+            result["ok"] = client.apply(spec, text=text)
         except BaseException as e:  # handed to the main thread below
             result["error"] = e
 
@@ -422,12 +452,19 @@ _VOLUMES_HELP = ("Also remove the volume images of 'enforce: volume' services, a
 
 
 @app.command()
-def down(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
+def down(args: Annotated[list[str] | None, typer.Argument(help="[SPEC] [SERVICE...]: take only these services out "
+                                                                "of the running stack.", show_default=False)] = None,
+         spec_file: SpecFileOpt0 = None, state_dir: StateOpt = None,
          volumes: Annotated[bool, typer.Option("--volumes", "-v", help=_VOLUMES_HELP)] = False) -> None:
-    """Stop every service (reverse dependency order) and the agent."""
+    """Stop every service (reverse dependency order) and the agent; with services named,
+    take only those out of the running stack."""
     from corral.units import format_bytes
 
+    spec, services = spec_and_services(args, spec_file)
     client = client_of(spec, state_dir)
+    if services:
+        _down_some(client, services, volumes)
+        return
     images = client.volume_images() if volumes else []
     if volumes:
         # Said before anything is touched, as compose names the volumes it removes.
@@ -444,3 +481,38 @@ def down(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
     if volumes:
         for path in client.remove_volumes():
             out.print(f"removed {path}", markup=False)
+
+
+def _down_some(client: AgentClient, services: list[str], volumes: bool) -> None:
+    """``down SERVICE...``: the running spec without them, applied (their instances
+    stopped, their claims returned); refused while a service left running depends on one."""
+    from corral.exceptions import UnknownService
+    from corral.spec.select import select
+    from corral.volumes import image_of
+
+    if client.running() is None and not client.available():
+        fail(f"no agent runs for {client.state_dir}: nothing to take out (corral down stops what a dead one left)", 1)
+    found = client.applied_spec()
+    if found is None:
+        fail("the store records no running spec", 1)
+    running, file = found
+    for name in services:
+        if name not in running.services:
+            raise UnknownService(f"{name!r} does not run here (running: {', '.join(running.services)})", name)
+    left = [n for n in running.services if n not in services]
+    needing = {n: [d for d in running.services[n].depends_on if d in services] for n in left}
+    blocked = [f"{n} depends on {', '.join(d)}" for n, d in needing.items() if d]
+    if blocked:
+        fail(f"{'; '.join(blocked)}: name it too, or use 'corral stop' (which keeps it in the stack)", 2)
+    if not left:
+        down(None, Path(file), client.state_dir, volumes)
+        return
+    code = _apply(client, Path(file), select(running, left, file=file).text)
+    if code:
+        raise typer.Exit(code)
+    if volumes:
+        for name in services:
+            image = image_of(client.state_dir, name)
+            if image.exists():
+                image.unlink()
+                out.print(f"removed {image}", markup=False)

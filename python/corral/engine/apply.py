@@ -297,5 +297,7 @@ class Applier:
         self.stack.by_service.pop(name, None)
         self.running.configs.pop(name, None)
         self.running.versions.pop(name, None)
+        for w in self.vols.remove(name):
+            self.stack.warn(w)
         self.journal.note(f"apply v{version}: {name} removed", service=name)
 

@@ -123,6 +123,20 @@ class VolumesHook(Hook):
             os.chmod(path, 0o700)  # owner-only, as every directory corral makes
         return warnings
 
+    def remove(self, name: str) -> list[str]:
+        """A service an apply dropped: its volume is unmounted (the image is kept, as at
+        down) and forgotten; returns warnings."""
+        path = self.volumes.pop(name, None)
+        if path is None or path not in self.mounted:
+            return []
+        self.mounted.remove(path)
+        try:
+            if unmount_volume(path):
+                return [f"volume at {path} was busy: detached, it goes once its last file is closed"]
+        except OSError as e:
+            return [f"cannot unmount the volume at {path}: {e}"]
+        return []
+
     def postrun(self, stack: Stack) -> None:
         while self.mounted:
             path = self.mounted.pop()

@@ -185,6 +185,10 @@ class ServiceSpec(_Model):
     """With ``mtls``: the services whose SPIFFE IDs may connect (empty: any of the mesh)."""
     start_timeout: Duration = 60.0
     update: UpdateSpec = UpdateSpec()
+    profiles: list[Annotated[str, Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")]] = Field(
+        default_factory=list, max_length=64)
+    """Left out unless one of these is given (``--profile NAME``), or it is named
+    (``corral up NAME``), as compose's profiles."""
     templates: list[TemplateSpec] = Field(default_factory=list, max_length=64)
     reload_signal: _SIGNALS = "SIGHUP"
     """What ``on_change: reload`` sends (nginx, HAProxy and PostgreSQL reload on SIGHUP)."""
