@@ -37,7 +37,8 @@ CREATE TABLE IF NOT EXISTS deployments (
     updated_at REAL NOT NULL,
     phases TEXT NOT NULL DEFAULT '[]',
     version INTEGER NOT NULL DEFAULT 1,
-    storage TEXT NOT NULL DEFAULT '{}'
+    storage TEXT NOT NULL DEFAULT '{}',
+    schedules TEXT NOT NULL DEFAULT '{}'
 );
 CREATE TABLE IF NOT EXISTS instances (
     id TEXT NOT NULL,
@@ -90,6 +91,7 @@ _ADDED_COLUMNS = (
     ("instances", "version", "INTEGER NOT NULL DEFAULT 1"),
     ("deployments", "version", "INTEGER NOT NULL DEFAULT 1"),
     ("deployments", "storage", "TEXT NOT NULL DEFAULT '{}'"),
+    ("deployments", "schedules", "TEXT NOT NULL DEFAULT '{}'"),
 )
 """Columns newer than the first schema, added to an older state.db when it is opened."""
 
@@ -111,6 +113,9 @@ class DeploymentRow:
     """The spec version running (each apply that succeeds adds one)."""
     storage: dict[str, StorageUsage] = field(default_factory=dict)
     """Per service with storage: its volume as last measured."""
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per scheduled service: its runs so far, the last one due, the next (see
+    :mod:`corral.engine.schedules`)."""
 
     def agent_running(self) -> bool:
         """Whether the recorded agent is alive: its pid, with the same start time, and not a
@@ -194,6 +199,8 @@ class DeploymentStatus:
     """The spec version running (during a rollout, each instance says which it runs)."""
     storage: dict[str, StorageUsage] = field(default_factory=dict)
     """Per service with storage: its volume's size and usage as last measured."""
+    schedules: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per scheduled service: runs, skipped, missed, the next run's time."""
 
     def to_dict(self) -> dict[str, Any]:
         """The ``corral status --json`` and ``GET /v1/status`` document."""
@@ -202,7 +209,7 @@ class DeploymentStatus:
             "agent_running": self.agent_running,
             "services": {s: [i.to_dict() for i in insts] for s, insts in self.services.items()},
             "fronts": self.fronts, "version": self.version,
-            "storage": {s: u.to_dict() for s, u in self.storage.items()},
+            "storage": {s: u.to_dict() for s, u in self.storage.items()}, "schedules": self.schedules,
         }
 
     @classmethod
@@ -214,7 +221,8 @@ class DeploymentStatus:
                    services={s: [InstanceRow.from_dict(name, s, i) for i in insts]
                              for s, insts in doc["services"].items()},
                    fronts=dict(doc.get("fronts", {})), version=int(doc.get("version", 1)),
-                   storage={s: StorageUsage.from_dict(u) for s, u in doc.get("storage", {}).items()})
+                   storage={s: StorageUsage.from_dict(u) for s, u in doc.get("storage", {}).items()},
+                   schedules=dict(doc.get("schedules", {})))
 
     @classmethod
     def from_rows(cls, row: DeploymentRow, instances: list[InstanceRow], agent_running: bool) -> DeploymentStatus:
@@ -223,7 +231,7 @@ class DeploymentStatus:
         for i in instances:
             services.setdefault(i.service, []).append(i)
         return cls(row.name, row.status, row.message, row.agent_pid, agent_running, services, version=row.version,
-                   storage=row.storage)
+                   storage=row.storage, schedules=row.schedules)
 
 
 @dataclass(frozen=True)
@@ -359,10 +367,10 @@ class StateStore:
         with self._tx():
             self._db.execute(
                 "INSERT OR REPLACE INTO deployments (name, spec, status, message, agent_pid, agent_start, "
-                "started_at, updated_at, phases, version, storage) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "started_at, updated_at, phases, version, storage, schedules) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (row.name, row.spec, row.status, row.message, row.agent_pid, row.agent_start,
                  row.started_at, row.updated_at, json.dumps(row.phases), row.version,
-                 json.dumps({s: u.to_dict() for s, u in row.storage.items()})))
+                 json.dumps({s: u.to_dict() for s, u in row.storage.items()}), json.dumps(row.schedules)))
 
     def put_spec(self, deployment: str, version: int, digest: str, text: str, state: str,
                  message: str = "") -> None:
@@ -399,10 +407,11 @@ class StateStore:
     def read_deployments(path: str | Path) -> list[DeploymentRow]:
         """Every deployment recorded."""
         rows = _read(path, "SELECT name, spec, status, message, agent_pid, agent_start, started_at, updated_at, "
-                           "phases, version, storage FROM deployments ORDER BY started_at", ())
+                           "phases, version, storage, schedules FROM deployments ORDER BY started_at", ())
         return [DeploymentRow(name=r[0], spec=r[1], status=r[2], message=r[3], agent_pid=r[4], agent_start=r[5],
                               started_at=r[6], updated_at=r[7], phases=json.loads(r[8]), version=r[9],
-                              storage={s: StorageUsage.from_dict(u) for s, u in json.loads(r[10]).items()})
+                              storage={s: StorageUsage.from_dict(u) for s, u in json.loads(r[10]).items()},
+                              schedules=json.loads(r[11]))
                 for r in rows]
 
     @staticmethod

@@ -331,6 +331,11 @@ class AgentClient:
         """A rolling restart (needs the agent)."""
         self.request("POST", f"/v1/restart?service={quote(service)}", timeout=600)
 
+    def run(self, service: str) -> str:
+        """Runs a scheduled (or one-shot) service now; the id of the instance that runs."""
+        res = self.request("POST", f"/v1/run?service={quote(service)}", timeout=600)
+        return str(res["instance"])
+
     def scale(self, service: str, replicas: int) -> None:
         """Runs ``replicas`` instances of ``service`` (needs the agent)."""
         self.request("POST", f"/v1/scale?service={quote(service)}&replicas={replicas}", timeout=600)

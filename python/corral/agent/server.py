@@ -7,7 +7,8 @@ agent (:func:`run_agent`) serves it; :class:`~corral.agent.client.AgentClient` i
 
 Routes: ``GET /v1/status``, ``GET /v1/up`` (waits until ``up`` has finished: ``ok`` and the
 error), ``GET /v1/events?after=SEQ&limit=N`` (the event log by sequence number),
-``POST /v1/restart?service=NAME``, ``POST /v1/scale?service=NAME&replicas=N``,
+``POST /v1/restart?service=NAME``, ``POST /v1/run?service=NAME`` (a run now),
+``POST /v1/scale?service=NAME&replicas=N``,
 ``POST /v1/stop?service=A&service=B``, ``POST /v1/start?service=...``, ``POST /v1/down``,
 ``POST /v1/plan`` and ``POST /v1/apply`` (body: ``{"file": PATH, "text": SPEC}``; plan answers
 the diff, apply carries it out and answers once the rollout has finished), and
@@ -109,6 +110,7 @@ class ControlServer:
             ("GET", "/v1/up"): self._up,
             ("GET", "/v1/events"): self._events,
             ("POST", "/v1/restart"): self._restart,
+            ("POST", "/v1/run"): self._run,
             ("POST", "/v1/scale"): self._scale,
             ("POST", "/v1/stop"): self._stop_services,
             ("POST", "/v1/start"): self._start_services,
@@ -329,6 +331,12 @@ class ControlServer:
         service = q.get("service", [""])[0]
         await self.deployment.restart(service)  # raises UnknownService
         return 200, {"ok": True, "service": service}
+
+    async def _run(self, q: dict[str, list[str]]) -> tuple[int, Any]:
+        service = query_one(q, "service") or ""
+        if service not in self.deployment.spec.services:
+            raise UnknownService(f"unknown service {service!r}", service)
+        return 200, {"ok": True, "service": service, "instance": await self.deployment.run(service)}
 
     async def _scale(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         service = query_one(q, "service") or ""

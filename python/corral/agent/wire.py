@@ -25,6 +25,7 @@ ROUTES: dict[tuple[str, str], tuple[str, Role]] = {
     ("POST", "/v1/scale"): ("scale", Role.operator),
     ("POST", "/v1/stop"): ("stop", Role.operator),
     ("POST", "/v1/start"): ("start", Role.operator),
+    ("POST", "/v1/run"): ("run", Role.operator),
     ("POST", "/v1/apply"): ("apply", Role.admin),
     ("POST", "/v1/down"): ("down", Role.admin),
 }

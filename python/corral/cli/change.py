@@ -3,6 +3,7 @@ and ``start``."""
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, TypeVar
@@ -16,9 +17,11 @@ from corral.cli.common import (
     SpecFileOpt,
     StateOpt,
     app,
+    client_of,
     err,
     fail,
     out,
+    printable,
     state_dir_of,
 )
 from corral.exceptions import AgentUnavailable
@@ -35,6 +38,28 @@ def restart(service: Annotated[str, typer.Argument(help="Service name.")], spec:
     """Restart a service's replicas one after the other (needs the agent)."""
     ask(spec, state_dir, lambda agent: agent.restart(service))
     out.print(f"{service}: restarted", markup=False)
+
+
+@app.command()
+def run(service: Annotated[str, typer.Argument(help="Service name.")], spec: SpecFileOpt = DEFAULT_SPEC,
+        state_dir: StateOpt = None,
+        wait: Annotated[bool, typer.Option("--wait/--no-wait", help="Wait for the run to end and exit as it "
+                                                                    "did (0, or 1 when it failed).")] = True) -> None:
+    """Run a scheduled service now (by its concurrency rule), or a one-shot service again."""
+    iid = ask(spec, state_dir, lambda agent: agent.run(service))
+    out.print(f"{service}: running {iid}", markup=False)
+    if not wait:
+        return
+    client = client_of(spec, state_dir)
+    while True:
+        row = next((i for i in client.status().services.get(service, []) if i.id == iid), None)
+        if row is None or row.state in ("completed", "failed", "stopped"):
+            break
+        time.sleep(0.2)
+    if row is None:
+        fail(f"{iid} is no longer in the stack", 1)
+    out.print(f"{iid}: {row.state}" + (f" ({printable(row.reason)})" if row.reason else ""), markup=False)
+    raise typer.Exit(0 if row.state == "completed" and row.exit_code in (0, None) else 1)
 
 
 T = TypeVar("T")

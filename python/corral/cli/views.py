@@ -79,6 +79,10 @@ def status(spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None,
                                 f"{f['errors']} errors, {f['refused']} refused"
                                 + (f", {f['tls_refused']} refused at TLS" if f.get("tls_refused") else "")
                                 + (f", ejected: {', '.join(ejected)}" if ejected else "")))
+    for name, sc in st.schedules.items():
+        nxt = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(sc["next"])) if sc.get("next") else "-"
+        out.print(Text.assemble("schedule ", (name, "bold"), f": next run {nxt}; {sc.get('runs', 0)} runs, "
+                                f"{sc.get('skipped', 0)} skipped, {sc.get('missed', 0)} missed while no agent ran"))
     for name, u in st.storage.items():
         pct = "" if u.percent is None else f" ({u.percent:.0f}%)"
         when = "" if u.measured_at is None else f", measured {max(0.0, time.time() - u.measured_at):.0f}s ago"

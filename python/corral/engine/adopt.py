@@ -200,7 +200,9 @@ class Adoption:
                 f"{i.id} {i.state.value}" + (f" ({i.reason or i.probe_message})" if i.reason or i.probe_message
                                              else "") for i in bad)
 
-        problems = [p for p in await asyncio.gather(*(one(n) for n in self.running.spec.services)) if p]
+        # A scheduled service's runs end as they may: its condition is its schedule's.
+        names = [n for n, s in self.running.spec.services.items() if s.schedule is None]
+        problems = [p for p in await asyncio.gather(*(one(n) for n in names)) if p]
         return "; ".join(problems) or None
 
     def _restore_all(self, recorded: list[InstanceRow], running: int,

@@ -39,6 +39,7 @@ from corral.engine.launch import Launcher
 from corral.engine.metrics import exposition
 from corral.engine.operate import ServiceOps
 from corral.engine.running import Running
+from corral.engine.schedules import Schedules
 from corral.engine.stack import Stack
 from corral.engine.storage import StorageWatch
 from corral.engine.templates import Templates
@@ -144,8 +145,9 @@ class Deployment:
         self._templates.wire(self.launcher.environment, self._ops)
         # In order: volumes exist (mounted) before they are measured, and are measured before
         # anything starts; postrun goes the other way.
+        self._schedules = Schedules(self.running, self._stack, self.fleet)
         self._hooks: list[Hook] = [self._vols, StorageWatch(self.running, self._ops), self._cgroups, self._mesh,
-                                   self._fronts, self._templates]
+                                   self._fronts, self._templates, self._schedules]
         self._keeper_watch = KeeperWatch(self._stack, self.journal, self._ops.restart)
         self.auditor = Auditor(AuditTrail(self.state_dir, max_size=spec.audit.max_size, keep=spec.audit.keep,
                                           syslog=spec.audit.syslog), self.verdicts.counters)
@@ -197,6 +199,7 @@ class Deployment:
             with contextlib.suppress(CorralError):
                 more["changed"] = sorted(c.name for c in self.plan_changes(spec).changed)
             diff = await self._applier.apply(spec, file)
+            self._schedules.changed()
             a = self.spec.audit
             trail = self.auditor.trail
             trail.max_size, trail.keep, trail.syslog = a.max_size, a.keep, a.syslog
@@ -344,6 +347,12 @@ class Deployment:
         async with self.auditor.op("stop", {"service": service}):
             return await self._ops.stop_service(service)
 
+    async def run(self, service: str) -> str:
+        """Runs a scheduled service now, or a one-shot one again; returns the id of the
+        instance that runs (see :meth:`corral.engine.schedules.Schedules.run`)."""
+        async with self.auditor.op("run", {"service": service}):
+            return await self._schedules.run(service, self._ops.start_service)
+
     async def start_service(self, service: str) -> None:
         """Starts ``service`` again (see :meth:`corral.engine.operate.ServiceOps.start_service`)."""
         async with self.auditor.op("start", {"service": service}):
@@ -360,7 +369,7 @@ class Deployment:
             st.services[name] = sorted((i.row(self.name) for i in self._stack.by_service.get(name, [])),
                                        key=lambda r: (r.idx, r.version))
         st.fronts = {name: front.stats().to_dict() for name, front in self._fronts.fronts.items()}
-        st.storage = dict(self._stack.storage)
+        st.storage, st.schedules = dict(self._stack.storage), dict(self._stack.schedules)
         return st
 
     def metrics(self) -> str:
@@ -376,15 +385,7 @@ class Deployment:
         named ports), its front address, and the registry generation they come from."""
         if service not in self.spec.services:
             raise UnknownService(f"unknown service {service!r}", service)
-        front = self._fronts.fronts.get(service)
-        instances = []
-        for i in self.registry.instances(service):
-            ports = {k.removeprefix("port."): int(v) for k, v in i.meta.items() if k.startswith("port.")}
-            instances.append({"id": i.id, "host": i.host, "port": i.port, "address": i.address,
-                              "healthy": i.healthy, "ports": ports})
-        return {"name": service, "front": front.address if front is not None else None,
-                "instances": sorted(instances, key=lambda x: str(x["id"])),
-                "generation": self.registry.generation}
+        return self._fronts.discovery(service, self.registry)
 
     async def wait_registry_change(self, generation: int, timeout: float) -> None:
         """Returns once the registry's generation differs from ``generation`` (or after

@@ -347,3 +347,15 @@ class FrontsHook(Hook):
             with contextlib.suppress(OSError):
                 front.close()
         self.fronts.clear()
+
+    def discovery(self, service: str, registry: Any) -> dict[str, Any]:
+        """What discovery answers for ``service``: its registered instances (health,
+        address, named ports), its front's address, and the registry's generation."""
+        front = self.fronts.get(service)
+        instances = []
+        for i in registry.instances(service):
+            ports = {k.removeprefix("port."): int(v) for k, v in i.meta.items() if k.startswith("port.")}
+            instances.append({"id": i.id, "host": i.host, "port": i.port, "address": i.address,
+                              "healthy": i.healthy, "ports": ports})
+        return {"name": service, "front": front.address if front is not None else None,
+                "instances": sorted(instances, key=lambda x: str(x["id"])), "generation": registry.generation}

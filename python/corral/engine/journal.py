@@ -15,6 +15,7 @@ import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from corral._core import process_start_time
 from corral.exceptions import CorralError
@@ -120,6 +121,13 @@ class Journal:
         """The volumes as just measured: saved with the deployment's row (status and ``ls``
         read them from there when no agent answers)."""
         self.row.storage = dict(usage)
+        if self._store is not None:
+            self._write(self._store.put_deployment, self.row)
+
+    def schedules(self, state: dict[str, dict[str, Any]]) -> None:
+        """The scheduled services' runs so far: saved with the deployment's row (an agent
+        that takes over counts the runs missed since)."""
+        self.row.schedules = {k: dict(v) for k, v in state.items()}
         if self._store is not None:
             self._write(self._store.put_deployment, self.row)
 

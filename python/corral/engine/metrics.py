@@ -16,7 +16,9 @@ Families (labels ``service``, ``instance``, and ``probe``, ``upstream``, ``direc
 ``corral_front_connect_duration_seconds`` (histogram), ``corral_rollouts_total``,
 ``corral_operations_total`` (by ``op`` and ``outcome``: ok, failed, refused),
 ``corral_storage_size_bytes``, ``corral_storage_used_bytes``, ``corral_storage_inodes``,
-``corral_storage_measure_seconds`` (the last walk's duration),
+``corral_storage_measure_seconds`` (the last walk's duration), ``corral_schedule_runs_total``,
+``corral_schedule_skipped_total``, ``corral_schedule_missed_total``,
+``corral_schedule_next_run_timestamp_seconds``,
 and the agent's ``process_*``. CPU time and open descriptors are the instance's process
 group's (one pass over ``/proc`` for all instances); memory is its cgroup's when it has one.
 """
@@ -206,6 +208,14 @@ def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> st
             ((_labels(service=n), float(u.inodes)) for n, u in vols if u.inodes is not None))
     _family(lines, "corral_storage_measure_seconds", "gauge", "How long the last measurement of the volume took.",
             ((_labels(service=n), u.seconds) for n, u in vols if u.seconds is not None))
+    sched = sorted(stack.schedules.items())
+    for key, kind, what in (("runs", "counter", "Runs a schedule started (corral run's too)."),
+                            ("skipped", "counter", "Runs skipped: the last still ran (concurrency: forbid)."),
+                            ("missed", "counter", "Runs that fell due while no agent ran (not replayed).")):
+        _family(lines, f"corral_schedule_{key}_total", kind, what,
+                ((_labels(service=n), float(st.get(key, 0))) for n, st in sched))
+    _family(lines, "corral_schedule_next_run_timestamp_seconds", "gauge", "When the schedule is next due, Unix time.",
+            ((_labels(service=n), float(st["next"])) for n, st in sched if st.get("next")))
     _family(lines, "corral_rollouts_total", "counter", "Applies that replaced instances, by how they ended.",
             ((_labels(result=r), float(c)) for r, c in sorted(counters.rollouts.items())))
     _family(lines, "corral_operations_total", "counter", "Operations on the stack, by how they ended (the audit "

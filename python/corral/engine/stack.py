@@ -13,6 +13,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from corral._core import Cgroups, ResourceManager, ServiceRegistry, Supervisor
 from corral.engine.instance import InstanceRuntime
@@ -53,6 +54,8 @@ class Stack:
         self.warnings: list[str] = []
         self.storage: dict[str, StorageUsage] = {}
         """Per service with storage: its volume as last measured (the storage watch's)."""
+        self.schedules: dict[str, dict[str, Any]] = {}
+        """Per scheduled service: its runs so far and the next (the schedules' part)."""
         self.tracing = Tracing(None, spec.name)
         """The deployment's spans (off until the deployment configures it)."""
         self.listeners: list[Callable[[Transition], None]] = []

@@ -34,6 +34,11 @@ def cross_check(spec: DeploymentSpec, src: Source, root: Path) -> Iterator[SpecE
     yield from _metrics(spec, src, root)
     for name, svc in spec.services.items():
         base: Loc = ("services", name)
+        for dep in svc.depends_on:
+            needed = spec.services.get(dep)
+            if needed is not None and needed.schedule is not None:
+                yield src.error((*base, "depends_on", dep), f"{name} depends on {dep}, which runs on a schedule: "
+                                f"nothing can wait for it (start it with its own dependencies instead)")
         yield from _files(svc, base, src, root)
         yield from _identity(svc, base, src)
         for i, other in enumerate(svc.allow):

@@ -89,6 +89,38 @@ class TemplateSpec(_Model):
         return v
 
 
+# --- schedules -----------------------------------------------------------------------
+
+
+class ScheduleSpec(_Model):
+    """When a one-shot service runs: ``cron`` (five fields, in ``timezone``, which must be
+    given) or ``every`` (a duration from the stack's start). Each run is a new instance."""
+
+    cron: str | None = None
+    every: Duration | None = Field(default=None, ge=0.1, le=366 * 86400)
+    timezone: str | None = None
+    concurrency: Literal["forbid", "allow", "replace"] = "forbid"
+    """A run due while the last still runs: ``forbid`` skips it, ``allow`` starts it beside
+    the last, ``replace`` stops the last first (Kubernetes' ``concurrencyPolicy``)."""
+    history: int = Field(default=3, ge=1, le=100)
+    """Finished runs kept in ``status`` (their logs and events stay)."""
+
+    @model_validator(mode="after")
+    def _one(self) -> ScheduleSpec:
+        from corral.cron import Cron, zone
+
+        if (self.cron is None) == (self.every is None):
+            raise ValueError("a schedule needs exactly one of cron and every")
+        if self.cron is not None:
+            if self.timezone is None:
+                raise ValueError("a cron schedule names its timezone (UTC, Europe/Paris...): it is never guessed")
+            zone(self.timezone)
+            Cron.parse(self.cron)
+        elif self.timezone is not None:
+            raise ValueError("timezone is for cron; every counts from the stack's start")
+        return self
+
+
 # --- restart and shutdown ------------------------------------------------------------
 
 
@@ -185,6 +217,9 @@ class ServiceSpec(_Model):
     """With ``mtls``: the services whose SPIFFE IDs may connect (empty: any of the mesh)."""
     start_timeout: Duration = 60.0
     update: UpdateSpec = UpdateSpec()
+    schedule: ScheduleSpec | None = None
+    """Runs on a schedule (``corral run`` runs it now); a scheduled service has no replicas
+    of its own: each run is an instance."""
     profiles: list[Annotated[str, Field(pattern=r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,62}$")]] = Field(
         default_factory=list, max_length=64)
     """Left out unless one of these is given (``--profile NAME``), or it is named
@@ -198,6 +233,15 @@ class ServiceSpec(_Model):
     """Run with this group (default: the user's primary group)."""
     image: str | None = None
     """The container image ``corral export`` gives the engines that run containers."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _scheduled(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("schedule") is not None:
+            if data.get("replicas", 0) != 0:
+                raise ValueError("a scheduled service has no replicas: each run is an instance (leave replicas out)")
+            data = {**data, "replicas": 0}
+        return data
 
     @model_validator(mode="before")
     @classmethod
@@ -243,6 +287,12 @@ class ServiceSpec(_Model):
             raise ValueError("expose needs a port on the instances to send connections to (ports: {name: auto})")
         if self.expose is not None and self.expose in self.ports.values():
             raise ValueError(f"expose {self.expose} is also an instance port; the front needs its own")
+        if self.schedule is not None:
+            if self.expose is not None:
+                raise ValueError("a scheduled service runs and ends: it cannot be exposed")
+            if self.restart.policy == "always":
+                raise ValueError("a scheduled service runs and ends: restart.policy always would never let a run end "
+                                 "(use no or on-failure)")
         if self.replicas > 1:
             fixed = [n for n, p in self.ports.items() if p != "auto"]
             if fixed:
