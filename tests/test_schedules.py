@@ -25,7 +25,7 @@ from corral.spec import load_spec
 from corral.statedir import stack_id
 from tests.e2e import await_until, env_without_state, kill_groups, wait_until, write_spec
 
-UTC = dt.timezone.utc
+UTC = dt.UTC
 
 
 def at(s: str) -> dt.datetime:
@@ -64,7 +64,7 @@ services:
     command: ["true"]
     {text}
 """)
-    with pytest.raises(SpecError, match="corral.yaml:[456]: services.job") as e:
+    with pytest.raises(SpecError, match=r"corral.yaml:[456]: services.job") as e:
         load_spec(tmp_path / "corral.yaml")
     assert says in str(e.value), str(e.value)
 
