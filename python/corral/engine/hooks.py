@@ -70,16 +70,29 @@ class VolumesHook(Hook):
     def prerun(self, stack: Stack) -> list[str]:
         warnings: list[str] = []
         for name, path in self.volumes.items():
-            path.mkdir(parents=True, exist_ok=True)
+            self._make(stack, name, path)
             warnings += self._enforce(stack, name, path)
         return warnings
+
+    @staticmethod
+    def _make(stack: Stack, name: str, path: Path, spec: DeploymentSpec | None = None) -> None:
+        """The directory; one corral makes for a service that runs as another user
+        (``user:``) is that user's, 0700, as a volume is its container's."""
+        if path.is_dir():
+            return
+        path.mkdir(parents=True, exist_ok=True)
+        svc = (spec or stack.spec).services.get(name)
+        if svc is not None and (svc.user is not None or svc.group is not None):
+            uid, gid, _, _ = credentials(svc.user, svc.group)
+            os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
+            os.chmod(path, 0o700)
 
     def add(self, stack: Stack, volumes: dict[str, Path], spec: DeploymentSpec | None = None) -> None:
         """Volumes of services an apply adds (or moves) by ``spec``: created (mounted), and
         known to the ledger."""
         for name, path in volumes.items():
             if self.volumes.get(name) != path:
-                path.mkdir(parents=True, exist_ok=True)
+                self._make(stack, name, path, spec)
                 for w in self._enforce(stack, name, path, spec):
                     stack.warn(w)
                 st = (spec or stack.spec).services[name].resources.storage
