@@ -9,7 +9,7 @@ PIP    := $(VENV)/bin/pip
 DEV_BUILD     := --config-settings=build-args="--profile dev"
 RELEASE_BUILD := --config-settings=build-args="--profile release"
 
-.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python bench-bringup bench-survive bench-metrics bench-proxy clean
+.PHONY: help venv dev dev-release demo test test-rust test-python typecheck bench-smoke lint bench bench-rust bench-python bench-bringup bench-survive bench-metrics bench-proxy bench-real clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  \033[36m%-14s\033[0m %s\n", $$1, $$2}'
@@ -86,6 +86,9 @@ bench-proxy: dev-release ## The front proxy beside HAProxy (same run): req/s, CP
 	cargo build --release -p corral-core --example http_backend
 	@command -v wrk >/dev/null && command -v haproxy >/dev/null || { echo "needs wrk and haproxy: sudo apt-get install -y wrk haproxy"; exit 1; }
 	$(PY) benches/proxy.py $(PROXY_ARGS)
+
+bench-real: dev-release ## PostgreSQL, Redis and nginx examples under pgbench, redis-benchmark, HTTP, beside direct and HAProxy
+	$(PY) benches/real.py $(REAL_ARGS)
 
 bench-rust: ## Criterion benches (release)
 	cargo bench -p corral-core --bench core

@@ -280,9 +280,13 @@ def _to_apply(client: AgentClient, spec: Path, services: list[str], profiles: li
 
     try:
         full = load_spec(spec)
+        if not services and not any(s.profiles for s in full.services.values()):
+            return None  # the whole file, as the agent reads it
         want = set(chosen(full, services, profiles))
-        found = client.applied_spec()
-        running = set(found[0].services) if found is not None else set()
+        running: set[str] = set()
+        if not client.guest:  # a guest may not read the store: what it names, and the defaults
+            found = client.applied_spec()
+            running = set(found[0].services) if found is not None else set()
         names = [n for n in full.services if n in want or n in running]
         picked = select(full, names, file=str(spec))
     except SpecError as e:
