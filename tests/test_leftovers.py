@@ -21,6 +21,16 @@ def test_leaks(tmp_path):
     p = subprocess.Popen(["sh", "-c", "setsid sleep 123 >/dev/null 2>&1 & echo $!"], stdout=subprocess.PIPE, text=True)
     pid = int(p.communicate()[0])
     (tmp_path.parent.parent / "leaked.pid").write_text(str(pid))
+    # Leaked once it runs as the daemon (under load, setsid may not have exec'd sleep yet).
+    import time
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if open(f"/proc/{pid}/cmdline", "rb").read().split(bytes(1))[:2] == [b"sleep", b"123"]:
+                break
+        except OSError:
+            pass
+        time.sleep(0.01)
 
 def test_clean():
     import subprocess
