@@ -467,7 +467,9 @@ def down(args: Annotated[list[str] | None, typer.Argument(help="[SPEC] [SERVICE.
     spec, services = spec_and_services(args, spec_file)
     client = client_of(spec, state_dir)
     if services:
-        _down_some(client, services, volumes)
+        from corral.cli.part import down_some
+
+        down_some(client, services, volumes)
         return
     images = client.volume_images() if volumes else []
     if volumes:
@@ -486,37 +488,3 @@ def down(args: Annotated[list[str] | None, typer.Argument(help="[SPEC] [SERVICE.
         for path in client.remove_volumes():
             out.print(f"removed {path}", markup=False)
 
-
-def _down_some(client: AgentClient, services: list[str], volumes: bool) -> None:
-    """``down SERVICE...``: the running spec without them, applied (their instances
-    stopped, their claims returned); refused while a service left running depends on one."""
-    from corral.exceptions import UnknownService
-    from corral.spec.select import select
-    from corral.volumes import image_of
-
-    if client.running() is None and not client.available():
-        fail(f"no agent runs for {client.state_dir}: nothing to take out (corral down stops what a dead one left)", 1)
-    found = client.applied_spec()
-    if found is None:
-        fail("the store records no running spec", 1)
-    running, file = found
-    for name in services:
-        if name not in running.services:
-            raise UnknownService(f"{name!r} does not run here (running: {', '.join(running.services)})", name)
-    left = [n for n in running.services if n not in services]
-    needing = {n: [d for d in running.services[n].depends_on if d in services] for n in left}
-    blocked = [f"{n} depends on {', '.join(d)}" for n, d in needing.items() if d]
-    if blocked:
-        fail(f"{'; '.join(blocked)}: name it too, or use 'corral stop' (which keeps it in the stack)", 2)
-    if not left:
-        down(None, Path(file), client.state_dir, volumes)
-        return
-    code = _apply(client, Path(file), select(running, left, file=file).text)
-    if code:
-        raise typer.Exit(code)
-    if volumes:
-        for name in services:
-            image = image_of(client.state_dir, name)
-            if image.exists():
-                image.unlink()
-                out.print(f"removed {image}", markup=False)
