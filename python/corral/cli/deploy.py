@@ -469,7 +469,7 @@ def down(args: Annotated[list[str] | None, typer.Argument(help="[SPEC] [SERVICE.
     if services:
         from corral.cli.part import down_some
 
-        down_some(client, services, volumes)
+        down_some(client, services, volumes, _apply, lambda f: down(None, f, client.state_dir, volumes))
         return
     images = client.volume_images() if volumes else []
     if volumes:

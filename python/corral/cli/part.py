@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import typer
@@ -13,10 +14,10 @@ from corral.cli.common import fail, out
 __all__ = ["down_some"]
 
 
-def down_some(client: AgentClient, services: list[str], volumes: bool) -> None:
+def down_some(client: AgentClient, services: list[str], volumes: bool, apply: Callable[[AgentClient, Path, str], int],
+              down_all: Callable[[Path], None]) -> None:
     """``down SERVICE...``: the running spec without them, applied (their instances
     stopped, their claims returned); refused while a service left running depends on one."""
-    from corral.cli.deploy import _apply, down
     from corral.exceptions import UnknownService
     from corral.spec.select import select
     from corral.volumes import image_of
@@ -36,9 +37,9 @@ def down_some(client: AgentClient, services: list[str], volumes: bool) -> None:
     if blocked:
         fail(f"{'; '.join(blocked)}: name it too, or use 'corral stop' (which keeps it in the stack)", 2)
     if not left:
-        down(None, Path(file), client.state_dir, volumes)
+        down_all(Path(file))
         return
-    code = _apply(client, Path(file), select(running, left, file=file).text)
+    code = apply(client, Path(file), select(running, left, file=file).text)
     if code:
         raise typer.Exit(code)
     if volumes:
