@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+from proxy import wait_listening  # the same wait; benches/ is on sys.path when run
 
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
@@ -90,17 +91,6 @@ class HAProxy:
         os.killpg(self.proc.pid, signal.SIGKILL)
         self.proc.wait()
         shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def wait_listening(port: int, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"nothing listens on {port}")
-        time.sleep(0.02)
 
 
 def median_rows(rounds: int, runs: dict[str, Any]) -> dict[str, float]:
