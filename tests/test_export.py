@@ -111,7 +111,8 @@ def test_dependencies_become_init_containers_that_wait() -> None:
     assert "jobs/migrate" in waits["wait-migrate"]["command"][2] and "succeeded" in waits["wait-migrate"]["command"][2]
     assert api["serviceAccountName"] == "shop-waiter"
     role = by(objs, "Role", "shop-waiter")
-    assert role["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]}]
+    assert role["rules"] == [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
+                             {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}]
 
 
 SPEC = """
@@ -216,14 +217,18 @@ PORT = {"Label": S, "Value": N, "To": N, "HostNetwork": S}
 CHECK_RESTART = {"Limit": N, "Grace": D, "IgnoreWarnings": B}
 SERVICE_CHECK = {"Name": S, "Type": S, "Command": S, "Args": [S], "Path": S, "PortLabel": S, "Interval": D,
                  "Timeout": D, "TaskName": S, "SuccessBeforePassing": N, "FailuresBeforeCritical": N,
-                 "CheckRestart": CHECK_RESTART}
-SERVICE = {"Name": S, "Tags": [S], "PortLabel": S, "Provider": S, "Checks": [SERVICE_CHECK]}
+                 "CheckRestart": CHECK_RESTART, "Expose": B}
+UPSTREAM = {"DestinationName": S, "LocalBindPort": N}
+CONNECT = {"SidecarService": {"Proxy": {"Upstreams": [UPSTREAM]}}}
+SERVICE = {"Name": S, "Tags": [S], "PortLabel": S, "Provider": S, "Checks": [SERVICE_CHECK], "Connect": CONNECT}
 RESOURCES = {"CPU": N, "Cores": N, "MemoryMB": N, "MemoryMaxMB": N}
 TEMPLATE = {"EmbeddedTmpl": S, "DestPath": S, "Envvars": B, "ChangeMode": S}
 TASK = {"Name": S, "Driver": S, "Config": dict, "Env": {str: S}, "Resources": RESOURCES, "KillTimeout": D,
         "KillSignal": S, "Lifecycle": {"Hook": S, "Sidecar": B}, "Templates": [TEMPLATE],
         "VolumeMounts": [{"Volume": S, "Destination": S, "ReadOnly": B}]}
-GROUP = {"Name": S, "Count": N, "Tasks": [TASK], "Networks": [{"DynamicPorts": [PORT], "ReservedPorts": [PORT]}],
+GROUP = {"Name": S, "Count": N, "Tasks": [TASK],
+         "Networks": [{"Mode": S, "DynamicPorts": [PORT], "ReservedPorts": [PORT]}],
+         "Constraints": [{"LTarget": S, "RTarget": S, "Operand": S}],
          "Services": [SERVICE], "Meta": {str: S},
          "RestartPolicy": {"Attempts": N, "Interval": D, "Delay": D, "Mode": S},
          "ReschedulePolicy": {"Attempts": N, "Interval": D, "Delay": D, "DelayFunction": S, "MaxDelay": D,
@@ -232,7 +237,12 @@ GROUP = {"Name": S, "Count": N, "Tasks": [TASK], "Networks": [{"DynamicPorts": [
          "EphemeralDisk": {"SizeMB": N, "Sticky": B, "Migrate": B},
          "Volumes": {str: {"Name": S, "Type": S, "Source": S, "ReadOnly": B}}}
 JOB = {"ID": S, "Name": S, "Type": S, "Region": S, "Namespace": S, "Datacenters": [S], "TaskGroups": [GROUP],
-       "Meta": {str: S}}
+       "Meta": {str: S},
+       "Periodic": {"Enabled": B, "Spec": S, "SpecType": S, "ProhibitOverlap": B, "TimeZone": S}}
+# Consul's api/config_entry_intentions.go: ServiceIntentionsConfigEntry and SourceIntention.
+INTENTIONS = {"Kind": S, "Name": S, "Namespace": S, "Partition": S, "Meta": {str: S},
+              "Sources": [{"Name": S, "Peer": S, "Namespace": S, "Partition": S, "Action": S, "Type": S,
+                           "Description": S}]}
 
 
 def conforms(value: Any, schema: Any, at: str = "Job") -> None:
@@ -261,7 +271,8 @@ def conforms(value: Any, schema: Any, at: str = "Job") -> None:
 
 
 def nomad(spec: Path) -> list[dict[str, Any]]:
-    return [json.loads(t) for _, t in render(load_spec(spec), spec.parent, "nomad")]
+    """The jobs (the Consul intentions beside them are tests/test_export_policy.py's)."""
+    return [d for _, t in render(load_spec(spec), spec.parent, "nomad") if "Job" in (d := json.loads(t))]
 
 
 def test_the_nomad_job_matches_the_golden_file_and_nomads_api_structs() -> None:

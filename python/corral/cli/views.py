@@ -103,7 +103,7 @@ def export(engine: Annotated[str, typer.Argument(help="kubernetes or nomad.")], 
     if engine not in ENGINES:
         fail(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})", 2)
     try:
-        docs = render(load_spec(spec), spec.resolve().parent, engine)
+        docs = render(load_spec(spec, machine=False), spec.resolve().parent, engine)
     except SpecError as e:
         spec_errors(e)
     except ConfigError as e:

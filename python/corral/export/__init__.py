@@ -38,7 +38,11 @@ def render(spec: DeploymentSpec, base: Path, engine: str) -> list[tuple[str, str
             raise ConfigError(f"kubernetes runs containers: give these services an image: {', '.join(missing)}")
         return kubernetes.render(model)
     if engine == "nomad":
-        from corral.export import nomad
+        from corral.export import consul, nomad
 
-        return [(f"{doc['Job']['ID']}.nomad.json", json.dumps(doc, indent=2) + "\n") for doc in nomad.jobs(model)]
+        docs = [(f"{doc['Job']['ID']}.nomad.json", json.dumps(doc, indent=2) + "\n") for doc in nomad.jobs(model)]
+        # Beside the jobs: `consul config write FILE` for each, before the jobs run.
+        docs += [(f"{e['Name']}.service-intentions.json", json.dumps(e, indent=2) + "\n")
+                 for e in consul.intentions(model)]
+        return docs
     raise ConfigError(f"unknown engine {engine!r} (engines: {', '.join(ENGINES)})")

@@ -16,6 +16,10 @@ against the 1.37 schemas, strict).
 - each dependency is an init container that waits for it (a TCP connect to its Service, or
   the Job's completion, read through the API: the pod's service account needs ``get`` on
   jobs, given by a Role and RoleBinding the export adds when a dependency is a Job);
+- a scheduled service is a CronJob; ``${instance.dir}`` an ``emptyDir`` of the pod's own;
+- a service with the mesh's front (``mtls``/``allow``) gets a default-deny NetworkPolicy
+  and one admitting only the allowed services' pods on its ports (:func:`network_policies`);
+  a dependent it does not admit waits for a ready EndpointSlice through the API;
 - what corral does beyond this is in the ``corral.dev/beyond`` annotation and the header.
 """
 
@@ -26,15 +30,21 @@ import signal
 from typing import Any
 
 from corral.engine.environment import env_name
-from corral.export.model import Check, StackModel, Workload
+from corral.exceptions import ConfigError
+from corral.export.model import INSTANCE_DIR, INSTANCE_REF, Check, StackModel, Workload, every_as_cron
 from corral.spec import substitute_ports
 
-__all__ = ["objects", "render"]
+__all__ = ["network_policies", "objects", "render"]
 
 
 
 def _secs(v: float, minimum: int = 1) -> int:
     return max(minimum, math.ceil(v - 1e-9))
+
+
+def _fill(text: str, numbers: dict[str, int | str]) -> str:
+    """corral's ``${ports.x}`` and ``${instance.dir}`` as the container sees them."""
+    return substitute_ports(text, numbers).replace(INSTANCE_REF, INSTANCE_DIR)
 
 
 def _labels(model: StackModel, w: Workload | None) -> dict[str, str]:
@@ -64,7 +74,7 @@ def _probe(c: Check, numbers: dict[str, int | str]) -> dict[str, Any]:
     else:
         # The kubelet expands no ``$(VAR)`` in a probe's command (only in a container's
         # command, args and env): corral's ``${ports.x}`` become the numbers, the rest stays.
-        out = {"exec": {"command": [substitute_ports(a, numbers) for a in c.argv]}}
+        out = {"exec": {"command": [_fill(a, numbers) for a in c.argv]}}
     out["initialDelaySeconds"] = _secs(c.initial_delay, 0)
     out["periodSeconds"] = _secs(c.period)
     out["timeoutSeconds"] = _secs(c.timeout)
@@ -115,7 +125,7 @@ def _container(model: StackModel, w: Workload) -> dict[str, Any]:
     svc = w.spec
     c: dict[str, Any] = {"name": w.dns, "image": w.image}
     numbers: dict[str, int | str] = {p.name: p.number for p in w.ports}
-    argv = [_literal(substitute_ports(a, numbers)) for a in w.argv]
+    argv = [_literal(_fill(a, numbers)) for a in w.argv]
     if svc.shell:
         c["command"] = argv[:2]
         c["args"] = argv[2:]
@@ -123,7 +133,7 @@ def _container(model: StackModel, w: Workload) -> dict[str, Any]:
         c["command"] = argv[:1]
         if argv[1:]:
             c["args"] = argv[1:]
-    env: list[dict[str, Any]] = [{"name": k, "value": _literal(substitute_ports(v, numbers))}
+    env: list[dict[str, Any]] = [{"name": k, "value": _literal(_fill(v, numbers))}
                                  for k, v in w.env.items()]
     if len(w.ports) == 1:
         env.append({"name": "PORT", "value": str(w.ports[0].number)})
@@ -147,8 +157,11 @@ def _container(model: StackModel, w: Workload) -> dict[str, Any]:
     res = _resources(w)
     if res:
         c["resources"] = res
-    if w.volume:
-        c["volumeMounts"] = [{"name": "data", "mountPath": _mount(w)}]
+    mounts = [{"name": "data", "mountPath": _mount(w)}] if w.volume else []
+    if w.uses_instance_dir:
+        mounts.append({"name": "instance", "mountPath": INSTANCE_DIR})
+    if mounts:
+        c["volumeMounts"] = mounts
     if svc.shutdown.signal != "SIGTERM":
         # The kubelet always sends SIGTERM; the preStop hook sends the service's own signal first.
         number = signal.Signals[svc.shutdown.signal].value
@@ -213,20 +226,40 @@ def _waits_for_jobs(model: StackModel, w: Workload) -> list[str]:
     return [d for d, cond in w.depends.items() if cond == "completed" or model.workloads[d].kind == "job"]
 
 
+def _fenced(model: StackModel, w: Workload) -> list[str]:
+    """The long-running dependencies whose NetworkPolicy does not admit ``w``: a connect
+    cannot tell that they are ready, so the init container asks the API for a ready endpoint."""
+    return [d for d in w.depends if d not in _waits_for_jobs(model, w) and not model.admits(w.name, d)]
+
+
+def _api_waits(model: StackModel, w: Workload) -> list[str]:
+    return _waits_for_jobs(model, w) + _fenced(model, w)
+
+
+def _api_wait(model: StackModel, d: Workload, path: str, found: str) -> dict[str, Any]:
+    ns = model.options.kubernetes.namespace or "$(POD_NAMESPACE)"
+    script = (f"until wget -q -O- --header \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/"
+              f"serviceaccount/token)\" --no-check-certificate https://kubernetes.default.svc/{path.format(ns=ns)}"
+              f" | grep -q '{found}'; do sleep 2; done")
+    return {"name": f"wait-{d.dns}", "image": model.options.kubernetes.wait_image,
+            "command": ["/bin/sh", "-c", script],
+            "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}}]}
+
+
 def _waits(model: StackModel, w: Workload) -> list[dict[str, Any]]:
     image = model.options.kubernetes.wait_image
     out = []
     jobs = _waits_for_jobs(model, w)
+    fenced = _fenced(model, w)
     for dep, cond in w.depends.items():
         d = model.workloads[dep]
         if dep in jobs:
-            ns = model.options.kubernetes.namespace or "$(POD_NAMESPACE)"
-            script = (f"until wget -q -O- --header \"Authorization: Bearer $(cat /var/run/secrets/kubernetes.io/"
-                      f"serviceaccount/token)\" --no-check-certificate https://kubernetes.default.svc/apis/batch/v1/"
-                      f"namespaces/{ns}/jobs/{d.dns} | grep -q '\"succeeded\": *[1-9]'; do sleep 2; done")
-            out.append({"name": f"wait-{d.dns}", "image": image, "command": ["/bin/sh", "-c", script],
-                        "env": [{"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {
-                            "fieldPath": "metadata.namespace"}}}]})
+            out.append(_api_wait(model, d, f"apis/batch/v1/namespaces/{{ns}}/jobs/{d.dns}",
+                                 '\"succeeded\": *[1-9]'))
+        elif dep in fenced and _service_port(d) is not None:
+            out.append(_api_wait(model, d, f"apis/discovery.k8s.io/v1/namespaces/{{ns}}/endpointslices"
+                                           f"?labelSelector=kubernetes.io/service-name%3D{d.dns}",
+                                 '\"ready\": *true'))
         else:
             port = _service_port(d)
             if port is None:
@@ -242,12 +275,18 @@ def _pod(model: StackModel, w: Workload) -> dict[str, Any]:
     spec: dict[str, Any] = {"containers": [_container(model, w)],
                             "terminationGracePeriodSeconds": _secs(w.spec.shutdown.timeout, 0)}
     st = w.spec.resources.storage
+    volumes: list[dict[str, Any]] = []
     if w.volume and st is not None and w.kind != "stateful":
-        spec["volumes"] = [{"name": "data", "emptyDir": {"sizeLimit": _quantity(int(st.size))}}]
+        volumes.append({"name": "data", "emptyDir": {"sizeLimit": _quantity(int(st.size))}})
+    if w.uses_instance_dir:
+        # ${instance.dir}: the instance's own directory, as corral gives each instance one.
+        volumes.append({"name": "instance", "emptyDir": {}})
+    if volumes:
+        spec["volumes"] = volumes
     waits = _waits(model, w)
     if waits:
         spec["initContainers"] = waits
-    if _waits_for_jobs(model, w):
+    if _api_waits(model, w):
         spec["serviceAccountName"] = f"{model.dns}-waiter"
     if w.kind == "job":
         spec["restartPolicy"] = "Never" if w.spec.restart.policy == "no" else "OnFailure"
@@ -269,9 +308,12 @@ def _workload(model: StackModel, w: Workload) -> dict[str, Any]:
     pod = _pod(model, w)
     selector = {"matchLabels": {"app.kubernetes.io/name": w.dns, "app.kubernetes.io/part-of": model.dns}}
     if w.kind == "job":
+        job = {"backoffLimit": 0 if w.spec.restart.policy == "no" else (w.spec.restart.max_restarts or 6),
+               "template": pod}
+        if w.schedule is not None:
+            return _cron_job(model, w, job)
         return {"apiVersion": "batch/v1", "kind": "Job", "metadata": _meta(model, w.dns, w, _annotations(model, w)),
-                "spec": {"backoffLimit": 0 if w.spec.restart.policy == "no" else (w.spec.restart.max_restarts or 6),
-                         "template": pod}}
+                "spec": job}
     upd = w.spec.update
     if w.kind == "stateful":
         storage = w.spec.resources.storage
@@ -298,6 +340,54 @@ def _workload(model: StackModel, w: Workload) -> dict[str, Any]:
             "spec": spec}
 
 
+def _cron_job(model: StackModel, w: Workload, job: dict[str, Any]) -> dict[str, Any]:
+    sch = w.schedule
+    assert sch is not None
+    cron: str | None = sch.cron
+    zone = sch.timezone or "UTC"
+    if cron is None:
+        assert sch.every is not None
+        cron = every_as_cron(sch.every, with_seconds=False)
+        if cron is None:
+            raise ConfigError(f"{w.name}: schedule.every {sch.every:g}s cannot be a CronJob's schedule (whole "
+                              f"minutes or hours that divide an hour or a day); write it as schedule.cron")
+    spec: dict[str, Any] = {"schedule": cron, "timeZone": zone, "concurrencyPolicy": sch.concurrency.capitalize(),
+                            "successfulJobsHistoryLimit": sch.history, "failedJobsHistoryLimit": sch.history,
+                            "jobTemplate": {"metadata": {"labels": _labels(model, w)}, "spec": job}}
+    return {"apiVersion": "batch/v1", "kind": "CronJob", "metadata": _meta(model, w.dns, w, _annotations(model, w)),
+            "spec": spec}
+
+
+def _selector(model: StackModel, w: Workload | None) -> dict[str, Any]:
+    labels = {"app.kubernetes.io/part-of": model.dns}
+    if w is not None:
+        labels["app.kubernetes.io/name"] = w.dns
+    return {"matchLabels": labels}
+
+
+def network_policies(model: StackModel) -> list[dict[str, Any]]:
+    """For each service with the mesh's ``allow`` (``mtls``): a default deny of its pods'
+    ingress, and a policy admitting the allowed services' pods on its ports (every pod of
+    the stack for an empty ``allow``: any of the mesh). Others stay open, as they are
+    under corral (the header names them)."""
+    out: list[dict[str, Any]] = []
+    for w in model.workloads.values():
+        if w.allowed is None or not w.ports:
+            continue
+        target = _selector(model, w)
+        out.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": _meta(model, f"{w.dns}-default-deny", w),
+                    "spec": {"podSelector": target, "policyTypes": ["Ingress"]}})
+        sources = ([{"podSelector": _selector(model, None)}] if not w.spec.allow else
+                   [{"podSelector": _selector(model, model.workloads[a])} for a in w.allowed])
+        ports = [{"protocol": "TCP", "port": p.number} for p in w.ports]
+        out.append({"apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+                    "metadata": _meta(model, f"{w.dns}-allow", w),
+                    "spec": {"podSelector": target, "policyTypes": ["Ingress"],
+                             "ingress": [{"from": sources, "ports": ports}]}})
+    return out
+
+
 def _service(model: StackModel, w: Workload) -> dict[str, Any] | None:
     if not w.ports:
         return None
@@ -321,7 +411,8 @@ def _waiter_rbac(model: StackModel) -> list[dict[str, Any]]:
     return [
         {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": _meta(model, name, None)},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": _meta(model, name, None),
-         "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]}]},
+         "rules": [{"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get"]},
+                   {"apiGroups": ["discovery.k8s.io"], "resources": ["endpointslices"], "verbs": ["list"]}]},
         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": _meta(model, name, None),
          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
          "subjects": [{"kind": "ServiceAccount", "name": name}]},
@@ -331,7 +422,7 @@ def _waiter_rbac(model: StackModel) -> list[dict[str, Any]]:
 def objects(model: StackModel) -> list[dict[str, Any]]:
     """Every object, in the order ``kubectl apply`` should see them."""
     out: list[dict[str, Any]] = []
-    if any(_waits_for_jobs(model, w) for w in model.workloads.values()):
+    if any(_api_waits(model, w) for w in model.workloads.values()):
         out += _waiter_rbac(model)
     for w in model.workloads.values():
         if w.env_file is not None:
@@ -342,6 +433,7 @@ def objects(model: StackModel) -> list[dict[str, Any]]:
         if svc is not None:
             out.append(svc)
     out += [_workload(model, w) for w in model.workloads.values()]
+    out += network_policies(model)
     return out
 
 
@@ -349,6 +441,13 @@ def header(model: StackModel) -> list[str]:
     """The export's comment lines: what does not carry over, stack-wide and per service."""
     lines = [f"corral export kubernetes: {model.name} ({len(model.workloads)} services)"]
     lines += model.notes
+    fenced = [w.name for w in model.workloads.values() if w.allowed is not None and w.ports]
+    if fenced:
+        lines.append(f"NetworkPolicies (default deny, then allow:) for: {', '.join(fenced)}; they need a CNI that "
+                     f"enforces them (Calico, Cilium)")
+    open_ = model.open_services()
+    if open_:
+        lines.append(f"no NetworkPolicy (no allow:, open as under corral): {', '.join(open_)}")
     lines += [f"{w.name}: {b}" for w in model.workloads.values() for b in w.beyond + _rounded(w)]
     return lines
 

@@ -17,14 +17,36 @@ from typing import Literal
 from corral.exceptions import ConfigError
 from corral.exportspec import ExportSpec
 from corral.spec import DeploymentSpec, Probe, ServiceSpec, read_env_file
+from corral.spec.service import ScheduleSpec
+from corral.statedir import INSTANCE_DIR as INSTANCE_REF
 
-__all__ = ["AUTO_PORT_BASE", "Check", "Port", "StackModel", "Workload", "build", "dns_name"]
+__all__ = ["AUTO_PORT_BASE", "INSTANCE_DIR", "INSTANCE_REF", "Check", "Port", "StackModel", "Workload", "build",
+           "dns_name", "every_as_cron"]
 
 AUTO_PORT_BASE = 8080
 """An ``auto`` port becomes this plus its position among the service's auto ports: each
 container has its own network namespace, so fixed numbers cannot collide."""
 
+INSTANCE_DIR = "/corral/instance"
+"""What ``${instance.dir}`` becomes in a Kubernetes container (an ``emptyDir`` mounted there);
+Nomad's is the task's own directory, ``${NOMAD_TASK_DIR}``."""
+
 Kind = Literal["service", "stateful", "job"]
+
+
+def every_as_cron(seconds: float, *, with_seconds: bool) -> str | None:
+    """``schedule.every`` as a cron expression on the clock, when it divides a minute (only
+    ``with_seconds``: Nomad's seven fields), an hour or a day evenly; else ``None``."""
+    s = round(seconds)
+    if s != seconds or s <= 0:
+        return None
+    if s < 60:
+        return f"*/{s} * * * * * *" if with_seconds and 60 % s == 0 else None
+    if s % 60 == 0 and s < 3600 and 3600 % s == 0:
+        return f"*/{s // 60} * * * *"
+    if s % 3600 == 0 and s < 86400 and 86400 % s == 0:
+        return f"0 */{s // 3600} * * *"
+    return "0 0 * * *" if s == 86400 else None
 
 
 def dns_name(name: str) -> str:
@@ -79,12 +101,25 @@ class Workload:
     volume: str | None
     """Where the storage is mounted (the spec's path as the container sees it)."""
     spiffe_id: str | None
+    allowed: list[str] | None = None
+    """Who may connect, with the mesh (``mtls``): the ``allow`` list, or every service of
+    the stack for an empty one (any of the mesh); ``None`` without it (anyone may)."""
     beyond: list[str] = field(default_factory=list)
     """What corral does for it that the exported objects cannot express."""
 
     @property
     def first_port(self) -> Port | None:
         return self.ports[0] if self.ports else None
+
+    @property
+    def schedule(self) -> ScheduleSpec | None:
+        return self.spec.schedule
+
+    @property
+    def uses_instance_dir(self) -> bool:
+        """Whether its command, env, exec probes or templates need ``${instance.dir}``."""
+        texts = [*self.argv, *self.env.values(), *(a for c in self.probes.values() for a in c.argv)]
+        return bool(self.spec.templates) or any(INSTANCE_REF in t for t in texts)
 
 
 @dataclass
@@ -101,11 +136,20 @@ class StackModel:
     def missing_images(self) -> list[str]:
         return [w.name for w in self.workloads.values() if w.image is None]
 
+    def open_services(self) -> list[str]:
+        """The services with ports and no ``allow`` rule: anyone may connect to them."""
+        return [w.name for w in self.workloads.values() if w.ports and w.allowed is None]
+
+    def admits(self, source: str, target: str) -> bool:
+        """Whether ``source`` may connect to ``target`` (the rule every exporter carries)."""
+        allowed = self.workloads[target].allowed
+        return allowed is None or source in allowed
+
 
 def _is_job(name: str, svc: ServiceSpec, spec: DeploymentSpec) -> bool:
     """One-shot: it is not restarted after a clean exit (``policy: no``), or it restarts only
     on failure and something waits for it to complete."""
-    if svc.restart.policy == "no":
+    if svc.restart.policy == "no" or svc.schedule is not None:
         return True
     waited = any(d.condition == "completed" for s in spec.services.values()
                  for dep, d in s.depends_on.items() if dep == name)
@@ -156,7 +200,15 @@ def build(spec: DeploymentSpec, base: Path) -> StackModel:
                      storage.path if storage else None,
                      f"spiffe://{spec.name}.corral/svc/{name}" if svc.mtls or any(
                          name in s.allow for s in spec.services.values()) else None)
+        if svc.mtls:
+            w.allowed = list(svc.allow) if svc.allow else list(spec.services)
         w.beyond.extend(logged)
+        for t in svc.templates:
+            w.beyond.append(f"templates: {t.source} -> {t.destination} is rendered by corral from the live "
+                            f"instances; ship the file in the image (or a ConfigMap / a Nomad template)")
+        if svc.schedule is not None and svc.schedule.every is not None:
+            w.beyond.append(f"schedule.every {svc.schedule.every:g}s counts from the stack's start under corral; "
+                            f"exported, it runs on the clock (UTC)")
         r = svc.resources
         if r.numa == "require":
             w.beyond.append("numa: require (every core on one NUMA node; Kubernetes needs the topology manager's "

@@ -17,7 +17,9 @@ and types as in hashicorp/nomad's ``api/`` structs, durations in nanoseconds).
   connect to the address Nomad's service catalogue gives, rendered by a template) and a
   template that sets ``CORRAL_<DEP>_ADDR(S)``; a one-shot service others depend on runs
   as a prestart task of each dependent's group; one-shot services nothing depends on go
-  to a second job of type ``batch``.
+  to a second job of type ``batch``; a scheduled one is a periodic batch job of its own;
+- ``allow:`` is Consul Connect (:mod:`corral.export.consul`): sidecars, upstreams and the
+  intentions beside the job; a fixed port with replicas a static port on distinct nodes.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from typing import Any
 
 from corral.engine.environment import env_name
 from corral.exceptions import ConfigError
-from corral.export.model import Check, Port, StackModel, Workload
+from corral.export import consul
+from corral.export.model import INSTANCE_REF, Check, Port, StackModel, Workload, every_as_cron
 from corral.spec import substitute_ports
 
 __all__ = ["jobs"]
@@ -46,9 +49,10 @@ def _mib(n: int | None) -> int | None:
     return None if n is None else max(1, math.ceil(n / (1 << 20)))
 
 
-def _port(p: Port) -> str:
-    """A port's value in the task: Nomad's variable for a dynamic one, the number of a static one."""
-    return f"${{NOMAD_PORT_{p.name}}}" if p.auto else str(p.number)
+def _port(p: Port, w: Workload) -> str:
+    """A port's value in the task: Nomad's variable for a dynamic one, the number of a static
+    one or of one that stays inside the allocation (the mesh's: Connect reaches it)."""
+    return f"${{NOMAD_PORT_{p.name}}}" if p.auto and not consul.is_target(w) else str(p.number)
 
 
 _RUNTIME_VAR = re.compile(r"\$\{([a-zA-Z0-9_.-]+)\}")
@@ -63,13 +67,14 @@ def _kept(text: str, w: Workload, field: str, *, ports: bool = True) -> str:
     NAME (its ``NOMAD_*`` variables, the task's env, node attributes, raw_exec's host env),
     and a JSON job has no escape for it (HCL's ``$${`` is undone only when an HCL file is
     parsed). Such a value cannot be kept: :class:`ConfigError` names it (export exits 2)."""
+    text = text.replace(INSTANCE_REF, "${NOMAD_TASK_DIR}")  # the task's own directory
     for m in _RUNTIME_VAR.finditer(text):
-        if not m.group(1).startswith("ports."):
+        if not m.group(1).startswith("ports.") and m.group(1) != "NOMAD_TASK_DIR":
             name = m.group(1)
             raise ConfigError(f"{w.name}: {field}: {m.group(0)} cannot be kept in a Nomad job: corral passes it as "
                               f"written, but Nomad fills in ${{...}} at run time and a JSON job has no escape for "
                               f"it (for the shell to read, write it ${name})")
-    return substitute_ports(text, {p.name: _port(p) for p in w.ports}) if ports else text
+    return substitute_ports(text, {p.name: _port(p, w) for p in w.ports}) if ports else text
 
 
 def _env(w: Workload) -> dict[str, str]:
@@ -78,9 +83,9 @@ def _env(w: Workload) -> dict[str, str]:
     env = {**{k: _kept(v, w, f"env_file {k}", ports=False) for k, v in (w.env_file or {}).items()},
            **{k: _kept(v, w, f"env.{k}") for k, v in w.env.items()}}
     if len(w.ports) == 1:
-        env["PORT"] = _port(w.ports[0])
+        env["PORT"] = _port(w.ports[0], w)
     for p in w.ports:
-        env[f"CORRAL_PORT_{env_name(p.name)}"] = _port(p)
+        env[f"CORRAL_PORT_{env_name(p.name)}"] = _port(p, w)
     env["CORRAL_SERVICE"] = w.name
     env["CORRAL_INSTANCE"] = "${NOMAD_ALLOC_NAME}"
     env["CORRAL_REPLICA"] = "${NOMAD_ALLOC_INDEX}"
@@ -104,10 +109,19 @@ def _check(kind: str, c: Check, w: Workload) -> dict[str, Any]:
     if c.kind == "exec":
         argv = [_kept(a, w, f"health.{kind}.exec") for a in c.argv]  # a script check's are interpolated too
         out.update({"Type": "script", "Command": argv[0], "Args": argv[1:], "TaskName": w.dns})
+    elif c.kind == "tcp" and consul.is_target(w) and c.port is not None:
+        # The port stays inside the allocation: the connect is tried from inside it.
+        out.update({"Type": "script", "Command": "/bin/sh",
+                    "Args": ["-c", f"nc -z 127.0.0.1 {c.port.number}"], "TaskName": w.dns})
     else:
-        out.update({"Type": c.kind, "PortLabel": c.port.name if c.port and c.port.name else ""})
+        label = c.port.name if c.port and c.port.name else ""
+        if consul.is_target(w) and c.port is not None:
+            label = str(c.port.number)
+        out.update({"Type": c.kind, "PortLabel": label})
         if c.kind == "http":
             out["Path"] = c.path
+            if consul.is_target(w):
+                out["Expose"] = True  # through the sidecar, as Connect services' checks must
     if c.success_threshold > 1:
         out["SuccessBeforePassing"] = c.success_threshold
     if kind == "readiness":
@@ -146,7 +160,13 @@ def _task(model: StackModel, w: Workload, name: str | None = None) -> dict[str, 
         task["Resources"] = res
     if _host_volume(w) and name == w.dns:
         task["VolumeMounts"] = [{"Volume": "data", "Destination": _destination(w), "ReadOnly": False}]
-    templates = [_addr_template(model, dep) for dep in _awaited(model, w)]
+    ups = consul.upstreams(model, w)
+    for dep in _awaited(model, w):
+        if dep in ups:
+            # Through the sidecar: the mesh's address for it in this allocation.
+            addr = f"${{{consul.upstream_var(model.workloads[dep])}}}"
+            task["Env"][f"CORRAL_{env_name(dep)}_ADDR"] = task["Env"][f"CORRAL_{env_name(dep)}_ADDRS"] = addr
+    templates = [_addr_template(model, dep) for dep in _awaited(model, w) if dep not in ups]
     if templates:
         task["Templates"] = templates
     return task
@@ -161,9 +181,10 @@ def _awaited(model: StackModel, w: Workload) -> list[str]:
 def _addr_template(model: StackModel, dep: str) -> dict[str, Any]:
     d = model.workloads[dep]
     key = env_name(dep)
-    data = (f'CORRAL_{key}_ADDR={{{{ with nomadService "{d.dns}" }}}}{{{{ with index . 0 }}}}'
+    lookup = "service" if consul.is_target(d) else "nomadService"  # registered in Consul, or in Nomad
+    data = (f'CORRAL_{key}_ADDR={{{{ with {lookup} "{d.dns}" }}}}{{{{ with index . 0 }}}}'
             f'{{{{ .Address }}}}:{{{{ .Port }}}}{{{{ end }}}}{{{{ end }}}}\n'
-            f'CORRAL_{key}_ADDRS={{{{ range $i, $s := nomadService "{d.dns}" }}}}{{{{ if $i }}}},{{{{ end }}}}'
+            f'CORRAL_{key}_ADDRS={{{{ range $i, $s := {lookup} "{d.dns}" }}}}{{{{ if $i }}}},{{{{ end }}}}'
             f'{{{{ $s.Address }}}}:{{{{ $s.Port }}}}{{{{ end }}}}\n')
     return {"EmbeddedTmpl": data, "DestPath": f"local/{d.dns}.env", "Envvars": True, "ChangeMode": "noop"}
 
@@ -171,12 +192,20 @@ def _addr_template(model: StackModel, dep: str) -> dict[str, Any]:
 def _wait_task(model: StackModel, dep: str) -> dict[str, Any]:
     d = model.workloads[dep]
     key = env_name(dep)
-    script = (f'until [ -n "$CORRAL_{key}_ADDR" ] && nc -z "${{CORRAL_{key}_ADDR%:*}}" '
-              f'"${{CORRAL_{key}_ADDR##*:}}"; do sleep 1; done')
+    if consul.is_target(d):
+        # Its port is inside its allocation: wait for a passing instance in Consul's catalogue
+        # (a file template follows the catalogue; an env one is read once).
+        tmpl = {"EmbeddedTmpl": f'{{{{ range service "{d.dns}" }}}}passing\n{{{{ end }}}}',
+                "DestPath": f"local/{d.dns}.passing", "ChangeMode": "noop"}
+        script = f"until grep -q passing local/{d.dns}.passing 2>/dev/null; do sleep 1; done"
+    else:
+        tmpl = _addr_template(model, dep)
+        script = (f'until [ -n "$CORRAL_{key}_ADDR" ] && nc -z "${{CORRAL_{key}_ADDR%:*}}" '
+                  f'"${{CORRAL_{key}_ADDR##*:}}"; do sleep 1; done')
     return {"Name": f"wait-{d.dns}", "Driver": model.options.nomad.driver,
             "Config": {"command": "/bin/sh", "args": ["-c", script]},
             "Lifecycle": {"Hook": "prestart", "Sidecar": False},
-            "Templates": [_addr_template(model, dep)],
+            "Templates": [tmpl],
             "Resources": {"CPU": 20, "MemoryMB": 16}}
 
 
@@ -210,23 +239,34 @@ def _group(model: StackModel, w: Workload) -> dict[str, Any]:
         group["Update"] = {"MaxParallel": u.max_parallel, "MinHealthyTime": _ns(u.min_healthy_time),
                            "HealthyDeadline": _ns(u.healthy_deadline), "AutoRevert": u.auto_revert,
                            "HealthCheck": "checks" if w.probes else "task_states"}
-    if w.ports:
+    ups = consul.upstreams(model, w)
+    meshed = consul.is_target(w) or bool(ups)
+    if w.ports and not consul.is_target(w):
         dynamic = [{"Label": p.name, **({"To": p.number} if w.image else {})} for p in w.ports if p.auto]
         static = [{"Label": p.name, "Value": p.number} for p in w.ports if not p.auto]
-        net: dict[str, Any] = {}
+        net: dict[str, Any] = {"Mode": "bridge"} if meshed else {}
         if dynamic:
             net["DynamicPorts"] = dynamic
         if static:
             net["ReservedPorts"] = static
         group["Networks"] = [net]
+        if static and w.replicas > 1:
+            # A static port is the node's: each allocation on its own node.
+            group["Constraints"] = [{"Operand": "distinct_hosts", "RTarget": "true"}]
+    elif meshed:
+        group["Networks"] = [{"Mode": "bridge"}]  # the ports stay inside: Connect reaches them
     checks = [_check(k, c, w) for k, c in w.probes.items() if k in ("readiness", "liveness")]
     if w.ports or checks:
         # Every exposed or probed service is registered; one without ports carries only its
         # script checks.
-        service: dict[str, Any] = {"Name": w.dns, "Provider": "nomad", "Tags": [f"corral:{model.dns}"],
-                                   "Checks": checks}
+        service: dict[str, Any] = {"Name": w.dns, "Provider": "consul" if meshed else "nomad",
+                                   "Tags": [f"corral:{model.dns}"], "Checks": checks}
         if w.ports:
-            service["PortLabel"] = w.ports[0].name
+            service["PortLabel"] = str(w.ports[0].number) if consul.is_target(w) else w.ports[0].name
+        if meshed:
+            proxy = {"Upstreams": [{"DestinationName": model.workloads[u].dns,
+                                    "LocalBindPort": consul.local_port(model, w, u)} for u in ups]}
+            service["Connect"] = {"SidecarService": {"Proxy": proxy} if ups else {}}
         group["Services"] = [service]
     st = w.spec.resources.storage
     if w.volume and st is not None:
@@ -245,10 +285,32 @@ def _group(model: StackModel, w: Workload) -> dict[str, Any]:
         beyond.append("startup probe: Nomad checks have no startup phase")
     if w.spec.expose:
         beyond.append(f"expose {w.spec.expose}: put a load balancer (Traefik, Fabio, nginx) on the "
-                      f"'{w.dns}' service")
+                      f"'{w.dns}' service" + (" (a Consul ingress gateway: it is in the mesh)"
+                                              if consul.is_target(w) else ""))
+    if consul.is_target(w) and not w.spec.allow:
+        beyond.append("allow: any of the mesh: the intention allows every Connect service of the datacenter, "
+                      "not only this stack's")
     if beyond:
         group["Meta"]["corral.beyond"] = "; ".join(beyond)
     return group
+
+
+def _periodic(w: Workload) -> dict[str, Any]:
+    sch = w.schedule
+    assert sch is not None
+    if sch.cron is not None:
+        spec, zone = sch.cron, sch.timezone or "UTC"
+    else:
+        assert sch.every is not None
+        found = every_as_cron(sch.every, with_seconds=True)
+        if found is None:
+            raise ConfigError(f"{w.name}: schedule.every {sch.every:g}s cannot be a Nomad periodic spec (seconds, "
+                              f"minutes or hours that divide a minute, an hour or a day); write it as schedule.cron")
+        spec, zone = found, "UTC"
+    if sch.concurrency == "replace":
+        w.beyond.append("concurrency: replace (a Nomad periodic job can only prohibit overlap: runs may overlap)")
+    return {"Enabled": True, "Spec": spec, "SpecType": "cron", "ProhibitOverlap": sch.concurrency == "forbid",
+            "TimeZone": zone}
 
 
 def _job(model: StackModel, name: str, kind: str, groups: list[dict[str, Any]]) -> dict[str, Any]:
@@ -266,10 +328,19 @@ def _job(model: StackModel, name: str, kind: str, groups: list[dict[str, Any]]) 
 
 def jobs(model: StackModel) -> list[dict[str, Any]]:
     """The service job, and a batch job for one-shot services nothing depends on."""
+    consul.check(model, model.options.nomad.driver)
     depended = {d for w in model.workloads.values() for d in w.depends}
     services = [_group(model, w) for w in model.workloads.values() if w.kind != "job"]
-    batch = [_group(model, w) for w in model.workloads.values() if w.kind == "job" and w.name not in depended]
+    batch = [_group(model, w) for w in model.workloads.values()
+             if w.kind == "job" and w.name not in depended and w.schedule is None]
     out = [_job(model, model.dns, "service", services)] if services else []
     if batch:
         out.append(_job(model, f"{model.dns}-jobs", "batch", batch))
+    for w in model.workloads.values():
+        if w.schedule is not None:
+            # A periodic job is a job of its own (Nomad launches the whole job at each time).
+            periodic = _periodic(w)
+            job = _job(model, f"{model.dns}-{w.dns}", "batch", [_group(model, w)])
+            job["Job"]["Periodic"] = periodic
+            out.append(job)
     return out

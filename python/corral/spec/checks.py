@@ -26,10 +26,16 @@ _KERNEL_DIRS = (Path("/proc"), Path("/sys"), Path("/dev"))
 """Nothing below these is a volume either."""
 
 
-def cross_check(spec: DeploymentSpec, src: Source, root: Path) -> Iterator[SpecError]:
+def cross_check(spec: DeploymentSpec, src: Source, root: Path, *, machine: bool = True) -> Iterator[SpecError]:
     """What one model cannot see: references between services and to port names, names that
-    collide once they become environment variables, and the files a service names."""
+    collide once they become environment variables, and the files a service names.
+
+    With ``machine`` (to run here, not to export), also what only one machine makes wrong:
+    replicas sharing a fixed port, users this machine does not have, a volume mode it
+    cannot do. On Kubernetes or Nomad each replica has its own address and its own node."""
     yield from _env_collisions(spec, src)
+    if machine:
+        yield from _one_machine(spec, src)
     yield from _access(spec, src)
     yield from _metrics(spec, src, root)
     for name, svc in spec.services.items():
@@ -39,8 +45,9 @@ def cross_check(spec: DeploymentSpec, src: Source, root: Path) -> Iterator[SpecE
             if needed is not None and needed.schedule is not None:
                 yield src.error((*base, "depends_on", dep), f"{name} depends on {dep}, which runs on a schedule: "
                                 f"nothing can wait for it (start it with its own dependencies instead)")
-        yield from _files(svc, base, src, root)
-        yield from _identity(svc, base, src)
+        yield from _files(svc, base, src, root, machine)
+        if machine:
+            yield from _identity(svc, base, src)
         for i, other in enumerate(svc.allow):
             if other not in spec.services:
                 yield src.error((*base, "allow", i), f"unknown service {other!r}")
@@ -168,7 +175,17 @@ def _env_word(name: str) -> str:
     return name.upper().replace("-", "_")
 
 
-def _files(svc: ServiceSpec, base: Loc, src: Source, root: Path) -> Iterator[SpecError]:
+def _one_machine(spec: DeploymentSpec, src: Source) -> Iterator[SpecError]:
+    for name, svc in spec.services.items():
+        if svc.replicas > 1:
+            fixed = [n for n, p in svc.ports.items() if p != "auto"]
+            if fixed:
+                yield src.error(("services", name, "ports", fixed[0]),
+                                f"{svc.replicas} replicas cannot share the fixed port {fixed[0]!r} on one machine; "
+                                f"use auto (corral export keeps it: each pod or allocation has its own)")
+
+
+def _files(svc: ServiceSpec, base: Loc, src: Source, root: Path, machine: bool = True) -> Iterator[SpecError]:
     """The files and directories a service names exist and are of the right kind."""
     if svc.env_file is not None:
         p = root / svc.env_file
@@ -193,7 +210,7 @@ def _files(svc: ServiceSpec, base: Loc, src: Source, root: Path) -> Iterator[Spe
                             f"(set allow_outside: true to allow it)")
         elif p.exists() and not p.is_dir():
             yield src.error(loc, f"storage path {st.path!r} exists and is not a directory")
-        why = enforce_problem(st.enforce, p) if st.enforce != "none" else None
+        why = enforce_problem(st.enforce, p) if st.enforce != "none" and machine else None
         if why:
             yield src.error((*base, "resources", "storage", "enforce"),
                             f"enforce: {st.enforce} cannot work on this machine: {why}")

@@ -42,12 +42,13 @@ def project_name(directory: Path) -> str:
     return name or "corral"
 
 
-def load_spec(path: str | Path) -> DeploymentSpec:
-    """Reads and validates a spec file; raises :class:`SpecError` (with ``more``) on any problem."""
-    return parse_spec(read_text(path), str(path))
+def load_spec(path: str | Path, *, machine: bool = True) -> DeploymentSpec:
+    """Reads and validates a spec file; raises :class:`SpecError` (with ``more``) on any problem.
+    ``machine=False`` (export) leaves out what only running on this machine makes wrong."""
+    return parse_spec(read_text(path), str(path), machine=machine)
 
 
-def parse_spec(text: str, file: str = "corral.yaml") -> DeploymentSpec:
+def parse_spec(text: str, file: str = "corral.yaml", *, machine: bool = True) -> DeploymentSpec:
     """Validates spec text; ``file`` names it in errors."""
     data, src, dups = read_document(text, file)
     if dups:
@@ -62,7 +63,7 @@ def parse_spec(text: str, file: str = "corral.yaml") -> DeploymentSpec:
         spec = DeploymentSpec.model_validate(data)
     except ValidationError as e:
         raise _combine([src.error(tuple(err["loc"]), _message(err)) for err in e.errors()]) from None
-    problems = list(cross_check(spec, src, base))
+    problems = list(cross_check(spec, src, base, machine=machine))
     if problems:
         raise _combine(problems)
     spec._source = src

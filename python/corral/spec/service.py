@@ -293,10 +293,6 @@ class ServiceSpec(_Model):
             if self.restart.policy == "always":
                 raise ValueError("a scheduled service runs and ends: restart.policy always would never let a run end "
                                  "(use no or on-failure)")
-        if self.replicas > 1:
-            fixed = [n for n, p in self.ports.items() if p != "auto"]
-            if fixed:
-                raise ValueError(f"{self.replicas} replicas cannot share the fixed port {fixed[0]!r}; use auto")
         if isinstance(self.command, str) and not self.shell:
             try:
                 shlex.split(self.command)
