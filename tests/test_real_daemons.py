@@ -97,6 +97,8 @@ def test_postgres_comes_up_serves_through_the_front_dumps_and_shuts_down_clean(e
     assert log.read_text().rstrip().endswith("database system is shut down"), log.read_text()[-500:]
     size = log.stat().st_size
     assert corral("up", "-d", cwd=example).returncode == 0
+    init_run = status(example)["services"]["initdb"][0]
+    assert init_run["state"] == "completed" and "skipped: data/PG_VERSION exists" in init_run["reason"], init_run
     again = log.read_text()[size:]
     assert "database system is ready to accept connections" in again
     assert not re.search(r"not properly shut down|automatic recovery", again), again

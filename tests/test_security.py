@@ -140,3 +140,33 @@ def test_an_unknown_user_is_refused_at_validate(tmp_path: Path) -> None:
     with pytest.raises(SpecError, match="unknown user 'no-such-user-here'") as e:
         load_spec(spec)
     assert e.value.field == "services.a.user"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="running a service as another user needs root")
+async def test_an_exec_probe_runs_as_the_services_user_in_its_directory(open_project: Path,
+                                                                      deployments: list[Deployment]) -> None:
+    """A probe with more privilege than its service would be a way around ``user:`` (and
+    PostgreSQL logs ``role "root" does not exist`` at every ``psql`` probe run as root)."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    run = open_project / "run"
+    run.mkdir()
+    run.chmod(0o777)
+    spec = write_spec(open_project, """
+        name: probes
+        services:
+          app:
+            command: ["sleep", "300"]
+            working_dir: run
+            user: nobody
+            health:
+              readiness: {exec: ["sh", "-c", "echo $(id -u) $(id -g) $(pwd) > probe.id"], period: 200ms}
+        """)
+    d = Deployment.from_file(spec)
+    deployments.append(d)
+    await d.up()
+    said = run / "probe.id"
+    await await_until(lambda: said.exists() and said.read_text().strip(), what="the probe's report")
+    assert said.read_text().split() == [str(nobody.pw_uid), str(nobody.pw_gid), str(run)]
+    assert said.stat().st_uid == nobody.pw_uid

@@ -772,7 +772,8 @@ class ProbeSpec:
     """One health probe: an HTTP GET (status 200-399), a TCP connect, a command (exit 0) or
     a log line, repeated every ``period`` after ``initial_delay``, each attempt bounded by
     ``timeout``, with Kubernetes' success and failure thresholds. ``host`` defaults to
-    ``127.0.0.1`` and ``path`` to ``/``; ``argv`` and ``env`` are for ``exec``. ``log``
+    ``127.0.0.1`` and ``path`` to ``/``; ``argv``, ``env``, ``uid``, ``gid`` and ``cwd``
+    (whom the command runs as, and where: the service's, never more) are for ``exec``. ``log``
     reads the file ``path`` from byte ``offset`` (None: its end now) for a line matching
     ``pattern`` (the ``regex`` crate's syntax; a bad one is a
     :class:`~corral.exceptions.ConfigError`); once one matched, every attempt succeeds."""
@@ -793,6 +794,9 @@ class ProbeSpec:
         timeout: float = 1.0,
         success_threshold: int = 1,
         failure_threshold: int = 3,
+        uid: int | None = None,
+        gid: int | None = None,
+        cwd: str | PathLike[str] | None = None,
     ) -> ProbeSpec: ...
     @property
     def kind(self) -> Literal["http", "tcp", "exec", "log"]: ...

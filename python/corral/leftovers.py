@@ -117,10 +117,10 @@ def live_agent(db: Path, name: str | None = None) -> DeploymentRow | None:
 
 
 def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mark_down: str | None = None,
-                   rules: dict[str, tuple[int, float]] | None = None) -> int:
+                   rules: dict[str, tuple[int, float, bool]] | None = None) -> int:
     """Stops every recorded instance process that still runs (of deployment ``name``, or of
     all), each by process group and all at once: its service's signal from ``rules``
-    (``service -> (signal, timeout)``, the spec's shutdown rule) or SIGTERM, then SIGKILL
+    (``service -> (signal, timeout, main only)``, the spec's shutdown rule) or SIGTERM, then SIGKILL
     after its timeout (or ``grace`` seconds); ``grace`` 0 and no rules: SIGKILL at once.
     With ``mark_down``, deployments not already down or failed are recorded down with that
     message. Returns how many process groups were stopped."""
@@ -138,9 +138,12 @@ def stop_leftovers(db: Path, *, name: str | None = None, grace: float = 0.0, mar
     now = time.monotonic()
     deadlines: dict[int, float] = {}
     for pid, (_, service) in groups.items():
-        sig, timeout = (rules or {}).get(service or "", (signal.SIGTERM, grace))
+        sig, timeout, main = (rules or {}).get(service or "", (signal.SIGTERM, grace, False))
         if timeout > 0:
-            signal_group(pid, sig)
+            if main:
+                kill_pid(pid, sig)  # kill_mode: main: the leader stops its own children
+            else:
+                signal_group(pid, sig)
             deadlines[pid] = now + timeout
     while deadlines:
         now = time.monotonic()

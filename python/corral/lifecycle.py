@@ -60,8 +60,9 @@ _ALIVE = frozenset({S.STARTING, S.RUNNING, S.HEALTHY, S.UNHEALTHY, S.STOPPING})
 TRANSITIONS: dict[State, frozenset[State]] = {
     S.PENDING: frozenset({S.PLACED, S.FAILED, S.STOPPED}),
     S.PLACED: frozenset({S.STARTING, S.FAILED, S.STOPPED}),
-    # starting: the spawn is under way; it may fail (failed / restarting) before running.
-    S.STARTING: frozenset({S.RUNNING, S.RESTARTING, S.FAILED, S.STOPPING}),
+    # starting: the spawn is under way; it may fail (failed / restarting) before running,
+    # or complete without running (its skip_if_exists path exists).
+    S.STARTING: frozenset({S.RUNNING, S.RESTARTING, S.COMPLETED, S.FAILED, S.STOPPING}),
     S.RUNNING: frozenset({S.HEALTHY, S.UNHEALTHY, S.RESTARTING, S.COMPLETED, S.FAILED, S.STOPPING}),
     S.HEALTHY: frozenset({S.UNHEALTHY, S.RESTARTING, S.COMPLETED, S.FAILED, S.STOPPING}),
     S.UNHEALTHY: frozenset({S.HEALTHY, S.RESTARTING, S.COMPLETED, S.FAILED, S.STOPPING}),

@@ -210,7 +210,7 @@ class StackDown:
         except CorralError as e:
             log.warning("corral: %s", e)
 
-    def _shutdown_rules(self) -> dict[str, tuple[int, float]]:
+    def _shutdown_rules(self) -> dict[str, tuple[int, float, bool]]:
         """Each service's shutdown signal and timeout, from the running spec in the store (so
         a stop without an agent follows the spec as the agent's own down does)."""
         try:
@@ -219,7 +219,7 @@ class StackDown:
             return {}
         if found is None:
             return {}
-        return {name: (getattr(signal, svc.shutdown.signal), svc.shutdown.timeout)
+        return {name: (getattr(signal, svc.shutdown.signal), svc.shutdown.timeout, svc.shutdown.kill_mode == "main")
                 for name, svc in found[0].services.items()}
 
 

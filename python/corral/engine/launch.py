@@ -87,6 +87,8 @@ class Launcher:
         insts, self._queued = [i for i in self._queued if i.state is State.STARTING], []
         batch: list[tuple[InstanceRuntime, list[tuple[str, str]], ProcessSpec]] = []
         for inst in insts:
+            if self._skipped(inst):
+                continue
             try:
                 creds = credentials(inst.svc.user, inst.svc.group)
                 env = self._environment(inst, creds)
@@ -139,6 +141,17 @@ class Launcher:
         (res,) = sup.spawn_many([(inst.id, spec)], threads=1)
         self._spawned(inst, env, spec, res, attempts)
         self._record()
+
+    def _skipped(self, inst: InstanceRuntime) -> bool:
+        """A run whose ``skip_if_exists`` path exists completes at once, exit 0, unstarted."""
+        mark = inst.svc.skip_if_exists
+        if mark is None or not (self.stack.base / mark).exists():
+            return False
+        inst.exit_code, inst.proc = 0, None
+        inst.reason = inst.exit_text = f"skipped: {mark} exists"
+        inst.life.to(State.COMPLETED, inst.reason)
+        self._record()
+        return True
 
     def _spawn_without_cgroup(self, inst: InstanceRuntime, spec: ProcessSpec,
                               error: OSError) -> tuple[int, int] | OSError:
@@ -209,8 +222,12 @@ class Launcher:
         inst.healthy_since = None
         inst.exit_code = None
         inst.life.to(State.RUNNING, f"pid {pid}" + (f", cpus {cpulist(inst.affinity)}" if inst.p.cpus else ""))
+        # An exec probe runs as the service does: its user, group and directory.
+        uid, gid, _, _ = credentials(inst.svc.user, inst.svc.group)
+        svc = inst.svc
+        run_as = (uid, gid, (self.stack.base / svc.working_dir) if svc.working_dir else self.stack.base)
         probes = {kind: _probe_spec(p, inst.p.ports, env, self.stack.host, inst.log, inst.log_from,
-                                    lambda a: self._fill(a, inst))
+                                    lambda a: self._fill(a, inst), run_as)
                   if p is not None else None
                   for kind, p in (("startup", inst.svc.health.startup), ("readiness", inst.svc.health.readiness),
                                   ("liveness", inst.svc.health.liveness))}
@@ -246,11 +263,16 @@ class Launcher:
         self.signal(inst)
 
     def signal(self, inst: InstanceRuntime) -> None:
-        """The service's shutdown signal to the process group, SIGKILL after its timeout."""
+        """The service's shutdown signal to the process group (``kill_mode: main``: to the
+        main process), SIGKILL to the group after its timeout."""
         proc = inst.live_process
         if proc is None:
             return
-        signal_group(proc.pid, getattr(signals, inst.svc.shutdown.signal))
+        sig = getattr(signals, inst.svc.shutdown.signal)
+        if inst.svc.shutdown.kill_mode == "main":
+            kill_pid(proc.pid, sig)
+        else:
+            signal_group(proc.pid, sig)
         asyncio.get_running_loop().call_later(inst.svc.shutdown.timeout, self._kill_if_alive, proc)
 
     @staticmethod
@@ -301,7 +323,8 @@ class Launcher:
 
 
 def _probe_spec(p: Probe, ports: dict[str, int], env: list[tuple[str, str]], host: str, log: Path,
-                log_from: int | None, fill: Callable[[str], str]) -> ProbeSpec:
+                log_from: int | None, fill: Callable[[str], str],
+                run_as: tuple[int | None, int | None, Path]) -> ProbeSpec:
     if p.log is not None:
         return ProbeSpec("log", path=str(log), pattern=p.log, offset=log_from, initial_delay=p.initial_delay,
                          period=p.period, timeout=p.timeout, success_threshold=p.success_threshold,
@@ -316,5 +339,6 @@ def _probe_spec(p: Probe, ports: dict[str, int], env: list[tuple[str, str]], hos
         path=p.http.path if p.http is not None else "/",
         argv=[fill(a) for a in p.exec] if p.exec is not None else [],
         env=env if p.exec is not None else [],
+        uid=run_as[0], gid=run_as[1], cwd=run_as[2] if p.exec is not None else None,
         initial_delay=p.initial_delay, period=p.period, timeout=p.timeout,
         success_threshold=p.success_threshold, failure_threshold=p.failure_threshold)

@@ -231,6 +231,9 @@ def build(spec: DeploymentSpec, base: Path) -> StackModel:
                             f"(Linkerd, Istio, Consul Connect) with SPIFFE ID {w.spiffe_id}")
         if svc.user is not None or svc.group is not None:
             w.beyond.append("user/group: set the container's securityContext (or the task's User) yourself")
+        if svc.skip_if_exists is not None:
+            w.beyond.append(f"skip_if_exists {svc.skip_if_exists}: the engine runs it every time (make the command "
+                            f"test for it)")
         if svc.working_dir is not None:
             w.beyond.append(f"working_dir {svc.working_dir}: the image's WORKDIR decides")
         model.workloads[name] = w

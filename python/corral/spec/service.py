@@ -146,7 +146,8 @@ _SIGNALS = Literal["SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP", "SIGKILL", "SIGUSR1
 
 
 class ShutdownSpec(_Model):
-    """The signal sent to the whole process group, then SIGKILL after ``timeout``.
+    """The signal sent to the whole process group (or the main process: ``kill_mode``),
+    then SIGKILL to the group after ``timeout``.
 
     ``drain`` (exposed services only): the time between taking the instance out of its
     front and the signal, so connections the front handed it just before are accepted and
@@ -156,6 +157,10 @@ class ShutdownSpec(_Model):
     signal: _SIGNALS = "SIGTERM"
     timeout: Duration = 10.0
     drain: Duration = 0.2
+    kill_mode: Literal["group", "main"] = "group"
+    """``group``: the signal goes to the whole process group; ``main`` (systemd's
+    ``KillMode=mixed``): to the main process only, which stops its own children (PostgreSQL
+    wants exactly this), and SIGKILL to the group at the timeout."""
 
 
 # --- services ------------------------------------------------------------------------
@@ -215,6 +220,10 @@ class ServiceSpec(_Model):
     """The front requires a client certificate from the deployment's CA."""
     allow: list[str] = Field(default_factory=list)
     """With ``mtls``: the services whose SPIFFE IDs may connect (empty: any of the mesh)."""
+    skip_if_exists: str | None = None
+    """A path (from the spec's directory): while it exists, a run completes at once without
+    starting (``skipped``), as systemd's ``ConditionPathExists=!`` or Ansible's ``creates:``:
+    an ``initdb`` that ran once."""
     start_timeout: Duration = 60.0
     update: UpdateSpec = UpdateSpec()
     schedule: ScheduleSpec | None = None
@@ -287,6 +296,9 @@ class ServiceSpec(_Model):
             raise ValueError("expose needs a port on the instances to send connections to (ports: {name: auto})")
         if self.expose is not None and self.expose in self.ports.values():
             raise ValueError(f"expose {self.expose} is also an instance port; the front needs its own")
+        if self.skip_if_exists is not None and self.restart.policy == "always":
+            raise ValueError("skip_if_exists is for a one-shot service (restart.policy no or on-failure): a skipped "
+                             "run completes, which restart.policy always would start again")
         if self.schedule is not None:
             if self.expose is not None:
                 raise ValueError("a scheduled service runs and ends: it cannot be exposed")

@@ -58,11 +58,25 @@ pub enum Check {
         argv: Vec<String>,
         /// Extra environment.
         env: Vec<(String, String)>,
+        /// Whom it runs as and where: the service's user, group and directory, never more
+        /// privilege than the service has.
+        run_as: RunAs,
     },
     /// A line of the instance's log matching a pattern (as process-compose's
     /// `ready_log_line`): each attempt reads what was written since the last; once a line
     /// matched, every attempt succeeds.
     Log(Arc<LogWatch>),
+}
+
+/// The identity and directory of an exec probe's command (the default: corral's own).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunAs {
+    /// The user id (setuid in the child; supplementary groups dropped when root).
+    pub uid: Option<u32>,
+    /// The group id (setgid in the child).
+    pub gid: Option<u32>,
+    /// The working directory.
+    pub cwd: Option<PathBuf>,
 }
 
 /// What a [`Check::Log`] has read of its log file.
@@ -286,7 +300,7 @@ async fn attempt(check: &Check) -> Result<String, String> {
             Ok(format!("connected to {host}:{port}"))
         }
         Check::Http { host, port, path } => http_get(host, *port, path).await,
-        Check::Exec { argv, env } => exec(argv, env).await,
+        Check::Exec { argv, env, run_as } => exec(argv, env, run_as).await,
         Check::Log(watch) => watch.poll(),
     }
 }
@@ -367,11 +381,20 @@ fn abort(stream: TcpStream) {
     drop(stream);
 }
 
-async fn exec(argv: &[String], env: &[(String, String)]) -> Result<String, String> {
+async fn exec(argv: &[String], env: &[(String, String)], run_as: &RunAs) -> Result<String, String> {
     let Some((program, rest)) = argv.split_first() else {
         return Err("empty command".into());
     };
     let mut cmd = tokio::process::Command::new(program);
+    if let Some(gid) = run_as.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = run_as.uid {
+        cmd.uid(uid);
+    }
+    if let Some(cwd) = &run_as.cwd {
+        cmd.current_dir(cwd);
+    }
     cmd.args(rest)
         .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use corral_core::probe::{run_check, Check, Health, ProbeKind, ProbeSpec};
+use corral_core::probe::{run_check, Check, Health, ProbeKind, ProbeSpec, RunAs};
 use corral_core::process::{
     group_alive, group_members, signal_group, Event, LogConfig, ProcessSpec, Supervisor,
 };
@@ -227,6 +227,7 @@ fn checks_follow_their_definitions() {
     let exec = |s: &str| Check::Exec {
         argv: sh(s),
         env: vec![],
+        run_as: RunAs::default(),
     };
     assert!(rt.block_on(run_check(&exec("exit 0"), t)).is_ok());
     assert_eq!(
@@ -345,6 +346,7 @@ fn an_exec_probe_leaves_nothing_of_it_behind() {
         let check = Check::Exec {
             argv: sh(&script.replace("{f}", f.to_str().unwrap())),
             env: vec![],
+            run_as: RunAs::default(),
         };
         let res = rt.block_on(run_check(&check, Duration::from_secs(5)));
         assert_eq!(res.is_ok(), ok, "{res:?}");

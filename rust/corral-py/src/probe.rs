@@ -1,6 +1,6 @@
 //! Health probe specifications and one-off checks.
 
-use corral_core::probe::{run_check, Check, LogWatch, ProbeSpec as CoreSpec};
+use corral_core::probe::{run_check, Check, LogWatch, ProbeSpec as CoreSpec, RunAs};
 use pyo3::prelude::*;
 
 use crate::errors::{config_err, seconds};
@@ -17,7 +17,8 @@ impl ProbeSpec {
     #[new]
     #[pyo3(signature = (kind, *, host = "127.0.0.1".to_owned(), port = 0, path = "/".to_owned(),
         argv = Vec::new(), env = Vec::new(), pattern = String::new(), offset = None, initial_delay = 0.0,
-        period = 10.0, timeout = 1.0, success_threshold = 1, failure_threshold = 3))]
+        period = 10.0, timeout = 1.0, success_threshold = 1, failure_threshold = 3, uid = None, gid = None,
+        cwd = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         kind: &str,
@@ -33,6 +34,9 @@ impl ProbeSpec {
         timeout: f64,
         success_threshold: u32,
         failure_threshold: u32,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        cwd: Option<std::path::PathBuf>,
     ) -> PyResult<Self> {
         let (check, kind) = match kind {
             "http" => (Check::Http { host, port, path }, "http"),
@@ -41,7 +45,8 @@ impl ProbeSpec {
                 if argv.is_empty() {
                     return Err(config_err("exec probe needs a command (argv)"));
                 }
-                (Check::Exec { argv, env }, "exec")
+                let run_as = RunAs { uid, gid, cwd };
+                (Check::Exec { argv, env, run_as }, "exec")
             }
             "log" => {
                 if pattern.is_empty() {
