@@ -76,6 +76,8 @@ async def test_a_write_past_the_size_fails_with_enospc_and_the_data_outlives_dow
         st = d.status().storage["db"]
         assert st.enforce == "volume" and st.used is not None and st.used <= 8 << 20
         await d.restart("db")
+        # Up once running (no probe): its first line may come a moment later.
+        await await_until(lambda: len((data / "starts").read_text().split()) >= 2, 15, "the second start")
         assert (data / "starts").read_text().split() == ["start", "start"], "the data survives a restart"
     finally:
         await d.down()

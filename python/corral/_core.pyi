@@ -1023,10 +1023,17 @@ class Proxy:
         cert_pem: str | None = None,
         key_pem: str | None = None,
         allow: Sequence[str] = ...,
+        hold: float = 5.0,
     ) -> Proxy:
         """With ``ca_pem``, ``cert_pem`` and ``key_pem`` it is an mTLS front: clients present a
         certificate from that CA whose SPIFFE ID is in ``allow`` (empty: any), or the handshake
-        fails; upstreams get plain TCP."""
+        fails; upstreams get plain TCP. While there is no upstream at all, a connection waits
+        up to ``hold`` seconds for one (0: closed at once)."""
+    def active(self, id: str) -> int:
+        """Connections open now to upstream ``id`` (still one, or removed and draining)."""
+    @property
+    def held(self) -> int:
+        """Connections waiting now for an upstream to appear."""
     @property
     def port(self) -> int: ...
     @property

@@ -93,7 +93,8 @@ class Fleet:
         """Stops one by its shutdown rule; out of its front first, drained while the stack
         runs."""
         self.verdicts.restart_strategy.forget(inst.id)
-        drain = inst.p.service in self.fronts.fronts and not self.stack.down
+        front = self.fronts.fronts.get(inst.p.service)
+        drain = None if front is None or self.stack.down else lambda: self.fronts.active(inst.p.service, inst.id)
         await self.launcher.stop(inst, reason, drain=drain)
 
     async def retire(self, insts: list[InstanceRuntime], reason: str) -> None:

@@ -301,6 +301,13 @@ class FrontsHook(Hook):
         self.mesh = mesh
         self.fronts: dict[str, Proxy] = {}
 
+    def active(self, service: str, iid: str) -> int:
+        """Connections open now through ``service``'s front to instance ``iid``."""
+        front = self.fronts.get(service)
+        if front is None:
+            return 0
+        return front.active(iid)
+
     def prerun(self, stack: Stack) -> list[str]:
         for name, port in self.ports.items():
             self.fronts[name] = self._bind(stack, name, port)
@@ -319,7 +326,8 @@ class FrontsHook(Hook):
 
     def _bind(self, stack: Stack, name: str, port: int) -> Proxy:
         try:
-            return Proxy(stack.host, port, strategy=stack.spec.services[name].balance, **self._tls(stack, name))
+            svc = stack.spec.services[name]
+            return Proxy(stack.host, port, strategy=svc.balance, hold=svc.front_hold, **self._tls(stack, name))
         except OSError as e:
             raise stack.spec.error(("services", name, "expose"), f"cannot listen on {stack.host}:{port}: "
                                    f"{e.strerror or e}") from None

@@ -280,6 +280,18 @@ class Launcher:
         if not proc.exited.is_set():
             signal_group(proc.pid, signals.SIGKILL)
 
+    @staticmethod
+    async def _drained(inst: InstanceRuntime, active: Callable[[], int]) -> None:
+        """Out of its front: a moment (up to 200 ms) for what the front handed it just before
+        to reach it, then until its connections through the front have closed, at most
+        ``shutdown.drain`` in all (HAProxy's and Envoy's drain: the open ones may finish)."""
+        sd = inst.svc.shutdown
+        loop = asyncio.get_running_loop()
+        end = loop.time() + sd.drain
+        await asyncio.sleep(min(sd.drain, 0.2))
+        while loop.time() < end and active() > 0:
+            await asyncio.sleep(min(0.02, max(0.0, end - loop.time())))
+
     def sweep(self, inst: InstanceRuntime) -> int:
         """Ends what is left of an instance whose leader has exited: its cgroup's processes
         (``cgroup.kill``), and every process that inherited its marker (``CORRAL_UNIT``),
@@ -296,9 +308,10 @@ class Launcher:
             kill_pid(pid, signals.SIGKILL)
         return len(found)
 
-    async def stop(self, inst: InstanceRuntime, reason: str, *, drain: bool) -> None:
+    async def stop(self, inst: InstanceRuntime, reason: str, *, drain: Callable[[], int] | None) -> None:
         """Stops one instance by its shutdown rule and waits for its process to exit;
-        ``drain`` first lets its front finish what it was just handed."""
+        ``drain`` (its open connections through its front) first lets the front finish
+        what it was handed: see :meth:`_drained`."""
         inst.cancel_timer()
         if inst.state is State.STARTING and inst in self._queued:
             # Queued, not spawned yet: it never runs.
@@ -309,8 +322,8 @@ class Launcher:
             if inst.state is not State.STOPPING:
                 inst.reason = reason  # what status says once it has stopped
                 inst.life.to(State.STOPPING, reason)  # out of its front from here on
-                if drain and inst.svc.shutdown.drain > 0:
-                    await asyncio.sleep(inst.svc.shutdown.drain)
+                if drain is not None and inst.svc.shutdown.drain > 0:
+                    await self._drained(inst, drain)
                 self.signal(inst)
             await inst.wait_exited()
         elif inst.state is State.STARTING:

@@ -149,14 +149,16 @@ class ShutdownSpec(_Model):
     """The signal sent to the whole process group (or the main process: ``kill_mode``),
     then SIGKILL to the group after ``timeout``.
 
-    ``drain`` (exposed services only): the time between taking the instance out of its
-    front and the signal, so connections the front handed it just before are accepted and
-    served before the server closes its listener (Kubernetes users put a preStop sleep there).
+    ``drain`` (exposed services only): once the instance is out of its front, how long its
+    open connections through the front may go on before the signal: it goes out when they
+    have all closed (after at least a moment, up to 200 ms, for what the front handed it just
+    before), or when ``drain`` has passed. Kubernetes' terminationGracePeriod, HAProxy's and
+    Envoy's drain.
     """
 
     signal: _SIGNALS = "SIGTERM"
     timeout: Duration = 10.0
-    drain: Duration = 0.2
+    drain: Duration = 30.0
     kill_mode: Literal["group", "main"] = "group"
     """``group``: the signal goes to the whole process group; ``main`` (systemd's
     ``KillMode=mixed``): to the main process only, which stops its own children (PostgreSQL
@@ -215,6 +217,10 @@ class ServiceSpec(_Model):
     expose: Annotated[int, Field(ge=1, le=65535)] | None = None
     """A front port on 127.0.0.1: a proxy balancing connections over the healthy instances
     (to their first declared port)."""
+    front_hold: Duration = Field(default=5.0, ge=0, le=3600)
+    """How long a connection to the front waits for a healthy instance while there is none
+    (the only replica restarting, an agent re-adopting), rather than being refused; 0
+    refuses at once (HAProxy's ``timeout queue``)."""
     balance: Literal["round_robin", "weighted", "least_connections", "ip_hash", "random"] = "least_connections"
     mtls: bool = False
     """The front requires a client certificate from the deployment's CA."""

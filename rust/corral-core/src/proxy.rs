@@ -77,6 +77,10 @@ pub struct ProxyConfig {
     pub breaker: BreakerConfig,
     /// Retries allowed as a share of first attempts (Finagle's budget): `(ratio, min_per_second)`.
     pub retry_budget: (f64, f64),
+    /// How long a connection waits for an upstream while there is none (the only replica
+    /// restarting, a new agent re-adopting its instances) before it is closed; zero closes
+    /// it at once. as `timeout queue` in `HAProxy`, for an empty backend.
+    pub hold: Duration,
 }
 
 impl Default for ProxyConfig {
@@ -93,6 +97,7 @@ impl Default for ProxyConfig {
                 ..BreakerConfig::default()
             },
             retry_budget: (0.2, 10.0),
+            hold: Duration::from_secs(5),
         }
     }
 }
@@ -177,6 +182,12 @@ pub struct Proxy {
     tls: ArcSwapOption<TlsFront>,
     tls_refused: AtomicU64,
     accept: Mutex<Option<AbortHandle>>,
+    /// Woken when upstreams are added: connections held for one try again.
+    added: tokio::sync::Notify,
+    /// Connections waiting for an upstream now.
+    held: AtomicU64,
+    /// Upstreams removed while connections to them were open (pruned once they closed).
+    draining: Mutex<Vec<Arc<Upstream>>>,
 }
 
 impl std::fmt::Debug for Proxy {
@@ -260,6 +271,9 @@ impl Proxy {
             tls: ArcSwapOption::from(tls.map(Arc::new)),
             tls_refused: AtomicU64::new(0),
             accept: Mutex::new(None),
+            added: tokio::sync::Notify::new(),
+            held: AtomicU64::new(0),
+            draining: Mutex::new(Vec::new()),
         });
         let listener = {
             let _guard = handle.enter();
@@ -280,6 +294,7 @@ impl Proxy {
     /// receiving connections at once (their open connections go on), others keep their
     /// counters and breakers.
     pub fn set_upstreams(&self, wanted: Vec<(String, SocketAddr, u32)>) {
+        let mut added = false;
         for b in self.lb.backends() {
             if !wanted
                 .iter()
@@ -288,6 +303,9 @@ impl Proxy {
                 if b.value.is_ejected() {
                     self.ejected_now.fetch_sub(1, Ordering::AcqRel);
                     b.value.ejected.store(false, Ordering::Release);
+                }
+                if b.value.counters.active.load(Ordering::Relaxed) > 0 {
+                    self.draining.lock().push(b.value.clone());
                 }
                 self.lb.remove_backend(&b);
             }
@@ -306,8 +324,38 @@ impl Proxy {
                     ejected: AtomicBool::new(false),
                 });
                 let _ = self.lb.add(up, key, weight.max(1));
+                added = true;
             }
         }
+        if added {
+            self.added.notify_waiters();
+        }
+    }
+
+    /// Connections open now to upstream `id`, whether it is still an upstream or was
+    /// removed and is draining: what a stop waits on before its signal.
+    pub fn active_to(&self, id: &str) -> u64 {
+        let mut draining = self.draining.lock();
+        draining.retain(|u| u.counters.active.load(Ordering::Relaxed) > 0);
+        let gone: u64 = draining
+            .iter()
+            .filter(|u| u.id == id)
+            .map(|u| u.counters.active.load(Ordering::Relaxed))
+            .sum();
+        drop(draining);
+        let here: u64 = self
+            .lb
+            .backends()
+            .iter()
+            .filter(|b| b.value.id == id)
+            .map(|b| b.value.counters.active.load(Ordering::Relaxed))
+            .sum();
+        gone + here
+    }
+
+    /// Connections waiting now for an upstream to appear (see [`ProxyConfig::hold`]).
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Changes how upstreams are chosen, from the next connection on (an apply that changes
@@ -410,8 +458,32 @@ impl Proxy {
         self.relay(cr, cw, server, &up, guard).await;
     }
 
-    /// Connects to an upstream, retrying others on failure within the budget.
+    /// Connects to an upstream, retrying others on failure within the budget; while there
+    /// is no upstream at all, waits up to [`ProxyConfig::hold`] for one.
     async fn connect_upstream(
+        &self,
+        key: Option<u64>,
+    ) -> Option<(TcpStream, Arc<Upstream>, ConnectionGuard<Arc<Upstream>>)> {
+        if !self.lb.is_empty() || self.cfg.hold.is_zero() {
+            return self.try_upstreams(key).await;
+        }
+        self.held.fetch_add(1, Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.cfg.hold;
+        let got = loop {
+            // Registered before the look, so an add between the two still wakes it.
+            let added = self.added.notified();
+            if !self.lb.is_empty() {
+                break self.try_upstreams(key).await;
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                break None;
+            }
+        };
+        self.held.fetch_sub(1, Ordering::Relaxed);
+        got
+    }
+
+    async fn try_upstreams(
         &self,
         key: Option<u64>,
     ) -> Option<(TcpStream, Arc<Upstream>, ConnectionGuard<Arc<Upstream>>)> {

@@ -169,16 +169,50 @@ fn removed_upstreams_drain_open_connections_and_get_no_new_ones() {
     assert_eq!(out, "a:4");
 }
 
+fn holding(rt: &tokio::runtime::Runtime, hold: Duration) -> Arc<Proxy> {
+    let cfg = ProxyConfig {
+        strategy: Strategy::RoundRobin,
+        hold,
+        ..ProxyConfig::default()
+    };
+    Proxy::bind("127.0.0.1:0".parse().unwrap(), cfg, rt.handle()).unwrap()
+}
+
 #[test]
-fn no_upstream_refuses_and_counts() {
+fn no_upstream_holds_the_connection_then_refuses_and_counts() {
     let rt = runtime();
-    let p = proxy(&rt, Strategy::RoundRobin);
+    let p = holding(&rt, Duration::from_millis(300));
     let mut s = TcpStream::connect(p.local_addr()).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let began = std::time::Instant::now();
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     assert!(out.is_empty());
+    assert!(
+        began.elapsed() >= Duration::from_millis(250),
+        "held for the hold"
+    );
+    assert_eq!((p.totals().1, p.held()), (1, 0));
+    // Without a hold, closed at once.
+    let p = holding(&rt, Duration::ZERO);
+    let mut s = TcpStream::connect(p.local_addr()).unwrap();
+    let _ = s.read_to_end(&mut out);
     assert_eq!(p.totals().1, 1);
+}
+
+#[test]
+fn a_held_connection_goes_to_the_first_upstream_that_appears() {
+    // The only replica restarting: the client waits instead of being refused.
+    let rt = runtime();
+    let p = holding(&rt, Duration::from_secs(30));
+    let front = p.local_addr();
+    let client = std::thread::spawn(move || ask(front, b"hi"));
+    while p.held() == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.set_upstreams(vec![("b".into(), named_backend("b"), 1)]);
+    assert_eq!(client.join().unwrap(), "b:2");
+    assert_eq!((p.totals().1, p.held()), (0, 0));
 }
 
 #[test]

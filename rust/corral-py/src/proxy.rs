@@ -148,7 +148,7 @@ impl Proxy {
     #[pyo3(signature = (host = "127.0.0.1".to_owned(), port = 0, *, strategy = "least_connections",
         connect_timeout = 1.0, max_attempts = 3, max_ejection_percent = 50, failure_threshold = 3,
         ejection_time = 5.0, max_ejection_time = 60.0, ca_pem = None, cert_pem = None, key_pem = None,
-        allow = Vec::new()))]
+        allow = Vec::new(), hold = 5.0))]
     fn new(
         py: Python<'_>,
         host: String,
@@ -164,6 +164,7 @@ impl Proxy {
         cert_pem: Option<String>,
         key_pem: Option<String>,
         allow: Vec<String>,
+        hold: f64,
     ) -> PyResult<Self> {
         let strategy = named("strategy", strategy, Strategy::parse, Strategy::NAMES)?;
         let ip: IpAddr = host
@@ -182,6 +183,7 @@ impl Proxy {
                 ),
                 ..BreakerConfig::default()
             },
+            hold: seconds("hold", hold)?,
             ..ProxyConfig::default()
         };
         let handle = corral_core::runtime::proxy()?;
@@ -201,6 +203,17 @@ impl Proxy {
             }
         };
         Ok(Proxy { inner })
+    }
+
+    /// Connections open now to upstream ``id`` (still one, or removed and draining).
+    fn active(&self, id: &str) -> u64 {
+        self.inner.active_to(id)
+    }
+
+    /// Connections waiting now for an upstream to appear (there is none; see ``hold``).
+    #[getter]
+    fn held(&self) -> u64 {
+        self.inner.held()
     }
 
     /// The port it listens on.
