@@ -6,8 +6,8 @@ the direct connection and HAProxy (mode tcp, nbthread 1) in the same run.
 - Redis (examples/redis): `redis-benchmark` (SET and GET, 50 clients) req/s through the
   front, direct and through HAProxy; target: the front at least HAProxy's.
 - A rolling restart of the redis replicas under `redis-benchmark -k 0` (a new connection per
-  request, so that a stopping replica is drained from new work, as a client pool does):
-  target zero client errors.
+  request) and under keep-alive `redis-benchmark` (each stop waits for the client's open
+  connections: `shutdown.drain`): target zero client errors in both.
 - After `corral down`, PostgreSQL's log says it shut down cleanly, and the next `up` runs
   no crash recovery.
 - nginx (examples/nginx): from one API replica's health turning bad to nginx serving
@@ -182,6 +182,17 @@ def bench_redis(rounds: int) -> dict[str, Any]:
         errors = [ln for ln in said.splitlines() if "rror" in ln]
         out["restart"] = {"ok": r.returncode == 0, "client_alive_throughout": alive, "client_errors": len(errors),
                           "client_hung": hung, "said": errors[:3]}
+        # Keep-alive: the stop of each replica waits for the client's connections (drain).
+        keep = subprocess.Popen(["redis-benchmark", "-h", "127.0.0.1", "-p", "26379", "-c", "20", "-n", "300000",
+                                 "-t", "ping", "-q"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, preexec_fn=_default_sigint)
+        time.sleep(0.5)
+        running = keep.poll() is None
+        r = corral("restart", "redis", cwd=d)
+        said = keep.communicate(timeout=300)[0]
+        errors = [ln for ln in said.splitlines() if "rror" in ln or "closed" in ln]
+        out["restart_keepalive"] = {"ok": r.returncode == 0 and running, "client_errors": len(errors),
+                                    "client_exit": keep.returncode, "said": errors[:3]}
     finally:
         corral("down", cwd=d)
         shutil.rmtree(d, ignore_errors=True)
@@ -271,6 +282,9 @@ def main() -> None:
         rs = results["redis"]["restart"]
         print(f"{'rolling restart under redis-benchmark -k 0: client errors':<58} {'0':>12} "
               f"{rs['client_errors']:>12}" + ("   (the client hung)" if rs["client_hung"] else ""))
+        rk = results["redis"]["restart_keepalive"]
+        print(f"{'rolling restart under keep-alive redis-benchmark: errors':<58} {'0':>12} "
+              f"{rk['client_errors'] + (rk['client_exit'] != 0):>12}")
     if "nginx" in results:
         print(f"{'nginx: health change to the new upstream set served (s)':<58} {'<= 1':>12} "
               f"{results['nginx']['reload_s']:>12.3f}")

@@ -137,6 +137,25 @@ def test_redis_replicas_behind_the_front_a_warmer_and_a_restart_no_client_notice
     assert proc.returncode == 0, proc.communicate()
     assert not errors and done >= 50, (errors[:5], done)
     assert all(i["restarts"] == 1 for i in status(example)["services"]["redis"])
+    if shutil.which("redis-benchmark") is None:
+        return
+    # Keep-alive: redis-benchmark's connections stay open on one replica (ip_hash); its stop
+    # waits for them to close (shutdown.drain) before the signal, so none is cut.
+    bench = subprocess.Popen(["redis-benchmark", "-h", "127.0.0.1", "-p", "26379", "-c", "10", "-n", "100000",
+                              "-t", "ping", "-q"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    try:
+        time.sleep(0.3)
+        assert bench.poll() is None, "the client still runs when the restart begins"
+        r = corral("restart", "redis", cwd=example)
+        said = bench.communicate(timeout=120)[0]
+    finally:
+        if bench.poll() is None:
+            os.killpg(bench.pid, 9)
+            bench.wait()
+    assert r.returncode == 0, r
+    assert bench.returncode == 0 and "rror" not in said and "closed" not in said, said[-500:]
+    assert all(i["restarts"] == 2 for i in status(example)["services"]["redis"])
 
 
 def _fetch(port: int) -> str:
