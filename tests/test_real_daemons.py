@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from corral._core import find_by_env
+from corral.audit import read_records
 from corral.engine.environment import STACK
 from corral.spec import load_spec
 from corral.statedir import stack_id
@@ -189,3 +190,17 @@ def test_nginx_follows_the_apis_healthy_set_by_reloading(example: Path) -> None:
     (example / "api-1.sick").unlink()
     wait_until(lambda: {_fetch(28080) for _ in range(9)} == {"api-0", "api-1", "api-2"}, 10, "api-1 back")
     print(f"nginx served the new upstream set {took:.2f}s after the health change was made")
+    # corral reload: nginx's own log says it got SIGHUP and reconfigured; kill -s goes to it too.
+    log = example / ".corral" / "logs" / "nginx-0.log"
+    seen = log.read_text().count("reconfiguring")
+    r = corral("reload", "nginx", cwd=example)
+    assert r.returncode == 0 and "nginx: reloaded nginx-0" in r.stdout, r
+    wait_until(lambda: log.read_text().count("reconfiguring") > seen, 10, "nginx's log of the reload")
+    r = corral("kill", "-s", "USR1", "nginx", cwd=example)  # nginx reopens its log files on SIGUSR1
+    assert r.returncode == 0 and "USR1 sent to nginx-0" in r.stdout, r
+    wait_until(lambda: "reopening logs" in log.read_text(), 10, "nginx's log of SIGUSR1")
+    assert status(example)["services"]["nginx"][0]["pid"] == nginx
+    r = corral("kill", "-s", "SIGNOPE", "nginx", cwd=example)
+    assert r.returncode == 2 and "unknown signal 'SIGNOPE'" in r.stderr and "Traceback" not in r.stderr, r
+    ops = [(rec["op"], rec["args"].get("signal"), rec["outcome"]) for rec in read_records(example / ".corral")]
+    assert ("reload", "", "ok") in ops and ("kill", "USR1", "ok") in ops, ops

@@ -336,6 +336,13 @@ class AgentClient:
         res = self.request("POST", f"/v1/run?service={quote(service)}", timeout=600)
         return str(res["instance"])
 
+    def signal(self, service: str, name: str | None = None) -> list[str]:
+        """Signal ``name`` (None: a reload, its ``reload_signal``) to each live instance's main
+        process; the instances signalled."""
+        path = f"/v1/kill?service={quote(service)}&signal={quote(name)}" if name else \
+            f"/v1/reload?service={quote(service)}"
+        return [str(i) for i in self.request("POST", path)["instances"]]
+
     def scale(self, service: str, replicas: int) -> None:
         """Runs ``replicas`` instances of ``service`` (needs the agent)."""
         self.request("POST", f"/v1/scale?service={quote(service)}&replicas={replicas}", timeout=600)

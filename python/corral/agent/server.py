@@ -8,6 +8,7 @@ agent (:func:`run_agent`) serves it; :class:`~corral.agent.client.AgentClient` i
 Routes: ``GET /v1/status``, ``GET /v1/up`` (waits until ``up`` has finished: ``ok`` and the
 error), ``GET /v1/events?after=SEQ&limit=N`` (the event log by sequence number),
 ``POST /v1/restart?service=NAME``, ``POST /v1/run?service=NAME`` (a run now),
+``POST /v1/kill?service=NAME&signal=SIG``, ``POST /v1/reload?service=NAME``,
 ``POST /v1/scale?service=NAME&replicas=N``,
 ``POST /v1/stop?service=A&service=B``, ``POST /v1/start?service=...``, ``POST /v1/down``,
 ``POST /v1/plan`` and ``POST /v1/apply`` (body: ``{"file": PATH, "text": SPEC}``; plan answers
@@ -41,6 +42,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import http.client
 import json
 import os
@@ -111,6 +113,8 @@ class ControlServer:
             ("GET", "/v1/events"): self._events,
             ("POST", "/v1/restart"): self._restart,
             ("POST", "/v1/run"): self._run,
+            ("POST", "/v1/kill"): self._signal,
+            ("POST", "/v1/reload"): functools.partial(self._signal, reload=True),
             ("POST", "/v1/scale"): self._scale,
             ("POST", "/v1/stop"): self._stop_services,
             ("POST", "/v1/start"): self._start_services,
@@ -337,6 +341,13 @@ class ControlServer:
         if service not in self.deployment.spec.services:
             raise UnknownService(f"unknown service {service!r}", service)
         return 200, {"ok": True, "service": service, "instance": await self.deployment.run(service)}
+
+    async def _signal(self, q: dict[str, list[str]], reload: bool = False) -> tuple[int, Any]:
+        # /v1/kill names its signal; /v1/reload sends the service's reload_signal.
+        name = None if reload else query_one(q, "signal")
+        if not (reload or name):
+            raise ConfigError("signal: required")
+        return 200, {"ok": True, "instances": await self.deployment.signal(query_one(q, "service") or "", name)}
 
     async def _scale(self, q: dict[str, list[str]]) -> tuple[int, Any]:
         service = query_one(q, "service") or ""

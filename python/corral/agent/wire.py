@@ -26,6 +26,8 @@ ROUTES: dict[tuple[str, str], tuple[str, Role]] = {
     ("POST", "/v1/stop"): ("stop", Role.operator),
     ("POST", "/v1/start"): ("start", Role.operator),
     ("POST", "/v1/run"): ("run", Role.operator),
+    ("POST", "/v1/kill"): ("kill", Role.operator),
+    ("POST", "/v1/reload"): ("reload", Role.operator),
     ("POST", "/v1/apply"): ("apply", Role.admin),
     ("POST", "/v1/down"): ("down", Role.admin),
 }

@@ -1,5 +1,5 @@
-"""Commands that change a running stack through its agent: ``restart``, ``scale``, ``stop``
-and ``start``."""
+"""Commands that change a running stack through its agent: ``restart``, ``scale``, ``stop``,
+``start``, ``run``, ``kill`` and ``reload``."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from corral.cli.common import (
     printable,
     state_dir_of,
 )
-from corral.exceptions import AgentUnavailable
+from corral.exceptions import AgentUnavailable, ConfigError
 
 if TYPE_CHECKING:
 
@@ -38,6 +38,31 @@ def restart(service: Annotated[str, typer.Argument(help="Service name.")], spec:
     """Restart a service's replicas one after the other (needs the agent)."""
     ask(spec, state_dir, lambda agent: agent.restart(service))
     out.print(f"{service}: restarted", markup=False)
+
+
+@app.command()
+def kill(service: Annotated[str, typer.Argument(help="Service name.")],
+         sig: Annotated[str, typer.Option("-s", "--signal", help="SIGHUP, HUP, 1... (default SIGKILL).")] = "SIGKILL",
+         spec: SpecArg = DEFAULT_SPEC, state_dir: StateOpt = None) -> None:
+    """Send a signal to the main process of each of the service's instances, as
+    ``docker compose kill -s`` (audited; what follows is the restart policy's)."""
+    from corral.engine.operate import parse_signal
+
+    try:
+        parse_signal(sig)
+    except ConfigError as e:
+        fail(str(e), 2)
+    done = ask(spec, state_dir, lambda agent: agent.signal(service, sig))
+    out.print(f"{service}: {sig} sent to {', '.join(done) or 'no running instance'}", markup=False)
+
+
+@app.command()
+def reload(service: Annotated[str, typer.Argument(help="Service name.")], spec: SpecArg = DEFAULT_SPEC,
+           state_dir: StateOpt = None) -> None:
+    """Send the service's reload_signal (default SIGHUP) to each instance's main process, as
+    ``systemctl reload`` (audited)."""
+    done = ask(spec, state_dir, lambda agent: agent.signal(service))
+    out.print(f"{service}: reloaded {', '.join(done) or 'no running instance'}", markup=False)
 
 
 @app.command()

@@ -14,6 +14,7 @@ from corral.access import CALLER, Caller
 if TYPE_CHECKING:
     from corral.audit import AuditTrail
     from corral.engine.metrics import Counters
+    from corral.spec.deployment import AuditSpec
 
 __all__ = ["Auditor"]
 
@@ -24,6 +25,10 @@ class Auditor:
     def __init__(self, trail: AuditTrail, counters: Counters) -> None:
         self.trail = trail
         self.counters = counters
+
+    def follow(self, audit: AuditSpec) -> None:
+        """The trail's rotation and syslog as an applied spec's ``audit:`` says now."""
+        self.trail.max_size, self.trail.keep, self.trail.syslog = audit.max_size, audit.keep, audit.syslog
 
     @staticmethod
     def caller() -> Caller:

@@ -179,14 +179,14 @@ class Deployment:
         """The spec's file."""
         return self.running.file
 
+
     @property
     def plan(self) -> Plan | None:
         """Where every instance went (None before placement)."""
         return self.running.plan
 
     def plan_changes(self, spec: DeploymentSpec) -> SpecDiff:
-        """What :meth:`apply` would do with ``spec``, nothing changed (see
-        :meth:`corral.engine.apply.Applier.plan_changes`)."""
+        """What :meth:`apply` would do with ``spec``, nothing changed (see ``Applier.plan_changes``)."""
         return self._applier.plan_changes(spec)
 
     async def apply(self, spec: DeploymentSpec, file: str | Path | None = None) -> SpecDiff:
@@ -200,9 +200,7 @@ class Deployment:
                 more["changed"] = sorted(c.name for c in self.plan_changes(spec).changed)
             diff = await self._applier.apply(spec, file)
             self._schedules.changed()
-            a = self.spec.audit
-            trail = self.auditor.trail
-            trail.max_size, trail.keep, trail.syslog = a.max_size, a.keep, a.syslog
+            self.auditor.follow(self.spec.audit)
             return diff
 
     async def adopt(self) -> str:
@@ -352,6 +350,11 @@ class Deployment:
         instance that runs (see :meth:`corral.engine.schedules.Schedules.run`)."""
         async with self.auditor.op("run", {"service": service}):
             return await self._schedules.run(service, self._ops.start_service)
+
+    async def signal(self, service: str, name: str | None = None) -> list[str]:
+        """Sends ``name`` (None: ``reload_signal``) to each live instance's main process; their ids."""
+        async with self.auditor.op("kill" if name else "reload", {"service": service, "signal": name or ""}):
+            return self._ops.signal(service, name)
 
     async def start_service(self, service: str) -> None:
         """Starts ``service`` again (see :meth:`corral.engine.operate.ServiceOps.start_service`)."""

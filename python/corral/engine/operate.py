@@ -1,13 +1,15 @@
 """Changes to one service of a running stack, each one at a time (the deployment's change
-lock): a rolling restart, scaling, stopping and starting. A part of
+lock): a rolling restart, scaling, stopping and starting; and signals to its processes. A part of
 :class:`~corral.engine.deployment.Deployment`, handed what runs and the collaborators that
 start, stop and record instances."""
 
 from __future__ import annotations
 
 import asyncio
+import signal as signals
 from typing import TYPE_CHECKING
 
+from corral._core import kill_pid
 from corral.exceptions import ConfigError, CorralError, DeploymentError, UnknownService
 
 if TYPE_CHECKING:
@@ -17,7 +19,7 @@ if TYPE_CHECKING:
     from corral.engine.running import Running
     from corral.engine.stack import Stack
 
-__all__ = ["ServiceOps"]
+__all__ = ["ServiceOps", "parse_signal"]
 
 
 class ServiceOps:
@@ -124,3 +126,30 @@ class ServiceOps:
             if failed is not None:
                 bad, why = failed
                 raise DeploymentError(f"start {service}: {bad.id} is {bad.state.value} ({why})")
+
+    def signal(self, service: str, name: str | None = None) -> list[str]:
+        """Sends signal ``name`` (``SIGUSR1``, ``USR1`` or a number; None: the service's
+        ``reload_signal``, as ``systemctl reload`` signals ``$MAINPID``) to the main process
+        of each live instance of ``service``, as ``docker compose kill -s`` does. Returns
+        the instances signalled; :class:`ConfigError` for a signal that does not exist."""
+        insts = self._service(service)
+        sig = parse_signal(name or self.running.spec.services[service].reload_signal)
+        done = []
+        for inst in insts:
+            proc = inst.live_process
+            if inst.state.alive and proc is not None and kill_pid(proc.pid, sig):
+                done.append(inst.id)
+        self.journal.note(f"{'reload' if name is None else 'kill -s ' + signals.Signals(sig).name} {service}: "
+                          f"{', '.join(done) or 'no live instance'}", service=service)
+        return done
+
+
+def parse_signal(name: str) -> int:
+    """``SIGHUP``, ``HUP``, ``hup`` or ``1`` as a signal number; :class:`ConfigError` else."""
+    text = name.strip().upper()
+    try:
+        sig = signals.Signals(int(text)) if text.isdigit() else signals.Signals[
+            text if text.startswith("SIG") else "SIG" + text]
+    except (KeyError, ValueError):
+        raise ConfigError(f"unknown signal {name!r} (SIGHUP, SIGUSR1, HUP, 10, ...)") from None
+    return int(sig)
