@@ -78,6 +78,10 @@ async def test_top_shows_sorts_follows_and_acts_through_the_agent(agent: AgentCl
         assert web0[_col("state")] == "healthy" and web0[_col("health")] == "healthy"
         assert int(web0[_col("pid")]) > 0 and web0[_col("ports")].startswith("http=")
         assert web0[_col("rss")].endswith("MiB")
+        # At 80 columns the ports are on screen whole (they came after the figures, cut off).
+        table = app.query_one("#instances", DataTable)
+        upto = sum(table.columns[k].get_render_width(table) for k in list(table.columns)[:_col("ports") + 1])
+        assert upto <= 80, upto
         # CPU% needs two readings of the process tree: a number from the second refresh on.
         await _until(pilot, lambda: _table(app)[1][_col("cpu%")] != "-", "a CPU% reading")
         float(_table(app)[1][_col("cpu%")])
