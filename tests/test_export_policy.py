@@ -82,18 +82,21 @@ def nomad_docs(spec: Path) -> dict[str, dict[str, Any]]:
     return {name: json.loads(text) for name, text in render(load_spec(spec, machine=False), spec.parent, "nomad")}
 
 
-def pods(objs: list[dict[str, Any]]) -> dict[str, tuple[dict[str, str], set[int]]]:
-    """Each workload's pod labels and container ports, from the objects."""
+def pod_templates(objs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each workload's pod template (a CronJob's through its job template)."""
     out = {}
     for o in objs:
-        spec = o.get("spec", {})
-        if o["kind"] == "CronJob":
-            spec = spec["jobTemplate"]["spec"]
+        spec = o["spec"]["jobTemplate"]["spec"] if o["kind"] == "CronJob" else o.get("spec", {})
         if "template" in spec:
-            pod = spec["template"]
-            ports = {p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])}
-            out[o["metadata"]["name"]] = (pod["metadata"]["labels"], ports)
+            out[o["metadata"]["name"]] = spec["template"]
     return out
+
+
+def pods(objs: list[dict[str, Any]]) -> dict[str, tuple[dict[str, str], set[int]]]:
+    """Each workload's pod labels and container ports, from the objects."""
+    return {name: (pod["metadata"]["labels"],
+                   {p["containerPort"] for c in pod["spec"]["containers"] for p in c.get("ports", [])})
+            for name, pod in pod_templates(objs).items()}
 
 
 def matches(selector: dict[str, Any], labels: dict[str, str]) -> bool:
@@ -339,12 +342,8 @@ def test_the_instance_directory_is_the_pods_own_and_nomads_task_dir(tmp_path: Pa
 
 
 def _init_order(objs: list[dict[str, Any]]) -> dict[str, list[str]]:
-    out = {}
-    for o in objs:
-        spec = o["spec"]["jobTemplate"]["spec"] if o["kind"] == "CronJob" else o.get("spec", {})
-        if "template" in spec:
-            out[o["metadata"]["name"]] = [c["name"] for c in spec["template"]["spec"].get("initContainers", [])]
-    return out
+    return {name: [c["name"] for c in pod["spec"].get("initContainers", [])]
+            for name, pod in pod_templates(objs).items()}
 
 
 @pytest.mark.parametrize("example", EXAMPLES)

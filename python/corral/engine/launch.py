@@ -122,7 +122,7 @@ class Launcher:
         if isinstance(res, OSError) and inst.cgroup is not None:
             res = self._spawn_without_cgroup(inst, spec, res)
         if not isinstance(res, OSError):
-            self._running(inst, res, env)
+            self._running(inst, res, env, (spec.uid, spec.gid, spec.cwd or self._cwd(inst)))
             return
         if not isinstance(res, _PERMANENT):
             attempts = attempts or _SPAWN_RETRY.attempts()
@@ -141,6 +141,11 @@ class Launcher:
         (res,) = sup.spawn_many([(inst.id, spec)], threads=1)
         self._spawned(inst, env, spec, res, attempts)
         self._record()
+
+    def _cwd(self, inst: InstanceRuntime) -> Path:
+        """Where the instance's process (and its exec probes) runs."""
+        wd = inst.svc.working_dir
+        return (self.stack.base / wd) if wd else self.stack.base
 
     def _skipped(self, inst: InstanceRuntime) -> bool:
         """A run whose ``skip_if_exists`` path exists completes at once, exit 0, unstarted."""
@@ -172,7 +177,7 @@ class Launcher:
     def _process_spec(self, inst: InstanceRuntime, env: list[tuple[str, str]], creds: Credentials) -> ProcessSpec:
         svc = inst.svc
         argv = [self._fill(a, inst) for a in svc.argv()]
-        cwd = (self.stack.base / svc.working_dir) if svc.working_dir else self.stack.base
+        cwd = self._cwd(inst)
         inst.affinity = inst.p.cpus or self.stack.resources.shared_cpus(inst.p.numa_node)
         uid, gid, _, _ = creds
         # A log probe reads what this run prints: from the log's end before the spawn.
@@ -214,7 +219,9 @@ class Launcher:
             text = text.replace(INSTANCE_DIR, str(instance_dir(self.stack.state_dir, inst.id)))
         return text
 
-    def _running(self, inst: InstanceRuntime, spawned: tuple[int, int], env: list[tuple[str, str]]) -> None:
+    def _running(self, inst: InstanceRuntime, spawned: tuple[int, int], env: list[tuple[str, str]],
+                 run_as: tuple[int | None, int | None, Path]) -> None:
+        """``run_as``: the process's uid, gid and directory, which its exec probes take too."""
         sup = self.stack.supervisor
         assert sup is not None
         pid, start = spawned
@@ -222,10 +229,6 @@ class Launcher:
         inst.healthy_since = None
         inst.exit_code = None
         inst.life.to(State.RUNNING, f"pid {pid}" + (f", cpus {cpulist(inst.affinity)}" if inst.p.cpus else ""))
-        # An exec probe runs as the service does: its user, group and directory.
-        uid, gid, _, _ = credentials(inst.svc.user, inst.svc.group)
-        svc = inst.svc
-        run_as = (uid, gid, (self.stack.base / svc.working_dir) if svc.working_dir else self.stack.base)
         probes = {kind: _probe_spec(p, inst.p.ports, env, self.stack.host, inst.log, inst.log_from,
                                     lambda a: self._fill(a, inst), run_as)
                   if p is not None else None
@@ -247,7 +250,7 @@ class Launcher:
         env = self._environment(inst, creds)
         inst.affinity = inst.p.cpus or self.stack.resources.shared_cpus(inst.p.numa_node)
         inst.life.resume(State.STARTING, f"re-adopting pid {pid}")
-        self._running(inst, (pid, start), env)
+        self._running(inst, (pid, start), env, (creds[0], creds[1], self._cwd(inst)))
         assert inst.proc is not None
         inst.proc.adopted = True
         return True

@@ -34,7 +34,7 @@ from corral.engine.stack import Stack
 from corral.exceptions import CorralError
 from corral.identity import credentials
 from corral.lifecycle import State, Transition
-from corral.statedir import INSTANCE_DIR, instance_dir
+from corral.statedir import instance_dir
 from corral.templates import TemplateError, render, write_atomically
 
 __all__ = ["TemplateActions", "Templates"]
@@ -79,7 +79,7 @@ class Templates(Hook):
         :class:`~corral.templates.TemplateError` or ``OSError``)."""
         if inst.svc.templates:
             self._render(inst, env)
-        elif _mentions_dir(inst):
+        elif inst.svc.mentions_instance_dir():
             self.directory(inst)
 
     def directory(self, inst: InstanceRuntime) -> Path:
@@ -181,7 +181,3 @@ class Templates(Hook):
                     log.warning("corral: restart of %s after its templates changed: %s", name, e)
 
 
-def _mentions_dir(inst: InstanceRuntime) -> bool:
-    svc = inst.svc
-    probes = [p.exec or [] for p in (svc.health.startup, svc.health.readiness, svc.health.liveness) if p is not None]
-    return any(INSTANCE_DIR in a for a in [*svc.argv(), *svc.env.values(), *(a for argv in probes for a in argv)])

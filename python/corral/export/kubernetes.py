@@ -306,7 +306,7 @@ def _annotations(model: StackModel, w: Workload) -> dict[str, str]:
 
 def _workload(model: StackModel, w: Workload) -> dict[str, Any]:
     pod = _pod(model, w)
-    selector = {"matchLabels": {"app.kubernetes.io/name": w.dns, "app.kubernetes.io/part-of": model.dns}}
+    selector = _selector(model, w)
     if w.kind == "job":
         job = {"backoffLimit": 0 if w.spec.restart.policy == "no" else (w.spec.restart.max_restarts or 6),
                "template": pod}
@@ -392,8 +392,7 @@ def _service(model: StackModel, w: Workload) -> dict[str, Any] | None:
     if not w.ports:
         return None
     ports = [{"name": p.name, "port": p.number, "targetPort": p.name, "protocol": "TCP"} for p in w.ports]
-    spec: dict[str, Any] = {"selector": {"app.kubernetes.io/name": w.dns, "app.kubernetes.io/part-of": model.dns},
-                            "ports": ports}
+    spec: dict[str, Any] = {"selector": _selector(model, w)["matchLabels"], "ports": ports}
     if w.spec.expose:
         ports[0]["port"] = w.spec.expose
         spec["type"] = model.options.kubernetes.service_type

@@ -118,8 +118,7 @@ class Workload:
     @property
     def uses_instance_dir(self) -> bool:
         """Whether its command, env, exec probes or templates need ``${instance.dir}``."""
-        texts = [*self.argv, *self.env.values(), *(a for c in self.probes.values() for a in c.argv)]
-        return bool(self.spec.templates) or any(INSTANCE_REF in t for t in texts)
+        return bool(self.spec.templates) or self.spec.mentions_instance_dir()
 
 
 @dataclass

@@ -319,6 +319,14 @@ class ServiceSpec(_Model):
                                  f"fix the quoting or set shell: true") from None
         return self
 
+    def mentions_instance_dir(self) -> bool:
+        """Whether its command, env or exec probes name ``${instance.dir}``."""
+        from corral.statedir import INSTANCE_DIR
+
+        h = self.health
+        probes = [a for p in (h.startup, h.readiness, h.liveness) if p is not None for a in p.exec or []]
+        return any(INSTANCE_DIR in a for a in [*self.argv(), *self.env.values(), *probes])
+
     def argv(self) -> list[str]:
         """The command as an argv list: a string goes through ``/bin/sh -c`` with ``shell``."""
         if isinstance(self.command, list):
