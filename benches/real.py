@@ -32,6 +32,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -158,11 +159,43 @@ def bench_redis(rounds: int) -> dict[str, Any]:
         assert corral("up", "-d", cwd=d).returncode == 0
         ports = [i["ports"]["redis"] for i in status(d)["services"]["redis"]]
         ha = HAProxy(26380, ports, balance="source")
+        # CPU per request of each proxy's process: the front's is the keeper (it holds the
+        # fronts), HAProxy's its own. set and get, 200,000 each.
+        keeper = int(json.loads((d / ".corral" / "keeper.json").read_text())["pid"])
+        cpu: dict[str, list[float]] = {"front": [], "haproxy": []}
+
+        def costed(name: str, pid: int, port: int) -> Callable[[], float]:
+            def run() -> float:
+                before = cpu_seconds(pid)
+                rps = redis_rps(port)
+                cpu[name].append((cpu_seconds(pid) - before) / 400_000 * 1e6)
+                return rps
+            return run
+
         try:
-            out["rps"] = median_rows(rounds, {"front": lambda: redis_rps(26379), "direct": lambda: redis_rps(ports[0]),
-                                              "haproxy": lambda: redis_rps(26380)})
+            out["rps"] = median_rows(rounds, {"front": costed("front", keeper, 26379),
+                                              "direct": lambda: redis_rps(ports[0]),
+                                              "haproxy": costed("haproxy", ha.proc.pid, 26380)})
         finally:
             ha.close()
+        out["cpu_us_per_request"] = {k: statistics.median(v) for k, v in cpu.items()}
+        # kill -9 of the agent under keep-alive redis-benchmark: the front is the keeper's.
+        agent = status(d)["agent_pid"]
+        keep = subprocess.Popen(["redis-benchmark", "-h", "127.0.0.1", "-p", "26379", "-c", "20", "-n", "300000",
+                                 "-t", "ping", "-q"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True, preexec_fn=_default_sigint)
+        time.sleep(0.5)
+        running = keep.poll() is None
+        os.kill(agent, signal.SIGKILL)
+        said = keep.communicate(timeout=300)[0]
+        errors = [ln for ln in said.splitlines() if "rror" in ln or "closed" in ln]
+        for _ in range(150):
+            st = status(d)
+            if st.get("agent_running") and st["agent_pid"] != agent and st["status"] == "up":
+                break
+            time.sleep(0.2)
+        out["agent_kill"] = {"ok": running, "client_errors": len(errors), "client_exit": keep.returncode,
+                             "refused": st["fronts"]["redis"]["refused"], "said": errors[:3]}
         # The rolling restart under load: a new connection per request.
         load = subprocess.Popen(["redis-benchmark", "-h", "127.0.0.1", "-p", "26379", "-k", "0", "-c", "20",
                                  "-n", "10000000", "-t", "ping", "-q", "-l"], stdout=subprocess.PIPE,
@@ -197,6 +230,12 @@ def bench_redis(rounds: int) -> dict[str, Any]:
         corral("down", cwd=d)
         shutil.rmtree(d, ignore_errors=True)
     return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User and system CPU time of a process, all its threads, so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _default_sigint() -> None:
@@ -282,6 +321,12 @@ def main() -> None:
         rs = results["redis"]["restart"]
         print(f"{'rolling restart under redis-benchmark -k 0: client errors':<58} {'0':>12} "
               f"{rs['client_errors']:>12}" + ("   (the client hung)" if rs["client_hung"] else ""))
+        c = results["redis"]["cpu_us_per_request"]
+        print(f"{'CPU per request, front (the keeper) vs HAProxy (us)':<58} {'report':>12} "
+              f"{c['front']:>12.2f}   HAProxy {c['haproxy']:.2f} ({c['front'] / c['haproxy']:.2f}x)")
+        ak = results["redis"]["agent_kill"]
+        print(f"{'kill -9 of the agent under keep-alive redis-benchmark: errors':<58} {'0':>12} "
+              f"{ak['client_errors'] + (ak['client_exit'] != 0) + ak['refused']:>12}")
         rk = results["redis"]["restart_keepalive"]
         print(f"{'rolling restart under keep-alive redis-benchmark: errors':<58} {'0':>12} "
               f"{rk['client_errors'] + (rk['client_exit'] != 0):>12}")

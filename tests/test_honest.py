@@ -382,12 +382,12 @@ def test_a_keeper_dead_before_the_watch_begins_is_noticed_too() -> None:
         restarted.append(name)
 
     async def main() -> None:
-        watch = KeeperWatch(stack, journal, restart)
+        watch = KeeperWatch(stack, journal, restart, list)
         watch.start(gone.pid)
         assert watch.task is not None, "a keeper already dead went unnoticed"
         await watch.task
         # Our own parent is alive but not the keeper named: also a keeper gone.
-        other = KeeperWatch(stack, journal, restart)
+        other = KeeperWatch(stack, journal, restart, list)
         other.start(os.getpid())
         assert other.task is not None
         await other.task

@@ -14,6 +14,7 @@ import os
 import pwd
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -157,6 +158,40 @@ def test_redis_replicas_behind_the_front_a_warmer_and_a_restart_no_client_notice
     assert r.returncode == 0, r
     assert bench.returncode == 0 and "rror" not in said and "closed" not in said, said[-500:]
     assert all(i["restarts"] == 2 for i in status(example)["services"]["redis"])
+
+
+@needs(shutil.which("redis-benchmark") is not None, "redis-benchmark", "redis-tools")
+@pytest.mark.parametrize("example", ["redis"], indirect=True)
+def test_kill_9_of_the_agent_under_keep_alive_redis_benchmark_cuts_nothing(example: Path) -> None:
+    """The front lives in the keeper: the agent's death cuts no redis-benchmark connection
+    and refuses none of the new ones (-k 0: a connection per request as well)."""
+    assert corral("up", "-d", cwd=example).returncode == 0
+    before = status(example)
+    benches = [subprocess.Popen(["redis-benchmark", "-h", "127.0.0.1", "-p", "26379", "-c", "10", "-n", n,
+                                 "-k", keep, "-t", "ping", "-q"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, start_new_session=True) for n, keep in (("100000", "1"), ("20000", "0"))]
+    try:
+        time.sleep(0.3)
+        assert all(b.poll() is None for b in benches), "the clients still run when the agent is killed"
+        os.kill(before["agent_pid"], signal.SIGKILL)
+        said = [b.communicate(timeout=120)[0] for b in benches]
+    finally:
+        for b in benches:
+            if b.poll() is None:
+                os.killpg(b.pid, 9)
+                b.wait()
+    for b, text in zip(benches, said, strict=True):
+        assert b.returncode == 0 and "rror" not in text and "closed" not in text, text[-500:]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        st = status(example)
+        if st.get("agent_running") and st["agent_pid"] != before["agent_pid"] and st["status"] == "up":
+            break
+        time.sleep(0.2)
+    else:
+        raise AssertionError("no new agent")
+    assert [i["pid"] for i in st["services"]["redis"]] == [i["pid"] for i in before["services"]["redis"]]
+    assert st["fronts"]["redis"]["refused"] == 0
 
 
 def _fetch(port: int) -> str:

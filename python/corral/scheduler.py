@@ -287,18 +287,19 @@ class Scheduler:
         best: int = (min(fits) if self.policy == "binpack" else max(fits))[1]
         return best
 
-    def front_port(self, want: int, name: str) -> int:
-        """Reserves a front's port (an apply that adds or moves ``expose``)."""
+    def front_port(self, want: int, name: str, *, check: bool = True) -> int:
+        """Reserves a front's port (an apply that adds or moves ``expose``); ``check=False``
+        takes it while it is listening (re-adoption: the keeper holds the front)."""
         with self.claims.reserving():
-            return self._port(want, name)
+            return self._port(want, name, check=check)
 
     def release_port(self, port: int) -> None:
         """Gives back a port reserved with :meth:`front_port`."""
         self._release_port(port)
 
-    def _port(self, want: str | int, name: str) -> int:
+    def _port(self, want: str | int, name: str, *, check: bool = True) -> int:
         """One port for ``name``, claimed on the machine (inside a reservation)."""
-        port = self._take_port(want, name)
+        port = self._take_port(want, name, check=check)
         try:
             self.claims.port(port, name)
         except CorralError:
@@ -306,7 +307,7 @@ class Scheduler:
             raise
         return port
 
-    def _take_port(self, want: str | int, name: str) -> int:
+    def _take_port(self, want: str | int, name: str, *, check: bool = True) -> int:
         if want == "auto":
             return self.ports.allocate(name=name)
         port = int(want)
@@ -315,11 +316,11 @@ class Scheduler:
             # Held from placement on, listening or not (its holder may be stopped).
             raise PortInUse(f"port {port} is held by {holder}", port, None)
         if any(lo <= port <= hi for lo, hi in self.ports.ranges):
-            return self.ports.allocate(port, name=name)
+            return self.ports.allocate(port, name=name, check=check)
         # Outside the allocator's ranges: only a bind tells whether it is free.
         if port in self._outside:
             raise PortInUse(f"port {port} is in use by another instance", port, None)
-        if not self.bind_check:
+        if not self.bind_check or not check:
             self._outside.add(port)
             return port
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

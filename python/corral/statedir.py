@@ -7,8 +7,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-__all__ = ["AGENT_LOG", "AGENT_SOCKET", "EXITS", "INSTANCES", "INSTANCE_DIR", "KEEPER_FILE", "KEEPER_LOCK",
-           "KEEPER_LOG", "KEEPER_SOCKET", "PID_LOG", "STACK", "STATE_DB", "UNIT", "instance_dir", "stack_id"]
+__all__ = ["AGENT_LOG", "AGENT_SOCKET", "EXITS", "FRONTS_SOCKET", "INSTANCES", "INSTANCE_DIR", "KEEPER_FILE",
+           "KEEPER_LOCK", "KEEPER_LOG", "KEEPER_SOCKET", "PID_LOG", "STACK", "STATE_DB", "UNIT", "instance_dir",
+           "stack_id"]
 
 STACK = "CORRAL_STACK"
 """The stack's id, inherited by every process of the stack."""
@@ -28,6 +29,8 @@ AGENT_SOCKET = "agent.sock"
 AGENT_LOG = "agent.log"
 KEEPER_SOCKET = "keeper.sock"
 """Where agents hand the keeper their instances' output pipes."""
+FRONTS_SOCKET = "fronts.sock"
+"""Where agents configure the fronts the keeper holds (``up -d``)."""
 KEEPER_FILE = "keeper.json"
 """What the keeper last recorded: its pid and start, its agent's, and why it gave up."""
 KEEPER_LOG = "keeper.log"

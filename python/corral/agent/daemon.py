@@ -26,13 +26,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from corral._core import keeper_listen
+from corral.agent.fronthost import front_listen, release_fronts
 from corral.agent.jsonlog import log_to
 from corral.agent.keeper import CRASHED
 from corral.agent.wire import from_wire, to_wire
 from corral.exceptions import AgentUnavailable, CorralError, DeploymentError
 from corral.spec import DeploymentSpec
 from corral.state import DeploymentStatus, secure_state_dir
-from corral.statedir import KEEPER_SOCKET
+from corral.statedir import FRONTS_SOCKET, KEEPER_SOCKET
 from corral.statesafe import drop_inherited_locks
 
 __all__ = ["start_detached"]
@@ -46,6 +47,8 @@ def start_detached(spec: Path, parsed: DeploymentSpec, state_dir: Path, timeout:
     :class:`DeploymentError` is raised; when the agent dies without a word,
     :class:`AgentUnavailable`."""
     secure_state_dir(state_dir)
+    # A keeper left from before (it gave up on its agent) holds the fronts: they close there.
+    release_fronts(state_dir / FRONTS_SOCKET)
     log = state_dir / "agent.log"
     sys.stdout.flush()
     sys.stderr.flush()
@@ -84,11 +87,13 @@ def _become_keeper(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Pat
     """The keeper's process: a new session, the agent forked, then exec of the keeper."""
     try:
         os.setsid()
-        # Listening before the agent exists: its first hand-over needs no wait.
+        # Listening before the agent exists: its first hand-over (and its fronts) need no wait.
         listen_fd = keeper_listen(state_dir / KEEPER_SOCKET)
+        fronts = front_listen(state_dir / FRONTS_SOCKET)
         agent = os.fork()
         if agent == 0:
             os.close(listen_fd)
+            fronts.close()
             _become_agent(spec, parsed, state_dir, log, report_fd)
         fd = os.open(state_dir / "keeper.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
         null = os.open(os.devnull, os.O_RDONLY)
@@ -97,8 +102,9 @@ def _become_keeper(spec: Path, parsed: DeploymentSpec, state_dir: Path, log: Pat
         os.dup2(fd, 2)
         os.set_inheritable(report_fd, True)
         os.set_inheritable(listen_fd, True)
+        fronts.set_inheritable(True)
         os.execv(sys.executable, [sys.executable, "-m", "corral.agent.keeper", str(state_dir), str(agent),
-                                  str(spec.resolve()), str(report_fd), str(listen_fd)])
+                                  str(spec.resolve()), str(report_fd), str(listen_fd), str(fronts.fileno())])
     except BaseException as e:  # never return into the CLI's code
         with contextlib.suppress(OSError):
             os.write(report_fd, json.dumps({"ok": False, "error": to_wire(

@@ -20,9 +20,12 @@ depends on the agent being alive.
   gone and the pipes closed. ``SIGUSR2`` takes that back (a ``down`` that left the stack
   alone, its agent alive but not answering).
 
-Run as ``python -m corral.agent.keeper STATE_DIR AGENT_PID SPEC [REPORT_FD [LISTEN_FD]]``; it imports
-the native core, the names of the state directory's files, the audit trail and the
-standard library, nothing of the engine, to stay small.
+- It holds the stack's fronts (:mod:`corral.agent.fronthost`): their listening sockets and
+  relays outlive the agent, which configures them through ``fronts.sock``.
+
+Run as ``python -m corral.agent.keeper STATE_DIR AGENT_PID SPEC [REPORT_FD [LISTEN_FD [FRONTS_FD]]]``;
+it imports the native core, the names of the state directory's files, the front host, the
+audit trail and the standard library, nothing of the engine, to stay small.
 """
 
 from __future__ import annotations
@@ -32,13 +35,15 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from corral._core import LogKeeper, become_subreaper, process_start_time
-from corral.statedir import EXITS, KEEPER_FILE, KEEPER_LOCK, KEEPER_SOCKET
+from corral.agent.fronthost import FrontHost, front_listen
+from corral.statedir import EXITS, FRONTS_SOCKET, KEEPER_FILE, KEEPER_LOCK, KEEPER_SOCKET
 
 __all__ = ["CRASHED", "MAX_RESTARTS", "WINDOW", "main", "read_keeper", "restartable"]
 
@@ -82,7 +87,7 @@ class Keeper:
     """One keeper's state; see the module docs."""
 
     def __init__(self, state_dir: Path, agent: int, spec: Path, report_fd: int | None,
-                 listen_fd: int | None = None) -> None:
+                 listen_fd: int | None = None, fronts_fd: int | None = None) -> None:
         self.state_dir = state_dir
         self.agent: int | None = agent
         self.spec = spec
@@ -99,6 +104,8 @@ class Keeper:
             signal.signal(sig, self.on_signal)
         # Bound before the first agent was forked (it may be handing over pipes already).
         self.logs = LogKeeper(fd=listen_fd) if listen_fd is not None else LogKeeper(state_dir / KEEPER_SOCKET)
+        self.fronts = FrontHost(socket.socket(fileno=fronts_fd) if fronts_fd is not None
+                                else front_listen(state_dir / FRONTS_SOCKET))
         self.superseded = False
         """Set when another live keeper's record is in keeper.json: it took over this stack."""
         self._record(take_over=True)
@@ -148,6 +155,7 @@ class Keeper:
             if self.agent is None and pidfd is None and self.clean_exit_at is None and self.doc["agent"] == "running":
                 pidfd = self._restart()
             if self._done():
+                self.fronts.close()
                 return 0
 
     def _reap(self) -> None:
@@ -261,13 +269,14 @@ def _has_children() -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """``STATE_DIR AGENT_PID SPEC [REPORT_FD [LISTEN_FD]]``."""
+    """``STATE_DIR AGENT_PID SPEC [REPORT_FD [LISTEN_FD [FRONTS_FD]]]``."""
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal of `up -d` is not for it
     state_dir, agent, spec = Path(argv[0]), int(argv[1]), Path(argv[2])
     report = int(argv[3]) if len(argv) > 3 else None
     listen = int(argv[4]) if len(argv) > 4 else None
-    return Keeper(state_dir, agent, spec, report, listen).run()
+    fronts = int(argv[5]) if len(argv) > 5 else None
+    return Keeper(state_dir, agent, spec, report, listen, fronts).run()
 
 
 if __name__ == "__main__":

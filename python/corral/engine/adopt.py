@@ -130,7 +130,7 @@ class Adoption:
             # passed already (its line is in the log, behind that end).
             inst.log_from = 0 if r.healthy else None
             if r.state in _ALIVE_STATES and r.pid and r.pid_start and r.is_running() \
-                    and self.launcher.adopted(inst, r.pid, r.pid_start):
+                    and self.launcher.adopted(inst, r.pid, r.pid_start, vouched=r.healthy):
                 adopted += 1
             elif r.state in _ALIVE_STATES and r.pid:
                 exited += 1
@@ -213,7 +213,7 @@ class Adoption:
         journal, stack = self.journal, self.stack
         for name, svc in self.running.spec.services.items():
             if svc.expose is not None:
-                plan.fronts[name] = self.scheduler.front_port(svc.expose, f"{name}.front")
+                plan.fronts[name] = self.scheduler.front_port(svc.expose, f"{name}.front", check=False)
         pairs: list[tuple[InstanceRuntime, InstanceRow]] = []
         dropped = 0
         for r in recorded:

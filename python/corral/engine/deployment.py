@@ -23,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-from corral._core import Authority, IssuedCert, PortAllocator, Proxy, Supervisor, Topology
+from corral._core import Authority, IssuedCert, PortAllocator, Supervisor, Topology
 from corral.audit import AuditTrail
 from corral.engine.adopt import Adoption, adoptable
 from corral.engine.apply import Applier
@@ -31,6 +31,7 @@ from corral.engine.auditing import Auditor
 from corral.engine.bringup import BringUp
 from corral.engine.diff import SpecDiff, spec_hash
 from corral.engine.fleet import Fleet
+from corral.engine.frontlink import Front
 from corral.engine.hooks import CgroupsHook, FrontsHook, Hook, MeshHook, VolumesHook
 from corral.engine.instance import InstanceRuntime
 from corral.engine.journal import Journal
@@ -57,7 +58,7 @@ from corral.recovery import BackoffRestart, Exit, RestartStrategy, RollbackStrat
 from corral.scheduler import Plan, Scheduler, measured_at, port_range, volume_paths
 from corral.spec import DeploymentSpec, load_spec
 from corral.state import DeploymentStatus, EventRow, InstanceRow, default_state_dir
-from corral.statedir import stack_id
+from corral.statedir import FRONTS_SOCKET, stack_id
 
 __all__ = ["Deployment", "DeploymentStatus", "InstanceStatus"]
 
@@ -118,7 +119,7 @@ class Deployment:
         self._stack = Stack(spec, base, self.state_dir, host, self.resources, self.journal)
         self._stack.tracing = Tracing(endpoint_from(spec.tracing.otlp if spec.tracing else None), spec.name)
         self._mesh = MeshHook()
-        self._fronts = FrontsHook({}, self._mesh)
+        self._fronts = FrontsHook({}, self._mesh, self.keeper and self.state_dir / FRONTS_SOCKET)
         self._cgroups = CgroupsHook(Path(cgroup_root or os.environ.get("CORRAL_CGROUP_ROOT", "/sys/fs/cgroup")))
         self._vols = VolumesHook(volumes)
         self._templates = Templates(self.running, self._stack)
@@ -148,7 +149,7 @@ class Deployment:
         self._schedules = Schedules(self.running, self._stack, self.fleet)
         self._hooks: list[Hook] = [self._vols, StorageWatch(self.running, self._ops), self._cgroups, self._mesh,
                                    self._fronts, self._templates, self._schedules]
-        self._keeper_watch = KeeperWatch(self._stack, self.journal, self._ops.restart)
+        self._keeper_watch = KeeperWatch(self._stack, self.journal, self._ops.restart, self._fronts.rehome)
         self.auditor = Auditor(AuditTrail(self.state_dir, max_size=spec.audit.max_size, keep=spec.audit.keep,
                                           syslog=spec.audit.syslog), self.verdicts.counters)
         """Every operation, with who asked and how it ended (see :mod:`corral.audit`)."""
@@ -379,7 +380,7 @@ class Deployment:
         """The Prometheus exposition of this deployment now (see :mod:`corral.engine.metrics`)."""
         return exposition(self._stack, self._fronts.fronts, self.verdicts.counters)
 
-    def front(self, service: str) -> Proxy | None:
+    def front(self, service: str) -> Front | None:
         """The proxy in front of an exposed service."""
         return self._fronts.fronts.get(service)
 
@@ -391,8 +392,7 @@ class Deployment:
         return self._fronts.discovery(service, self.registry)
 
     async def wait_registry_change(self, generation: int, timeout: float) -> None:
-        """Returns once the registry's generation differs from ``generation`` (or after
-        ``timeout`` seconds)."""
+        """Returns once the registry's generation differs from ``generation`` (or after ``timeout`` s)."""
         await self._stack.wait(lambda: self.registry.generation != generation, timeout)
 
     def events(self) -> list[Transition]:

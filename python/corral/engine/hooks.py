@@ -28,6 +28,7 @@ from corral._core import (
     mounted_volume_image,
     unmount_volume,
 )
+from corral.engine.frontlink import Front, FrontLink, KeeperFront, KeeperGone
 from corral.engine.instance import InstanceRuntime
 from corral.engine.stack import Stack
 from corral.exceptions import CorralError
@@ -38,6 +39,9 @@ from corral.units import format_bytes
 from corral.volumes import image_of, owner_ids, space_of
 
 __all__ = ["CgroupsHook", "FrontsHook", "Hook", "MeshHook", "VolumesHook"]
+
+_PROBED_AGAIN = (State.STARTING, State.RUNNING)
+"""A re-adopted instance's states before its probes pass again."""
 
 
 class Hook:
@@ -227,7 +231,7 @@ class MeshHook(Hook):
     def __init__(self) -> None:
         self.ca: Authority | None = None
         self.certs: dict[str, IssuedCert] = {}
-        self._fronts: dict[str, Proxy] = {}
+        self._fronts: dict[str, Front] = {}
         self._rotation: asyncio.Task[None] | None = None
 
     def prerun(self, stack: Stack) -> list[str]:
@@ -266,7 +270,7 @@ class MeshHook(Hook):
                 os.chmod(d, 0o711)
         return cert
 
-    def present_on(self, fronts: dict[str, Proxy]) -> None:
+    def present_on(self, fronts: dict[str, Front]) -> None:
         """Renewed certificates go to these mTLS fronts."""
         self._fronts = fronts
 
@@ -292,14 +296,17 @@ class MeshHook(Hook):
 class FrontsHook(Hook):
     """A proxy on each exposed service's port, balancing over its healthy instances; it
     follows every transition at once, so an instance that starts stopping gets no new
-    connection before its signal goes out."""
+    connection before its signal goes out. With ``keeper`` (``up -d``: the keeper's
+    ``fronts.sock``) the fronts live in the keeper and outlive this agent (see
+    :mod:`corral.engine.frontlink`); without, in this process."""
 
     name = "fronts"
 
-    def __init__(self, ports: dict[str, int], mesh: MeshHook) -> None:
+    def __init__(self, ports: dict[str, int], mesh: MeshHook, keeper: Path | None = None) -> None:
         self.ports = ports
         self.mesh = mesh
-        self.fronts: dict[str, Proxy] = {}
+        self.fronts: dict[str, Front] = {}
+        self.link = FrontLink(keeper) if keeper is not None else None
 
     def active(self, service: str, iid: str) -> int:
         """Connections open now through ``service``'s front to instance ``iid``."""
@@ -311,9 +318,27 @@ class FrontsHook(Hook):
     def prerun(self, stack: Stack) -> list[str]:
         for name, port in self.ports.items():
             self.fronts[name] = self._bind(stack, name, port)
+        if self.link is not None:
+            # What a dead agent's unfinished change left in the keeper goes.
+            with contextlib.suppress(KeeperGone):
+                self.link.call("keep", names=sorted(self.fronts))
         self.mesh.present_on(self.fronts)
         stack.listeners.append(lambda t: self._follow(stack, t.service))
         return []
+
+    def rehome(self) -> list[str]:
+        """The keeper died: its fronts are bound again here, as they were. Returns what
+        could not be, each with why."""
+        problems = []
+        for name, front in self.fronts.items():
+            if isinstance(front, KeeperFront):
+                try:
+                    front.rehome()
+                except OSError as e:
+                    problems.append(f"the front of {name} on {front.address} cannot listen again: "
+                                    f"{e.strerror or e}")
+        self.link = None  # later fronts bind here
+        return problems
 
     def _tls(self, stack: Stack, name: str) -> dict[str, Any]:
         svc = stack.spec.services[name]
@@ -324,15 +349,18 @@ class FrontsHook(Hook):
         return {"ca_pem": self.mesh.ca.ca_pem, "cert_pem": cert.cert_pem, "key_pem": cert.key_pem,
                 "allow": [self.mesh.ca.spiffe_id(s) for s in svc.allow]}
 
-    def _bind(self, stack: Stack, name: str, port: int) -> Proxy:
+    def _bind(self, stack: Stack, name: str, port: int) -> Front:
+        svc = stack.spec.services[name]
         try:
-            svc = stack.spec.services[name]
+            if self.link is not None:
+                return KeeperFront(self.link, name, stack.host, port, strategy=svc.balance, hold=svc.front_hold,
+                                   tls=self._tls(stack, name))
             return Proxy(stack.host, port, strategy=svc.balance, hold=svc.front_hold, **self._tls(stack, name))
         except OSError as e:
             raise stack.spec.error(("services", name, "expose"), f"cannot listen on {stack.host}:{port}: "
                                    f"{e.strerror or e}") from None
 
-    def reconfigure(self, stack: Stack, name: str, port: int | None) -> Proxy | None:
+    def reconfigure(self, stack: Stack, name: str, port: int | None) -> Front | None:
         """Makes ``name``'s front what ``stack.spec`` says now: on the same port, the
         strategy and TLS change in place (the listener and open connections stay); a new
         port binds a new front and closes the old one; no port closes it. Returns the front
@@ -342,6 +370,13 @@ class FrontsHook(Hook):
             old.set_strategy(stack.spec.services[name].balance)
             old.set_tls(**self._tls(stack, name))
             return None
+        if old is not None and port is not None and self.link is not None:
+            # The keeper holds one front per service: the old one closes as the new binds.
+            self.fronts[name] = self._bind(stack, name, port)
+            if isinstance(old, KeeperFront):
+                old.forget()
+            self._follow(stack, name)
+            return old
         if port is not None:
             self.fronts[name] = self._bind(stack, name, port)
             self._follow(stack, name)
@@ -356,7 +391,7 @@ class FrontsHook(Hook):
         if front is None:
             return
         up = [(i.id, stack.host, i.main_port) for i in stack.by_service.get(service, [])
-              if i.state is State.HEALTHY and i.main_port is not None]
+              if i.main_port is not None and (i.state is State.HEALTHY or (i.vouched and i.state in _PROBED_AGAIN))]
         front.set_upstreams(up)
 
     def stopping(self, stack: Stack) -> None:
@@ -368,6 +403,8 @@ class FrontsHook(Hook):
             with contextlib.suppress(OSError):
                 front.close()
         self.fronts.clear()
+        if self.link is not None:
+            self.link.close()
 
     def discovery(self, service: str, registry: Any) -> dict[str, Any]:
         """What discovery answers for ``service``: its registered instances (health,

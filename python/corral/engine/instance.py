@@ -42,7 +42,7 @@ class InstanceRuntime:
     """One instance of a service: where it was placed, where it is in its life, its process."""
 
     __slots__ = ("affinity", "cgroup", "exit_code", "exit_text", "healthy_since", "life", "log", "log_from", "p",
-                 "probe_message", "proc", "reason", "restarts", "svc", "timer", "version")
+                 "probe_message", "proc", "reason", "restarts", "svc", "timer", "version", "vouched")
 
     def __init__(self, p: Placement, svc: ServiceSpec, log: Path, listener: Callable[[Transition], None],
                  version: int = 1) -> None:
@@ -68,6 +68,9 @@ class InstanceRuntime:
         """A pending restart or spawn retry."""
         self.cgroup: Path | None = None
         self.affinity: list[int] = list(p.cpus)
+        self.vouched = False
+        """Re-adopted healthy: its front routes to it while its probes run again under this
+        agent (until a new process of it spawns)."""
 
     @property
     def id(self) -> str:

@@ -1,6 +1,7 @@
 """The keeper's death, noticed at once: the agent of ``up -d`` watches its keeper (its
 parent) through a pidfd. When the keeper dies, the instances' output pipes lose their
-reader, so: later spawns log through the agent itself (the supervisor drops the keeper),
+reader and the fronts it held are gone, so: the fronts listen again in the agent at once
+(with the upstreams they had), later spawns log through the agent itself (the supervisor drops the keeper),
 ``status`` and the event log say what happened, and the instances started before, whose
 output nobody reads any more, are restarted one service at a time (a rolling restart, each
 replica waited for), so that none is left writing into a dead pipe. A part of
@@ -25,12 +26,15 @@ __all__ = ["KeeperWatch"]
 
 
 class KeeperWatch:
-    """See the module docs; ``restart`` is the deployment's rolling restart of a service."""
+    """See the module docs; ``restart`` is the deployment's rolling restart of a service,
+    ``rehome`` binds the keeper's fronts here (returning what could not be)."""
 
-    def __init__(self, stack: Stack, journal: Journal, restart: Callable[[str], Awaitable[None]]) -> None:
+    def __init__(self, stack: Stack, journal: Journal, restart: Callable[[str], Awaitable[None]],
+                 rehome: Callable[[], list[str]]) -> None:
         self.stack = stack
         self.journal = journal
         self.restart = restart
+        self.rehome = rehome
         self.task: asyncio.Task[None] | None = None
 
     def start(self, pid: int) -> None:
@@ -61,6 +65,8 @@ class KeeperWatch:
 
     async def _after(self, pid: int) -> None:
         stack, sup = self.stack, self.stack.supervisor
+        for problem in self.rehome():
+            stack.warn(problem)
         if sup is not None:
             sup.drop_keeper(f"the keeper (pid {pid}) died")
         services = sorted({i.p.service for i in stack.instances.values() if i.live_process is not None})

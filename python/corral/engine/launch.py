@@ -179,6 +179,7 @@ class Launcher:
         argv = [self._fill(a, inst) for a in svc.argv()]
         cwd = self._cwd(inst)
         inst.affinity = inst.p.cpus or self.stack.resources.shared_cpus(inst.p.numa_node)
+        inst.vouched = False
         uid, gid, _, _ = creds
         # A log probe reads what this run prints: from the log's end before the spawn.
         try:
@@ -239,9 +240,10 @@ class Launcher:
         if any(probes.values()):
             sup.start_health(inst.id, **probes)
 
-    def adopted(self, inst: InstanceRuntime, pid: int, start: int) -> bool:
+    def adopted(self, inst: InstanceRuntime, pid: int, start: int, *, vouched: bool = False) -> bool:
         """Takes over a process a dead agent started: watched through a pidfd, probed again
-        from now on (False when it is gone already)."""
+        from now on (False when it is gone already); ``vouched``: it was healthy, and its
+        front routes to it meanwhile."""
         sup = self.stack.supervisor
         assert sup is not None
         if not sup.adopt(inst.id, pid):
@@ -249,6 +251,7 @@ class Launcher:
         creds = credentials(inst.svc.user, inst.svc.group)
         env = self._environment(inst, creds)
         inst.affinity = inst.p.cpus or self.stack.resources.shared_cpus(inst.p.numa_node)
+        inst.vouched = vouched
         inst.life.resume(State.STARTING, f"re-adopting pid {pid}")
         self._running(inst, (pid, start), env, (creds[0], creds[1], self._cwd(inst)))
         assert inst.proc is not None

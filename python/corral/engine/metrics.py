@@ -36,7 +36,7 @@ from corral._core import CONNECT_BOUNDS, PROBE_BOUNDS, group_usage
 from corral.lifecycle import State
 
 if TYPE_CHECKING:
-    from corral._core import Proxy
+    from corral.engine.frontlink import Front
     from corral.engine.instance import InstanceRuntime
     from corral.engine.stack import Stack
 
@@ -132,7 +132,7 @@ class _Series:
         return got
 
 
-def exposition(stack: Stack, fronts: dict[str, Proxy], counters: Counters) -> str:
+def exposition(stack: Stack, fronts: dict[str, Front], counters: Counters) -> str:
     """The whole scrape."""
     insts = list(stack.instances.values())
     live = [i for i in insts if i.live_process is not None]
