@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -115,6 +116,23 @@ async def test_a_balance_change_applies_in_place_on_the_same_listener(stack: Dep
     assert not _failed(load)
     assert len({r[2] for r in load.results[:mark]}) == 2, "round robin before"
     assert len({r[2] for r in load.results[mark + 2:]}) == 1, "one client address, one instance after"
+
+
+async def test_a_front_hold_change_applies_in_place(stack: Deployment) -> None:
+    """front_hold 0 by apply: with no instance, the same front then closes a connection at
+    once (counted refused) where it held it before."""
+    web = _pids(stack, "web")
+    diff = await stack.apply(load_spec(_edit(stack, "balance: round_robin", "balance: round_robin\n    front_hold: 0")))
+    assert diff.get("web").change == "in-place" and _pids(stack, "web") == web
+    await stack.stop_service("web")
+    front = stack.front("web")
+    assert front is not None
+    began = time.monotonic()
+    with socket.create_connection(("127.0.0.1", FRONT), timeout=10) as s:
+        s.sendall(b"GET /whoami HTTP/1.0\r\n\r\n")
+        assert s.recv(100) == b"", "closed: no instance to take it"
+    assert time.monotonic() - began < 3.0, "not held for the old 5 s"
+    assert front.stats().refused == 1 and front.held == 0
 
 
 async def test_a_new_version_that_exits_at_once_is_reverted_and_the_old_serves_throughout(

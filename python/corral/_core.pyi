@@ -1048,6 +1048,9 @@ class Proxy:
     def set_strategy(self, strategy: str) -> None:
         """Changes the balancing strategy from the next connection on; the upstreams and the
         connections in flight stay (``ConfigError`` for an unknown name)."""
+    def set_hold(self, hold: float) -> None:
+        """How long a connection waits for an upstream while there is none, seconds, from the
+        next such wait on (0: closed at once)."""
     def set_tls(self, ca_pem: str | None = None, cert_pem: str | None = None, key_pem: str | None = None,
                 allow: Iterable[str] = ...) -> None:
         """Makes the front mTLS (all three PEMs; ``allow`` as in the constructor) or plain

@@ -10,7 +10,7 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from corral.engine.diff import SpecDiff, diff_specs, effective
+from corral.engine.diff import FRONT_FIELDS, SpecDiff, diff_specs, effective
 from corral.engine.instance import InstanceRuntime
 from corral.engine.rollout import Replaced, RollFailed, revert, roll
 from corral.engine.tracing import Tracing, endpoint_from
@@ -212,8 +212,7 @@ class Applier:
             if isinstance(self.verdicts.restart_strategy, BackoffRestart):
                 self.verdicts.restart_strategy.set_rule(name, svc.restart)
             before = old.services.get(name)
-            if before is None or (before.expose, before.balance, before.mtls, before.allow) != \
-                    (svc.expose, svc.balance, svc.mtls, svc.allow):
+            if before is None or any(getattr(before, f) != getattr(svc, f) for f in FRONT_FIELDS):
                 self._front(name, svc.expose)
         for name in old.services:
             if name not in spec.services:

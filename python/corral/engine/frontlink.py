@@ -72,6 +72,7 @@ class Front(Protocol):
     def active(self, id: str) -> int: ...
     def set_upstreams(self, upstreams: list[tuple[str, str, int]]) -> None: ...
     def set_strategy(self, strategy: str) -> None: ...
+    def set_hold(self, hold: float) -> None: ...
     def set_tls(self, ca_pem: str | None = ..., cert_pem: str | None = ..., key_pem: str | None = ...,
                 allow: Iterable[str] = ...) -> None: ...
     def set_certificate(self, cert_pem: str, key_pem: str) -> None: ...
@@ -270,6 +271,13 @@ class KeeperFront:
             self._call("set_strategy", strategy=strategy)
         else:
             self._local.set_strategy(strategy)
+
+    def set_hold(self, hold: float) -> None:
+        self._hold = hold
+        if self._local is None:
+            self._call("set_hold", hold=hold)
+        else:
+            self._local.set_hold(hold)
 
     def set_tls(self, ca_pem: str | None = None, cert_pem: str | None = None, key_pem: str | None = None,
                 allow: Iterable[str] = ()) -> None:

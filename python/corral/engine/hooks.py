@@ -362,12 +362,13 @@ class FrontsHook(Hook):
 
     def reconfigure(self, stack: Stack, name: str, port: int | None) -> Front | None:
         """Makes ``name``'s front what ``stack.spec`` says now: on the same port, the
-        strategy and TLS change in place (the listener and open connections stay); a new
+        strategy, hold and TLS change in place (the listener and open connections stay); a new
         port binds a new front and closes the old one; no port closes it. Returns the front
         it replaced or closed, if any."""
         old = self.fronts.get(name)
         if old is not None and port is not None and old.port == port:
             old.set_strategy(stack.spec.services[name].balance)
+            old.set_hold(stack.spec.services[name].front_hold)
             old.set_tls(**self._tls(stack, name))
             return None
         if old is not None and port is not None and self.link is not None:

@@ -186,6 +186,8 @@ pub struct Proxy {
     added: tokio::sync::Notify,
     /// Connections waiting for an upstream now.
     held: AtomicU64,
+    /// [`ProxyConfig::hold`], changed by [`Proxy::set_hold`].
+    hold_ms: AtomicU64,
     /// Upstreams removed while connections to them were open (pruned once they closed).
     draining: Mutex<Vec<Arc<Upstream>>>,
 }
@@ -259,6 +261,7 @@ impl Proxy {
         let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
         std_listener.set_nonblocking(true).map_err(bind_err)?;
         let local = std_listener.local_addr().map_err(bind_err)?;
+        let cfg_hold = cfg.hold;
         let proxy = Arc::new(Proxy {
             cfg,
             lb,
@@ -273,6 +276,7 @@ impl Proxy {
             accept: Mutex::new(None),
             added: tokio::sync::Notify::new(),
             held: AtomicU64::new(0),
+            hold_ms: AtomicU64::new(duration_ms(cfg_hold)),
             draining: Mutex::new(Vec::new()),
         });
         let listener = {
@@ -356,6 +360,12 @@ impl Proxy {
     /// Connections waiting now for an upstream to appear (see [`ProxyConfig::hold`]).
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// How long a connection waits for an upstream while there is none, from the next
+    /// such wait on (an apply that changes only `front_hold`).
+    pub fn set_hold(&self, hold: Duration) {
+        self.hold_ms.store(duration_ms(hold), Ordering::Relaxed);
     }
 
     /// Changes how upstreams are chosen, from the next connection on (an apply that changes
@@ -464,11 +474,12 @@ impl Proxy {
         &self,
         key: Option<u64>,
     ) -> Option<(TcpStream, Arc<Upstream>, ConnectionGuard<Arc<Upstream>>)> {
-        if !self.lb.is_empty() || self.cfg.hold.is_zero() {
+        let hold = Duration::from_millis(self.hold_ms.load(Ordering::Relaxed));
+        if !self.lb.is_empty() || hold.is_zero() {
             return self.try_upstreams(key).await;
         }
         self.held.fetch_add(1, Ordering::Relaxed);
-        let deadline = tokio::time::Instant::now() + self.cfg.hold;
+        let deadline = tokio::time::Instant::now() + hold;
         let got = loop {
             // Registered before the look, so an add between the two still wakes it.
             let added = self.added.notified();
@@ -601,6 +612,16 @@ impl Proxy {
 enum Side {
     Reader,
     Writer,
+}
+
+/// Whole milliseconds (at least one for a non-zero duration), saturating.
+fn duration_ms(d: Duration) -> u64 {
+    let ms = u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+    if ms == 0 && !d.is_zero() {
+        1
+    } else {
+        ms
+    }
 }
 
 /// Size of one direction's relay buffer.

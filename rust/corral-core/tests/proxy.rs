@@ -201,6 +201,29 @@ fn no_upstream_holds_the_connection_then_refuses_and_counts() {
 }
 
 #[test]
+fn set_hold_changes_the_wait_from_the_next_connection_on() {
+    // An apply of front_hold: a front that refused at once now holds, and back.
+    let rt = runtime();
+    let p = holding(&rt, Duration::ZERO);
+    p.set_hold(Duration::from_secs(30));
+    let front = p.local_addr();
+    let client = std::thread::spawn(move || ask(front, b"hi"));
+    while p.held() == 0 {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    p.set_upstreams(vec![("b".into(), named_backend("b"), 1)]);
+    assert_eq!(client.join().unwrap(), "b:2");
+    p.set_upstreams(Vec::new());
+    p.set_hold(Duration::ZERO);
+    let mut s = TcpStream::connect(p.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    assert!(out.is_empty());
+    assert_eq!((p.totals().1, p.held()), (1, 0), "closed at once, counted");
+}
+
+#[test]
 fn a_held_connection_goes_to_the_first_upstream_that_appears() {
     // The only replica restarting: the client waits instead of being refused.
     let rt = runtime();

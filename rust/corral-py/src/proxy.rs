@@ -216,6 +216,13 @@ impl Proxy {
         self.inner.held()
     }
 
+    /// How long a connection waits for an upstream while there is none, seconds, from the
+    /// next such wait on (0: closed at once).
+    fn set_hold(&self, hold: f64) -> PyResult<()> {
+        self.inner.set_hold(seconds("hold", hold)?);
+        Ok(())
+    }
+
     /// The port it listens on.
     #[getter]
     fn port(&self) -> u16 {
