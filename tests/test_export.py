@@ -135,6 +135,7 @@ services:
     ports: {http: auto, admin: auto}
     depends_on: {db: healthy}
     expose: 8443
+    front_protocol: http
     balance: ip_hash
     mtls: true
     allow: [db]
@@ -164,7 +165,8 @@ def test_env_files_fronts_signals_and_the_mesh(tmp_path: Path) -> None:
     # A name with "_" becomes a DNS label; expose: the Service's first port; ip_hash: ClientIP.
     svc = by(objs, "Service", "web-front")
     assert svc["spec"]["type"] == "LoadBalancer" and svc["spec"]["sessionAffinity"] == "ClientIP"
-    assert svc["spec"]["ports"][0] == {"name": "http", "port": 8443, "targetPort": "http", "protocol": "TCP"}
+    assert svc["spec"]["ports"][0] == {"name": "http", "port": 8443, "targetPort": "http", "protocol": "TCP",
+                                       "appProtocol": "http"}
     assert svc["spec"]["ports"][1]["port"] == 8081
     web = by(objs, "Deployment", "web-front")
     assert web["spec"]["strategy"]["rollingUpdate"] == {"maxSurge": 0, "maxUnavailable": 2}

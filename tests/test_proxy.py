@@ -155,6 +155,67 @@ async def test_restarting_the_only_replica_holds_connections_instead_of_refusing
     assert d.status().fronts["web"]["refused"] == 0
 
 
+async def test_an_http_front_ends_keep_alive_connections_at_a_response_so_a_restart_need_not_wait(
+        tmp_path: Path, deployments: list[Deployment]) -> None:
+    """front_protocol: http. A keep-alive client (http.client, one connection reused) through
+    a restart of the only replica: the old instance's connection ends after a response that
+    says ``Connection: close``, the client opens a new one (held until the new process is
+    up), none fails, and the stop does not wait for the 30 s drain deadline. An idle
+    keep-alive connection to the old instance is closed too."""
+    spec = (SPEC.replace("replicas: 3", "replicas: 1").replace("BALANCE", "round_robin").replace("23001", "23003")
+            .replace("shutdown: {timeout: 3s}", "shutdown: {timeout: 3s, drain: 30s}\n        front_protocol: http\n"
+                     "        env: {HTTP11: '1'}"))
+    d = Deployment.from_file(write_spec(tmp_path, spec))
+    deployments.append(d)
+    await d.up()
+    answers: list[str] = []
+    errors: list[str] = []
+    closes = 0
+    stop = threading.Event()
+
+    def client() -> None:
+        nonlocal closes
+        c = http.client.HTTPConnection("127.0.0.1", 23003, timeout=30)
+        while not stop.is_set():
+            try:
+                c.request("GET", "/whoami")
+                r = c.getresponse()
+                answers.append(r.read().decode())
+                if r.getheader("Connection", "").lower() == "close":
+                    closes += 1
+                    c.close()
+            except (OSError, http.client.HTTPException) as e:
+                errors.append(f"{type(e).__name__}: {e}")
+                c.close()
+            time.sleep(0.002)
+        c.close()
+
+    idle = http.client.HTTPConnection("127.0.0.1", 23003, timeout=30)
+    idle.request("GET", "/whoami")
+    first = idle.getresponse().read().decode()
+    t = threading.Thread(target=client, daemon=True)
+    t.start()
+    try:
+        await await_until(lambda: len(answers) >= 20, what="keep-alive answers before the restart")
+        before = d.status().services["web"][0].pid
+        began = time.monotonic()
+        await d.restart("web")
+        took = time.monotonic() - began
+        n = len(answers)
+        await await_until(lambda: len(answers) >= n + 20, what="answers after the restart")
+    finally:
+        stop.set()
+        t.join(30)
+    assert errors == [], errors[:3]
+    assert closes >= 1, "the old instance's connection ended at a response that said so"
+    assert d.status().services["web"][0].pid != before, "a new process answers now"
+    assert set(answers) == {first}
+    assert took < 20, f"the stop waited for its drain deadline ({took:.1f}s)"
+    assert idle.sock is not None and idle.sock.recv(1) == b"", "the idle connection was closed"
+    idle.close()
+    assert d.status().fronts["web"]["refused"] == 0
+
+
 @pytest.mark.parametrize("front", ["ip_hash"], indirect=True)
 async def test_ip_hash_front_keeps_a_client_on_one_replica(front: Deployment) -> None:
     answers = {await asyncio.to_thread(whoami, 23001) for _ in range(12)}

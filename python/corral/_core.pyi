@@ -1024,11 +1024,14 @@ class Proxy:
         key_pem: str | None = None,
         allow: Sequence[str] = ...,
         hold: float = 5.0,
+        protocol: Literal["tcp", "http"] = "tcp",
     ) -> Proxy:
         """With ``ca_pem``, ``cert_pem`` and ``key_pem`` it is an mTLS front: clients present a
         certificate from that CA whose SPIFFE ID is in ``allow`` (empty: any), or the handshake
         fails; upstreams get plain TCP. While there is no upstream at all, a connection waits
-        up to ``hold`` seconds for one (0: closed at once)."""
+        up to ``hold`` seconds for one (0: closed at once). ``protocol="http"`` frames HTTP/1:
+        a removed upstream's connections end at a message boundary (``Connection: close`` on
+        the next response; closed after a second quiet between messages)."""
     def active(self, id: str) -> int:
         """Connections open now to upstream ``id`` (still one, or removed and draining)."""
     @property
@@ -1048,6 +1051,8 @@ class Proxy:
     def set_strategy(self, strategy: str) -> None:
         """Changes the balancing strategy from the next connection on; the upstreams and the
         connections in flight stay (``ConfigError`` for an unknown name)."""
+    def set_protocol(self, protocol: str) -> None:
+        """``"http"`` or ``"tcp"``, for connections accepted from now on (``ConfigError`` for another)."""
     def set_hold(self, hold: float) -> None:
         """How long a connection waits for an upstream while there is none, seconds, from the
         next such wait on (0: closed at once)."""

@@ -10,11 +10,11 @@ one JSON object per line, ``{"op": ..., "name": SERVICE, ...}``, answered with
 
 - ``open``: the front of a service on ``host:port`` (strategy, hold, TLS). A front of that
   name already on that address is kept, with its upstreams and connections (the next agent
-  re-adopting the stack gets it back; its strategy, hold and TLS become what was asked); on
+  re-adopting the stack gets it back; its strategy, hold, protocol and TLS become what was asked); on
   another address it is replaced.
 - ``keep``: closes every front not named (what a dead agent's unfinished change left).
 - ``release``: closes every front (a new keeper takes the stack over: :func:`release_fronts`).
-- ``set_upstreams``, ``set_strategy``, ``set_hold``, ``set_tls``, ``set_certificate``, ``close``,
+- ``set_upstreams``, ``set_strategy``, ``set_hold``, ``set_protocol``, ``set_tls``, ``set_certificate``, ``close``,
   ``active``, ``held``, ``stats``: :class:`corral._core.Proxy`'s own, by service.
 
 Between agents the fronts go on with the last upstreams they were given. Imports the native
@@ -149,6 +149,8 @@ class FrontHost:
             front.set_upstreams([tuple(u) for u in req["upstreams"]])
         elif op == "set_strategy":
             front.set_strategy(req["strategy"])
+        elif op == "set_protocol":
+            front.set_protocol(req["protocol"])
         elif op == "set_hold":
             front.set_hold(float(req["hold"]))
         elif op == "set_tls":
@@ -177,9 +179,11 @@ class FrontHost:
         if old is not None and old.address == f"{host}:{port}":
             old.set_strategy(req["strategy"])
             old.set_hold(float(req["hold"]))
+            old.set_protocol(req.get("protocol", "tcp"))
             old.set_tls(**tls)
             return {"port": old.port, "address": old.address, "kept": True}
-        front = Proxy(host, port, strategy=req["strategy"], hold=float(req["hold"]), **tls)
+        front = Proxy(host, port, strategy=req["strategy"], hold=float(req["hold"]),
+                      protocol=req.get("protocol", "tcp"), **tls)
         if old is not None:
             old.close()  # moved: once the new one listens
             self.closed[name] = old

@@ -35,7 +35,7 @@ __all__ = ["Change", "FieldChange", "ServiceChange", "SpecDiff", "diff_specs", "
 
 Change = Literal["added", "removed", "replace", "scale", "in-place", "unchanged"]
 
-FRONT_FIELDS = frozenset({"expose", "balance", "mtls", "allow", "front_hold"})
+FRONT_FIELDS = frozenset({"expose", "balance", "mtls", "allow", "front_hold", "front_protocol"})
 """What the front reads: changed in place on the proxy."""
 CORRAL_FIELDS = frozenset({"update", "priority", "start_timeout", "image"})
 """What only corral reads (``image``: only its export): no instance restarts."""

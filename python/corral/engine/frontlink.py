@@ -73,6 +73,7 @@ class Front(Protocol):
     def set_upstreams(self, upstreams: list[tuple[str, str, int]]) -> None: ...
     def set_strategy(self, strategy: str) -> None: ...
     def set_hold(self, hold: float) -> None: ...
+    def set_protocol(self, protocol: str) -> None: ...
     def set_tls(self, ca_pem: str | None = ..., cert_pem: str | None = ..., key_pem: str | None = ...,
                 allow: Iterable[str] = ...) -> None: ...
     def set_certificate(self, cert_pem: str, key_pem: str) -> None: ...
@@ -187,15 +188,17 @@ class KeeperFront:
     its upstreams and its certificate, to bind them in the agent should the keeper die."""
 
     def __init__(self, link: FrontLink, name: str, host: str, port: int, *, strategy: str, hold: float,
-                 tls: dict[str, Any]) -> None:
+                 protocol: str, tls: dict[str, Any]) -> None:
         self.link, self.name, self.host = link, name, host
         self._strategy: Any = strategy  # one of the Proxy's strategy names (checked where the spec is)
         self._hold, self._tls = hold, dict(tls)
+        self._protocol: Any = protocol  # tcp or http (checked where the spec is)
         self._upstreams: list[tuple[str, str, int]] = []
         self._local: Proxy | None = None
         self._closed = False
         try:
-            got = link.call("open", name, host=host, port=port, strategy=strategy, hold=hold, tls=self._tls)
+            got = link.call("open", name, host=host, port=port, strategy=strategy, hold=hold, protocol=protocol,
+                            tls=self._tls)
         except KeeperGone:
             self._bind_here(port)
             return
@@ -209,7 +212,8 @@ class KeeperFront:
         return self._local is not None
 
     def _bind_here(self, port: int) -> None:
-        self._local = Proxy(self.host, port, strategy=self._strategy, hold=self._hold, **self._tls)
+        self._local = Proxy(self.host, port, strategy=self._strategy, hold=self._hold, protocol=self._protocol,
+                            **self._tls)
         self._local.set_upstreams(self._upstreams)
         self._port, self._address, self.kept = self._local.port, self._local.address, False
 
@@ -278,6 +282,13 @@ class KeeperFront:
             self._call("set_hold", hold=hold)
         else:
             self._local.set_hold(hold)
+
+    def set_protocol(self, protocol: str) -> None:
+        self._protocol = protocol
+        if self._local is None:
+            self._call("set_protocol", protocol=protocol)
+        else:
+            self._local.set_protocol(protocol)
 
     def set_tls(self, ca_pem: str | None = None, cert_pem: str | None = None, key_pem: str | None = None,
                 allow: Iterable[str] = ()) -> None:

@@ -354,21 +354,23 @@ class FrontsHook(Hook):
         try:
             if self.link is not None:
                 return KeeperFront(self.link, name, stack.host, port, strategy=svc.balance, hold=svc.front_hold,
-                                   tls=self._tls(stack, name))
-            return Proxy(stack.host, port, strategy=svc.balance, hold=svc.front_hold, **self._tls(stack, name))
+                                   protocol=svc.front_protocol, tls=self._tls(stack, name))
+            return Proxy(stack.host, port, strategy=svc.balance, hold=svc.front_hold, protocol=svc.front_protocol,
+                         **self._tls(stack, name))
         except OSError as e:
             raise stack.spec.error(("services", name, "expose"), f"cannot listen on {stack.host}:{port}: "
                                    f"{e.strerror or e}") from None
 
     def reconfigure(self, stack: Stack, name: str, port: int | None) -> Front | None:
         """Makes ``name``'s front what ``stack.spec`` says now: on the same port, the
-        strategy, hold and TLS change in place (the listener and open connections stay); a new
+        strategy, hold, protocol and TLS change in place (the listener and open connections stay); a new
         port binds a new front and closes the old one; no port closes it. Returns the front
         it replaced or closed, if any."""
         old = self.fronts.get(name)
         if old is not None and port is not None and old.port == port:
             old.set_strategy(stack.spec.services[name].balance)
             old.set_hold(stack.spec.services[name].front_hold)
+            old.set_protocol(stack.spec.services[name].front_protocol)
             old.set_tls(**self._tls(stack, name))
             return None
         if old is not None and port is not None and self.link is not None:

@@ -396,6 +396,8 @@ def _service(model: StackModel, w: Workload) -> dict[str, Any] | None:
     if w.spec.expose:
         ports[0]["port"] = w.spec.expose
         spec["type"] = model.options.kubernetes.service_type
+        if w.spec.front_protocol == "http":
+            ports[0]["appProtocol"] = "http"
     if w.spec.balance == "ip_hash":
         spec["sessionAffinity"] = "ClientIP"
     elif w.spec.expose and w.spec.balance not in ("least_connections", "round_robin", "random"):

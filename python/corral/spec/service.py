@@ -221,6 +221,11 @@ class ServiceSpec(_Model):
     """How long a connection to the front waits for a healthy instance while there is none
     (the only replica restarting, an agent re-adopting), rather than being refused; 0
     refuses at once (HAProxy's ``timeout queue``)."""
+    front_protocol: Literal["tcp", "http"] = "tcp"
+    """``http``: the front frames HTTP/1, so a draining instance's keep-alive connections
+    end at a message boundary (``Connection: close`` on the next response, closed after a
+    second quiet between messages) rather than at ``shutdown.drain`` (Consul's service
+    ``protocol``)."""
     balance: Literal["round_robin", "weighted", "least_connections", "ip_hash", "random"] = "least_connections"
     mtls: bool = False
     """The front requires a client certificate from the deployment's CA."""

@@ -39,6 +39,7 @@ pub mod cpuset;
 pub mod du;
 pub mod error;
 pub mod histogram;
+pub mod http1;
 pub mod keeper;
 pub mod log;
 pub mod mesh;

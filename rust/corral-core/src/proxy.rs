@@ -15,6 +15,12 @@
 //! A connect failure moves on to another upstream before the client notices,
 //! up to `max_attempts`, as long as the retry budget allows.
 //!
+//! An HTTP front ([`ProxyConfig::http`], [`Proxy::set_http`]) frames HTTP/1 messages
+//! ([`crate::http1`]): a connection to an upstream that was removed ends at a message
+//! boundary, its next response carrying `Connection: close` (as Envoy and `HAProxy` drain
+//! HTTP/1), and one that stays quiet between messages for [`IDLE_CLOSE`] is closed; a plain
+//! TCP front's connections finish only when their peers close them.
+//!
 //! ```
 //! use corral_core::proxy::{Proxy, ProxyConfig};
 //! use std::io::{Read, Write};
@@ -58,6 +64,7 @@ use tokio::task::AbortHandle;
 use crate::balance::{ConnectionGuard, LoadBalancer, Strategy};
 use crate::breaker::{BreakerConfig, CircuitBreaker, State};
 use crate::histogram::{Histogram, HistogramSnapshot, CONNECT_BOUNDS};
+use crate::http1::{with_close, Framer, Piece, Role};
 use crate::mesh::TlsFront;
 use crate::retry::RetryBudget;
 use crate::rng::stable_hash;
@@ -81,6 +88,9 @@ pub struct ProxyConfig {
     /// restarting, a new agent re-adopting its instances) before it is closed; zero closes
     /// it at once. as `timeout queue` in `HAProxy`, for an empty backend.
     pub hold: Duration,
+    /// Frame HTTP/1 (see the [module docs](self)): a draining upstream's connections end
+    /// at a message boundary.
+    pub http: bool,
 }
 
 impl Default for ProxyConfig {
@@ -98,6 +108,7 @@ impl Default for ProxyConfig {
             },
             retry_budget: (0.2, 10.0),
             hold: Duration::from_secs(5),
+            http: false,
         }
     }
 }
@@ -159,6 +170,8 @@ pub struct Upstream {
     /// How long each connect to it took (failed ones too, up to the timeout).
     pub connect: Histogram,
     ejected: AtomicBool,
+    /// Set once it is removed: its HTTP connections end at their next message boundary.
+    drain: tokio::sync::watch::Sender<bool>,
 }
 
 impl Upstream {
@@ -188,6 +201,8 @@ pub struct Proxy {
     held: AtomicU64,
     /// [`ProxyConfig::hold`], changed by [`Proxy::set_hold`].
     hold_ms: AtomicU64,
+    /// [`ProxyConfig::http`], changed by [`Proxy::set_http`].
+    http: AtomicBool,
     /// Upstreams removed while connections to them were open (pruned once they closed).
     draining: Mutex<Vec<Arc<Upstream>>>,
 }
@@ -261,7 +276,7 @@ impl Proxy {
         let std_listener = std::net::TcpListener::bind(addr).map_err(bind_err)?;
         std_listener.set_nonblocking(true).map_err(bind_err)?;
         let local = std_listener.local_addr().map_err(bind_err)?;
-        let cfg_hold = cfg.hold;
+        let (cfg_hold, cfg_http) = (cfg.hold, cfg.http);
         let proxy = Arc::new(Proxy {
             cfg,
             lb,
@@ -277,6 +292,7 @@ impl Proxy {
             added: tokio::sync::Notify::new(),
             held: AtomicU64::new(0),
             hold_ms: AtomicU64::new(duration_ms(cfg_hold)),
+            http: AtomicBool::new(cfg_http),
             draining: Mutex::new(Vec::new()),
         });
         let listener = {
@@ -311,6 +327,7 @@ impl Proxy {
                 if b.value.counters.active.load(Ordering::Relaxed) > 0 {
                     self.draining.lock().push(b.value.clone());
                 }
+                b.value.drain.send_replace(true);
                 self.lb.remove_backend(&b);
             }
         }
@@ -326,6 +343,7 @@ impl Proxy {
                     counters: Counters::default(),
                     connect: Histogram::new(&CONNECT_BOUNDS),
                     ejected: AtomicBool::new(false),
+                    drain: tokio::sync::watch::Sender::new(false),
                 });
                 let _ = self.lb.add(up, key, weight.max(1));
                 added = true;
@@ -366,6 +384,12 @@ impl Proxy {
     /// such wait on (an apply that changes only `front_hold`).
     pub fn set_hold(&self, hold: Duration) {
         self.hold_ms.store(duration_ms(hold), Ordering::Relaxed);
+    }
+
+    /// Frames HTTP/1 on connections accepted from now on, or not (an apply of the
+    /// front's protocol).
+    pub fn set_http(&self, http: bool) {
+        self.http.store(http, Ordering::Relaxed);
     }
 
     /// Changes how upstreams are chosen, from the next connection on (an apply that changes
@@ -448,6 +472,9 @@ impl Proxy {
             return;
         };
         let (cr, cw) = client.split();
+        if self.http.load(Ordering::Relaxed) {
+            return Box::pin(self.relay_http(cr, cw, server, &up, guard)).await;
+        }
         self.relay(cr, cw, server, &up, guard).await;
     }
 
@@ -465,6 +492,9 @@ impl Proxy {
             return;
         };
         let (cr, cw) = tokio::io::split(stream);
+        if self.http.load(Ordering::Relaxed) {
+            return Box::pin(self.relay_http(cr, cw, server, &up, guard)).await;
+        }
         self.relay(cr, cw, server, &up, guard).await;
     }
 
@@ -602,6 +632,144 @@ impl Proxy {
         for c in [&up.counters, &self.totals] {
             c.bytes_in.fetch_add(inbound.0, Ordering::Relaxed);
             c.bytes_out.fetch_add(outbound.0, Ordering::Relaxed);
+            c.active.fetch_sub(1, Ordering::Relaxed);
+        }
+        drop(guard);
+    }
+}
+
+/// How long an HTTP connection to a draining upstream may stay quiet between messages
+/// before the front closes it (its client opens a new one, to another instance).
+pub const IDLE_CLOSE: Duration = Duration::from_secs(1);
+
+impl Proxy {
+    /// [`Proxy::relay`] for an HTTP front: both directions framed, in one task, so that a
+    /// connection to a draining upstream ends at a message boundary (see the module docs).
+    async fn relay_http<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        &self,
+        mut cr: R,
+        mut cw: W,
+        mut server: TcpStream,
+        up: &Arc<Upstream>,
+        guard: ConnectionGuard<Arc<Upstream>>,
+    ) {
+        let _ = server.set_nodelay(true);
+        for c in [&up.counters, &self.totals] {
+            c.connections.fetch_add(1, Ordering::Relaxed);
+            c.active.fetch_add(1, Ordering::Relaxed);
+        }
+        let (mut sr, mut sw) = server.split();
+        let (mut up_buf, mut down_buf) = (PooledBuf::take(), PooledBuf::take());
+        let ubuf = up_buf.0.as_deref_mut().expect("taken until dropped");
+        let dbuf = down_buf.0.as_deref_mut().expect("taken until dropped");
+        let mut drain = up.drain.subscribe();
+        let mut draining = *drain.borrow_and_update();
+        let mut drain_began = tokio::time::Instant::now();
+        let (mut req, mut resp) = (Framer::new(Role::Request), Framer::new(Role::Response));
+        let (mut inbound, mut outbound) = (0u64, 0u64);
+        let (mut client_open, mut server_open) = (true, true);
+        let mut closing = false;
+        let mut pending = 0u64;
+        let mut quiet_since = tokio::time::Instant::now();
+        let mut upstream_failed = false;
+        'relay: while client_open || server_open {
+            let idle = draining
+                && pending == 0
+                && req.is_idle()
+                && resp.is_idle()
+                && !req.is_raw()
+                && !resp.is_raw();
+            let idle_at = quiet_since.max(drain_began) + IDLE_CLOSE;
+            tokio::select! {
+                got = cr.read(ubuf), if client_open => {
+                    let n = match got {
+                        Ok(0) | Err(_) => {
+                            client_open = false;
+                            if server_open {
+                                let _ = sw.write_all(req.held()).await;
+                                let _ = sw.shutdown().await;
+                            }
+                            continue;
+                        }
+                        Ok(n) => n,
+                    };
+                    quiet_since = tokio::time::Instant::now();
+                    inbound += n as u64;
+                    let mut pos = 0;
+                    while let Some(piece) = req.next(&ubuf[..n], &mut pos) {
+                        let sent = match piece {
+                            Piece::Bytes(r) => sw.write_all(&ubuf[r]).await,
+                            Piece::Head => {
+                                if !req.is_raw() {
+                                    pending += 1;
+                                    resp.expect(req.was_head_method());
+                                }
+                                sw.write_all(req.head()).await
+                            }
+                            Piece::End => Ok(()),
+                        };
+                        if sent.is_err() {
+                            upstream_failed = true;
+                            break 'relay;
+                        }
+                    }
+                }
+                got = sr.read(dbuf), if server_open => {
+                    let n = match got {
+                        Ok(0) | Err(_) => {
+                            upstream_failed |= got.is_err();
+                            server_open = false;
+                            if client_open {
+                                let _ = cw.write_all(resp.held()).await;
+                                let _ = cw.shutdown().await;
+                            }
+                            continue;
+                        }
+                        Ok(n) => n,
+                    };
+                    quiet_since = tokio::time::Instant::now();
+                    outbound += n as u64;
+                    let mut pos = 0;
+                    while let Some(piece) = resp.next(&dbuf[..n], &mut pos) {
+                        let sent = match piece {
+                            Piece::Bytes(r) => cw.write_all(&dbuf[r]).await,
+                            Piece::Head if draining && !closing && !resp.is_raw() && resp.status() >= 200 => {
+                                closing = true;
+                                cw.write_all(&with_close(resp.head())).await
+                            }
+                            Piece::Head => cw.write_all(resp.head()).await,
+                            Piece::End => {
+                                pending = pending.saturating_sub(1);
+                                if closing {
+                                    // The response that said close is whole: the connection ends.
+                                    let _ = cw.flush().await;
+                                    let _ = cw.shutdown().await;
+                                    break 'relay;
+                                }
+                                Ok(())
+                            }
+                        };
+                        if sent.is_err() {
+                            break 'relay;
+                        }
+                    }
+                }
+                changed = drain.changed(), if !draining => {
+                    draining = changed.is_err() || *drain.borrow_and_update();
+                    drain_began = tokio::time::Instant::now();
+                }
+                () = tokio::time::sleep_until(idle_at), if idle => {
+                    let _ = cw.shutdown().await;
+                    break 'relay;
+                }
+            }
+        }
+        if upstream_failed {
+            self.failed(up);
+        }
+        for c in [&up.counters, &self.totals] {
+            c.bytes_in.fetch_add(inbound, Ordering::Relaxed);
+            c.bytes_out.fetch_add(outbound, Ordering::Relaxed);
             c.active.fetch_sub(1, Ordering::Relaxed);
         }
         drop(guard);

@@ -276,3 +276,178 @@ fn backend_of(front: SocketAddr, ip: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out.split(':').next().unwrap().to_owned()
 }
+
+/// A keep-alive HTTP/1.1 backend: every request head (no bodies) gets `200` with body
+/// `name`; the connection stays open until the client closes it.
+fn http_backend(name: &'static str) -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut s = s;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        buf.drain(..end + 4);
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                            name.len()
+                        );
+                        if s.write_all(answer.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                    match s.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+fn http_front(rt: &tokio::runtime::Runtime, http: bool) -> Arc<Proxy> {
+    let cfg = ProxyConfig {
+        http,
+        ..ProxyConfig::default()
+    };
+    Proxy::bind("127.0.0.1:0".parse().unwrap(), cfg, rt.handle()).unwrap()
+}
+
+/// One request on `s`; the response head and body, read by its Content-Length.
+fn get(s: &mut TcpStream) -> (String, String) {
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(
+            s.read(&mut b).unwrap(),
+            1,
+            "closed before the whole head: {head:?}"
+        );
+        head.push(b[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    (head, String::from_utf8(body).unwrap())
+}
+
+#[test]
+fn an_http_front_ends_a_draining_keep_alive_connection_after_its_next_response() {
+    let rt = runtime();
+    let p = http_front(&rt, true);
+    p.set_upstreams(vec![("a".into(), http_backend("a"), 1)]);
+    let mut s = TcpStream::connect(p.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (head, body) = get(&mut s);
+    assert_eq!(body, "a");
+    assert!(!head.contains("Connection: close"), "{head}");
+    assert_eq!(p.active_to("a"), 1);
+    // a is replaced by b: the open connection's next response says close, then it ends.
+    p.set_upstreams(vec![("b".into(), http_backend("b"), 1)]);
+    let (head, body) = get(&mut s);
+    assert_eq!(body, "a", "the request in flight goes to its instance");
+    assert!(head.contains("Connection: close\r\n"), "{head}");
+    let mut rest = Vec::new();
+    assert_eq!(
+        s.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after the response, nothing more"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while p.active_to("a") > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(
+        p.active_to("a"),
+        0,
+        "drained: the stop need not wait for the deadline"
+    );
+    // The client's next connection goes to b.
+    let mut s = TcpStream::connect(p.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    assert_eq!(get(&mut s).1, "b");
+}
+
+#[test]
+fn an_idle_http_connection_to_a_draining_upstream_is_closed_and_a_tcp_one_is_not() {
+    let rt = runtime();
+    for http in [true, false] {
+        let p = http_front(&rt, http);
+        p.set_upstreams(vec![("a".into(), http_backend("a"), 1)]);
+        let mut s = TcpStream::connect(p.local_addr()).unwrap();
+        let wait = if http { 4000 } else { 1500 };
+        s.set_read_timeout(Some(Duration::from_millis(wait)))
+            .unwrap();
+        assert_eq!(get(&mut s).1, "a");
+        let began = std::time::Instant::now();
+        p.set_upstreams(Vec::new());
+        let mut rest = Vec::new();
+        let got = s.read_to_end(&mut rest);
+        if http {
+            assert_eq!(got.unwrap(), 0, "closed, nothing sent");
+            assert!(
+                began.elapsed() >= Duration::from_millis(900),
+                "quiet for IDLE_CLOSE first"
+            );
+            assert_eq!(p.active_to("a"), 0);
+        } else {
+            assert!(
+                got.is_err(),
+                "plain TCP: open until the peer closes (the read timed out)"
+            );
+            assert_eq!(p.active_to("a"), 1);
+        }
+    }
+}
+
+#[test]
+fn an_http_front_passes_chunked_bodies_and_pipelined_requests_whole() {
+    // A backend that answers in chunked coding, with a trailer, split over writes.
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        let mut answered = 0;
+        while answered < 2 {
+            let n = s.read(&mut chunk).unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                for part in [
+                    &b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nab"[..],
+                    b"c\r\n0\r\nX: y\r\n\r\n",
+                ] {
+                    s.write_all(part).unwrap();
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                answered += 1;
+            }
+        }
+    });
+    let rt = runtime();
+    let p = http_front(&rt, true);
+    p.set_upstreams(vec![("a".into(), addr, 1)]);
+    let mut s = TcpStream::connect(p.local_addr()).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\nGET /2 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let one = "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX: y\r\n\r\n";
+    let mut got = vec![0u8; one.len() * 2];
+    s.read_exact(&mut got).unwrap();
+    assert_eq!(String::from_utf8(got).unwrap(), one.repeat(2));
+}

@@ -14,6 +14,16 @@ use pyo3::types::PyDict;
 
 use crate::errors::{config_err, named, seconds, PyResultExt};
 
+fn is_http(protocol: &str) -> PyResult<bool> {
+    match protocol {
+        "tcp" => Ok(false),
+        "http" => Ok(true),
+        other => Err(config_err(format!(
+            "protocol must be tcp or http, got {other:?}"
+        ))),
+    }
+}
+
 /// A TCP front for a set of upstreams: balanced, with outlier ejection and draining.
 #[pyclass(frozen, module = "corral._core")]
 pub struct Proxy {
@@ -148,7 +158,7 @@ impl Proxy {
     #[pyo3(signature = (host = "127.0.0.1".to_owned(), port = 0, *, strategy = "least_connections",
         connect_timeout = 1.0, max_attempts = 3, max_ejection_percent = 50, failure_threshold = 3,
         ejection_time = 5.0, max_ejection_time = 60.0, ca_pem = None, cert_pem = None, key_pem = None,
-        allow = Vec::new(), hold = 5.0))]
+        allow = Vec::new(), hold = 5.0, protocol = "tcp"))]
     fn new(
         py: Python<'_>,
         host: String,
@@ -165,7 +175,9 @@ impl Proxy {
         key_pem: Option<String>,
         allow: Vec<String>,
         hold: f64,
+        protocol: &str,
     ) -> PyResult<Self> {
+        let http = is_http(protocol)?;
         let strategy = named("strategy", strategy, Strategy::parse, Strategy::NAMES)?;
         let ip: IpAddr = host
             .parse()
@@ -184,6 +196,7 @@ impl Proxy {
                 ..BreakerConfig::default()
             },
             hold: seconds("hold", hold)?,
+            http,
             ..ProxyConfig::default()
         };
         let handle = corral_core::runtime::proxy()?;
@@ -220,6 +233,13 @@ impl Proxy {
     /// next such wait on (0: closed at once).
     fn set_hold(&self, hold: f64) -> PyResult<()> {
         self.inner.set_hold(seconds("hold", hold)?);
+        Ok(())
+    }
+
+    /// ``"http"`` frames HTTP/1 on connections accepted from now on (a draining upstream's
+    /// connections end at a message boundary), ``"tcp"`` relays bytes.
+    fn set_protocol(&self, protocol: &str) -> PyResult<()> {
+        self.inner.set_http(is_http(protocol)?);
         Ok(())
     }
 
