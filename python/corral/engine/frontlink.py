@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import socket
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -230,12 +230,17 @@ class KeeperFront:
         neither closed nor bound again from here."""
         self._closed = True
 
-    def _call(self, op: str, **args: Any) -> Any:
-        try:
-            return self.link.call(op, self.name, **args)
-        except KeeperGone:
-            self.rehome()
-            return None
+    def _either(self, op: str, here: Callable[[Proxy], Any], **args: Any) -> Any:
+        """``op`` at the keeper; or ``here`` on the front in this process, when it is bound
+        here already or the keeper turns out to be gone (then it is bound here first, with
+        the configuration as this object holds it now)."""
+        if self._local is None:
+            try:
+                return self.link.call(op, self.name, **args)
+            except KeeperGone:
+                self.rehome()
+        assert self._local is not None
+        return here(self._local)
 
     @property
     def port(self) -> int:
@@ -247,73 +252,42 @@ class KeeperFront:
 
     @property
     def held(self) -> int:
-        if self._local is None:
-            got = self._call("held")
-            if self._local is None:
-                return int(got)
-        assert self._local is not None
-        return self._local.held
+        return int(self._either("held", lambda p: p.held))
 
     def active(self, id: str) -> int:
-        if self._local is None:
-            got = self._call("active", id=id)
-            if self._local is None:
-                return int(got)
-        assert self._local is not None
-        return self._local.active(id)
+        return int(self._either("active", lambda p: p.active(id), id=id))
 
     def set_upstreams(self, upstreams: list[tuple[str, str, int]]) -> None:
         self._upstreams = list(upstreams)
-        if self._local is None:
-            self._call("set_upstreams", upstreams=self._upstreams)
-        else:
-            self._local.set_upstreams(self._upstreams)
+        self._either("set_upstreams", lambda p: p.set_upstreams(self._upstreams), upstreams=self._upstreams)
 
     def set_strategy(self, strategy: str) -> None:
         self._strategy = strategy
-        if self._local is None:
-            self._call("set_strategy", strategy=strategy)
-        else:
-            self._local.set_strategy(strategy)
+        self._either("set_strategy", lambda p: p.set_strategy(strategy), strategy=strategy)
 
     def set_hold(self, hold: float) -> None:
         self._hold = hold
-        if self._local is None:
-            self._call("set_hold", hold=hold)
-        else:
-            self._local.set_hold(hold)
+        self._either("set_hold", lambda p: p.set_hold(hold), hold=hold)
 
     def set_protocol(self, protocol: str) -> None:
         self._protocol = protocol
-        if self._local is None:
-            self._call("set_protocol", protocol=protocol)
-        else:
-            self._local.set_protocol(protocol)
+        self._either("set_protocol", lambda p: p.set_protocol(protocol), protocol=protocol)
 
     def set_tls(self, ca_pem: str | None = None, cert_pem: str | None = None, key_pem: str | None = None,
                 allow: Iterable[str] = ()) -> None:
         self._tls = {"ca_pem": ca_pem, "cert_pem": cert_pem, "key_pem": key_pem, "allow": list(allow)} \
             if ca_pem is not None else {}
-        if self._local is None:
-            self._call("set_tls", tls=self._tls)
-        else:
-            self._local.set_tls(**self._tls)
+        self._either("set_tls", lambda p: p.set_tls(**self._tls), tls=self._tls)
 
     def set_certificate(self, cert_pem: str, key_pem: str) -> None:
         if self._tls:
             self._tls.update(cert_pem=cert_pem, key_pem=key_pem)
-        if self._local is None:
-            self._call("set_certificate", cert_pem=cert_pem, key_pem=key_pem)
-        else:
-            self._local.set_certificate(cert_pem, key_pem)
+        self._either("set_certificate", lambda p: p.set_certificate(cert_pem, key_pem), cert_pem=cert_pem,
+                     key_pem=key_pem)
 
     def stats(self) -> FrontStats:
-        if self._local is None:
-            got = self._call("stats")
-            if self._local is None:
-                return WireStats.from_wire(got)
-        assert self._local is not None
-        return self._local.stats()
+        got = self._either("stats", lambda p: p.stats())
+        return WireStats.from_wire(got) if isinstance(got, dict) else got
 
     def close(self) -> None:
         self._closed = True

@@ -613,10 +613,7 @@ impl Proxy {
         guard: ConnectionGuard<Arc<Upstream>>,
     ) {
         let _ = server.set_nodelay(true);
-        for c in [&up.counters, &self.totals] {
-            c.connections.fetch_add(1, Ordering::Relaxed);
-            c.active.fetch_add(1, Ordering::Relaxed);
-        }
+        self.opened(up);
         // Borrowed halves: closing the sockets at the end sends what FINs are still owed,
         // so a direction only needs its own shutdown while the other is still open.
         let (mut sr, mut sw) = server.split();
@@ -629,12 +626,27 @@ impl Proxy {
         if outbound.1 == Some(Side::Reader) || inbound.1 == Some(Side::Writer) {
             self.failed(up);
         }
+        self.finished(up, inbound.0, outbound.0);
+        drop(guard);
+    }
+}
+
+impl Proxy {
+    /// A relayed connection begins: counted for its upstream and in the totals.
+    fn opened(&self, up: &Upstream) {
         for c in [&up.counters, &self.totals] {
-            c.bytes_in.fetch_add(inbound.0, Ordering::Relaxed);
-            c.bytes_out.fetch_add(outbound.0, Ordering::Relaxed);
+            c.connections.fetch_add(1, Ordering::Relaxed);
+            c.active.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// A relayed connection ended, having carried `inbound` and `outbound` bytes.
+    fn finished(&self, up: &Upstream, inbound: u64, outbound: u64) {
+        for c in [&up.counters, &self.totals] {
+            c.bytes_in.fetch_add(inbound, Ordering::Relaxed);
+            c.bytes_out.fetch_add(outbound, Ordering::Relaxed);
             c.active.fetch_sub(1, Ordering::Relaxed);
         }
-        drop(guard);
     }
 }
 
@@ -654,10 +666,7 @@ impl Proxy {
         guard: ConnectionGuard<Arc<Upstream>>,
     ) {
         let _ = server.set_nodelay(true);
-        for c in [&up.counters, &self.totals] {
-            c.connections.fetch_add(1, Ordering::Relaxed);
-            c.active.fetch_add(1, Ordering::Relaxed);
-        }
+        self.opened(up);
         let (mut sr, mut sw) = server.split();
         let (mut up_buf, mut down_buf) = (PooledBuf::take(), PooledBuf::take());
         let ubuf = up_buf.0.as_deref_mut().expect("taken until dropped");
@@ -767,11 +776,7 @@ impl Proxy {
         if upstream_failed {
             self.failed(up);
         }
-        for c in [&up.counters, &self.totals] {
-            c.bytes_in.fetch_add(inbound, Ordering::Relaxed);
-            c.bytes_out.fetch_add(outbound, Ordering::Relaxed);
-            c.active.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.finished(up, inbound, outbound);
         drop(guard);
     }
 }
