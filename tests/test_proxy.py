@@ -54,7 +54,8 @@ class Load:
             t = time.monotonic()
             try:
                 self.results.append((t, True, whoami(self.port, self.timeout)))
-            except OSError as e:
+            except (OSError, http.client.HTTPException) as e:
+                # A response cut mid-body (its replica killed under it) is a failure, not the end of the load.
                 self.results.append((t, False, str(e)))
             if self.interval:
                 self._stop.wait(self.interval)
