@@ -7,24 +7,18 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::time::Duration;
 
+mod common;
+
 use corral_core::balance::Strategy;
 use corral_core::proxy::{Proxy, ProxyConfig};
 
 /// A backend that answers every connection with its name, after reading the request to EOF.
 fn named_backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut req = Vec::new();
-                let _ = s.read_to_end(&mut req);
-                let _ = s.write_all(format!("{name}:{}", req.len()).as_bytes());
-            });
-        }
-    });
-    addr
+    common::serve(move |mut s| {
+        let mut req = Vec::new();
+        let _ = s.read_to_end(&mut req);
+        let _ = s.write_all(format!("{name}:{}", req.len()).as_bytes());
+    })
 }
 
 fn runtime() -> tokio::runtime::Runtime {
@@ -280,34 +274,26 @@ fn backend_of(front: SocketAddr, ip: &str) -> String {
 /// A keep-alive HTTP/1.1 backend: every request head (no bodies) gets `200` with body
 /// `name`; the connection stays open until the client closes it.
 fn http_backend(name: &'static str) -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming().flatten() {
-            std::thread::spawn(move || {
-                let mut s = s;
-                let mut buf = Vec::new();
-                let mut chunk = [0u8; 1024];
-                loop {
-                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-                        buf.drain(..end + 4);
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
-                            name.len()
-                        );
-                        if s.write_all(answer.as_bytes()).is_err() {
-                            return;
-                        }
-                    }
-                    match s.read(&mut chunk) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+    common::serve(move |mut s| {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 1024];
+        loop {
+            while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                buf.drain(..end + 4);
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{name}",
+                    name.len()
+                );
+                if s.write_all(answer.as_bytes()).is_err() {
+                    return;
                 }
-            });
+            }
+            match s.read(&mut chunk) {
+                Ok(0) | Err(_) => return,
+                Ok(n) => buf.extend_from_slice(&chunk[..n]),
+            }
         }
-    });
-    addr
+    })
 }
 
 fn http_front(rt: &tokio::runtime::Runtime, http: bool) -> Arc<Proxy> {
